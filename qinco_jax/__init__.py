@@ -1,0 +1,16 @@
+"""qinco-jax: QINCo2 neural vector compression and search in JAX/Flax.
+
+    import qinco_jax as qj
+    cfg = qj.preset("qinco2-S", M=8)
+    codec = qj.Codec.create(cfg, train_x)
+    codes = codec.encode(x, A=16, B=32)
+    x_hat = codec.decode(codes)
+"""
+
+from qinco_jax import data, metrics
+from qinco_jax.codec import Codec, load
+from qinco_jax.config import PRESETS, QincoConfig, preset
+
+__version__ = "0.1.0"
+
+__all__ = ["Codec", "load", "preset", "PRESETS", "QincoConfig", "data", "metrics"]

@@ -1,0 +1,298 @@
+"""`Codec`: the user-facing compressor (create, encode, decode, save, load).
+
+A Codec is a config, a data dimension and the `nnx.State` of a `Qinco` model, split
+once; the compiled paths are pure jitted functions of `(graphdef, state, chunk)`.
+Inputs of any length (NumPy arrays or memory-mapped files) are streamed in fixed-size
+chunks, the last one padded, so each (A, B, chunk) compiles exactly once. With several
+local devices each chunk is split across them (data parallel).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from qinco_jax import checkpoint, data, rq_init
+from qinco_jax.config import QincoConfig
+from qinco_jax.decode import decode_steps, denormalize, normalize
+from qinco_jax.encode import beam_search
+from qinco_jax.model import Qinco, abstract_model, count_params
+
+DECODE_CHUNK = 8192
+N_INIT = 1_000_000  # training vectors used by the RQ initialisation (spec 8.1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "A", "B"))
+def _encode_chunk(graphdef, state, x, A: int, B: int):
+  model = nnx.merge(graphdef, state)
+  res = beam_search(model, normalize(model, x), A=A, B=B)
+  return res.codes, denormalize(model, res.x_hat)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decode_chunk(graphdef, state, codes):
+  model = nnx.merge(graphdef, state)
+  return denormalize(model, decode_steps(model, codes)[0])
+
+
+def _local_mesh() -> jax.sharding.Mesh:
+  return jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+
+
+class Codec:
+  """A QINCo2 vector codec.
+
+  Typical use::
+
+    cfg = qj.preset("qinco2-S", M=16)
+    codec = qj.Codec.create(cfg, train_x)      # RQ-initialised, networks at init
+    codes = codec.encode(x, A=32, B=64)        # (n, M) uint8 (K <= 256)
+    x_hat = codec.decode(codes)                # (n, d) float32, raw units
+    codec.save("model_dir"); codec = qj.load("model_dir")
+
+  Attributes:
+    cfg: the QincoConfig (A and B are the training/default encoding values).
+    d: data dimension.
+    graphdef, state: the split `Qinco` module (state holds parameters and buffers).
+    info: free-form metadata saved with the codec (e.g. RQ initialisation MSEs).
+  """
+
+  def __init__(self, cfg: QincoConfig, d: int, state: nnx.State,
+               info: dict[str, Any] | None = None):
+    self.cfg = cfg
+    self.d = int(d)
+    self.graphdef = nnx.graphdef(abstract_model(cfg, self.d))
+    self.state = state
+    self.info = dict(info or {})
+    self._placed = None  # (mesh, state) replicated on the local devices
+
+  # ----------------------------------------------------------------- creation
+  @classmethod
+  def create(cls, cfg: QincoConfig, train_x, seed: int = 0,
+             verbose: bool = True) -> "Codec":
+    """Builds an untrained codec from training vectors.
+
+    Normalisation statistics come from the first 100k vectors (spec 3.1), codebooks
+    from a greedy RQ on the first 1M (spec 8.1) plus relative noise
+    `cfg.codebook_noise_init`; the step networks are at their initialisation (4.2).
+
+    Args:
+      cfg: model configuration.
+      train_x: (n, d) training vectors (any real dtype, memmap fine), n >= K.
+      seed: seeds the K-means, the codebook noise and the network initialisation.
+    """
+    if not isinstance(cfg, QincoConfig):
+      raise ValueError(f"cfg must be a QincoConfig, got {type(cfg).__name__}")
+    x = data.as_float32(train_x[:N_INIT], name="train_x")
+    n, d = x.shape
+    if n < cfg.K:
+      raise ValueError(f"need at least K={cfg.K} training vectors, got {n}")
+    mean, std = data.data_stats(train_x)
+    z = (x - mean) / np.float32(std)
+    codebooks, mses = rq_init.train_rq(z, cfg.K, cfg.M, seed=seed, verbose=verbose)
+    rng = np.random.default_rng(seed)
+    noisy = [c + cfg.codebook_noise_init * c.std() * rng.standard_normal(c.shape)
+             for c in codebooks]
+    model = Qinco(cfg, d, rngs=nnx.Rngs(seed))
+    model.codebook0[...] = jnp.asarray(noisy[0], jnp.float32)
+    if cfg.M > 1:
+      model.codebooks[...] = jnp.asarray(np.stack(noisy[1:]), jnp.float32)
+      if model.pre_codebooks is not None:
+        model.pre_codebooks[...] = model.codebooks[...]
+    model.data_mean[...] = jnp.asarray(mean, jnp.float32)
+    model.data_std[...] = jnp.asarray(std, jnp.float32)
+    info = {"rq_init_train_mse": [float(m) * float(std) ** 2 for m in mses]}
+    return cls(cfg, d, nnx.state(model), info)
+
+  # ------------------------------------------------------------- properties
+  @property
+  def K(self) -> int:
+    return self.cfg.K
+
+  @property
+  def M(self) -> int:
+    return self.cfg.M
+
+  @property
+  def num_params(self) -> int:
+    """Trainable parameters, pre-selection codebooks included."""
+    return count_params(self.state)
+
+  @property
+  def code_dtype(self) -> np.dtype:
+    return np.dtype(np.uint8 if self.K <= 256 else np.uint16)
+
+  def model(self) -> Qinco:
+    """A live `Qinco` module sharing this codec's arrays."""
+    return nnx.merge(self.graphdef, self.state)
+
+  def replace_state(self, state: nnx.State) -> "Codec":
+    """A codec with the same config and new arrays (e.g. after training)."""
+    return Codec(self.cfg, self.d, state, self.info)
+
+  def _device_state(self):
+    if self._placed is None or self._placed[1] is not self.state:
+      mesh = _local_mesh()
+      placed = jax.device_put(self.state, NamedSharding(mesh, P()))
+      self._placed = (mesh, self.state, placed)
+    return self._placed[0], self._placed[2]
+
+  # ---------------------------------------------------------------- encode
+  def chunk_size(self, A: int, B: int) -> int:
+    """Vectors per encoder call: chunk * B * (A or K) <= enc_max_bs (spec 6.3)."""
+    per_vector = B * (A if A > 0 else self.K)
+    chunk = max(1, self.cfg.enc_max_bs // per_vector)
+    ndev = jax.local_device_count()
+    return -(-chunk // ndev) * ndev
+
+  def _check_AB(self, A: int | None, B: int | None) -> tuple[int, int]:
+    A = self.cfg.A if A is None else A
+    B = self.cfg.B if B is None else B
+    for name, v in (("A", A), ("B", B)):
+      if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+        raise ValueError(f"{name} must be an int, got {v!r}")
+    if not 0 <= A <= self.K:
+      raise ValueError(f"A (candidates per beam) must be in [0, K={self.K}], got {A}")
+    if A > 0 and self.cfg.A == 0 and self.M > 1:
+      raise ValueError(f"this model was trained with A=0 (no pre-selection codebooks),"
+                       f" so it cannot encode with A={A}; use A=0")
+    if not 1 <= B <= 65536:
+      raise ValueError(f"B (beam size) must be in [1, 65536], got {B}")
+    return int(A), int(B)
+
+  def encode(self, x, A: int | None = None, B: int | None = None, *,
+             chunk_size: int | None = None, verbose: bool = True,
+             return_x_hat: bool = False):
+    """Encodes vectors with beam search.
+
+    Args:
+      x: (n, d) vectors in raw units (NumPy array or memmap, any real dtype).
+      A: candidates per beam (0 = exhaustive over K); default cfg.A.
+      B: beam size (1 = greedy); default cfg.B.
+      chunk_size: vectors per compiled call (default from cfg.enc_max_bs).
+      verbose: show a progress bar on long inputs.
+      return_x_hat: also return the encoder's reconstruction (n, d) float32.
+    Returns:
+      codes (n, M) uint8 when K <= 256 else uint16 (and x_hat if requested).
+    """
+    A, B = self._check_AB(A, B)
+    n = self._check_vectors(x)
+    chunk = chunk_size or self.chunk_size(A, B)
+    codes = np.empty((n, self.M), self.code_dtype)
+    x_hat = np.empty((n, self.d), np.float32) if return_x_hat else None
+    mesh, state = self._device_state()
+    sharding = NamedSharding(mesh, P("data"))
+    chunk = -(-chunk // mesh.size) * mesh.size
+
+    def collect(item):
+      s, e, (c, xh) = item
+      codes[s:e] = np.asarray(c)[: e - s]
+      if x_hat is not None:
+        x_hat[s:e] = np.asarray(xh)[: e - s]
+
+    pending = None
+    for s in tqdm(range(0, n, chunk), desc="encode", unit="chunk", leave=False,
+                  disable=not verbose or n <= 16 * chunk):
+      e = min(s + chunk, n)
+      xc = _pad(data.as_float32(x[s:e], d=self.d, name=f"x[{s}:{e}]"), chunk)
+      out = _encode_chunk(self.graphdef, state, jax.device_put(xc, sharding), A=A, B=B)
+      if pending is not None:
+        collect(pending)  # overlaps host work with the chunk just dispatched
+      pending = (s, e, out)
+    if pending is not None:
+      collect(pending)
+    return (codes, x_hat) if return_x_hat else codes
+
+  # ---------------------------------------------------------------- decode
+  def decode(self, codes, *, chunk_size: int = DECODE_CHUNK,
+             verbose: bool = True) -> np.ndarray:
+    """Decodes codes to raw-unit vectors.
+
+    Args:
+      codes: (n, m) integer codes, 1 <= m <= M; m < M decodes the first m steps
+        (dynamic rate).
+    Returns:
+      (n, d) float32.
+    """
+    codes = self._check_codes(codes)
+    n, m = codes.shape
+    out = np.empty((n, self.d), np.float32)
+    mesh, state = self._device_state()
+    sharding = NamedSharding(mesh, P("data"))
+    chunk = -(-chunk_size // mesh.size) * mesh.size
+    for s in tqdm(range(0, n, chunk), desc="decode", unit="chunk", leave=False,
+                  disable=not verbose or n <= 16 * chunk):
+      e = min(s + chunk, n)
+      cc = _pad(np.asarray(codes[s:e], np.int32), chunk)
+      out[s:e] = np.asarray(
+          _decode_chunk(self.graphdef, state, jax.device_put(cc, sharding)))[: e - s]
+    return out
+
+  # ------------------------------------------------------------ validation
+  def _check_vectors(self, x) -> int:
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 2:
+      raise ValueError(f"x must be a 2-D (n, {self.d}) array, got "
+                       f"{'shape ' + str(shape) if shape is not None else type(x).__name__}")
+    if shape[1] != self.d:
+      raise ValueError(f"expected vectors of dimension {self.d}, got {shape[1]}")
+    return int(shape[0])
+
+  def _check_codes(self, codes) -> np.ndarray:
+    codes = np.asarray(codes) if not isinstance(codes, np.ndarray) else codes
+    if codes.ndim != 2:
+      raise ValueError(f"codes must be a 2-D (n, m) array, got shape {codes.shape}")
+    if not np.issubdtype(codes.dtype, np.integer):
+      raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
+    if not 1 <= codes.shape[1] <= self.M:
+      raise ValueError(f"codes must have between 1 and M={self.M} columns, got "
+                       f"{codes.shape[1]}")
+    if codes.size:
+      lo, hi = int(codes.min()), int(codes.max())
+      if lo < 0 or hi >= self.K:
+        raise ValueError(f"codes must be in [0, K={self.K}), got values in [{lo}, {hi}]")
+    return codes
+
+  # ------------------------------------------------------------------ I/O
+  def save(self, path: str | os.PathLike):
+    """Saves to an Orbax checkpoint directory (atomic; replaces an existing one)."""
+    checkpoint.save_state(path, self.state, {
+        "d": self.d, "config": self.cfg.to_dict(), "info": self.info})
+
+  def __repr__(self) -> str:
+    c = self.cfg
+    return (f"Codec(d={self.d}, K={c.K}, M={c.M}, L={c.L}, de={c.de}, dh={c.dh}, "
+            f"A={c.A}, B={c.B}, params={self.num_params:,})")
+
+
+def _pad(a: np.ndarray, rows: int) -> np.ndarray:
+  if len(a) == rows:
+    return a
+  out = np.zeros((rows,) + a.shape[1:], a.dtype)
+  out[: len(a)] = a
+  return out
+
+
+def load(path: str | os.PathLike) -> Codec:
+  """Loads a codec saved with `Codec.save`.
+
+  Raises FileNotFoundError for a missing path and ValueError for a directory that is
+  not a qinco-jax codec or whose arrays do not match its own config.
+  """
+  meta = checkpoint.read_meta(path)
+  try:
+    cfg = QincoConfig.from_dict(meta["config"])
+    d = int(meta["d"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"checkpoint {str(path)!r} has invalid metadata: {e}") from None
+  abstract = nnx.state(abstract_model(cfg, d))
+  state = checkpoint.load_state(path, abstract)
+  return Codec(cfg, d, state, meta.get("info"))

@@ -1,0 +1,110 @@
+"""Model configuration: a typed, frozen `QincoConfig` and the paper's presets.
+
+Vocabulary (the paper's): K codewords per step, M steps (codes per vector; bytes when
+K=256), L residual blocks per step network, de (E) embedding width (None = data
+dimension D), dh (H) hidden width, A candidates pre-selected per beam (0 = no
+pre-selection, every one of the K codes is scored), B beam size (1 = greedy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+MAX_K = 65536  # codes are stored as uint16 at most
+MAX_B = 65536
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QincoConfig:
+  """Hyperparameters of a QINCo2 (or QINCo1-emulation) model.
+
+  A and B here are the *training* (and default encoding) values; `Codec.encode`
+  accepts other values at evaluation time.
+  """
+
+  K: int = 256  # codebook size per step
+  M: int = 8  # number of steps (codes per vector)
+  L: int = 2  # residual blocks in each step network f_m
+  de: int | None = 128  # embedding width E; None means E = D (no projections)
+  dh: int = 256  # hidden width H of the residual blocks
+  A: int = 16  # candidates kept per beam by pre-selection; 0 = off (all K scored)
+  B: int = 32  # beam size; 1 = greedy
+  Ls: int = 0  # residual blocks of the pre-selection network g; 0 = learned codebook
+  dh_pre: int = 128  # hidden width of g when Ls > 0
+  qinco1_mode: bool = False  # QINCo1 architecture (no outer residual, PyTorch init)
+  codebook_noise_init: float = 0.1  # relative noise added to the RQ-initialised codebooks
+  enc_max_bs: int = 65536  # encoder chunk: chunk * B * (A or K) <= enc_max_bs
+
+  def __post_init__(self):
+    def check(ok: bool, what: str, value: Any):
+      if not ok:
+        raise ValueError(f"QincoConfig: {what}, got {value!r}")
+
+    for name in ("K", "M", "L", "dh", "A", "B", "Ls", "dh_pre", "enc_max_bs"):
+      v = getattr(self, name)
+      check(isinstance(v, int) and not isinstance(v, bool),
+            f"{name} must be an int", v)
+    check(2 <= self.K <= MAX_K, f"K must be in [2, {MAX_K}]", self.K)
+    check(self.M >= 1, "M must be >= 1", self.M)
+    check(self.L >= 0, "L must be >= 0", self.L)
+    check(self.dh >= 1, "dh must be >= 1", self.dh)
+    check(self.de is None or (isinstance(self.de, int) and self.de >= 1),
+          "de must be None (= D) or a positive int", self.de)
+    check(0 <= self.A <= self.K,
+          f"A (candidates per beam) must be in [0, K={self.K}]; 0 turns "
+          "pre-selection off", self.A)
+    check(1 <= self.B <= MAX_B,
+          f"B (beam size) must be in [1, {MAX_B}]; 1 is greedy", self.B)
+    check(self.Ls >= 0, "Ls must be >= 0", self.Ls)
+    check(self.codebook_noise_init >= 0, "codebook_noise_init must be >= 0",
+          self.codebook_noise_init)
+    check(self.enc_max_bs >= 1, "enc_max_bs must be >= 1", self.enc_max_bs)
+
+  def replace(self, **overrides) -> "QincoConfig":
+    """Returns a copy with some fields changed (unknown names raise)."""
+    _check_names(overrides)
+    return dataclasses.replace(self, **overrides)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "QincoConfig":
+    _check_names(d)
+    return cls(**d)
+
+  def embed_dim(self, d: int) -> int:
+    """E for data dimension d."""
+    return d if self.de is None else self.de
+
+
+def _check_names(overrides: dict[str, Any]):
+  names = {f.name for f in dataclasses.fields(QincoConfig)}
+  unknown = sorted(set(overrides) - names)
+  if unknown:
+    raise ValueError(
+        f"unknown QincoConfig field(s) {unknown}; valid fields: {sorted(names)}")
+
+
+# Presets of the paper (spec section 10). de=None means E = D.
+PRESETS: dict[str, dict[str, Any]] = {
+    "qinco1": dict(K=256, M=8, L=16, de=None, dh=256, A=0, B=1,
+                   qinco1_mode=True, codebook_noise_init=1.0),
+    "qinco2-S": dict(K=256, M=8, L=2, de=128, dh=256, A=16, B=32),
+    "qinco2-M": dict(K=256, M=8, L=4, de=384, dh=384, A=16, B=32),
+    "qinco2-L": dict(K=256, M=8, L=16, de=384, dh=384, A=16, B=32),
+}
+
+
+def preset(name: str, **overrides) -> QincoConfig:
+  """Returns a preset config with any field overridden, e.g. `preset("qinco2-S", M=16)`.
+
+  Unknown preset names and unknown field names raise ValueError: a preset never
+  silently ignores an override.
+  """
+  key = {k.lower(): k for k in PRESETS}.get(name.lower())
+  if key is None:
+    raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+  _check_names(overrides)
+  return QincoConfig(**{**PRESETS[key], **overrides})

