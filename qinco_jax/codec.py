@@ -106,7 +106,7 @@ class Codec:
     if cfg.M > 1:
       model.codebooks[...] = jnp.asarray(np.stack(noisy[1:]), jnp.float32)
       if model.pre_codebooks is not None:
-        model.pre_codebooks[...] = model.codebooks[...]
+        model.pre_codebooks[...] = jnp.asarray(np.stack(noisy[1:]), jnp.float32)
     model.data_mean[...] = jnp.asarray(mean, jnp.float32)
     model.data_std[...] = jnp.asarray(std, jnp.float32)
     info = {"rq_init_train_mse": [float(m) * float(std) ** 2 for m in mses]}
@@ -282,11 +282,14 @@ def _pad(a: np.ndarray, rows: int) -> np.ndarray:
 
 
 def load(path: str | os.PathLike) -> Codec:
-  """Loads a codec saved with `Codec.save`.
+  """Loads a codec saved with `Codec.save` (or the best codec of a training workdir).
 
   Raises FileNotFoundError for a missing path and ValueError for a directory that is
   not a qinco-jax codec or whose arrays do not match its own config.
   """
+  if os.path.isdir(os.path.join(path, "best")) and not os.path.exists(
+      os.path.join(path, checkpoint.META_FILE)):
+    path = os.path.join(path, "best")  # a training workdir: its best codec
   meta = checkpoint.read_meta(path)
   try:
     cfg = QincoConfig.from_dict(meta["config"])

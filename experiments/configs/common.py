@@ -1,0 +1,27 @@
+"""Shared config skeleton: every experiment config starts from `base()`.
+
+Fields: `model` (QincoConfig fields; A and B are the *training* beam), `train`
+(TrainConfig fields), `data` (files or the GloVe default), `ds` (size limits), `eval`
+(evaluation beam and database size), `preset`, `resume`.
+"""
+
+import ml_collections
+
+
+def base(preset: str = "qinco2-S") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.resume = False
+  # Model overrides on top of the preset (None = the preset's value).
+  c.model = ml_collections.ConfigDict(dict(
+      K=None, M=None, L=None, de=None, dh=None, A=None, B=None, Ls=None))
+  c.model.de_is_D = False  # set True for de = data dimension (no projections)
+  c.train = ml_collections.ConfigDict(dict(
+      lr=None, epochs=None, warmup_epochs=None, stop_patience=None, max_epochs=None,
+      batch_per_device=None, seed=0, log_every=50))
+  # Data: "glove" (default), "synthetic", "bigann" (files under data.root), or files.
+  c.data = ml_collections.ConfigDict(dict(
+      name="glove", root="", trainset="", db="", queries="", gt="", mse_scale=1.0))
+  c.ds = ml_collections.ConfigDict(dict(trainset=0, valset=10_000, db=0, loop=10_000_000))
+  c.eval = ml_collections.ConfigDict(dict(A=None, B=None, rq_baseline=True))
+  return c

@@ -1,0 +1,18 @@
+"""Seconds-long smoke run on a small synthetic set (used by the tests).
+
+  python experiments/train_bigann.py --config=experiments/configs/synthetic_tiny.py \
+      --workdir=runs/tiny
+"""
+
+from configs import common
+
+
+def get_config():
+  c = common.base("qinco2-S")
+  c.data.name = "synthetic"
+  c.model.update(K=16, M=3, L=1, de=16, dh=16, A=4, B=4)
+  c.train.update(epochs=2, warmup_epochs=1, stop_patience=2, max_epochs=3,
+                 batch_per_device=128, log_every=5)
+  c.ds.update(trainset=2_000, valset=500, db=1_000, loop=1_000)
+  c.eval.update(A=4, B=8)
+  return c

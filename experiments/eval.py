@@ -1,0 +1,28 @@
+"""Evaluate a trained codec: MSE, per-step MSE, R@1/10/100, codebook usage as JSON.
+
+  python experiments/eval.py --model=runs/glove --A=16 --B=32
+"""
+
+import json
+
+from absl import app, flags
+
+import qinco_jax as qj
+from qinco_jax.evaluate import evaluate
+
+flags.DEFINE_string("model", None, "codec directory (or a training workdir)", required=True)
+flags.DEFINE_integer("A", None, "candidates per beam (default: the model's)")
+flags.DEFINE_integer("B", None, "beam size (default: the model's)")
+flags.DEFINE_string("data", "glove", "glove | synthetic")
+
+
+def main(argv):
+  del argv
+  F = flags.FLAGS
+  codec = qj.load(F.model)
+  ds = qj.data.load_glove() if F.data == "glove" else qj.data.load_synthetic()
+  print(json.dumps(evaluate(codec, ds, A=F.A, B=F.B, verbose=False), indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

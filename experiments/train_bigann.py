@@ -1,0 +1,36 @@
+"""Train (and evaluate) a QINCo2 model.
+
+  python experiments/train_bigann.py --config=experiments/configs/glove_small.py \
+      --workdir=runs/glove
+  python experiments/train_bigann.py --config=experiments/configs/qinco2_s.py \
+      --config.data.root=/data/bigann --config.model.M=16 --workdir=runs/s16
+
+Without flags it trains the small GloVe model (experiments/configs/glove_small.py).
+Overrides: --config.model.A=4 --config.ds.loop=1000000 --config.resume=True ...
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for configs.common
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from qinco_jax import experiment  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "glove_small.py"), "experiment config",
+    lock_config=True)
+flags.DEFINE_string("workdir", "runs/glove", "checkpoints, metrics and eval output")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save info lines out
+  experiment.run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

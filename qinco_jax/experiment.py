@@ -1,0 +1,88 @@
+"""Experiment glue: an ml_collections config -> (QincoConfig, TrainConfig, Dataset),
+and `run(config, workdir)`, the body of `experiments/train_bigann.py`.
+
+Kept in the package (not in the script) so tests and notebooks run the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from qinco_jax import data, train, trainer
+from qinco_jax.config import QincoConfig, preset
+from qinco_jax.evaluate import evaluate, faiss_rq_baseline
+
+BIGANN_FILES = dict(trainset="bigann_learn.bvecs", db="bigann_base.bvecs",
+                    queries="bigann_query.bvecs", gt="gnd/idx_1M.ivecs")
+
+
+def _set(d: dict) -> dict[str, Any]:
+  return {k: v for k, v in d.items() if v is not None}
+
+
+def model_config(c, d: int) -> QincoConfig:
+  over = _set({k: c.model[k] for k in ("K", "M", "L", "de", "dh", "A", "B", "Ls")})
+  if c.model.get("de_is_D", False):
+    over["de"] = None
+  return preset(c.preset, **over)
+
+
+def train_config(c) -> train.TrainConfig:
+  over = _set(dict(c.train))
+  over["loop"] = c.ds.loop
+  return train.train_preset(c.preset, **over)
+
+
+def dataset(c) -> data.Dataset:
+  name = c.data.name
+  if c.data.trainset:  # explicit files win over the named dataset
+    files = {k: c.data[k] or None for k in ("trainset", "db", "queries", "gt")}
+  elif name == "bigann":
+    if not c.data.root:
+      raise ValueError("data.name='bigann' needs --config.data.root=DIR holding "
+                       + ", ".join(BIGANN_FILES.values()))
+    files = {k: os.path.join(c.data.root, v) for k, v in BIGANN_FILES.items()}
+  elif name == "glove":
+    return data.load_glove(valset=c.ds.valset)
+  elif name == "synthetic":
+    return data.load_synthetic(n_train=c.ds.trainset or 20_000, n_db=c.ds.db or 5_000,
+                               n_val=c.ds.valset, d=32)
+  else:
+    raise ValueError(f"unknown data.name {name!r}: use glove, synthetic, bigann, or "
+                     "give data.trainset (and data.db, data.queries, data.gt)")
+  return data.load_files(files["trainset"], files["db"], files["queries"], files["gt"],
+                         valset=c.ds.valset, n_train=c.ds.trainset or None,
+                         n_db=c.ds.db or None, mse_scale=c.data.mse_scale)
+
+
+def run(c, workdir: str) -> dict[str, Any]:
+  """Trains, evaluates on the database, prints and returns a JSON-able summary."""
+  trainer.initialize_distributed()
+  ds = dataset(c)
+  if c.ds.trainset and c.data.name in ("glove",):
+    ds = data.Dataset(ds.name, ds.train[: c.ds.trainset], ds.val, ds.db, ds.queries,
+                      ds.gt, ds.mse_scale)
+  mcfg, tcfg = model_config(c, ds.d), train_config(c)
+  codec = trainer.train_and_evaluate(mcfg, tcfg, ds, workdir, resume=c.resume)
+  summary: dict[str, Any] = {"model": repr(codec), "train_A": mcfg.A, "train_B": mcfg.B}
+  if ds.db is not None and trainer.is_main():
+    summary["qinco"] = evaluate(codec, ds, A=c.eval.A, B=c.eval.B)
+    if c.eval.rq_baseline:
+      summary["faiss_rq"] = faiss_rq_baseline(ds, mcfg.M, nbits=(mcfg.K - 1).bit_length())
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    print(format_summary(summary), flush=True)
+  return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+  rows = [("QINCo2 " + f"(A={s['qinco']['A']}, B={s['qinco']['B']})", s["qinco"])]
+  if "faiss_rq" in s:
+    rows.append((s["faiss_rq"]["method"], s["faiss_rq"]))
+  lines = [s["model"], f"{'method':32s} {'MSE':>10s} {'R@1':>7s} {'R@10':>7s} {'R@100':>7s}"]
+  for name, r in rows:
+    rec = [f"{r[k]:7.4f}" if k in r else "      -" for k in ("R@1", "R@10", "R@100")]
+    lines.append(f"{name:32s} {r['mse']:10.5g} " + " ".join(rec))
+  return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Training step, loss, optimiser and dead-codeword reset (spec section 9).
+
+Pure functions: `make_train_step(...)` returns the jitted
+`train_step(state, batch) -> (state, metrics)`. The batch is sharded along the
+("data",) mesh axis and the state replicated, so `jax.jit` runs it data-parallel over
+every device (the gradient mean becomes an all-reduce); nothing here is per-device.
+The epoch loop, validation and checkpoints live in `trainer.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from qinco_jax.decode import decode_steps, normalize
+from qinco_jax.encode import beam_search
+from qinco_jax.model import Qinco
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """Training recipe (defaults: the QINCo2 recipe of spec 9-10)."""
+
+  lr: float = 8e-4  # peak learning rate
+  weight_decay: float = 0.1  # decoupled (AdamW), on every parameter
+  grad_clip: float | None = 0.1  # element-wise value clip; None = off
+  optimizer: str = "adamw"  # "adamw" | "adam" (qinco1 recipe: lr 1e-4, no decay)
+  schedule: str = "cosine"  # "cosine" (warm-up + quarter cosine) | "plateau" (qinco1)
+  warmup_epochs: float = 3.0
+  epochs: int = 60  # length of the quarter cosine, in epochs after warm-up
+  lr_min_fact: float = 1e-3  # lr floor = lr * lr_min_fact (8e-7 by default)
+  stop_patience: int = 10  # stop after this many epochs without val improvement
+  max_epochs: int | None = None  # None: epochs + stop_patience + 1 (71, spec 9.6)
+  plateau_patience: int = 10  # "plateau" schedule: epochs before lr *= 0.1
+  batch_per_device: int = 1024  # global batch = batch_per_device * devices
+  loop: int = 10_000_000  # samples per epoch (an epoch is the whole set if smaller)
+  reset_dead_codes: bool = True  # spec 9.7 (QINCo2 recipe)
+  seed: int = 0
+  log_every: int = 50  # steps between metric reads (each read syncs the host)
+
+  def __post_init__(self):
+    if self.optimizer not in ("adamw", "adam"):
+      raise ValueError(f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
+    if self.schedule not in ("cosine", "plateau"):
+      raise ValueError(f"schedule must be 'cosine' or 'plateau', got {self.schedule!r}")
+    for name in ("lr", "batch_per_device", "loop", "epochs"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+  @property
+  def total_epochs(self) -> int:
+    if self.max_epochs is not None:
+      return self.max_epochs
+    return self.epochs + self.stop_patience + 1
+
+  def replace(self, **kw) -> "TrainConfig":
+    return dataclasses.replace(self, **kw)
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "qinco1": dict(lr=1e-4, weight_decay=0.0, grad_clip=None, optimizer="adam",
+                   schedule="plateau", stop_patience=20, reset_dead_codes=False),
+}
+
+
+def train_preset(model_preset: str, **overrides) -> TrainConfig:
+  """The training recipe that goes with a model preset (qinco1 has its own)."""
+  return TrainConfig(**{**TRAIN_PRESETS.get(model_preset.lower(), {}), **overrides})
+
+
+def lr_factor(t: Array, cfg: TrainConfig) -> Array:
+  """lambda(t) of spec 9.5 at fractional epoch t: warm-up then quarter cosine."""
+  w = cfg.warmup_epochs
+  warm = jnp.minimum(t / w, 1.0) if w > 0 else jnp.ones_like(t)
+  cos = jnp.cos(jnp.minimum((t - w) / cfg.epochs, 1.0) * jnp.pi / 2)
+  return jnp.maximum(jnp.where(t < w, warm, cos), cfg.lr_min_fact)
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Element-wise clip, then Adam(W) with the lr schedule (a hyperparameter in state)."""
+  if cfg.schedule == "cosine":
+    def lr(count):  # count = updates done so far; t is updated before each batch
+      return cfg.lr * lr_factor((count + 1) / steps_per_epoch, cfg)
+  else:
+    lr = cfg.lr  # "plateau": the trainer rescales it between epochs
+  if cfg.optimizer == "adamw":
+    opt = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+  else:
+    opt = optax.inject_hyperparams(optax.adam)(learning_rate=lr, b1=0.9, b2=0.999,
+                                               eps=1e-8)
+  parts = [optax.clip(cfg.grad_clip)] if cfg.grad_clip else []
+  return optax.chain(*parts, opt)
+
+
+def current_lr(opt_state) -> Array:
+  return opt_state[-1].hyperparams["learning_rate"]
+
+
+class TrainState(NamedTuple):
+  params: nnx.State  # trainable (nnx.Param)
+  rest: nnx.State  # data normalisation and running target statistics
+  opt: Any  # optax state
+  usage: Array  # (M, K) int32 code histogram of the current epoch
+  step: Array  # () int32 updates done
+
+
+def init_state(graphdef, state: nnx.State, tx: optax.GradientTransformation,
+               ) -> TrainState:
+  # Fresh buffers: train_step donates its state, which must not delete the codec's.
+  params, rest = jax.tree.map(jnp.copy, state).split(nnx.Param, ...)
+  model = nnx.merge(graphdef, state)
+  usage = jnp.zeros((model.cfg.M, model.cfg.K), jnp.int32)
+  return TrainState(params, rest, tx.init(params), usage, jnp.zeros((), jnp.int32))
+
+
+def loss_fn(params, rest, graphdef, x: Array, A: int, B: int):
+  """Spec 9.1. x: (N, D) normalised. Returns (loss, aux)."""
+  frozen = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest)
+  enc = beam_search(frozen, x, A=A, B=B, with_stats=True)
+  codes = enc.codes  # (N, M), no gradient
+  model = nnx.merge(graphdef, params, rest)
+  _, partials = decode_steps(model, codes)  # (M, N, D), with gradient
+  step_mse = jnp.mean((partials - x[None]) ** 2, axis=(1, 2))  # (M,)
+  loss = jnp.sum(step_mse)
+  pre_loss = jnp.zeros(())
+  if A > 0 and model.pre_codebooks is not None:
+    entering = jax.lax.stop_gradient(partials[:-1])  # (M-1, N, D) x_hat entering step m
+    idx = codes[:, 1:].T  # (M-1, N)
+    Cp = jnp.take_along_axis(model.pre_codebooks[...], idx[:, :, None], axis=1)
+    if model.pre_steps is not None:
+      g_def, g_state = nnx.split(model.pre_steps)
+      g = jax.vmap(lambda s, c, xh: nnx.merge(g_def, s)(c, xh))(g_state, Cp, entering)
+    else:
+      g = Cp
+    pre_loss = jnp.sum(jnp.mean((entering + g - x[None]) ** 2, axis=(1, 2)))
+  return loss + pre_loss, (codes, enc.target_mean, enc.target_std, step_mse, pre_loss)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, A: int, B: int,
+                    momentum: float = 0.1):
+  """Builds the jitted `train_step(state, batch) -> (state, metrics)`.
+
+  batch: (N, D) float32 raw vectors, sharded along the data axis.
+  """
+  def train_step(state: TrainState, batch: Array):
+    model = nnx.merge(graphdef, state.params, state.rest)
+    x = normalize(model, batch)
+    (loss, (codes, t_mean, t_std, step_mse, pre_loss)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params, state.rest, graphdef, x, A, B)
+    updates, opt = tx.update(grads, state.opt, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # Running target statistics (9.8): EMA with momentum 0.1 over the global batch.
+    model.xtarget_mean[...] = (1 - momentum) * model.xtarget_mean[...] + momentum * t_mean
+    model.xtarget_std[...] = (1 - momentum) * model.xtarget_std[...] + momentum * t_std
+    rest = nnx.state(model, nnx.Not(nnx.Param))
+    Kc = state.usage.shape[1]
+    usage = state.usage + jax.vmap(lambda c: jnp.bincount(c, length=Kc))(codes.T)
+    metrics = {"loss": loss, "mse": step_mse[-1], "pre_loss": pre_loss,
+               "lr": current_lr(opt)}
+    return TrainState(params, rest, opt, usage.astype(jnp.int32), state.step + 1), metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
+
+
+@jax.jit
+def _reset_rows(params, rest, usage, key, noise: float):
+  """Spec 9.7: replace never-used codewords by random vectors at the target statistics."""
+  M, K = usage.shape
+  mean, std = rest["xtarget_mean"][...], rest["xtarget_std"][...]  # (M, D)
+  D = mean.shape[-1]
+  k_u, k_n = jax.random.split(key)
+  u = jax.random.uniform(k_u, (M, K, D))
+  u = (u - u.mean(axis=(1, 2), keepdims=True)) / u.std(axis=(1, 2), keepdims=True)
+  new = u * std[:, None, :] + mean[:, None, :]  # (M, K, D)
+  dead = (usage == 0)[:, :, None]  # (M, K, 1)
+  params["codebook0"][...] = jnp.where(dead[0], new[0], params["codebook0"][...])
+  if M > 1:
+    params["codebooks"][...] = jnp.where(dead[1:], new[1:], params["codebooks"][...])
+    if "pre_codebooks" in params:
+      pre_new = new[1:] + (jax.random.normal(k_n, new[1:].shape)
+                           * new[1:].std(axis=(1, 2), keepdims=True) * noise / 4)
+      params["pre_codebooks"][...] = jnp.where(dead[1:], pre_new,
+                                               params["pre_codebooks"][...])
+  return params, jnp.sum(usage == 0, axis=1)
+
+
+def reset_dead_codes(state: TrainState, key: Array, noise: float):
+  """Returns (state with dead codewords reset and usage zeroed, resets per step)."""
+  params, n_reset = _reset_rows(state.params, state.rest, state.usage, key, noise)
+  return state._replace(params=params, usage=jnp.zeros_like(state.usage)), n_reset

@@ -1,0 +1,298 @@
+"""The training loop: epochs, validation, dead-code reset, checkpoints, resume, logs.
+
+Resume order (first that applies): a checkpoint in `workdir/ckpt` when `resume=True`
+(an existing checkpoint with `resume=False` is an error, never overwritten) -> a fresh,
+RQ-initialised codec. Each epoch ends with validation, the dead-codeword reset, an
+Orbax checkpoint of the full training state (params, optimiser, usage, step, epoch,
+best validation MSE; atomic) and, when validation improved, an atomic save of the
+best codec to `workdir/best` (`qj.load(workdir)` loads it). The data order is a
+deterministic function of (seed, epoch), so a run killed at any point and resumed
+ends where an uninterrupted run ends.
+
+Multi-host: call `initialize_distributed()` first; every process runs this loop on
+its slice of each global batch; logging, progress and metadata come from process 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from qinco_jax import data, metrics, train
+from qinco_jax.codec import Codec
+from qinco_jax.config import QincoConfig
+
+log = logging.getLogger("qinco_jax")
+
+
+def initialize_distributed():
+  """`jax.distributed.initialize()` when launched as several processes (TPU pods,
+  SLURM, or JAX_COORDINATOR_ADDRESS set); a no-op for a single process."""
+  multi = any(k in os.environ for k in (
+      "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS"))
+  if multi and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def _host(tree):
+  """Replicated device arrays -> NumPy (works when not fully addressable)."""
+  def get(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      a = a.addressable_data(0)
+    return np.asarray(a)
+  return jax.tree.map(get, tree)
+
+
+class BatchOrder:
+  """Deterministic sample order: a fresh permutation of the training set per pass;
+  epoch e covers positions [e*S, e*S + steps*G) of the concatenated passes."""
+
+  def __init__(self, n: int, samples_per_epoch: int, global_batch: int, seed: int):
+    self.n, self.S, self.G, self.seed = n, samples_per_epoch, global_batch, seed
+    self._perm = (-1, None)
+
+  def _perm_of(self, p: int) -> np.ndarray:
+    if self._perm[0] != p:
+      self._perm = (p, np.random.default_rng([self.seed, p]).permutation(self.n))
+    return self._perm[1]
+
+  def indices(self, epoch: int, step: int) -> np.ndarray:
+    pos = epoch * self.S + step * self.G + np.arange(self.G, dtype=np.int64)
+    out = np.empty(self.G, np.int64)
+    for p in np.unique(pos // self.n):
+      sel = pos // self.n == p
+      out[sel] = self._perm_of(int(p))[pos[sel] % self.n]
+    return out
+
+
+def _read_rows(x, idx: np.ndarray) -> np.ndarray:
+  order = np.argsort(idx, kind="stable")
+  out = np.empty((len(idx), x.shape[1]), np.float32)
+  out[order] = data.as_float32(np.asarray(x[idx[order]]), name="training batch")
+  return out
+
+
+class MetricWriter:
+  """JSON lines in workdir/metrics.jsonl (+ TensorBoard when tensorboardX exists)."""
+
+  def __init__(self, workdir: Path):
+    self.path = workdir / "metrics.jsonl"
+    self.tb = None
+    if is_main():
+      try:
+        from tensorboardX import SummaryWriter  # optional
+        self.tb = SummaryWriter(str(workdir / "tb"))
+      except ImportError:
+        pass
+
+  def write(self, record: dict[str, Any]):
+    if not is_main():
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      step = record.get("step", 0)
+      for k, v in record.items():
+        if isinstance(v, (int, float)) and k != "step":
+          self.tb.add_scalar(k, v, step)
+
+
+def _manager(workdir: Path):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(
+      workdir / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def _save(mngr, epoch: int, state: train.TrainState, meta: dict[str, Any]):
+  import orbax.checkpoint as ocp
+  mngr.save(epoch, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+  mngr.wait_until_finished()
+
+
+def _restore(mngr, abstract: train.TrainState):
+  import orbax.checkpoint as ocp
+  step = mngr.latest_step()
+  r = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  return r.state, r.meta
+
+
+def validate(codec: Codec, val: np.ndarray, A: int, B: int, mse_scale: float):
+  codes = codec.encode(val, A=A, B=B, verbose=False)
+  per_step = [metrics.mse(val, codec.decode(codes[:, :m], verbose=False), mse_scale)
+              for m in range(1, codec.M + 1)]
+  usage = metrics.codebook_usage(codes, codec.K)
+  return {"val_mse": per_step[-1], "val_per_step_mse": per_step,
+          "val_mean_entropy": usage["mean_entropy"]}
+
+
+def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
+                       ds: data.Dataset, workdir: str | os.PathLike, *,
+                       resume: bool = False, verbose: bool = True) -> Codec:
+  """Trains a codec on ds.train (validating on ds.val) and returns the best one.
+
+  Args:
+    model_cfg: model and *training* beam (A, B).
+    train_cfg: recipe (lr, schedule, batch, epochs, ...).
+    ds: dataset; raw arrays (memmaps fine).
+    workdir: checkpoints, best codec, metrics.jsonl.
+    resume: continue from the latest checkpoint in workdir.
+  """
+  workdir = Path(workdir).absolute()  # Orbax wants absolute paths
+  workdir.mkdir(parents=True, exist_ok=True)
+  verbose = verbose and is_main()
+  # Auto axes: the compiler propagates the batch sharding through the beam search.
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  G = train_cfg.batch_per_device * jax.device_count()
+  n = len(ds.train)
+  S = min(train_cfg.loop, n)
+  steps = S // G
+  if steps < 1:
+    raise ValueError(f"the global batch ({G}) is larger than an epoch ({S} samples): "
+                     "lower batch_per_device or provide more training vectors")
+  order = BatchOrder(n, S, G, train_cfg.seed)
+  tx = train.make_optimizer(train_cfg, steps)
+  mngr = _manager(workdir)
+  codec = None
+  if mngr.latest_step() is not None:
+    if not resume:
+      raise ValueError(f"{str(workdir)!r} already holds a training checkpoint; pass "
+                       "resume=True (--config.resume=True) or use another workdir")
+    meta = json.loads((workdir / "ckpt_meta.json").read_text())
+    codec = Codec(QincoConfig.from_dict(meta["model"]), meta["d"],
+                  _abstract_state(meta["model"], meta["d"]))
+  if codec is None:
+    codec = Codec.create(model_cfg, ds.train, seed=train_cfg.seed, verbose=verbose)
+    if is_main():
+      tmp = workdir / "ckpt_meta.json.tmp"
+      tmp.write_text(json.dumps({"model": model_cfg.to_dict(), "d": codec.d}))
+      os.replace(tmp, workdir / "ckpt_meta.json")
+  graphdef = codec.graphdef
+  state = train.init_state(graphdef, codec.state, tx)
+  replicated = NamedSharding(mesh, P())
+  if mngr.latest_step() is not None:
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                           sharding=replicated), state)
+    state, meta = _restore(mngr, abstract)
+  else:
+    meta = {"epoch": 0, "best_val": None, "bad_epochs": 0, "lr_scale": 1.0}
+  state = jax.device_put(state, replicated)
+  step_fn = train.make_train_step(graphdef, tx, codec.cfg.A, codec.cfg.B)
+  batch_sharding = NamedSharding(mesh, P("data"))
+  writer = MetricWriter(workdir)
+  A, B = codec.cfg.A, codec.cfg.B
+  rows = _process_rows(G)
+
+  def current_codec():
+    params_rest = _host((state.params, state.rest))
+    return codec.replace_state(_merge(*params_rest))
+
+  if meta["best_val"] is None:  # validation before training (spec 9.6)
+    v = validate(current_codec(), ds.val, A, B, ds.mse_scale)
+    meta["best_val"] = v["val_mse"]
+    writer.write({"epoch": -1, "step": 0, **v})
+    if is_main():
+      current_codec().save(workdir / "best")
+  for epoch in range(meta["epoch"], train_cfg.total_epochs):
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc=f"epoch {epoch}", unit="batch", disable=not verbose,
+               leave=False)
+    for j in bar:
+      idx = order.indices(epoch, j)[rows]
+      batch = jax.make_array_from_process_local_data(
+          batch_sharding, _read_rows(ds.train, idx), (G, codec.d))
+      state, m = step_fn(state, batch)
+      if (j + 1) % train_cfg.log_every == 0 or j + 1 == steps:
+        m = {k: float(v) for k, v in m.items()}
+        _check_finite(m, epoch, j)
+        rate = (j + 1) * G / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{m['loss']:.4g}", samples_s=f"{rate:.0f}")
+        writer.write({"epoch": epoch, "step": int(state.step), "samples_s": rate, **m})
+    train_s = time.perf_counter() - t0
+    cur = current_codec()
+    v = validate(cur, ds.val, A, B, ds.mse_scale)
+    hist = _host(state.usage)  # (M, K) codes chosen this epoch
+    n_unused = (hist == 0).sum(1).tolist()
+    improved = v["val_mse"] < meta["best_val"] - 1e-6
+    if improved:
+      meta["best_val"], meta["bad_epochs"] = v["val_mse"], 0
+      if is_main():
+        cur.save(workdir / "best")
+    else:
+      meta["bad_epochs"] += 1
+    if train_cfg.reset_dead_codes:
+      key = jax.random.fold_in(jax.random.key(train_cfg.seed), epoch)
+      state, _ = train.reset_dead_codes(state, key, codec.cfg.codebook_noise_init)
+    else:
+      state = state._replace(usage=jnp.zeros_like(state.usage))
+    if train_cfg.schedule == "plateau" and meta["bad_epochs"] and (
+        meta["bad_epochs"] % train_cfg.plateau_patience == 0):
+      state = _scale_lr(state, 0.1, train_cfg)
+    meta["epoch"] = epoch + 1
+    _save(mngr, epoch + 1, state, meta)
+    record = {"epoch": epoch, "step": int(state.step), "train_s": train_s,
+              "samples_s": steps * G / train_s, "unused_codes": n_unused,
+              "train_entropy": _entropy_bits(hist),
+              "resets": n_unused if train_cfg.reset_dead_codes else [0] * codec.M,
+              "best_val_mse": meta["best_val"], **v}
+    writer.write(record)
+    if verbose:
+      print(f"epoch {epoch}: val MSE {v['val_mse']:.5g} (best {meta['best_val']:.5g}), "
+            f"{record['samples_s']:.0f} samples/s, unused codes {sum(n_unused)}",
+            flush=True)
+    if meta["bad_epochs"] > train_cfg.stop_patience:
+      break
+  mngr.close()
+  from qinco_jax.codec import load
+  return load(workdir / "best")
+
+
+def _merge(params, rest):
+  from flax import nnx
+  return nnx.merge_state(params, rest)
+
+
+def _abstract_state(model: dict, d: int):
+  from flax import nnx
+  from qinco_jax.model import Qinco
+  return nnx.state(Qinco(QincoConfig.from_dict(model), d, rngs=nnx.Rngs(0)))
+
+
+def _entropy_bits(hist: np.ndarray) -> list[float]:
+  p = hist / np.maximum(hist.sum(1, keepdims=True), 1)
+  return (-(p * np.log2(np.where(p > 0, p, 1))).sum(1)).tolist()
+
+
+def _process_rows(G: int) -> slice:
+  per = G // jax.process_count()
+  i = jax.process_index()
+  return slice(i * per, (i + 1) * per)
+
+
+def _check_finite(m: dict[str, float], epoch: int, step: int):
+  if not all(np.isfinite(v) for v in m.values()):
+    raise FloatingPointError(
+        f"training diverged at epoch {epoch}, step {step}: metrics {m}. The last good "
+        "checkpoint is intact; lower the learning rate or check the data.")
+
+
+def _scale_lr(state: train.TrainState, factor: float, cfg: train.TrainConfig):
+  hp = state.opt[-1].hyperparams
+  hp["learning_rate"] = jnp.maximum(hp["learning_rate"] * factor, cfg.lr * 1e-2)
+  return state

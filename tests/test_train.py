@@ -1,0 +1,166 @@
+"""Training: schedule, data-parallel equivalence, dead-code reset, divergence, resume."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import qinco_jax as qj
+from qinco_jax import train, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_lr_schedule_matches_spec():
+  cfg = train.TrainConfig()  # warm-up 3, quarter cosine 60, floor 1e-3
+  t = jnp.array([0.0, 1.5, 3.0, 33.0, 63.0, 80.0])
+  expected = [1e-3, 0.5, 1.0, np.cos(np.pi / 4), 1e-3, 1e-3]
+  np.testing.assert_allclose(train.lr_factor(t, cfg), expected, rtol=1e-5, atol=1e-7)
+  assert cfg.total_epochs == 71  # epoch indices 0..70
+
+
+def test_optimizer_lr_follows_fractional_epochs():
+  cfg = train.TrainConfig(lr=1.0, warmup_epochs=1, epochs=2)
+  tx = train.make_optimizer(cfg, steps_per_epoch=4)
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  lrs = []
+  for _ in range(8):
+    _, state = tx.update({"w": jnp.ones(3)}, state, params)
+    lrs.append(float(train.current_lr(state)))
+  # t = (count + 1) / 4 before each batch: 0.25, 0.5, 0.75, 1 then cos(pi/2 * (t-1)/2)
+  expected = [0.25, 0.5, 0.75, 1.0] + [np.cos(np.pi / 4 * s) for s in (0.25, 0.5, 0.75, 1.0)]
+  np.testing.assert_allclose(lrs, np.maximum(expected, 1e-3), rtol=1e-5)
+
+
+def _tiny(seed=0, d=8):
+  rng = np.random.default_rng(seed)
+  x = (rng.standard_normal((2048, d)) * 2).astype(np.float32)
+  cfg = qj.QincoConfig(K=8, M=3, L=1, de=6, dh=8, A=3, B=2)
+  return qj.Codec.create(cfg, x, verbose=False), x
+
+
+def _run_steps(codec, x, devices, n_steps=3, tc=None, same_batch=False):
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  tx = train.make_optimizer(tc or train.TrainConfig(), steps_per_epoch=10)
+  state = jax.device_put(train.init_state(codec.graphdef, codec.state, tx),
+                         NamedSharding(mesh, P()))
+  step = train.make_train_step(codec.graphdef, tx, 3, 2)
+  losses = []
+  for i in range(n_steps):
+    rows = slice(0, 256) if same_batch else slice(i * 256, (i + 1) * 256)
+    batch = jax.device_put(x[rows], NamedSharding(mesh, P("data")))
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  return losses, jax.tree.map(np.asarray, state.params), np.asarray(state.usage)
+
+
+def test_one_and_two_devices_give_the_same_training():
+  assert jax.device_count() >= 2
+  codec, x = _tiny()
+  l1, p1, u1 = _run_steps(codec, x, jax.devices()[:1])
+  l2, p2, u2 = _run_steps(codec, x, jax.devices()[:2])
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p2)
+  np.testing.assert_array_equal(u1, u2)  # usage summed over both devices
+  assert u1.sum() == 3 * 256 * 3
+
+
+def test_training_lowers_the_loss():
+  codec, x = _tiny(seed=1)
+  tc = train.TrainConfig(lr=3e-3, warmup_epochs=0)
+  losses, _, _ = _run_steps(codec, x, jax.devices()[:1], n_steps=8, tc=tc, same_batch=True)
+  assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_dead_code_reset_replaces_only_unused_rows():
+  codec, _ = _tiny()
+  tx = train.make_optimizer(train.TrainConfig(), 10)
+  state = train.init_state(codec.graphdef, codec.state, tx)
+  usage = np.ones((3, 8), np.int32)
+  usage[0, 2] = usage[1, 5] = usage[2, 0] = 0
+  state = state._replace(usage=jnp.asarray(usage))
+  new, n_reset = train.reset_dead_codes(state, jax.random.key(0), 0.1)
+  np.testing.assert_array_equal(n_reset, [1, 1, 1])
+  old_c0, new_c0 = np.asarray(state.params["codebook0"][...]), np.asarray(new.params["codebook0"][...])
+  changed = np.any(old_c0 != new_c0, axis=1)
+  np.testing.assert_array_equal(changed, usage[0] == 0)
+  old_c, new_c = np.asarray(state.params["codebooks"][...]), np.asarray(new.params["codebooks"][...])
+  np.testing.assert_array_equal(np.any(old_c != new_c, axis=2), usage[1:] == 0)
+  new_p = np.asarray(new.params["pre_codebooks"][...])
+  # C' row = the new C row plus small noise (0.025 x the table's std).
+  diff = new_p[0, 5] - new_c[0, 5]
+  assert 0 < np.abs(diff).max() < 0.2 * np.abs(new_c[0, 5]).max() + 1e-3
+  assert np.asarray(new.usage).sum() == 0
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_best(tmp_path):
+  ds = qj.data.load_synthetic(n_train=1024, n_db=100, n_queries=10, d=8, n_val=200)
+  cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
+  tc = train.TrainConfig(lr=1e9, weight_decay=0.0, grad_clip=None, warmup_epochs=0,
+                         epochs=2, batch_per_device=128, log_every=1)
+  with pytest.raises(FloatingPointError, match="diverged"):
+    trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  qj.load(tmp_path / "run")  # the best (initial) codec is intact
+
+
+def test_existing_workdir_needs_resume(tmp_path):
+  ds = qj.data.load_synthetic(n_train=1024, n_db=100, n_queries=10, d=8, n_val=200)
+  cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
+  tc = train.TrainConfig(epochs=1, warmup_epochs=0, max_epochs=1, batch_per_device=256)
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  with pytest.raises(ValueError, match="resume"):
+    trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+
+
+_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 2)
+    import qinco_jax as qj
+    from qinco_jax import train, trainer
+    workdir, mode = sys.argv[1], sys.argv[2]
+    if mode == "kill":  # die (SIGKILL) right after the first epoch's checkpoint
+      orig = trainer._save
+      def save_then_die(*a, **k):
+        orig(*a, **k)
+        os.kill(os.getpid(), signal.SIGKILL)
+      trainer._save = save_then_die
+    ds = qj.data.load_synthetic(n_train=1536, n_db=100, n_queries=10, d=8, n_val=200)
+    cfg = qj.QincoConfig(K=8, M=3, L=1, de=None, dh=8, A=2, B=2)
+    tc = train.TrainConfig(epochs=2, warmup_epochs=1, max_epochs=3, stop_patience=5,
+                           batch_per_device=128, log_every=2)
+    codec = trainer.train_and_evaluate(cfg, tc, ds, workdir, resume=(mode == "resume"),
+                                       verbose=False)
+    codec.save(os.path.join(workdir, "final"))
+""")
+
+
+def _child(workdir, mode):
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-c", _CHILD, str(workdir), mode], env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
+  r = _child(tmp_path / "a", "kill")
+  assert r.returncode == -9, r.stderr[-2000:]
+  assert not (tmp_path / "a" / "final").exists()
+  r = _child(tmp_path / "a", "resume")
+  assert r.returncode == 0, r.stderr[-2000:]
+  r = _child(tmp_path / "b", "plain")
+  assert r.returncode == 0, r.stderr[-2000:]
+  a, b = qj.load(tmp_path / "a" / "final"), qj.load(tmp_path / "b" / "final")
+  fa = jax.tree.leaves(jax.tree.map(np.asarray, a.state))
+  fb = jax.tree.leaves(jax.tree.map(np.asarray, b.state))
+  for x, y in zip(fa, fb):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  log_a = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+  assert any(r.get("epoch") == 2 and "val_mse" in r for r in log_a)
