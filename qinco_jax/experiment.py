@@ -70,7 +70,9 @@ def run(c, workdir: str) -> dict[str, Any]:
   if ds.db is not None and trainer.is_main():
     summary["qinco"] = evaluate(codec, ds, A=c.eval.A, B=c.eval.B)
     if c.eval.rq_baseline:
-      summary["faiss_rq"] = faiss_rq_baseline(ds, mcfg.M, nbits=(mcfg.K - 1).bit_length())
+      summary["faiss_rq"] = faiss_rq_baseline(
+          ds, mcfg.M, nbits=(mcfg.K - 1).bit_length(), beam=c.eval.rq_beam,
+          n_train=c.eval.rq_train)
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(summary, f, indent=2)
     print(format_summary(summary), flush=True)

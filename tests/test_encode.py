@@ -103,3 +103,21 @@ def test_encoder_reconstruction_matches_reference_decode():
   ref = np.stack([reference.np_decode(p, c) for c in codes]) * p["std"] + p["mean"]
   np.testing.assert_allclose(x_hat, ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(codec.decode(codes, verbose=False), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_preselection_network_Ls_option():
+  """Ls > 0 (spec 5.2): g_m scores all K codes; with A = K the result equals A = 0."""
+  rng = np.random.default_rng(3)
+  cfg = qj.QincoConfig(K=6, M=3, L=1, de=None, dh=8, A=2, B=2, Ls=1, dh_pre=4)
+  codec = qj.Codec.create(cfg, rng.standard_normal((300, D)).astype(np.float32),
+                          verbose=False)
+  codec = reference.randomize(codec, seed=3)
+  assert codec.model().pre_steps is not None
+  x = rng.standard_normal((40, D)).astype(np.float32)
+  p, z = _normalised(codec, x)
+  _assert_same_codes(p, z, codec.encode(x, A=6, B=3, verbose=False),
+                     codec.encode(x, A=0, B=3, verbose=False), min_exact=0.98)
+  # With A < K the g_m pre-selection changes the candidates (vs. plain C' scoring).
+  plain = reference.np_params(codec)
+  ref = np.array([reference.np_beam(plain, zi, 2, 2)[0] for zi in z])
+  assert not np.array_equal(codec.encode(x, A=2, B=2, verbose=False), ref)

@@ -23,5 +23,7 @@ def base(preset: str = "qinco2-S") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="glove", root="", trainset="", db="", queries="", gt="", mse_scale=1.0))
   c.ds = ml_collections.ConfigDict(dict(trainset=0, valset=10_000, db=0, loop=10_000_000))
-  c.eval = ml_collections.ConfigDict(dict(A=None, B=None, rq_baseline=True))
+  # Evaluation beam (None = training A/B) and the faiss RQ baseline printed beside it.
+  c.eval = ml_collections.ConfigDict(dict(A=None, B=None, rq_baseline=True, rq_beam=32,
+                                          rq_train=100_000))
   return c

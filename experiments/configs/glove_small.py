@@ -18,5 +18,5 @@ def get_config():
   c.train.update(epochs=5, warmup_epochs=1, stop_patience=3, max_epochs=6,
                  batch_per_device=1024)
   c.ds.loop = 500_000
-  c.eval.update(A=8, B=16)
+  c.eval.update(A=8, B=16, rq_beam=8, rq_train=50_000)  # beam 32 RQ: bench_quantizers
   return c
