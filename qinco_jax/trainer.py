@@ -16,7 +16,6 @@ its slice of each global batch; logging, progress and metadata come from process
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -28,11 +27,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from qinco_jax import data, metrics, train
-from qinco_jax.codec import Codec
-from qinco_jax.config import QincoConfig
+from flax import nnx
 
-log = logging.getLogger("qinco_jax")
+from qinco_jax import data, metrics, train
+from qinco_jax.codec import Codec, load
+from qinco_jax.config import QincoConfig
+from qinco_jax.model import Qinco
+
 
 
 def initialize_distributed():
@@ -259,18 +260,15 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
     if meta["bad_epochs"] > train_cfg.stop_patience:
       break
   mngr.close()
-  from qinco_jax.codec import load
   return load(workdir / "best")
 
 
 def _merge(params, rest):
-  from flax import nnx
   return nnx.merge_state(params, rest)
 
 
 def _abstract_state(model: dict, d: int):
-  from flax import nnx
-  from qinco_jax.model import Qinco
+  """A placeholder state of the right structure; the checkpoint overwrites it."""
   return nnx.state(Qinco(QincoConfig.from_dict(model), d, rngs=nnx.Rngs(0)))
 
 

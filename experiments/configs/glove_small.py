@@ -3,10 +3,11 @@
   python experiments/train_bigann.py --config=experiments/configs/glove_small.py \
       --workdir=runs/glove
 
-Expected on a 2-core CPU: about 12-15 minutes in all (RQ init, 6 epochs of 500k samples
-at A=4, B=4, evaluation at A=8, B=16 on the 90k database); prints test MSE and
-R@1/10/100 next to faiss RQ (beam 32) trained on the same vectors. See
-docs/benchmarks.md for the measured figures.
+Measured on a 2-core CPU shared with other jobs: about 10 minutes in all (RQ init
+~1 min; 6 epochs of the 290k training vectors at A=4, B=4: 228 s of training at
+6-10k samples/s; evaluation at A=8, B=16 on the 90k database plus the faiss RQ
+baseline: 3.4 min). Result: test MSE 2.68, R@1/10/100 = 0.359/0.825/0.992, next to
+faiss RQ 8x8 (beam 8, 50k training vectors): MSE 2.89, 0.345/0.797/0.988.
 """
 
 from configs import common
