@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from qinco_jax import checkpoint, data, rq_init
+from qinco_jax import checkpoint, data, ivf, rq_init
 from qinco_jax.config import QincoConfig
 from qinco_jax.decode import decode_steps, denormalize, normalize
 from qinco_jax.encode import beam_search
@@ -76,8 +76,8 @@ class Codec:
 
   # ----------------------------------------------------------------- creation
   @classmethod
-  def create(cls, cfg: QincoConfig, train_x, seed: int = 0,
-             verbose: bool = True) -> "Codec":
+  def create(cls, cfg: QincoConfig, train_x, seed: int = 0, verbose: bool = True,
+             ivf_centroids=None) -> "Codec":
     """Builds an untrained codec from training vectors.
 
     Normalisation statistics come from the first 100k vectors (spec 3.1), codebooks
@@ -88,6 +88,9 @@ class Codec:
       cfg: model configuration.
       train_x: (n, d) training vectors (any real dtype, memmap fine), n >= K.
       seed: seeds the K-means, the codebook noise and the network initialisation.
+      ivf_centroids: (ivf_K, d) raw-unit IVF centroids, required when cfg.ivf_K > 0
+        (see `qinco_jax.ivf.train_centroids`); frozen, stored normalised. The RQ
+        initialisation then starts from the residuals to the nearest centroid.
     """
     if not isinstance(cfg, QincoConfig):
       raise ValueError(f"cfg must be a QincoConfig, got {type(cfg).__name__}")
@@ -97,16 +100,25 @@ class Codec:
       raise ValueError(f"need at least K={cfg.K} training vectors, got {n}")
     mean, std = data.data_stats(train_x)
     z = (x - mean) / np.float32(std)
+    model = Qinco(cfg, d, rngs=nnx.Rngs(seed))
+    if cfg.ivf_K:
+      cents = _check_centroids(ivf_centroids, cfg.ivf_K, d)
+      cents = (cents - mean) / np.float32(std)
+      ids = ivf.assign(z, cents)
+      z = z - cents[ids]
+      model.ivf_centroids[...] = jnp.asarray(cents, jnp.float32)
+    elif ivf_centroids is not None:
+      raise ValueError("ivf_centroids given but cfg.ivf_K = 0; set ivf_K to their count")
     codebooks, mses = rq_init.train_rq(z, cfg.K, cfg.M, seed=seed, verbose=verbose)
     rng = np.random.default_rng(seed)
     noisy = [c + cfg.codebook_noise_init * c.std() * rng.standard_normal(c.shape)
              for c in codebooks]
-    model = Qinco(cfg, d, rngs=nnx.Rngs(seed))
-    model.codebook0[...] = jnp.asarray(noisy[0], jnp.float32)
-    if cfg.M > 1:
-      model.codebooks[...] = jnp.asarray(np.stack(noisy[1:]), jnp.float32)
+    if not cfg.ivf_K:
+      model.codebook0[...] = jnp.asarray(noisy.pop(0), jnp.float32)
+    if noisy:
+      model.codebooks[...] = jnp.asarray(np.stack(noisy), jnp.float32)
       if model.pre_codebooks is not None:
-        model.pre_codebooks[...] = jnp.asarray(np.stack(noisy[1:]), jnp.float32)
+        model.pre_codebooks[...] = jnp.asarray(np.stack(noisy), jnp.float32)
     model.data_mean[...] = jnp.asarray(mean, jnp.float32)
     model.data_std[...] = jnp.asarray(std, jnp.float32)
     info = {"rq_init_train_mse": [float(m) * float(std) ** 2 for m in mses]}
@@ -122,12 +134,19 @@ class Codec:
     return self.cfg.M
 
   @property
+  def n_codes(self) -> int:
+    """Code columns: M, plus one (the IVF list id, column 0) with an IVF step."""
+    return self.cfg.M_tot
+
+  @property
   def num_params(self) -> int:
     """Trainable parameters, pre-selection codebooks included."""
     return count_params(self.state)
 
   @property
   def code_dtype(self) -> np.dtype:
+    if self.cfg.ivf_K:
+      return np.dtype(np.int32)  # column 0 holds list ids up to ivf_K
     return np.dtype(np.uint8 if self.K <= 256 else np.uint16)
 
   def model(self) -> Qinco:
@@ -161,7 +180,7 @@ class Codec:
         raise ValueError(f"{name} must be an int, got {v!r}")
     if not 0 <= A <= self.K:
       raise ValueError(f"A (candidates per beam) must be in [0, K={self.K}], got {A}")
-    if A > 0 and self.cfg.A == 0 and self.M > 1:
+    if A > 0 and self.cfg.A == 0 and self.cfg.n_net > 0:
       raise ValueError(f"this model was trained with A=0 (no pre-selection codebooks),"
                        f" so it cannot encode with A={A}; use A=0")
     if not 1 <= B <= 65536:
@@ -181,12 +200,13 @@ class Codec:
       verbose: show a progress bar on long inputs.
       return_x_hat: also return the encoder's reconstruction (n, d) float32.
     Returns:
-      codes (n, M) uint8 when K <= 256 else uint16 (and x_hat if requested).
+      codes (n, M) uint8 when K <= 256 else uint16; with an IVF step (n, M + 1)
+      int32 whose column 0 is the IVF list id (and x_hat if requested).
     """
     A, B = self._check_AB(A, B)
     n = self._check_vectors(x)
     chunk = chunk_size or self.chunk_size(A, B)
-    codes = np.empty((n, self.M), self.code_dtype)
+    codes = np.empty((n, self.n_codes), self.code_dtype)
     x_hat = np.empty((n, self.d), np.float32) if return_x_hat else None
     mesh, state = self._device_state()
     sharding = NamedSharding(mesh, P("data"))
@@ -252,13 +272,23 @@ class Codec:
       raise ValueError(f"codes must be a 2-D (n, m) array, got shape {codes.shape}")
     if not np.issubdtype(codes.dtype, np.integer):
       raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
-    if not 1 <= codes.shape[1] <= self.M:
-      raise ValueError(f"codes must have between 1 and M={self.M} columns, got "
+    if not 1 <= codes.shape[1] <= self.n_codes:
+      raise ValueError(f"codes must have between 1 and {self.n_codes} columns "
+                       f"(M={self.M}{' + IVF' if self.cfg.ivf_K else ''}), got "
                        f"{codes.shape[1]}")
     if codes.size:
-      lo, hi = int(codes.min()), int(codes.max())
-      if lo < 0 or hi >= self.K:
-        raise ValueError(f"codes must be in [0, K={self.K}), got values in [{lo}, {hi}]")
+      n_ivf = self.cfg.n_ivf
+      if n_ivf:
+        lo, hi = int(codes[:, 0].min()), int(codes[:, 0].max())
+        if lo < 0 or hi >= self.cfg.ivf_K:
+          raise ValueError(f"IVF ids (column 0) must be in [0, ivf_K={self.cfg.ivf_K}),"
+                           f" got values in [{lo}, {hi}]")
+      if codes.shape[1] > n_ivf:
+        rest = codes[:, n_ivf:]
+        lo, hi = int(rest.min()), int(rest.max())
+        if lo < 0 or hi >= self.K:
+          raise ValueError(f"codes must be in [0, K={self.K}), got values in "
+                           f"[{lo}, {hi}]")
     return codes
 
   # ------------------------------------------------------------------ I/O
@@ -271,6 +301,15 @@ class Codec:
     c = self.cfg
     return (f"Codec(d={self.d}, K={c.K}, M={c.M}, L={c.L}, de={c.de}, dh={c.dh}, "
             f"A={c.A}, B={c.B}, params={self.num_params:,})")
+
+
+def _check_centroids(c, ivf_K: int, d: int) -> np.ndarray:
+  if c is None:
+    raise ValueError(f"cfg.ivf_K={ivf_K} needs ivf_centroids of shape ({ivf_K}, {d})")
+  c = data.as_float32(np.asarray(c), d=d, name="ivf_centroids")
+  if c.shape[0] != ivf_K:
+    raise ValueError(f"expected {ivf_K} IVF centroids (cfg.ivf_K), got {c.shape[0]}")
+  return c
 
 
 def _pad(a: np.ndarray, rows: int) -> np.ndarray:

@@ -35,13 +35,14 @@ class QincoConfig:
   qinco1_mode: bool = False  # QINCo1 architecture (no outer residual, PyTorch init)
   codebook_noise_init: float = 0.1  # relative noise added to the RQ-initialised codebooks
   enc_max_bs: int = 65536  # encoder chunk: chunk * B * (A or K) <= enc_max_bs
+  ivf_K: int = 0  # IVF lists of a frozen IVF step 0 (spec 4.1); 0 = no IVF step
 
   def __post_init__(self):
     def check(ok: bool, what: str, value: Any):
       if not ok:
         raise ValueError(f"QincoConfig: {what}, got {value!r}")
 
-    for name in ("K", "M", "L", "dh", "A", "B", "Ls", "dh_pre", "enc_max_bs"):
+    for name in ("K", "M", "L", "dh", "A", "B", "Ls", "dh_pre", "enc_max_bs", "ivf_K"):
       v = getattr(self, name)
       check(isinstance(v, int) and not isinstance(v, bool),
             f"{name} must be an int", v)
@@ -60,6 +61,8 @@ class QincoConfig:
     check(self.codebook_noise_init >= 0, "codebook_noise_init must be >= 0",
           self.codebook_noise_init)
     check(self.enc_max_bs >= 1, "enc_max_bs must be >= 1", self.enc_max_bs)
+    check(self.ivf_K == 0 or 2 <= self.ivf_K <= 2**31 - 1,
+          "ivf_K must be 0 (no IVF) or in [2, 2**31 - 1]", self.ivf_K)
 
   def replace(self, **overrides) -> "QincoConfig":
     """Returns a copy with some fields changed (unknown names raise)."""
@@ -73,6 +76,21 @@ class QincoConfig:
   def from_dict(cls, d: dict[str, Any]) -> "QincoConfig":
     _check_names(d)
     return cls(**d)
+
+  @property
+  def n_ivf(self) -> int:
+    """1 when a frozen IVF step precedes the QINCo steps, else 0."""
+    return 1 if self.ivf_K else 0
+
+  @property
+  def M_tot(self) -> int:
+    """Steps in all = code columns: M, plus 1 for the IVF list id."""
+    return self.M + self.n_ivf
+
+  @property
+  def n_net(self) -> int:
+    """Steps with a network: M - 1 (step 0 is a plain codebook), or M after IVF."""
+    return self.M_tot - 1
 
   def embed_dim(self, d: int) -> int:
     """E for data dimension d."""

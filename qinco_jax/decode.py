@@ -21,14 +21,15 @@ def decode_steps(model: Qinco, codes: Array) -> tuple[Array, Array]:
 
   Args:
     model: a merged Qinco module.
-    codes: (N, m) int, 1 <= m <= M; column j is the code of step j.
+    codes: (N, m) int, 1 <= m <= M_tot; column j is the code of step j (with IVF,
+      column 0 is the IVF list id).
   Returns:
     x_hat (N, D) float32, the reconstruction after m steps, and partials
     (m, N, D) float32, the reconstruction after each step 1..m.
   """
   m = codes.shape[1]
   codes = codes.astype(jnp.int32)
-  x_hat = model.codebook0[...][codes[:, 0]]  # (N, D)
+  x_hat = model.first_table[codes[:, 0]]  # (N, D)
   if m == 1:
     return x_hat, x_hat[None]
   net_def, net_state = nnx.split(model.steps)

@@ -122,16 +122,27 @@ def network_step(x: Array, x_hat: Array, valid: Array, C: Array, Cp: Array | Non
   A_eff = f.shape[2]
   dist = jnp.sum((r[:, :, None, :] - f) ** 2, -1)  # (N, F, A_eff)
   dist = jnp.where(valid[:, :, None], dist, jnp.inf).reshape(N, F * A_eff)
-  neg, sel = jax.lax.top_k(-dist, F_out)  # (N, F_out), best first
+  k = min(F_out, F * A_eff)  # fewer candidates than beam slots: pad below
+  neg, sel = jax.lax.top_k(-dist, k)  # (N, k), best first
   parent = (sel // A_eff).astype(jnp.int32)
   code = jnp.take_along_axis(cand.reshape(N, F * A_eff), sel, axis=1)
   f_sel = _take(f.reshape(N, F * A_eff, -1), sel)
   new_x_hat = _take(x_hat, parent) + f_sel
-  return parent, code, new_x_hat, jnp.isfinite(neg)
+  valid = jnp.isfinite(neg)
+  if k < F_out:
+    pad = ((0, 0), (0, F_out - k))
+    parent, code, valid = jnp.pad(parent, pad), jnp.pad(code, pad), jnp.pad(valid, pad)
+    new_x_hat = jnp.pad(new_x_hat, pad + ((0, 0),))
+  return parent, code, new_x_hat, valid
 
 
 def _slice(state, m):
   return jax.tree.map(lambda a: a[m], state)
+
+
+def ivf_assign(x: Array, centroids: Array) -> Array:
+  """Nearest IVF centroid of each row: x (N, D), centroids (K_IVF, D) -> (N,) int32."""
+  return jnp.argmin(sq_dists(x, centroids), axis=1).astype(jnp.int32)
 
 
 def beam_search(model: Qinco, x: Array, *, A: int, B: int,
@@ -146,50 +157,73 @@ def beam_search(model: Qinco, x: Array, *, A: int, B: int,
     B: beam size (1 = greedy).
     with_stats: also return the per-step mean/std of the targets over valid beams.
   Returns:
-    EncodeResult with codes (N, M) int32 and x_hat (N, D) normalised.
+    EncodeResult with codes (N, M_tot) int32 (with IVF, column 0 is the list id) and
+    x_hat (N, D) normalised.
   """
   TRACE_COUNTS["beam_search"] += 1
   cfg = model.cfg
-  M = cfg.M
-  if A > 0 and model.pre_codebooks is None and M > 1:
+  M_tot, n_net = cfg.M_tot, cfg.n_net
+  if A > 0 and model.pre_codebooks is None and n_net > 0:
     raise ValueError("A > 0 needs pre-selection codebooks, but this model was "
                      "built with A = 0; encode with A=0")
-  codes0, x_hat, valid = first_step(x, model.codebook0[...], B)
   N = x.shape[0]
-  stats_mean, stats_std = [], []
-  if with_stats:
-    mu, sd = _masked_stats(x[:, None, :], jnp.ones((N, 1), bool))
-    stats_mean.append(mu[None])
-    stats_std.append(sd[None])
-  if M == 1:
-    return EncodeResult(codes0[:, :1], x_hat[:, 0],
-                        *((jnp.concatenate(stats_mean), jnp.concatenate(stats_std))
-                          if with_stats else (None, None)))
+  stats = []
 
-  net_def, net_state = nnx.split(model.steps)
-  pre_def, pre_state = (nnx.split(model.pre_steps) if model.pre_steps is not None
-                        else (None, None))
-  use_pre = A > 0
-  Cp_all = model.pre_codebooks[...] if use_pre else None
-  history = jnp.zeros((N, B, M), jnp.int32).at[:, :, 0].set(codes0)
+  def record(x_hat, valid):
+    if with_stats:
+      stats.append(_masked_stats(x[:, None, :] - x_hat, valid))
 
-  def body(carry, m):
-    x_hat, valid, history = carry
+  record(jnp.zeros((N, 1, x.shape[1]), x.dtype), jnp.ones((N, 1), bool))
+  use_pre = A > 0 and n_net > 0
+  if n_net > 0:
+    net_def, net_state = nnx.split(model.steps)
+    pre_def, pre_state = (nnx.split(model.pre_steps) if model.pre_steps is not None
+                          else (None, None))
+    Cp_all = model.pre_codebooks[...] if use_pre else None
+    C_all = model.codebooks[...]
+
+  def step(m, x_hat, valid, A_m):
     net = nnx.merge(net_def, _slice(net_state, m))
     pre_net = (nnx.merge(pre_def, _slice(pre_state, m))
                if (use_pre and pre_def is not None) else None)
-    Cp = Cp_all[m] if use_pre else None
+    return network_step(x, x_hat, valid, C_all[m], Cp_all[m] if use_pre else None,
+                        net, pre_net, A_m, B)
+
+  if cfg.ivf_K:
+    # Frozen IVF step: one beam (the nearest centroid); the first network step then
+    # keeps A_eff = max(A, B) candidates so that B beams come out (spec 5.1).
+    ivf = ivf_assign(x, model.ivf_centroids[...])
+    x_hat = model.ivf_centroids[...][ivf][:, None, :]  # (N, 1, D)
+    valid = jnp.ones((N, 1), bool)
+    history = jnp.zeros((N, B, M_tot), jnp.int32).at[:, :, 0].set(ivf[:, None])
+    first_net = 1
+    if n_net > 0:
+      record(x_hat, valid)
+      A_first = min(max(A, B), cfg.K) if A > 0 else 0
+      _, code, x_hat, valid = step(0, x_hat, valid, A_first)
+      history = history.at[:, :, 1].set(code)
+    else:
+      x_hat = jnp.broadcast_to(x_hat, (N, B, x.shape[1]))
+  else:
+    codes0, x_hat, valid = first_step(x, model.codebook0[...], B)
+    history = jnp.zeros((N, B, M_tot), jnp.int32).at[:, :, 0].set(codes0)
+    first_net = 0
+
+  def body(carry, m):
+    x_hat, valid, history = carry
     ys = _masked_stats(x[:, None, :] - x_hat, valid) if with_stats else None
-    parent, code, x_hat, valid = network_step(
-        x, x_hat, valid, model.codebooks[...][m], Cp, net, pre_net, A, B)
-    history = _take(history, parent).at[:, :, m + 1].set(code)
+    parent, code, x_hat, valid = step(m, x_hat, valid, A)
+    history = _take(history, parent)
+    history = jax.lax.dynamic_update_slice_in_dim(history, code[:, :, None], m + 1, 2)
     return (x_hat, valid, history), ys
 
-  (x_hat, valid, history), ys = jax.lax.scan(
-      body, (x_hat, valid, history), jnp.arange(M - 1))
-  if with_stats:
-    stats_mean.append(ys[0])
-    stats_std.append(ys[1])
-    return EncodeResult(history[:, 0], x_hat[:, 0], jnp.concatenate(stats_mean),
-                        jnp.concatenate(stats_std))
-  return EncodeResult(history[:, 0], x_hat[:, 0], None, None)
+  if n_net > first_net:
+    (x_hat, valid, history), ys = jax.lax.scan(
+        body, (x_hat, valid, history), jnp.arange(first_net, n_net))
+    if with_stats:
+      stats.append(ys)
+  if not with_stats:
+    return EncodeResult(history[:, 0], x_hat[:, 0], None, None)
+  means = jnp.concatenate([jnp.atleast_2d(s[0]) for s in stats])
+  stds = jnp.concatenate([jnp.atleast_2d(s[1]) for s in stats])
+  return EncodeResult(history[:, 0], x_hat[:, 0], means, stds)

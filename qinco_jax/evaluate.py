@@ -36,12 +36,12 @@ def evaluate(codec, ds: Dataset, A: int | None = None, B: int | None = None,
   out: dict[str, Any] = {"A": A, "B": B, "n": int(len(db))}
   out["mse"] = metrics.mse(db, x_hat, ds.mse_scale)
   out["per_step_mse"] = [metrics.mse(db, codec.decode(codes[:, :m], verbose=False),
-                                     ds.mse_scale) for m in range(1, codec.M)]
+                                     ds.mse_scale) for m in range(1, codec.n_codes)]
   out["per_step_mse"].append(out["mse"])
   out["encode_us"] = 1e6 * (t1 - t0) / max(len(db), 1)
   out["decode_us"] = 1e6 * (t2 - t1) / max(len(db), 1)
   out.update(_recalls(ds, x_hat, n_db))
-  usage = metrics.codebook_usage(codes, codec.K)
+  usage = metrics.codebook_usage(codes[:, codec.cfg.n_ivf:], codec.K)
   out["mean_entropy"] = usage["mean_entropy"]
   out["min_entropy"] = usage["min_entropy"]
   out["mean_unused_frac"] = usage["mean_unused_frac"]

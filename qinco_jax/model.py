@@ -127,14 +127,17 @@ def _stacked_stepnets(n: int, d: int, E: int, H: int, L: int, qinco1_mode: bool,
 class Qinco(nnx.Module):
   """All parameters and buffers of a QINCo2 model for D-dimensional data.
 
+  S = cfg.n_net network steps follow step 0 (S = M - 1, or M after an IVF step).
+
   Attributes (normalised space unless stated):
-    codebook0: (K, D) Param, the plain RQ step 0.
-    codebooks: (M-1, K, D) Param, C_m of steps 1..M-1 (None when M = 1).
-    pre_codebooks: (M-1, K, D) Param, C'_m for pre-selection (None when A = 0).
-    steps: StepNet with every parameter stacked along a leading (M-1) axis.
+    codebook0: (K, D) Param, the plain RQ step 0 (None with IVF).
+    ivf_centroids: (ivf_K, D) Stat, the frozen IVF step 0 (None without IVF).
+    codebooks: (S, K, D) Param, C_m of the network steps (None when S = 0).
+    pre_codebooks: (S, K, D) Param, C'_m for pre-selection (None when A = 0).
+    steps: StepNet with every parameter stacked along a leading (S) axis.
     pre_steps: stacked pre-selection networks g_m when Ls > 0, else None.
     data_mean: (D,) Stat, raw units.  data_std: () Stat, raw units (one scalar).
-    xtarget_mean, xtarget_std: (M, D) BatchStat, running target statistics (spec 9.8).
+    xtarget_mean, xtarget_std: (M_tot, D) BatchStat, running target statistics (9.8).
   """
 
   def __init__(self, cfg: QincoConfig, d: int, *, rngs: nnx.Rngs):
@@ -142,9 +145,14 @@ class Qinco(nnx.Module):
       raise ValueError(f"data dimension must be a positive int, got {d!r}")
     self.cfg = cfg
     self.d = d
-    K, M, E = cfg.K, cfg.M, cfg.embed_dim(d)
-    self.codebook0 = nnx.Param(jnp.zeros((K, d), jnp.float32))
-    n = M - 1
+    K, E = cfg.K, cfg.embed_dim(d)
+    if cfg.ivf_K:
+      self.codebook0 = None
+      self.ivf_centroids = Stat(jnp.zeros((cfg.ivf_K, d), jnp.float32))
+    else:
+      self.codebook0 = nnx.Param(jnp.zeros((K, d), jnp.float32))
+      self.ivf_centroids = None
+    n = cfg.n_net
     if n > 0:
       self.codebooks = nnx.Param(jnp.zeros((n, K, d), jnp.float32))
       self.steps = _stacked_stepnets(n, d, E, cfg.dh, cfg.L, cfg.qinco1_mode, rngs)
@@ -161,8 +169,13 @@ class Qinco(nnx.Module):
       self.pre_steps = None
     self.data_mean = Stat(jnp.zeros((d,), jnp.float32))
     self.data_std = Stat(jnp.ones((), jnp.float32))
-    self.xtarget_mean = nnx.BatchStat(jnp.zeros((M, d), jnp.float32))
-    self.xtarget_std = nnx.BatchStat(jnp.ones((M, d), jnp.float32))
+    self.xtarget_mean = nnx.BatchStat(jnp.zeros((cfg.M_tot, d), jnp.float32))
+    self.xtarget_std = nnx.BatchStat(jnp.ones((cfg.M_tot, d), jnp.float32))
+
+  @property
+  def first_table(self) -> Array:
+    """Step 0's table: the IVF centroids or the plain codebook, (K0, D)."""
+    return (self.ivf_centroids if self.codebook0 is None else self.codebook0)[...]
 
 
 def count_params(model_or_state) -> int:

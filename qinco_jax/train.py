@@ -117,7 +117,7 @@ def init_state(graphdef, state: nnx.State, tx: optax.GradientTransformation,
   # Fresh buffers: train_step donates its state, which must not delete the codec's.
   params, rest = jax.tree.map(jnp.copy, state).split(nnx.Param, ...)
   model = nnx.merge(graphdef, state)
-  usage = jnp.zeros((model.cfg.M, model.cfg.K), jnp.int32)
+  usage = jnp.zeros((model.cfg.M, model.cfg.K), jnp.int32)  # QINCo steps, not IVF
   return TrainState(params, rest, tx.init(params), usage, jnp.zeros((), jnp.int32))
 
 
@@ -127,13 +127,13 @@ def loss_fn(params, rest, graphdef, x: Array, A: int, B: int):
   enc = beam_search(frozen, x, A=A, B=B, with_stats=True)
   codes = enc.codes  # (N, M), no gradient
   model = nnx.merge(graphdef, params, rest)
-  _, partials = decode_steps(model, codes)  # (M, N, D), with gradient
-  step_mse = jnp.mean((partials - x[None]) ** 2, axis=(1, 2))  # (M,)
-  loss = jnp.sum(step_mse)
+  _, partials = decode_steps(model, codes)  # (M_tot, N, D), with gradient
+  step_mse = jnp.mean((partials - x[None]) ** 2, axis=(1, 2))  # (M_tot,)
+  loss = jnp.sum(step_mse[model.cfg.n_ivf:])  # the frozen IVF step has no loss
   pre_loss = jnp.zeros(())
   if A > 0 and model.pre_codebooks is not None:
-    entering = jax.lax.stop_gradient(partials[:-1])  # (M-1, N, D) x_hat entering step m
-    idx = codes[:, 1:].T  # (M-1, N)
+    entering = jax.lax.stop_gradient(partials[:-1])  # (S, N, D) entering each net step
+    idx = codes[:, 1:].T  # (S, N)
     Cp = jnp.take_along_axis(model.pre_codebooks[...], idx[:, :, None], axis=1)
     if model.pre_steps is not None:
       g_def, g_state = nnx.split(model.pre_steps)
@@ -162,7 +162,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, A: int, B: int,
     model.xtarget_std[...] = (1 - momentum) * model.xtarget_std[...] + momentum * t_std
     rest = nnx.state(model, nnx.Not(nnx.Param))
     Kc = state.usage.shape[1]
-    usage = state.usage + jax.vmap(lambda c: jnp.bincount(c, length=Kc))(codes.T)
+    qcodes = codes[:, model.cfg.n_ivf:]  # (N, M) QINCo codes
+    usage = state.usage + jax.vmap(lambda c: jnp.bincount(c, length=Kc))(qcodes.T)
     metrics = {"loss": loss, "mse": step_mse[-1], "pre_loss": pre_loss,
                "lr": current_lr(opt)}
     return TrainState(params, rest, opt, usage.astype(jnp.int32), state.step + 1), metrics
@@ -172,22 +173,30 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, A: int, B: int,
 
 @jax.jit
 def _reset_rows(params, rest, usage, key, noise: float):
-  """Spec 9.7: replace never-used codewords by random vectors at the target statistics."""
+  """Spec 9.7: replace never-used codewords by random vectors at the target statistics.
+
+  usage: (M, K), one row per QINCo step (the IVF step, if any, is never reset).
+  """
   M, K = usage.shape
-  mean, std = rest["xtarget_mean"][...], rest["xtarget_std"][...]  # (M, D)
+  # Target statistics of the QINCo steps (the last M of the M_tot rows).
+  mean, std = rest["xtarget_mean"][...][-M:], rest["xtarget_std"][...][-M:]  # (M, D)
   D = mean.shape[-1]
   k_u, k_n = jax.random.split(key)
   u = jax.random.uniform(k_u, (M, K, D))
   u = (u - u.mean(axis=(1, 2), keepdims=True)) / u.std(axis=(1, 2), keepdims=True)
   new = u * std[:, None, :] + mean[:, None, :]  # (M, K, D)
   dead = (usage == 0)[:, :, None]  # (M, K, 1)
-  params["codebook0"][...] = jnp.where(dead[0], new[0], params["codebook0"][...])
-  if M > 1:
-    params["codebooks"][...] = jnp.where(dead[1:], new[1:], params["codebooks"][...])
+  net = 0  # first usage row that belongs to a network step
+  if "codebook0" in params:
+    params["codebook0"][...] = jnp.where(dead[0], new[0], params["codebook0"][...])
+    net = 1
+  if M > net:
+    dead_n, new_n = dead[net:], new[net:]
+    params["codebooks"][...] = jnp.where(dead_n, new_n, params["codebooks"][...])
     if "pre_codebooks" in params:
-      pre_new = new[1:] + (jax.random.normal(k_n, new[1:].shape)
-                           * new[1:].std(axis=(1, 2), keepdims=True) * noise / 4)
-      params["pre_codebooks"][...] = jnp.where(dead[1:], pre_new,
+      pre_new = new_n + (jax.random.normal(k_n, new_n.shape)
+                         * new_n.std(axis=(1, 2), keepdims=True) * noise / 4)
+      params["pre_codebooks"][...] = jnp.where(dead_n, pre_new,
                                                params["pre_codebooks"][...])
   return params, jnp.sum(usage == 0, axis=1)
 

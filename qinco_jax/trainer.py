@@ -136,15 +136,16 @@ def _restore(mngr, abstract: train.TrainState):
 def validate(codec: Codec, val: np.ndarray, A: int, B: int, mse_scale: float):
   codes = codec.encode(val, A=A, B=B, verbose=False)
   per_step = [metrics.mse(val, codec.decode(codes[:, :m], verbose=False), mse_scale)
-              for m in range(1, codec.M + 1)]
-  usage = metrics.codebook_usage(codes, codec.K)
+              for m in range(1, codec.n_codes + 1)]
+  usage = metrics.codebook_usage(codes[:, codec.cfg.n_ivf:], codec.K)
   return {"val_mse": per_step[-1], "val_per_step_mse": per_step,
           "val_mean_entropy": usage["mean_entropy"]}
 
 
 def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
                        ds: data.Dataset, workdir: str | os.PathLike, *,
-                       resume: bool = False, verbose: bool = True) -> Codec:
+                       resume: bool = False, verbose: bool = True,
+                       ivf_centroids=None) -> Codec:
   """Trains a codec on ds.train (validating on ds.val) and returns the best one.
 
   Args:
@@ -153,6 +154,8 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
     ds: dataset; raw arrays (memmaps fine).
     workdir: checkpoints, best codec, metrics.jsonl.
     resume: continue from the latest checkpoint in workdir.
+    ivf_centroids: (ivf_K, d) raw IVF centroids when model_cfg.ivf_K > 0 (frozen
+      step 0; spec 4.1).
   """
   workdir = Path(workdir).absolute()  # Orbax wants absolute paths
   workdir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +182,8 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
     codec = Codec(QincoConfig.from_dict(meta["model"]), meta["d"],
                   _abstract_state(meta["model"], meta["d"]))
   if codec is None:
-    codec = Codec.create(model_cfg, ds.train, seed=train_cfg.seed, verbose=verbose)
+    codec = Codec.create(model_cfg, ds.train, seed=train_cfg.seed, verbose=verbose,
+                         ivf_centroids=ivf_centroids)
     if is_main():
       tmp = workdir / "ckpt_meta.json.tmp"
       tmp.write_text(json.dumps({"model": model_cfg.to_dict(), "d": codec.d}))

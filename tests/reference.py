@@ -33,9 +33,11 @@ def randomize(codec, scale: float = 0.3, seed: int = 0):
 def np_params(codec) -> dict:
   """Plain float64 arrays: C0, and per network step m a dict of its weights."""
   sd = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(codec.state))
-  out = {"C0": sd["codebook0"], "mean": sd["data_mean"], "std": float(sd["data_std"]),
+  ivf = codec.cfg.ivf_K > 0
+  out = {"C0": sd["ivf_centroids"] if ivf else sd["codebook0"], "ivf": ivf,
+         "mean": sd["data_mean"], "std": float(sd["data_std"]),
          "qinco1": codec.cfg.qinco1_mode, "steps": []}
-  for m in range(codec.M - 1):
+  for m in range(codec.cfg.n_net):
     st = jax.tree.map(lambda a: a[m], sd["steps"])
     out["steps"].append({
         "C": sd["codebooks"][m],
@@ -71,18 +73,20 @@ def np_decode(p: dict, codes) -> np.ndarray:
 
 def np_beam(p: dict, x: np.ndarray, A: int, B: int):
   """Beam search for one normalised vector x (D,). Returns (codes list, x_hat)."""
-  K = len(p["C0"])
   d0 = ((x - p["C0"]) ** 2).sum(1)
-  order = np.argsort(d0, kind="stable")[: min(B, K)]
+  # IVF: a single beam, the nearest centroid; else the min(B, K) best codewords.
+  order = np.argsort(d0, kind="stable")[: 1 if p["ivf"] else min(B, len(p["C0"]))]
   beams = [([int(k)], p["C0"][k]) for k in order]
   M = 1 + len(p["steps"])
   for m, step in enumerate(p["steps"]):
+    K = len(step["C"])
+    A_m = min(max(A, B), K) if (p["ivf"] and m == 0 and A > 0) else A
     cands = []
     for codes, x_hat in beams:
       r = x - x_hat
-      if A > 0:
+      if A_m > 0:
         s = ((r - step["Cp"]) ** 2).sum(1)
-        ks = np.argsort(s, kind="stable")[:A]
+        ks = np.argsort(s, kind="stable")[:A_m]
       else:
         ks = range(K)
       for k in ks:
