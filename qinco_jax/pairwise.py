@@ -1,0 +1,456 @@
+"""Pairwise decoder stage (spec 12.2): additive tables over combined codes of two positions.
+
+A pairwise additive decoder approximates the IVF residual r = x - c_IVF[i_0] as
+
+    r_hat = sum_t T_t[I_{a_t} * K + I_{b_t}],      T_t of shape (K * K, D),
+
+where I_p is the code at position p of an *extended* code: the M QINCo2 codes plus a
+few extra codes derived from the IVF list id (`ivf_extra_codes`, a weighted residual
+k-means over the IVF centroids). Each table sees two positions at once, so it captures
+pairwise dependencies that a plain additive (AQ) decoder cannot. It sits between the
+AQ look-up shortlist and the full neural decoder in the search pipeline.
+
+Tables are chosen greedily (`fit_pairwise`): at each step every pair a < b is fitted
+as the per-combined-code mean of the current residual, the pair leaving the lowest MSE
+on the first `n_eval` training vectors is kept, and its table is subtracted. MSEs
+follow the library convention: squared error summed over dimensions, averaged over
+vectors (raw units).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from typing import Optional
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from qinco_jax import data
+
+_FORMAT_VERSION = 1
+_CAST_CHUNK = 1 << 16
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+
+
+def _check_int_matrix(codes, name: str, upper: Optional[int] = None) -> np.ndarray:
+  """Returns a 2-D integer array, checking dtype and (optionally) 0 <= codes < upper."""
+  codes = np.asarray(codes)
+  if codes.ndim != 2:
+    raise ValueError(f"{name}: expected a 2-D integer array, got shape {codes.shape}")
+  if codes.dtype.kind not in "iu":
+    raise ValueError(f"{name}: expected an integer array, got dtype {codes.dtype}")
+  if codes.size:
+    lo = int(codes.min())
+    hi = int(codes.max())
+    if lo < 0 or (upper is not None and hi >= upper):
+      bound = "" if upper is None else f"0..{upper - 1}"
+      raise ValueError(f"{name}: codes must lie in {bound or 'non-negative values'}, "
+                       f"got range {lo}..{hi}")
+  return codes
+
+
+def _segment_sum(ids: np.ndarray, values: np.ndarray, n_groups: int,
+                 weights: Optional[np.ndarray] = None,
+                 dtype: np.dtype = np.float32) -> np.ndarray:
+  """out[g] = sum_{i: ids[i] == g} weights[i] * values[i].
+
+  One pass over the rows through a sparse one-hot product (no sorting, no
+  per-dimension loop); falls back to `np.add.at` without scipy.
+
+  Args:
+    ids: (n,) int group ids in 0..n_groups-1.
+    values: (n, D) real.
+    n_groups: number of groups.
+    weights: optional (n,) real weights (1 when None).
+    dtype: accumulation and output dtype.
+
+  Returns:
+    (n_groups, D) array of `dtype`.
+  """
+  n = len(ids)
+  values = np.asarray(values)
+  w = np.ones(n, dtype) if weights is None else np.asarray(weights, dtype)
+  # Cast chunk by chunk so that e.g. float32 -> float64 never copies all the values.
+  step = n if values.dtype == dtype else _CAST_CHUNK
+  try:
+    import scipy.sparse as sp
+  except ImportError:  # pragma: no cover - scipy ships with jax
+    sp = None
+  out = None
+  for s in range(0, n, max(step, 1)):
+    v = np.asarray(values[s:s + step], dtype=dtype)
+    i = np.asarray(ids[s:s + step], np.int64)
+    if sp is None:  # pragma: no cover
+      part = np.zeros((n_groups, v.shape[1]), dtype)
+      np.add.at(part, i, v * w[s:s + step, None])
+    else:
+      one_hot_t = sp.csc_matrix((w[s:s + step], i, np.arange(len(i) + 1)),
+                                shape=(n_groups, len(i)))
+      part = np.asarray(one_hot_t @ v, dtype=dtype)
+    if out is None:
+      out = part
+    else:
+      out += part
+  return np.zeros((n_groups, values.shape[1]), dtype) if out is None else out
+
+
+def _atomic_save_npz(path: str, arrays: dict) -> None:
+  """Writes an .npz archive to `path` through a temp file and `os.replace`."""
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  payload = buf.getvalue()
+  data._atomic_write(path, lambda f: f.write(payload))  # pylint: disable=protected-access
+
+
+# --------------------------------------------------------------------------------------
+# Extra codes from the IVF ids (spec 12.2, step 1)
+
+
+def _initial_indices(rng: np.random.Generator, weights: np.ndarray, K: int) -> np.ndarray:
+  """K distinct indices, sampled with probability proportional to `weights`.
+
+  When fewer than K weights are positive, returns all of those followed by distinct
+  indices drawn uniformly among the zero-weight ones. Needs K <= len(weights).
+
+  Returns:
+    (K,) int64.
+  """
+  positive = np.flatnonzero(weights > 0)
+  if positive.size >= K:
+    p = weights[positive] / weights[positive].sum()
+    return rng.choice(positive, size=K, replace=False, p=p)
+  zero = np.flatnonzero(weights <= 0)
+  return np.concatenate([positive, rng.choice(zero, size=K - positive.size, replace=False)])
+
+
+def weighted_residual_kmeans(x: np.ndarray, weights: np.ndarray, n_stages: int, K: int,
+                             niter: int = 50, seed: int = 0,
+                             verbose: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Weighted residual k-means: n_stages successive k-means on the running residual.
+
+  Each stage is initialised with K distinct points sampled (numpy rng, without
+  replacement) with probability proportional to their weight; when fewer than K points
+  have a nonzero weight, all of those are taken and the rest are sampled uniformly among
+  the zero-weight points. Then up to `niter` Lloyd iterations (exact L2 assignment with
+  a faiss flat index, weighted means in float64; a codeword whose cluster has zero total
+  weight keeps its value), stopping early when the assignment no longer changes. The
+  stage codes are the nearest codewords; the residual then loses the assigned codeword.
+
+  Args:
+    x: (n, D) real points.
+    weights: (n,) non-negative real weights, not all zero.
+    n_stages: number of stages (>= 1).
+    K: codewords per stage; capped at n when n < K.
+    niter: maximum Lloyd iterations per stage (>= 1).
+    seed: seed of the numpy generator used for the initial samples.
+    verbose: show a progress bar over stages.
+
+  Returns:
+    codes: (n, n_stages) int32 in 0..min(K, n)-1.
+    codebooks: (n_stages, min(K, n), D) float32; x ~= sum_s codebooks[s][codes[:, s]].
+
+  Raises:
+    ValueError: wrong shapes, NaN/inf points, negative/NaN weights, all-zero weights,
+      n_stages, K or niter < 1.
+  """
+  import faiss
+
+  x = data.as_float32(x, name="points", allow_empty=False)
+  n, D = x.shape
+  weights = np.asarray(weights)
+  if weights.shape != (n,):
+    raise ValueError(f"weights: expected shape ({n},), got {weights.shape}")
+  if weights.dtype.kind not in "iuf":
+    raise ValueError(f"weights: expected a real numeric array, got dtype {weights.dtype}")
+  weights = weights.astype(np.float64)
+  if not np.isfinite(weights).all() or (weights < 0).any():
+    raise ValueError("weights: must be finite and non-negative")
+  if weights.sum() <= 0:
+    raise ValueError("weights: at least one weight must be positive")
+  if n_stages < 1 or K < 1 or niter < 1:
+    raise ValueError(f"n_stages, K and niter must be >= 1, got {n_stages}, {K}, {niter}")
+  K = min(K, n)
+  rng = np.random.default_rng(seed)
+  residual = x.copy()
+  codes = np.empty((n, n_stages), np.int32)
+  codebooks = np.empty((n_stages, K, D), np.float32)
+  for s in tqdm(range(n_stages), desc="IVF extra codes", disable=not verbose, leave=False):
+    cb = residual[_initial_indices(rng, weights, K)]
+    index = faiss.IndexFlatL2(D)
+    assign = None
+    for _ in range(niter):
+      index.reset()
+      index.add(cb)
+      new = index.search(residual, 1)[1][:, 0]
+      if assign is not None and np.array_equal(new, assign):
+        break
+      assign = new
+      mass = np.bincount(assign, weights=weights, minlength=K)
+      sums = _segment_sum(assign, residual, K, weights=weights, dtype=np.float64)
+      nonempty = mass > 0
+      cb[nonempty] = (sums[nonempty] / mass[nonempty, None]).astype(np.float32)
+    else:
+      # Ran out of iterations right after an update: re-assign to the final codewords.
+      index.reset()
+      index.add(cb)
+      assign = index.search(residual, 1)[1][:, 0]
+    codes[:, s] = assign
+    codebooks[s] = cb
+    residual -= cb[assign]
+  return codes, codebooks
+
+
+def ivf_extra_codes(centroids: np.ndarray, list_sizes: np.ndarray, n_stages: int = 5,
+                    K: int = 256, niter: int = 50, seed: int = 0,
+                    verbose: bool = False) -> np.ndarray:
+  """Lookup table IVF list id -> n_stages extra codes (spec 12.2, step 1).
+
+  A `weighted_residual_kmeans` over the IVF centroids themselves, each centroid weighted
+  by the number of training vectors in its list.
+
+  Args:
+    centroids: (K_IVF, D) real IVF centroids (raw units).
+    list_sizes: (K_IVF,) non-negative integer list sizes, not all zero.
+    n_stages: number of extra codes per list (5 in the paper).
+    K: codewords per stage (256 in the paper); capped at K_IVF when K_IVF < K, so the
+      codes are then in 0..K_IVF-1.
+    niter: maximum Lloyd iterations per stage.
+    seed: seed of the numpy generator.
+    verbose: show a progress bar.
+
+  Returns:
+    (K_IVF, n_stages) uint8 when K <= 256, else int32.
+
+  Raises:
+    ValueError: wrong shapes, NaN/inf centroids, negative or all-zero list sizes.
+  """
+  list_sizes = np.asarray(list_sizes)
+  if list_sizes.ndim != 1 or list_sizes.dtype.kind not in "iu":
+    raise ValueError(f"list_sizes: expected a 1-D integer array, got shape "
+                     f"{list_sizes.shape} and dtype {list_sizes.dtype}")
+  codes, _ = weighted_residual_kmeans(centroids, list_sizes, n_stages=n_stages, K=K,
+                                      niter=niter, seed=seed, verbose=verbose)
+  return codes.astype(np.uint8 if K <= 256 else np.int32)
+
+
+def extended_codes(qinco_codes: np.ndarray, ivf_ids: np.ndarray,
+                   extra: np.ndarray) -> np.ndarray:
+  """Extended codes for the pairwise decoder: the M QINCo2 codes, then the extra codes.
+
+  Args:
+    qinco_codes: (n, M) integer QINCo2 codes (without the IVF column).
+    ivf_ids: (n,) integer IVF list ids (column 0 of an IVF codec's codes).
+    extra: (K_IVF, n_stages) integer table from `ivf_extra_codes`.
+
+  Returns:
+    (n, M + n_stages) int32, `concatenate([qinco_codes, extra[ivf_ids]], axis=1)`.
+
+  Raises:
+    ValueError: wrong shapes or dtypes, mismatched row counts, list ids out of range.
+  """
+  qinco_codes = _check_int_matrix(qinco_codes, "qinco_codes")
+  extra = _check_int_matrix(extra, "extra")
+  ivf_ids = np.asarray(ivf_ids)
+  if ivf_ids.ndim != 1 or ivf_ids.dtype.kind not in "iu":
+    raise ValueError(f"ivf_ids: expected a 1-D integer array, got shape {ivf_ids.shape} "
+                     f"and dtype {ivf_ids.dtype}")
+  if len(ivf_ids) != len(qinco_codes):
+    raise ValueError(f"qinco_codes has {len(qinco_codes)} rows but ivf_ids has "
+                     f"{len(ivf_ids)}")
+  if ivf_ids.size and (int(ivf_ids.min()) < 0 or int(ivf_ids.max()) >= len(extra)):
+    raise ValueError(f"ivf_ids: list ids must lie in 0..{len(extra) - 1}, got range "
+                     f"{int(ivf_ids.min())}..{int(ivf_ids.max())}")
+  return np.concatenate([qinco_codes.astype(np.int32), extra[ivf_ids].astype(np.int32)],
+                        axis=1)
+
+
+# --------------------------------------------------------------------------------------
+# The decoder
+
+
+@dataclasses.dataclass
+class PairwiseDecoder:
+  """Sum of look-ups in tables indexed by the combined codes of pairs of positions.
+
+  Attributes:
+    K: codewords per position; combined codes are codes[:, a] * K + codes[:, b].
+    pairs: T pairs (a, b) of code positions, one per table (a pair may repeat).
+    tables: (T, K * K, D) float32.
+  """
+  K: int
+  pairs: list[tuple[int, int]]
+  tables: np.ndarray
+
+  def __post_init__(self):
+    self.K = int(self.K)
+    if self.K < 1:
+      raise ValueError(f"K must be >= 1, got {self.K}")
+    self.pairs = [(int(a), int(b)) for a, b in self.pairs]
+    self.tables = np.asarray(self.tables, dtype=np.float32)
+    if self.tables.ndim != 3 or self.tables.shape[1] != self.K * self.K:
+      raise ValueError(f"tables: expected shape (T, K*K={self.K * self.K}, D), "
+                       f"got {self.tables.shape}")
+    if len(self.pairs) != len(self.tables):
+      raise ValueError(f"{len(self.pairs)} pairs but {len(self.tables)} tables")
+    for a, b in self.pairs:
+      if a < 0 or b < 0 or a == b:
+        raise ValueError(f"pairs: positions must be distinct and non-negative, got "
+                         f"({a}, {b})")
+
+  @property
+  def n_positions(self) -> int:
+    """Minimum number of code positions the decoder reads (max position + 1)."""
+    return 1 + max((max(p) for p in self.pairs), default=-1)
+
+  @property
+  def d(self) -> int:
+    """Output dimension D."""
+    return self.tables.shape[2]
+
+  def decode(self, codes_ext: np.ndarray) -> np.ndarray:
+    """Decodes extended codes: sum_t tables[t][codes_ext[:, a_t] * K + codes_ext[:, b_t]].
+
+    Args:
+      codes_ext: (n, P) integer codes in 0..K-1, P >= `n_positions` (see
+        `extended_codes`).
+
+    Returns:
+      (n, D) float32 approximate residuals r_hat (add c_IVF[i_0] for vectors).
+
+    Raises:
+      ValueError: not a 2-D integer array, too few columns, codes out of range.
+    """
+    codes_ext = _check_int_matrix(codes_ext, "codes_ext", upper=self.K)
+    if codes_ext.shape[1] < self.n_positions:
+      raise ValueError(f"codes_ext: the decoder reads positions up to "
+                       f"{self.n_positions - 1}, got only {codes_ext.shape[1]} columns")
+    out = np.zeros((len(codes_ext), self.d), np.float32)
+    c = codes_ext.astype(np.int64)
+    for (a, b), table in zip(self.pairs, self.tables):
+      out += table[c[:, a] * self.K + c[:, b]]
+    return out
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Saves the decoder as an .npz archive at exactly `path`, atomically."""
+    _atomic_save_npz(os.fspath(path), {
+        "format_version": np.int64(_FORMAT_VERSION),
+        "K": np.int64(self.K),
+        "pairs": np.asarray(self.pairs, np.int64).reshape(-1, 2),
+        "tables": self.tables,
+    })
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "PairwiseDecoder":
+    """Loads a decoder written by `save`.
+
+    Raises:
+      FileNotFoundError: missing file. ValueError: not a pairwise-decoder archive or an
+      unsupported format version.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"pairwise decoder file not found: '{path}'")
+    with np.load(path, allow_pickle=False) as z:
+      missing = {"format_version", "K", "pairs", "tables"} - set(z.files)
+      if missing:
+        raise ValueError(f"'{path}' is not a pairwise decoder archive "
+                         f"(missing {sorted(missing)})")
+      version = int(z["format_version"])
+      if version != _FORMAT_VERSION:
+        raise ValueError(f"'{path}': unsupported pairwise decoder format {version}")
+      pairs = [tuple(p) for p in z["pairs"].tolist()]
+      return cls(K=int(z["K"]), pairs=pairs, tables=z["tables"])
+
+
+# --------------------------------------------------------------------------------------
+# Greedy fitting (spec 12.2, step 3)
+
+
+def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables: int,
+                 n_eval: int = 100_000, verbose: bool = False) -> PairwiseDecoder:
+  """Greedy fit of `n_tables` pairwise tables (2M in the paper).
+
+  With R the current residual (float32 copy of `residuals`), each iteration, for every
+  pair a < b of the P positions: fit the table as the mean of R per combined code
+  I = codes[:, a] * K + codes[:, b] over all rows (empty entries 0), and compute the
+  MSE it leaves on the first `n_eval` rows (in closed form from group sums, float64
+  totals). The best pair (first in (a, b) order on ties) is recorded and its look-up
+  subtracted from R on all rows. A pair may be chosen again later.
+
+  Cost per iteration: P (P - 1) / 2 group-by passes over the n x D residual, each
+  also touching a (K*K, D) table.
+
+  Args:
+    codes_ext: (n, P) integer extended codes in 0..K-1 (`extended_codes`), P >= 2.
+    residuals: (n, D) real targets in raw units, r = x - c_IVF[i_0].
+    K: codewords per position (K * K rows per table).
+    n_tables: number of tables to select (>= 0).
+    n_eval: the selection MSE is measured on the first min(n_eval, n) rows.
+    verbose: show a progress bar with the current MSE.
+
+  Returns:
+    the fitted `PairwiseDecoder`.
+
+  Raises:
+    ValueError: wrong shapes or dtypes, codes out of range, NaN/inf residuals,
+      mismatched or zero row counts, P < 2, n_tables < 0, n_eval < 1.
+  """
+  if K < 1:
+    raise ValueError(f"K must be >= 1, got {K}")
+  codes_ext = _check_int_matrix(codes_ext, "codes_ext", upper=K)
+  R = data.as_float32(residuals, name="residuals", allow_empty=False).copy()
+  n, P = codes_ext.shape
+  D = R.shape[1]
+  if len(R) != n:
+    raise ValueError(f"codes_ext has {n} rows but residuals has {len(R)}")
+  if P < 2:
+    raise ValueError(f"codes_ext: need at least 2 code positions, got {P}")
+  if n_tables < 0:
+    raise ValueError(f"n_tables must be >= 0, got {n_tables}")
+  if n_eval < 1:
+    raise ValueError(f"n_eval must be >= 1, got {n_eval}")
+  n_eval = min(n_eval, n)
+  KK = K * K
+  codes = codes_ext.astype(np.int64)
+  all_pairs = [(a, b) for a in range(P) for b in range(a + 1, P)]
+  pairs: list[tuple[int, int]] = []
+  tables = np.zeros((n_tables, KK, D), np.float32)
+  bar = tqdm(range(n_tables), desc="pairwise tables", disable=not verbose, leave=False)
+  for t in bar:
+    base = float(np.einsum("nd,nd->", R[:n_eval], R[:n_eval], dtype=np.float64))
+    best = None  # (sse, pair, table)
+    for a, b in all_pairs:
+      idx = codes[:, a] * K + codes[:, b]
+      s_eval = _segment_sum(idx[:n_eval], R[:n_eval], KK)
+      c_eval = np.bincount(idx[:n_eval], minlength=KK)
+      if n_eval < n:
+        s_all = s_eval + _segment_sum(idx[n_eval:], R[n_eval:], KK)
+        c_all = c_eval + np.bincount(idx[n_eval:], minlength=KK)
+      else:
+        s_all, c_all = s_eval, c_eval
+      table = np.zeros((KK, D), np.float32)
+      used = c_all > 0
+      table[used] = s_all[used] / c_all[used, None].astype(np.float32)
+      # sum_{eval rows} ||R - T[I]||^2 = base - 2 sum_g S_eval[g].T[g] + c_eval[g] ||T[g]||^2
+      g = np.flatnonzero(c_eval)
+      tg = table[g]
+      per_group = c_eval[g] * np.einsum("gd,gd->g", tg, tg) - 2 * np.einsum(
+          "gd,gd->g", s_eval[g], tg)
+      sse = base + float(per_group.sum(dtype=np.float64))
+      if best is None or sse < best[0]:
+        best = (sse, (a, b), table)
+    sse, (a, b), table = best
+    pairs.append((a, b))
+    tables[t] = table
+    R -= table[codes[:, a] * K + codes[:, b]]
+    bar.set_postfix(mse=f"{max(sse, 0.0) / n_eval:.4g}", pair=f"{a},{b}")
+  return PairwiseDecoder(K=K, pairs=pairs, tables=tables)
+
+
+__all__ = ["PairwiseDecoder", "fit_pairwise", "ivf_extra_codes", "extended_codes",
+           "weighted_residual_kmeans"]

@@ -1,0 +1,120 @@
+"""Offline stages of the large-scale search pipeline (spec 12.1), one function each.
+
+  ivf     -> centroids.npy            faiss K-means (100 iterations) on training vectors
+  train   -> model/ (IVF-QINCo2)      `trainer.train_and_evaluate` with ivf_centroids
+  encode  -> codes_db.{i}.npy         the database in shards (`--shard i/n` style)
+  build   -> aq_tables.npy, extra_codes.npy, pairwise.npz, index.faiss
+  search  -> `Searcher` (see search.py)
+
+Everything lives in one directory so each stage can run in its own process (or host)
+and the index reloads in a fresh process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from qinco_jax import aq, data, index as index_lib, ivf, pairwise
+from qinco_jax.search import Searcher
+
+N_AQ_TRAIN = 1_000_000  # aq_training_samples (spec 10)
+
+
+def shard_range(n: int, shard: int, n_shards: int) -> tuple[int, int]:
+  """Contiguous [start, end) rows of shard `shard` out of `n_shards`."""
+  if not 0 <= shard < n_shards:
+    raise ValueError(f"shard must be in [0, {n_shards}), got {shard}")
+  return n * shard // n_shards, n * (shard + 1) // n_shards
+
+
+def encode_shard(codec, x, out_dir: str | os.PathLike, shard: int = 0,
+                 n_shards: int = 1, A: int | None = None, B: int | None = None,
+                 name: str = "codes_db") -> Path:
+  """Encodes rows of shard `shard` of x and writes `{name}.{shard:04d}of{n:04d}.npy`."""
+  s, e = shard_range(len(x), shard, n_shards)
+  codes = codec.encode(x[s:e], A=A, B=B)
+  path = Path(out_dir) / f"{name}.{shard:04d}of{n_shards:04d}.npy"
+  data.write_vecs(str(path), codes.astype(np.int32))
+  return path
+
+
+def load_shards(out_dir: str | os.PathLike, name: str = "codes_db") -> np.ndarray:
+  """Concatenates the shards written by `encode_shard` (each memory-mapped)."""
+  paths = sorted(Path(out_dir).glob(f"{name}.*of*.npy"))
+  if not paths:
+    raise FileNotFoundError(f"no {name}.*of*.npy shards in {str(out_dir)!r}")
+  n_expected = int(paths[0].name.split("of")[1].split(".")[0])
+  if len(paths) != n_expected:
+    raise ValueError(f"{str(out_dir)!r}: found {len(paths)} of {n_expected} shards of "
+                     f"{name}; encode the missing ones first")
+  return np.concatenate([np.load(p, mmap_mode="r") for p in paths])
+
+
+def build(codec, train_x, db_codes: np.ndarray, out_dir: str | os.PathLike, *,
+          A: int | None = None, B: int | None = None, n_aq_train: int = N_AQ_TRAIN,
+          n_pairwise_codebooks: int = 2, verbose: bool = True):
+  """Fits the AQ and pairwise decoders on encoded training vectors and builds the index.
+
+  Args:
+    codec: IVF-QINCo2 codec (cfg.ivf_K > 0).
+    train_x: (n, D) raw training vectors (the first n_aq_train are encoded).
+    db_codes: (n_db, M + 1) database codes.
+  """
+  if not codec.cfg.ivf_K:
+    raise ValueError("the search pipeline needs an IVF-QINCo2 codec (cfg.ivf_K > 0)")
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  m = codec.model()
+  std, mean = float(m.data_std[...]), np.asarray(m.data_mean[...])
+  centroids = np.asarray(m.ivf_centroids[...]) * std + mean  # raw units
+  x = data.as_float32(np.asarray(train_x[:n_aq_train]), name="train_x")
+  codes = codec.encode(x, A=A, B=B, verbose=verbose)
+  r = x - centroids[codes[:, 0]]
+  tables = aq.fit_aq(codes[:, 1:], r, codec.K)
+  sizes = np.bincount(codes[:, 0], minlength=codec.cfg.ivf_K)
+  extra = pairwise.ivf_extra_codes(centroids, sizes, K=min(256, codec.cfg.ivf_K))
+  ext = pairwise.extended_codes(codes[:, 1:], codes[:, 0], extra)
+  pw = pairwise.fit_pairwise(ext, r, codec.K, n_pairwise_codebooks * codec.M,
+                             verbose=verbose)
+  index = index_lib.build_index(centroids, tables, codes, np.asarray(db_codes))
+  _save(out, codec, index, centroids, tables, extra, pw)
+  return Searcher(codec, index, centroids, pw, extra)
+
+
+def _save(out: Path, codec, index, centroids, tables, extra, pw):
+  import faiss
+
+  codec.save(out / "model")
+  np.save(out / "centroids.npy", centroids)
+  np.save(out / "aq_tables.npy", tables)
+  np.save(out / "extra_codes.npy", extra)
+  pw.save(out / "pairwise.npz")
+  tmp = out / "index.faiss.tmp"
+  faiss.write_index(index, str(tmp))
+  os.replace(tmp, out / "index.faiss")
+
+
+def load(out_dir: str | os.PathLike) -> Searcher:
+  """Reloads a built search directory (in any process)."""
+  import faiss
+  from qinco_jax.codec import load as load_codec
+
+  out = Path(out_dir)
+  if not (out / "index.faiss").exists():
+    raise FileNotFoundError(f"{str(out)!r} has no index.faiss: run the build stage")
+  return Searcher(load_codec(out / "model"), faiss.read_index(str(out / "index.faiss")),
+                  np.load(out / "centroids.npy"),
+                  pairwise.PairwiseDecoder.load(out / "pairwise.npz"),
+                  np.load(out / "extra_codes.npy"))
+
+
+def train_ivf(train_x, ivf_K: int, out_dir: str | os.PathLike, niter: int = 100,
+              seed: int = 0, max_points: int | None = None) -> np.ndarray:
+  """IVF stage: centroids saved to out_dir/centroids_ivf.npy."""
+  c = ivf.train_centroids(train_x, ivf_K, niter=niter, seed=seed, max_points=max_points)
+  Path(out_dir).mkdir(parents=True, exist_ok=True)
+  ivf.save_centroids(Path(out_dir) / "centroids_ivf.npy", c)
+  return c

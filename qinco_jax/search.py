@@ -1,0 +1,112 @@
+"""Query-time pipeline (spec 12.3): IVF/AQ search -> pairwise shortlist -> QINCo2 re-rank.
+
+Every distance is in raw units: the faiss index scores ||q - c_IVF - AQ(codes)||^2,
+the pairwise decoder approximates c_IVF + pairwise(codes), and the final re-rank uses
+the full QINCo2 decode (de-normalised by the codec).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from qinco_jax import index as index_lib
+from qinco_jax.data import as_float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchParams:
+  nprobe: int = 16  # inverted lists visited
+  ef_search: int = 64  # HNSW efSearch of the coarse quantiser
+  nshort: int = 100  # candidates decoded with QINCo2 (the final shortlist)
+  nmid_short: int = 4  # pairwise shortlist = nmid_short * nshort (a multiplier)
+  use_pairwise: bool = True
+  use_qinco: bool = True  # False: stop after the AQ (or pairwise) stage
+
+
+@dataclasses.dataclass
+class Searcher:
+  """Everything needed at query time.
+
+  Attributes:
+    codec: the IVF-QINCo2 codec (full decoder).
+    index: faiss IVF index with the injected codes (see `index.build_index`).
+    centroids: (K_IVF, D) raw IVF centroids.
+    pairwise: a `pairwise.PairwiseDecoder` or None.
+    extra_codes: (K_IVF, 5) IVF-derived codes of the pairwise decoder, or None.
+  """
+
+  codec: object
+  index: object
+  centroids: np.ndarray
+  pairwise: object | None = None
+  extra_codes: np.ndarray | None = None
+
+  def search(self, queries: np.ndarray, k: int = 100, params: SearchParams = SearchParams(),
+             batch: int = 1024) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Searches raw queries (nq, D).
+
+    Returns:
+      D (nq, k) float32 squared distances, I (nq, k) int64 database ids (-1 when
+      fewer results), and the seconds spent per stage.
+    """
+    q_all = as_float32(np.asarray(queries), d=self.centroids.shape[1], name="queries")
+    nq = len(q_all)
+    out_D = np.full((nq, k), np.inf, np.float32)
+    out_I = np.full((nq, k), -1, np.int64)
+    times = {"ivf_aq": 0.0, "pairwise": 0.0, "decode": 0.0}
+    for s in range(0, nq, batch):
+      Db, Ib, tb = self._search_batch(q_all[s:s + batch], k, params)
+      out_D[s:s + batch], out_I[s:s + batch] = Db, Ib
+      for key in times:
+        times[key] += tb[key]
+    return out_D, out_I, times
+
+  def _search_batch(self, q: np.ndarray, k: int, p: SearchParams):
+    import faiss
+
+    ivf = index_lib.ivf_of(self.index)
+    M = ivf.rq.M
+    nb = index_lib.list_id_bytes(ivf.nlist)
+    final = p.nshort if p.use_qinco else k
+    n1 = min(max(p.nmid_short * p.nshort, p.nshort, final), 8000)
+    params = faiss.SearchParametersIVF(
+        nprobe=p.nprobe, quantizer_params=faiss.SearchParametersHNSW(efSearch=p.ef_search))
+    t0 = time.perf_counter()
+    D1, I1, C1 = self.index.search_and_return_codes(q, n1, include_listnos=True,
+                                                    params=params)
+    times = {"ivf_aq": time.perf_counter() - t0, "pairwise": 0.0, "decode": 0.0}
+    lists = np.clip(index_lib.unpack_list_ids(C1[:, :, :nb]), 0, ivf.nlist - 1)
+    codes = C1[:, :, nb:nb + M].astype(np.int32)  # (nq, n1, M)
+    ids = I1
+    if p.use_pairwise and self.pairwise is not None and n1 > p.nshort:
+      t0 = time.perf_counter()
+      ext = np.concatenate([codes, self.extra_codes[lists]], axis=2)
+      approx = (self.pairwise.decode(ext.reshape(-1, ext.shape[2]))
+                + self.centroids[lists.ravel()]).reshape(len(q), n1, -1)
+      dist = ((approx - q[:, None, :]) ** 2).sum(-1)
+      dist[ids < 0] = np.inf
+      keep = np.argsort(dist, axis=1, kind="stable")[:, :p.nshort]
+      codes, lists, ids = (np.take_along_axis(a, keep[..., None] if a.ndim == 3 else keep, 1)
+                           for a in (codes, lists, ids))
+      D1 = np.take_along_axis(dist, keep, 1)
+      times["pairwise"] = time.perf_counter() - t0
+    else:
+      codes, lists, ids, D1 = codes[:, :final], lists[:, :final], ids[:, :final], D1[:, :final]
+    if p.use_qinco and p.nshort > 1:
+      t0 = time.perf_counter()
+      full = np.concatenate([lists[..., None], codes], axis=2).reshape(-1, M + 1)
+      x_hat = self.codec.decode(full, verbose=False).reshape(len(q), -1, q.shape[1])
+      D1 = ((x_hat - q[:, None, :]) ** 2).sum(-1)
+      D1[ids < 0] = np.inf
+      times["decode"] = time.perf_counter() - t0
+    order = np.argsort(D1, axis=1, kind="stable")[:, :k]
+    Dk = np.take_along_axis(D1, order, 1).astype(np.float32)
+    Ik = np.take_along_axis(ids, order, 1)
+    if Dk.shape[1] < k:
+      pad = k - Dk.shape[1]
+      Dk = np.pad(Dk, ((0, 0), (0, pad)), constant_values=np.inf)
+      Ik = np.pad(Ik, ((0, 0), (0, pad)), constant_values=-1)
+    return Dk, Ik, times

@@ -1,0 +1,84 @@
+"""Search-parameter sweep with Pareto pruning (spec 12.4), logged as resumable JSON lines.
+
+Uses faiss' `OperatingPointsWithRanges`: each parameter is assumed to make search
+slower and more accurate as it grows, so a setting whose predicted bounds cannot beat
+the current Pareto front (R@1 against time per query) is skipped. Settings are tried
+from the smallest upward (ordered by the log2-space L1 distance to the all-smallest
+setting), the cheap end of the front first. Each record holds the parameters, R@1/10/100
+and milliseconds per query per stage; re-running with the same log file skips settings
+already measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from qinco_jax import metrics
+from qinco_jax.search import SearchParams, Searcher
+
+DEFAULT_RANGES = {
+    "nprobe": [1, 2, 4, 8, 16, 32, 64, 128],
+    "ef_search": [16, 32, 64, 128],
+    "nshort": [10, 20, 50, 100, 200],
+    "nmid_short": [1, 2, 4, 8],
+}
+
+
+def _order(op) -> list[int]:
+  keys = [op.cno_to_key(c) for c in range(op.num_experiments())]
+  logs = [sum(np.log2(np.asarray(values, float)[k[i]] / values[0])
+              for i, (_, values) in enumerate(op.ranges)) for k in keys]
+  return list(np.argsort(logs, kind="stable"))
+
+
+def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
+              log_path: str | os.PathLike, ranges: dict[str, Sequence] | None = None,
+              base: SearchParams = SearchParams(), max_experiments: int | None = None,
+              verbose: bool = True) -> list[dict]:
+  """Runs the sweep; returns the records of the Pareto-optimal settings."""
+  from faiss.contrib.evaluation import OperatingPointsWithRanges
+
+  ranges = ranges or DEFAULT_RANGES
+  op = OperatingPointsWithRanges()
+  for name, values in ranges.items():
+    op.add_range(name, list(values))
+  done = {}
+  if os.path.exists(log_path):
+    for line in open(log_path):
+      rec = json.loads(line)
+      done[json.dumps(rec["params"], sort_keys=True)] = rec
+  records = []
+  n_run = 0
+  for cno in _order(op):
+    key = op.cno_to_key(int(cno))
+    params = {k: (int(v) if isinstance(v, (int, np.integer)) else v)
+              for k, v in op.get_parameters(key).items()}
+    tag = json.dumps(params, sort_keys=True)
+    if tag in done:
+      rec = done[tag]
+    else:
+      if not op.should_run_experiment(key):
+        continue
+      if max_experiments is not None and n_run >= max_experiments:
+        break
+      sp = dataclasses.replace(base, **params)
+      _, I, times = searcher.search(queries, k=100, params=sp)
+      rec = {"params": params, **metrics.recall_at(I, gt),
+             "ms_per_query": {k: 1e3 * v / len(queries) for k, v in times.items()}}
+      rec["ms_per_query"]["total"] = sum(rec["ms_per_query"].values())
+      with open(log_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+      n_run += 1
+      if verbose:
+        print(f"{params}: R@1 {rec['R@1']:.4f} {rec['ms_per_query']['total']:.3f} ms/q",
+              flush=True)
+    op.add_operating_point(key, rec["R@1"], rec["ms_per_query"]["total"])
+    records.append(rec)
+  front = {json.dumps(op.get_parameters(k), sort_keys=True, default=int)
+           for k, _, _ in op.operating_points}
+  return [r for r in records if json.dumps(r["params"], sort_keys=True) in front]

@@ -1,0 +1,165 @@
+"""Pairwise decoder stage (spec 12.2): IVF extra codes, greedy pairwise tables, I/O."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from qinco_jax import pairwise
+
+
+def _data(n=300, K=4, P=3, D=2, seed=0):
+  rng = np.random.default_rng(seed)
+  codes = rng.integers(0, K, (n, P))
+  # A target with a genuine pairwise interaction between positions 0 and 2.
+  inter = rng.standard_normal((K, K, D))
+  r = inter[codes[:, 0], codes[:, 2]] + 0.3 * rng.standard_normal((n, D))
+  return codes, r.astype(np.float32)
+
+
+def _dict_mean_table(codes, r, K, a, b):
+  """Group-by mean with a plain dict, the obvious way."""
+  groups = {}
+  for row, vec in zip(codes, r.astype(np.float64)):
+    groups.setdefault(int(row[a]) * K + int(row[b]), []).append(vec)
+  table = np.zeros((K * K, r.shape[1]))
+  for key, vecs in groups.items():
+    table[key] = np.mean(vecs, axis=0)
+  return table
+
+
+def _eval_sse(codes, r, K, a, b, n_eval):
+  table = _dict_mean_table(codes, r, K, a, b)
+  err = r[:n_eval] - table[codes[:n_eval, a] * K + codes[:n_eval, b]]
+  return float((err.astype(np.float64) ** 2).sum())
+
+
+def test_first_table_is_group_mean_and_best_pair():
+  K, P = 4, 3
+  codes, r = _data(K=K, P=P)
+  dec = pairwise.fit_pairwise(codes, r, K, n_tables=1, n_eval=200)
+  sse = {(a, b): _eval_sse(codes, r, K, a, b, 200)
+         for a, b in itertools.combinations(range(P), 2)}
+  best = min(sse, key=sse.get)
+  assert best == (0, 2)  # the planted interaction
+  assert dec.pairs == [best]
+  assert dec.tables.shape == (1, K * K, 2) and dec.tables.dtype == np.float32
+  np.testing.assert_allclose(dec.tables[0], _dict_mean_table(codes, r, K, *best),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_greedy_second_step_fits_the_residual():
+  K, P = 4, 3
+  codes, r = _data(K=K, P=P, seed=1)
+  dec = pairwise.fit_pairwise(codes, r, K, n_tables=2, n_eval=150)
+  a0, b0 = dec.pairs[0]
+  r1 = r - dec.tables[0][codes[:, a0] * K + codes[:, b0]]
+  sse = {(a, b): _eval_sse(codes, r1, K, a, b, 150)
+         for a, b in itertools.combinations(range(P), 2)}
+  assert dec.pairs[1] == min(sse, key=sse.get)
+  np.testing.assert_allclose(dec.tables[1], _dict_mean_table(codes, r1, K, *dec.pairs[1]),
+                             rtol=1e-5, atol=1e-6)
+  # Training error (all rows) never goes up as tables are added.
+  errs = [((r - pairwise.PairwiseDecoder(K, dec.pairs[:t], dec.tables[:t]).decode(codes))
+           ** 2).sum() for t in range(3)]
+  assert errs[0] > errs[1] >= errs[2]
+
+
+def test_decode_is_sum_of_lookups():
+  K = 2
+  tables = np.arange(2 * K * K * 3, dtype=np.float32).reshape(2, K * K, 3)
+  dec = pairwise.PairwiseDecoder(K=K, pairs=[(0, 2), (1, 2)], tables=tables)
+  codes = np.array([[1, 0, 1], [0, 1, 0]], np.uint8)
+  expect = np.stack([tables[0][1 * 2 + 1] + tables[1][0 * 2 + 1],
+                     tables[0][0 * 2 + 0] + tables[1][1 * 2 + 0]])
+  np.testing.assert_array_equal(dec.decode(codes), expect)
+  with pytest.raises(ValueError, match="columns"):
+    dec.decode(codes[:, :2])
+  with pytest.raises(ValueError, match="0..1"):
+    dec.decode(codes + 1)
+
+
+def test_save_load_round_trip(tmp_path):
+  codes, r = _data()
+  dec = pairwise.fit_pairwise(codes, r, 4, n_tables=3)
+  path = tmp_path / "pairwise.npz"
+  dec.save(path)
+  back = pairwise.PairwiseDecoder.load(path)
+  assert back.K == dec.K and back.pairs == dec.pairs
+  np.testing.assert_array_equal(back.tables, dec.tables)
+  np.testing.assert_array_equal(back.decode(codes), dec.decode(codes))
+  assert [p.name for p in tmp_path.iterdir()] == ["pairwise.npz"]  # no temp leftovers
+  np.savez(tmp_path / "other.npz", x=np.zeros(3))
+  with pytest.raises(ValueError, match="not a pairwise decoder"):
+    pairwise.PairwiseDecoder.load(tmp_path / "other.npz")
+
+
+def _weighted_sse(x, w, codes, codebooks, stages):
+  rec = sum(codebooks[s][codes[:, s]] for s in range(stages)) if stages else 0.0
+  return float((w * ((x - rec) ** 2).sum(1)).sum())
+
+
+def test_ivf_extra_codes():
+  rng = np.random.default_rng(0)
+  n, D, K, S = 60, 3, 8, 3
+  cents = rng.standard_normal((n, D)).astype(np.float32)
+  sizes = rng.integers(1, 20, n)
+  sizes[::3] = 0
+  extra = pairwise.ivf_extra_codes(cents, sizes, n_stages=S, K=K, niter=10)
+  assert extra.shape == (n, S) and extra.dtype == np.uint8
+  assert extra.max() < K
+  codes, cbs = pairwise.weighted_residual_kmeans(cents, sizes, S, K, niter=10)
+  np.testing.assert_array_equal(codes, extra)
+  assert cbs.shape == (S, K, D)
+  errs = [_weighted_sse(cents, sizes, codes, cbs, s) for s in range(S + 1)]
+  assert all(e1 < e0 for e0, e1 in zip(errs, errs[1:])), errs
+  # Codes are the nearest codewords of each stage's residual.
+  res = cents - cbs[0][codes[:, 0]]
+  d2 = ((res[:, None] - cbs[1][None]) ** 2).sum(-1)
+  np.testing.assert_allclose(d2[np.arange(n), codes[:, 1]], d2.min(1), rtol=1e-5)
+  # K is capped at the number of centroids.
+  small = pairwise.ivf_extra_codes(cents[:5], sizes[:5] + 1, n_stages=2, K=256)
+  assert small.shape == (5, 2) and small.max() < 5
+
+
+def test_initial_centroids_have_weight():
+  weights = np.zeros(40)
+  heavy = np.arange(0, 40, 4)  # 10 weighted centroids
+  weights[heavy] = np.arange(1, 11)
+  for seed in range(20):
+    idx = pairwise._initial_indices(np.random.default_rng(seed), weights, 6)
+    assert len(set(idx.tolist())) == 6 and (weights[idx] > 0).all()
+  # Sampling is proportional to the weights.
+  rng = np.random.default_rng(0)
+  hits = np.bincount([pairwise._initial_indices(rng, weights, 1)[0] for _ in range(2000)],
+                     minlength=40)
+  np.testing.assert_allclose(hits[heavy] / 2000, weights[heavy] / weights.sum(), atol=0.03)
+  # Fewer weighted centroids than K: all of them, topped up with distinct others.
+  idx = pairwise._initial_indices(np.random.default_rng(0), weights, 15)
+  assert len(set(idx.tolist())) == 15
+  np.testing.assert_array_equal(np.sort(idx[:10]), heavy)
+  assert (weights[idx[10:]] == 0).all()
+
+
+def test_extended_codes_and_errors():
+  q = np.array([[1, 2], [3, 0]], np.uint8)
+  extra = np.array([[5, 6, 7], [8, 9, 10]], np.uint8)
+  out = pairwise.extended_codes(q, np.array([1, 0]), extra)
+  np.testing.assert_array_equal(out, [[1, 2, 8, 9, 10], [3, 0, 5, 6, 7]])
+  with pytest.raises(ValueError, match="list ids"):
+    pairwise.extended_codes(q, np.array([1, 2]), extra)
+  codes, r = _data(n=20)
+  with pytest.raises(ValueError, match="0..3"):
+    pairwise.fit_pairwise(codes + 1, r, 4, n_tables=1)
+  bad = r.copy()
+  bad[4] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    pairwise.fit_pairwise(codes, bad, 4, n_tables=1)
+  with pytest.raises(ValueError, match="rows"):
+    pairwise.fit_pairwise(codes[:5], r, 4, n_tables=1)
+  with pytest.raises(ValueError, match="2 code positions"):
+    pairwise.fit_pairwise(codes[:, :1], r, 4, n_tables=1)
+  with pytest.raises(ValueError, match="shape"):
+    pairwise.PairwiseDecoder(K=4, pairs=[(0, 1)], tables=np.zeros((1, 15, 2)))
+  with pytest.raises(ValueError, match="non-negative"):
+    pairwise.ivf_extra_codes(np.zeros((4, 2)), np.array([1, -1, 2, 2]))

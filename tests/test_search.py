@@ -1,0 +1,99 @@
+"""Search pipeline end to end on a tiny synthetic set: IVF-QINCo2 codes injected into a
+faiss index, reloaded in a fresh process, searched with AQ, pairwise and full re-rank."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qinco_jax as qj
+from qinco_jax import index as index_lib
+from qinco_jax import ivf, pipeline, sweep, train, trainer
+from qinco_jax.search import SearchParams
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_list_id_packing_for_2_20_lists():
+  ids = np.array([0, 1, 255, 256, 65535, 65536, 2**20 - 1])
+  b = index_lib.pack_list_ids(ids, 2**20)
+  assert b.shape == (7, 3) and index_lib.list_id_bytes(2**20) == 3
+  np.testing.assert_array_equal(b[-1], [0xFF, 0xFF, 0x0F])
+  np.testing.assert_array_equal(index_lib.unpack_list_ids(b), ids)
+  assert index_lib.list_id_bytes(1024) == 2 and index_lib.list_id_bytes(256) == 1
+
+
+def test_shard_ranges_cover_everything_once():
+  parts = [pipeline.shard_range(10, i, 3) for i in range(3)]
+  assert parts == [(0, 3), (3, 6), (6, 10)]
+  with pytest.raises(ValueError, match="shard"):
+    pipeline.shard_range(10, 3, 3)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  out = tmp_path_factory.mktemp("search")
+  ds = qj.data.load_synthetic(n_train=6000, n_db=3000, n_queries=100, d=16, n_val=500)
+  cents = ivf.train_centroids(ds.train, 16, niter=10)
+  cfg = qj.QincoConfig(K=256, M=4, L=1, de=16, dh=16, A=4, B=4, ivf_K=16)
+  tc = train.TrainConfig(epochs=1, warmup_epochs=0, max_epochs=1, batch_per_device=256)
+  codec = trainer.train_and_evaluate(cfg, tc, ds, out / "train", verbose=False,
+                                     ivf_centroids=cents)
+  for i in range(2):
+    pipeline.encode_shard(codec, ds.db, out, i, 2)
+  db_codes = pipeline.load_shards(out)
+  searcher = pipeline.build(codec, ds.train, db_codes, out, verbose=False)
+  return out, ds, codec, db_codes, searcher
+
+
+def test_index_stores_the_injected_codes(built):
+  _, ds, _, db_codes, searcher = built
+  assert searcher.index.ntotal == len(ds.db)
+  for l in (0, 7):
+    ids, codes = index_lib.stored_codes(searcher.index, l)
+    assert len(ids) == (db_codes[:, 0] == l).sum()
+    np.testing.assert_array_equal(codes, db_codes[ids, 1:])
+
+
+def test_recall_well_above_chance_and_rerank_helps(built):
+  _, ds, _, _, searcher = built
+  nq = len(ds.queries)
+  r = {}
+  for name, p in {
+      "aq": SearchParams(nprobe=16, nshort=100, use_pairwise=False, use_qinco=False),
+      "full": SearchParams(nprobe=16, nshort=100, nmid_short=4)}.items():
+    _, I, times = searcher.search(ds.queries, k=100, params=p)
+    assert I.shape == (nq, 100)
+    r[name] = qj.metrics.recall_at(I, ds.gt)
+  assert r["aq"]["R@100"] > 0.5  # chance: 100 / 3000
+  assert r["full"]["R@1"] >= r["aq"]["R@1"]
+
+
+def test_reload_in_a_fresh_process(built):
+  out, ds, _, _, searcher = built
+  p = SearchParams(nprobe=4, nshort=20, nmid_short=2)
+  _, I, _ = searcher.search(ds.queries[:10], k=10, params=p)
+  np.save(out / "q.npy", np.asarray(ds.queries[:10]))
+  code = (f"import numpy as np; from qinco_jax import pipeline; "
+          f"from qinco_jax.search import SearchParams; s = pipeline.load({str(out)!r}); "
+          f"_, I, _ = s.search(np.load({str(out / 'q.npy')!r}), k=10, "
+          f"params=SearchParams(nprobe=4, nshort=20, nmid_short=2)); "
+          f"np.save({str(out / 'I.npy')!r}, I)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                     env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  np.testing.assert_array_equal(np.load(out / "I.npy"), I)
+
+
+def test_sweep_logs_and_resumes(built):
+  out, ds, _, _, searcher = built
+  ranges = {"nprobe": [1, 4], "ef_search": [16], "nshort": [10, 50], "nmid_short": [1, 4]}
+  log = out / "sweep.jsonl"
+  front = sweep.run_sweep(searcher, ds.queries, ds.gt, log, ranges=ranges, verbose=False)
+  n_lines = len(open(log).readlines())
+  assert 1 <= n_lines <= 8 and front
+  sweep.run_sweep(searcher, ds.queries, ds.gt, log, ranges=ranges, verbose=False)
+  assert len(open(log).readlines()) == n_lines  # nothing re-measured
