@@ -20,7 +20,6 @@ vectors (raw units).
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from typing import Optional
 
@@ -101,10 +100,7 @@ def _segment_sum(ids: np.ndarray, values: np.ndarray, n_groups: int,
 
 def _atomic_save_npz(path: str, arrays: dict) -> None:
   """Writes an .npz archive to `path` through a temp file and `os.replace`."""
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  payload = buf.getvalue()
-  data._atomic_write(path, lambda f: f.write(payload))  # pylint: disable=protected-access
+  data._atomic_write(path, lambda f: np.savez(f, **arrays))  # pylint: disable=protected-access
 
 
 # --------------------------------------------------------------------------------------
@@ -428,19 +424,20 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
       idx = codes[:, a] * K + codes[:, b]
       s_eval = _segment_sum(idx[:n_eval], R[:n_eval], KK)
       c_eval = np.bincount(idx[:n_eval], minlength=KK)
+      # With T = S_all / c_all (0 where c_all = 0), the SSE on the eval rows is
+      #   base - 2 sum_g S_eval[g].T[g] + sum_g c_eval[g] ||T[g]||^2.
       if n_eval < n:
-        s_all = s_eval + _segment_sum(idx[n_eval:], R[n_eval:], KK)
         c_all = c_eval + np.bincount(idx[n_eval:], minlength=KK)
-      else:
-        s_all, c_all = s_eval, c_eval
-      table = np.zeros((KK, D), np.float32)
-      used = c_all > 0
-      table[used] = s_all[used] / c_all[used, None].astype(np.float32)
-      # sum_{eval rows} ||R - T[I]||^2 = base - 2 sum_g S_eval[g].T[g] + c_eval[g] ||T[g]||^2
-      g = np.flatnonzero(c_eval)
-      tg = table[g]
-      per_group = c_eval[g] * np.einsum("gd,gd->g", tg, tg) - 2 * np.einsum(
-          "gd,gd->g", s_eval[g], tg)
+        inv = (1.0 / np.maximum(c_all, 1)).astype(np.float32)
+        table = s_eval + _segment_sum(idx[n_eval:], R[n_eval:], KK)
+        table *= inv[:, None]
+        per_group = c_eval * np.einsum("gd,gd->g", table, table) - 2.0 * np.einsum(
+            "gd,gd->g", s_eval, table)
+      else:  # S_eval = S_all: the SSE drops by sum_g ||S[g]||^2 / c[g]
+        inv = (1.0 / np.maximum(c_eval, 1)).astype(np.float32)
+        per_group = -np.einsum("gd,gd->g", s_eval, s_eval) * inv
+        table = s_eval
+        table *= inv[:, None]
       sse = base + float(per_group.sum(dtype=np.float64))
       if best is None or sse < best[0]:
         best = (sse, (a, b), table)

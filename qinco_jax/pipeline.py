@@ -75,7 +75,7 @@ def build(codec, train_x, db_codes: np.ndarray, out_dir: str | os.PathLike, *,
   r = x - centroids[codes[:, 0]]
   tables = aq.fit_aq(codes[:, 1:], r, codec.K)
   sizes = np.bincount(codes[:, 0], minlength=codec.cfg.ivf_K)
-  extra = pairwise.ivf_extra_codes(centroids, sizes, K=min(256, codec.cfg.ivf_K))
+  extra = pairwise.ivf_extra_codes(centroids, sizes, K=min(codec.K, codec.cfg.ivf_K))
   ext = pairwise.extended_codes(codes[:, 1:], codes[:, 0], extra)
   pw = pairwise.fit_pairwise(ext, r, codec.K, n_pairwise_codebooks * codec.M,
                              verbose=verbose)

@@ -34,11 +34,12 @@ def _eval_sse(codes, r, K, a, b, n_eval):
   return float((err.astype(np.float64) ** 2).sum())
 
 
-def test_first_table_is_group_mean_and_best_pair():
+@pytest.mark.parametrize("n_eval", [200, 10_000])  # part of the rows / all of them
+def test_first_table_is_group_mean_and_best_pair(n_eval):
   K, P = 4, 3
   codes, r = _data(K=K, P=P)
-  dec = pairwise.fit_pairwise(codes, r, K, n_tables=1, n_eval=200)
-  sse = {(a, b): _eval_sse(codes, r, K, a, b, 200)
+  dec = pairwise.fit_pairwise(codes, r, K, n_tables=1, n_eval=n_eval)
+  sse = {(a, b): _eval_sse(codes, r, K, a, b, n_eval)
          for a, b in itertools.combinations(range(P), 2)}
   best = min(sse, key=sse.get)
   assert best == (0, 2)  # the planted interaction
