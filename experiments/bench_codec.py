@@ -5,10 +5,11 @@ Measures, in one run and on the default JAX device:
     M=8, for the beam settings (A=16, B=32) and (A=32, B=64);
   * the FLOPs of one encoded / decoded vector, counted from the shapes
     (`encode_flops`, `decode_flops`), hence the achieved GFLOP/s;
-  * the float32 matmul peak of the device (a large jitted `jnp.dot`), measured right
-    before each row so that both numbers see the same machine load;
-  * a per-step time breakdown of the encoder (residual-block GEMMs, pre-selection,
-    final selection, the rest) at A=16, B=32, to show what limits it;
+  * the float32 matmul peak of the device (a large jitted `jnp.dot`), measured just
+    before and just after each row so that both numbers see the same machine load;
+  * what limits the encoder, at A=16, B=32: a per-step time breakdown (residual-block
+    GEMMs, pre-selection, final selection, the rest) and the encode rate against the
+    encoder chunk size;
   * faiss ResidualQuantizer (beam 32) encode throughput on the same vectors, for scale.
 
 The networks are untrained (at initialisation): throughput does not depend on the
@@ -25,6 +26,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
+import math
 import os
 import shlex
 import statistics
@@ -46,6 +49,7 @@ MODELS = ("qinco2-S", "qinco2-L")
 SETTINGS = ((16, 32), (32, 64))
 BREAKDOWN_AB = (16, 32)
 FAISS_BEAM = 32
+LONG_CALL = 4  # a call this many times over --target-s is not repeated
 DOC_START = "<!-- bench_codec:start -->"
 DOC_END = "<!-- bench_codec:end -->"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,23 +78,25 @@ def encode_flops(cfg: qj.QincoConfig, d: int, A: int, B: int, chunk: int) -> flo
     per candidate (B * A_eff)      L * 2(2EH) + [E != D] 2ED + 3D
     per beam slot (B)              2DE (the x_hat half of the first layer)
     codeword table, per chunk      K([E != D] 2DE + 2E^2), divided by the chunk size
-  A pre-selection network (Ls > 0) adds B*K evaluations of its own tail per step.
+  With a pre-selection network (Ls > 0) the 2BKD distances become B*K evaluations
+  of its tail (Ls blocks of width dh_pre, P_out, score) plus its own beam term and
+  codeword table.
   """
   K, M = cfg.K, cfg.M
   E, H, proj = _dims(cfg, d)
   a_eff = A if A > 0 else K
-  step = B * a_eff * candidate_flops(cfg, d) + B * 2 * d * E
-  step += K * (proj * 2 * d * E + 2 * E * E) / chunk
-  if A > 0:
+  table = K * (proj * 2 * d * E + 2 * E * E) / chunk
+  step = B * a_eff * candidate_flops(cfg, d) + B * 2 * d * E + table
+  if A > 0 and cfg.Ls == 0:
     step += B * K * 2 * d
-    if cfg.Ls > 0:
-      pre = cfg.Ls * 4 * E * cfg.dh_pre + proj * 2 * E * d + 3 * d
-      step += B * K * pre + B * 2 * d * E
+  elif A > 0:
+    pre = cfg.Ls * 4 * E * cfg.dh_pre + proj * 2 * E * d + 3 * d
+    step += B * K * pre + B * 2 * d * E + table
   return 2 * K * d + (M - 1) * step
 
 
 def decode_flops(cfg: qj.QincoConfig, d: int) -> float:
-  """FLOPs per decoded vector: per network step P_in, the concat layer, L blocks, P_out."""
+  """FLOPs per decoded vector: per network step P_in, concat layer, L blocks, P_out."""
   E, H, proj = _dims(cfg, d)
   step = proj * 2 * d * E + 2 * (E + d) * E + cfg.L * 2 * (2 * E * H) + proj * 2 * E * d
   return (cfg.M - 1) * step
@@ -103,6 +109,14 @@ def tail_flops(cfg: qj.QincoConfig, d: int, rows: int) -> float:
 
 
 # ------------------------------------------------------------------ timing
+_T0 = time.perf_counter()
+
+
+def log(msg: str):
+  """Progress line with the seconds elapsed since start."""
+  print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
+
+
 def timed(fn: Callable[[], object]) -> float:
   """Wall time of fn() in seconds, waiting for any JAX result."""
   t = time.perf_counter()
@@ -116,6 +130,18 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
   return statistics.median(timed(fn) for _ in range(repeats))
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]],
+                      repeats: int) -> dict[str, float]:
+  """Median wall time of each fn, timed round-robin so that load changes hit all."""
+  for fn in fns.values():
+    timed(fn)  # compile + warm-up
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      times[k].append(timed(fn))
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
 def matmul_peak(n: int, repeats: int) -> float:
   """Float32 GFLOP/s of a jitted (n, n) @ (n, n), median of `repeats` timings."""
   ka, kb = jax.random.split(jax.random.key(0))
@@ -126,18 +152,31 @@ def matmul_peak(n: int, repeats: int) -> float:
   return 2 * n**3 / t / 1e9
 
 
+def bracketed(fn: Callable[[], object], n: int) -> tuple[object, float]:
+  """Runs fn() between two matmul-peak measurements: (fn(), mean peak GFLOP/s).
+
+  On a shared machine the load changes over time; measuring the peak on both sides
+  makes "% of peak" compare numbers taken under the same conditions.
+  """
+  before = matmul_peak(n, 3)
+  out = fn()
+  return out, 0.5 * (before + matmul_peak(n, 3))
+
+
 def _adaptive(run_chunks: Callable[[int], object], chunk: int, target_s: float,
               max_n: int, repeats: int) -> tuple[float, int]:
   """Times run_chunks(n) on n vectors, n a multiple of chunk sized to ~target_s.
 
-  The first call compiles; one chunk is then timed to size n. Returns
-  (median vectors/s, n).
+  The first call compiles; one chunk is then timed to size n. A single chunk that
+  takes over LONG_CALL x target_s is timed once only. Returns (median vectors/s, n).
   """
   timed(lambda: run_chunks(chunk))  # compile + warm-up
   t1 = timed(lambda: run_chunks(chunk))
   n_chunks = int(np.clip(round(target_s / max(t1, 1e-9)), 1, max(1, max_n // chunk)))
   n = n_chunks * chunk
   times = [t1] if n_chunks == 1 else []
+  if t1 > LONG_CALL * target_s:
+    repeats = 1
   while len(times) < repeats:
     times.append(timed(lambda: run_chunks(n)))
   return n / statistics.median(times), n
@@ -184,6 +223,16 @@ def faiss_rates(train: np.ndarray, x: np.ndarray, M: int, beam: int, target_s: f
 
 
 # ------------------------------------------------------------------ breakdown
+def xla_flops(jitted, *args) -> float:
+  """XLA's own FLOP estimate of a jitted call (nan where the backend gives none)."""
+  try:
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+  except Exception:  # cost analysis is optional and backend-dependent
+    return float("nan")
+
+
 def step_breakdown(codec: qj.Codec, A: int, B: int, chunk: int,
                    repeats: int) -> dict[str, float]:
   """Seconds of one encoder network step on one chunk, and of its parts.
@@ -192,19 +241,23 @@ def step_breakdown(codec: qj.Codec, A: int, B: int, chunk: int,
     step   the whole network_step (pre-selection, gathers, tail, selection);
     tail   StepNet.tail on (chunk, B, A, E): the residual-block GEMMs and P_out;
     pre    pre-selection distances (chunk, B, K) and their top-A;
-    select the final scores over (chunk, B * A) and their top-B.
+    select the final scores over (chunk, B * A) and their top-B;
+    gemm   two bare GEMMs (rows, E) @ (E, H) @ (H, E) at the same rows, no relu/adds.
   """
   model = codec.model()
   net_def, net_state = nnx.split(model.steps)
   st = jax.tree.map(lambda a: a[0], net_state)
   C, Cp = model.codebooks[...][0], model.pre_codebooks[...][0]
   E = codec.cfg.embed_dim(codec.d)
-  keys = jax.random.split(jax.random.key(1), 4)
+  H = codec.cfg.dh
+  keys = jax.random.split(jax.random.key(1), 6)
   x = jax.random.normal(keys[0], (chunk, codec.d))
   x_hat = 0.5 * jax.random.normal(keys[1], (chunk, B, codec.d))
   h0 = jax.random.normal(keys[2], (chunk, B, A, E))
   c = jax.random.normal(keys[3], (chunk, B, A, codec.d))
   valid = jnp.ones((chunk, B), bool)
+  w_up = jax.random.normal(keys[4], (E, H))
+  w_down = jax.random.normal(keys[5], (H, E))
 
   @jax.jit
   def step(st, x, x_hat, valid):
@@ -224,12 +277,20 @@ def step_breakdown(codec: qj.Codec, A: int, B: int, chunk: int,
     dist = jnp.sum((x[:, None, None] - x_hat[:, :, None] - f) ** 2, -1)
     return jax.lax.top_k(-dist.reshape(chunk, -1), B)
 
-  return {
-      "step": median_time(lambda: step(st, x, x_hat, valid), repeats),
-      "tail": median_time(lambda: tail(st, h0, c), repeats),
-      "pre": median_time(lambda: pre(x, x_hat), repeats),
-      "select": median_time(lambda: select(x, x_hat, c), repeats),
-  }
+  step_cost = xla_flops(step, st, x, x_hat, valid)
+
+  @jax.jit
+  def gemm(h):
+    return (h.reshape(-1, E) @ w_up) @ w_down
+
+  out = interleaved_times({
+      "step": lambda: step(st, x, x_hat, valid),
+      "tail": lambda: tail(st, h0, c),
+      "pre": lambda: pre(x, x_hat),
+      "select": lambda: select(x, x_hat, c),
+      "gemm": lambda: gemm(h0),
+  }, repeats)
+  return {**out, "xla_flops": step_cost}
 
 
 # ------------------------------------------------------------------ the run
@@ -264,7 +325,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true",
                  help="smoke test: tiny chunks and timings, doc not written")
   p.add_argument("--models", nargs="+", default=list(MODELS))
-  p.add_argument("--n-train", type=int, default=5000,
+  p.add_argument("--n-train", type=int, default=4000,
                  help="training vectors for the RQ initialisation and faiss")
   p.add_argument("--n-max", type=int, default=32768,
                  help="most vectors timed per encode setting")
@@ -277,6 +338,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="decoder chunk (default: the codec's, 8192)")
   p.add_argument("--peak-n", type=int, default=None,
                  help="matmul size for the peak (default 2048 on CPU, 8192 otherwise)")
+  p.add_argument("--sweep-models", nargs="*", default=["qinco2-S"],
+                 help="models whose encode rate is also measured per chunk size")
+  p.add_argument("--sweep-chunks", nargs="+", type=int, default=[8, 16, 32, 128])
   p.add_argument("--no-breakdown", action="store_true")
   p.add_argument("--no-faiss", action="store_true")
   p.add_argument("--doc", default=None,
@@ -287,6 +351,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.chunk = args.chunk or 4
     args.decode_chunk = args.decode_chunk or 256
     args.peak_n = args.peak_n or 512
+    args.sweep_chunks = [2, 4]
   if args.doc is None:
     args.doc = "" if args.quick else DEFAULT_DOC
   if args.peak_n is None:
@@ -294,38 +359,83 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def bench_model(name: str, train: np.ndarray, x: np.ndarray, args) -> tuple[list[Row], dict]:
-  """Encode rows for every (A, B), decode rate and the step breakdown of one model."""
-  codec = qj.Codec.create(qj.preset(name), train, verbose=False)
+def encode_rows(name: str, codec: qj.Codec, x: np.ndarray, args) -> list[Row]:
+  """One table row per (A, B) setting: encode rate, FLOPs and the matmul peak."""
   rows = []
   for A, B in SETTINGS:
     chunk = args.chunk or codec.chunk_size(A, B)
-    peak = matmul_peak(args.peak_n, 3)
-    rate, n = encode_rate(codec, x, A, B, chunk, args.target_s, args.repeats)
+    (rate, n), peak = bracketed(
+        lambda: encode_rate(codec, x, A, B, chunk, args.target_s, args.repeats),
+        args.peak_n)
     flops = encode_flops(codec.cfg, codec.d, A, B, chunk) / 1e9
     rows.append(Row(name, A, B, rate, n, flops, peak))
-    r = rows[-1]
-    print(f"  {name} A={A} B={B}: encode {rate:.1f} vec/s on {n} vectors, "
-          f"{r.gflops:.1f} GFLOP/s = {r.pct_peak:.0f}% of {peak:.0f}", flush=True)
-  codes = np.random.default_rng(0).integers(0, codec.K, (args.n_max * 4, codec.M))
-  dchunk = args.decode_chunk or qj.codec.DECODE_CHUNK
-  codes = np.resize(codes, (max(len(codes), dchunk), codec.M)).astype(np.int32)
-  dec, _ = decode_rate(codec, codes, dchunk, args.target_s / 2, args.repeats)
+    log(f"{name} A={A} B={B}: encode {rate:.1f} vec/s on {n} vectors, "
+        f"{rows[-1].gflops:.1f} GFLOP/s = {rows[-1].pct_peak:.0f}% of {peak:.0f}")
+  return rows
+
+
+def decode_throughput(name: str, codec: qj.Codec, args) -> float:
+  """Decode vectors/s on random codes (the cost does not depend on them)."""
+  chunk = args.decode_chunk or qj.codec.DECODE_CHUNK
+  n = max(4 * args.n_max, chunk)
+  codes = np.random.default_rng(0).integers(0, codec.K, (n, codec.M), dtype=np.int32)
+  rate, _ = decode_rate(codec, codes, chunk, args.target_s / 2, args.repeats)
+  log(f"{name}: decode {rate:.0f} vec/s")
+  return rate
+
+
+def breakdown(name: str, codec: qj.Codec, args) -> dict[str, float]:
+  """`step_breakdown` at BREAKDOWN_AB, plus GFLOP/s of the blocks and bare GEMMs."""
+  A, B = BREAKDOWN_AB
+  chunk = args.chunk or codec.chunk_size(A, B)
+  brk, peak = bracketed(
+      lambda: step_breakdown(codec, A, B, chunk, max(args.repeats, 2)), args.peak_n)
+  rows = chunk * B * A
+  E, H = codec.cfg.embed_dim(codec.d), codec.cfg.dh
+  ours = encode_flops(codec.cfg, codec.d, A, B, chunk) - 2 * codec.K * codec.d
+  ours_step = ours * chunk / (codec.M - 1)
+  brk.update(peak=peak, chunk=chunk, xla_ratio=brk["xla_flops"] / ours_step,
+             tail_gflops=tail_flops(codec.cfg, codec.d, rows) / brk["tail"] / 1e9,
+             gemm_gflops=rows * 4 * E * H / brk["gemm"] / 1e9)
+  log(f"{name}: step breakdown " + ", ".join(
+      f"{k} {brk[k] * 1e3:.1f} ms" for k in ("step", "tail", "pre", "select", "gemm")))
+  return brk
+
+
+def chunk_sweep(name: str, codec: qj.Codec, x: np.ndarray, args) -> dict:
+  """Encode rate at BREAKDOWN_AB for each chunk size, interleaved over repeats."""
+  A, B = BREAKDOWN_AB
+  chunks = sorted(set(args.sweep_chunks))
+  default = codec.chunk_size(A, B)
+  big = max(chunks)
+  run = lambda c, n: codec.encode(x[:n], A=A, B=B, chunk_size=c, verbose=False)
+
+  def sweep():
+    lcm = math.lcm(*chunks)
+    t1 = timed(lambda: run(big, big))
+    units = round(args.target_s * big / max(t1, 1e-9) / lcm)
+    n = lcm * int(np.clip(units, 1, max(1, len(x) // lcm)))
+    times = interleaved_times({c: functools.partial(run, c, n) for c in chunks},
+                              args.repeats)
+    return {c: n / t for c, t in times.items()}
+
+  rates, peak = bracketed(sweep, args.peak_n)
+  gflop = {c: encode_flops(codec.cfg, codec.d, A, B, c) / 1e9 for c in chunks}
+  log(f"{name}: chunk sweep " + ", ".join(f"{c}: {r:.1f}" for c, r in rates.items()))
+  return {"rates": rates, "gflop": gflop, "peak": peak, "default": default}
+
+
+def bench_model(name: str, train: np.ndarray, x: np.ndarray, args):
+  """All measurements of one model: rows, step breakdown (or {}), chunk sweep (or {})."""
+  codec = qj.Codec.create(qj.preset(name), train, verbose=False)
+  log(f"{name}: created ({codec.num_params:,} parameters)")
+  rows = encode_rows(name, codec, x, args)
+  dec = decode_throughput(name, codec, args)
   for r in rows:
     r.dec_rate = dec
-  print(f"  {name}: decode {dec:.0f} vec/s", flush=True)
-  brk = {}
-  if not args.no_breakdown:
-    A, B = BREAKDOWN_AB
-    chunk = args.chunk or codec.chunk_size(A, B)
-    brk = step_breakdown(codec, A, B, chunk, max(args.repeats, 2))
-    brk["peak"] = matmul_peak(args.peak_n, 3)
-    brk["tail_gflops"] = tail_flops(codec.cfg, codec.d, chunk * B * A) / brk["tail"] / 1e9
-    brk["chunk"] = chunk
-    print(f"  {name}: step breakdown " + ", ".join(
-        f"{k} {v * 1e3:.1f} ms" for k, v in brk.items() if k in ("step", "tail", "pre",
-                                                                    "select")), flush=True)
-  return rows, brk
+  brk = {} if args.no_breakdown else breakdown(name, codec, args)
+  sweep = chunk_sweep(name, codec, x, args) if name in args.sweep_models else {}
+  return rows, brk, sweep
 
 
 # ------------------------------------------------------------------ report
@@ -364,24 +474,43 @@ def results_table(rows: list[Row], faiss: dict[str, float]) -> str:
 def breakdown_table(brks: dict[str, dict]) -> str:
   head = ("| model | chunk | one step (ms) | residual blocks + P_out | pre-selection "
           "(dists + top-A) | final scores + top-B | rest (gathers, adds) "
-          "| blocks GFLOP/s (% of peak) |\n|---|---|---|---|---|---|---|---|\n")
+          "| blocks: GFLOP/s (% of peak) | bare GEMMs: GFLOP/s (% of peak) |\n"
+          "|---|---|---|---|---|---|---|---|---|\n")
   lines = []
   for name, b in brks.items():
     pct = lambda v: f"{v * 1e3:.1f} ms ({100 * v / b['step']:.0f}%)"
     rest = max(b["step"] - b["tail"] - b["pre"] - b["select"], 0.0)
+    eff = lambda g: f"{g:.0f} ({100 * g / b['peak']:.0f}%)"
     lines.append(f"| {name} | {b['chunk']} | {b['step'] * 1e3:.1f} | {pct(b['tail'])} | "
                  f"{pct(b['pre'])} | {pct(b['select'])} | {pct(rest)} | "
-                 f"{b['tail_gflops']:.0f} ({100 * b['tail_gflops'] / b['peak']:.0f}%) |")
+                 f"{eff(b['tail_gflops'])} | {eff(b['gemm_gflops'])} |")
   return head + "\n".join(lines) + "\n"
 
 
-def print_report(env, rows, faiss, brks, command):
+def sweep_table(sweeps: dict[str, dict]) -> str:
+  head = ("| model | chunk (vectors per call) | rows per GEMM | encode vec/s "
+          "| % of peak |\n|---|---|---|---|---|\n")
+  lines = []
+  A, B = BREAKDOWN_AB
+  for name, sw in sweeps.items():
+    for c, rate in sw["rates"].items():
+      mark = " (default)" if c == sw["default"] else ""
+      lines.append(f"| {name} | {c}{mark} | {c * A * B:,} | {_fmt_rate(rate)} | "
+                   f"{100 * rate * sw['gflop'][c] / sw['peak']:.0f}% |")
+  return head + "\n".join(lines) + "\n"
+
+
+def print_report(env, rows, faiss, brks, sweeps, command):
   print(f"\n{command}\n{env['date']} | {env['jax']} | {env['device']} | "
         f"{env['cpus']} CPUs")
   print(results_table(rows, faiss))
   if brks:
     print(f"Encoder network step at A={BREAKDOWN_AB[0]}, B={BREAKDOWN_AB[1]}:")
     print(breakdown_table(brks))
+  if sweeps:
+    print(f"Encoder chunk size at A={BREAKDOWN_AB[0]}, B={BREAKDOWN_AB[1]}:")
+    print(sweep_table(sweeps))
+  print(analysis_text(rows, brks, sweeps))
 
 
 DOC_TEXT = """\
@@ -392,15 +521,18 @@ initialisation: the work does not depend on the weights) on synthetic D=128 vect
     {command}
 
 {date} | {jax} | {device} | {cpus} CPUs.
-Timings are medians of {repeats} repeats after a compile/warm-up call. The machine may
-be shared with other jobs, so absolute numbers are noisy; the matmul peak (a jitted
-{peak_n}x{peak_n} float32 `jnp.dot`) is measured right before each row, and the
-"% of peak" column compares the two.
+Timings are medians of {repeats} repeats after a compile/warm-up call (one timing where a
+single chunk takes over {long_s:.0f} s, as for qinco2-L on CPU). The machine may
+be shared with other jobs, so absolute numbers are noisy: rely on the ratios. The
+matmul peak (a jitted {peak_n}x{peak_n} float32 `jnp.dot`, same default precision as
+the codec) is measured just before and just after each row and averaged, and
+"% of peak" compares the row's GFLOP/s with it.
 
 {table}
-faiss: `faiss.ResidualQuantizer(128, 8, 8)` with `max_beam_size={beam}` trained on
-the same {n_train} training vectors, timing `rq.compute_codes` (faiss's own threads,
-default settings).
+faiss: `faiss.ResidualQuantizer(128, 8, 8)` with `max_beam_size={beam}`, codebooks
+trained on the same {n_train} training vectors (greedily: the encoding cost depends
+only on the shapes), timing `rq.compute_codes` with faiss's own threads; "beam LUT"
+sets `use_beam_LUT=1` (codeword inner-product tables, same codes, faster).
 
 **FLOPs per vector** (`encode_flops`, `decode_flops`): with A_eff = A (or K when
 A = 0), E the embedding width, H the hidden width, L blocks and n_c vectors per
@@ -415,38 +547,72 @@ encoder chunk, encoding costs
 (M-1) ([E!=D] 2DE + 2(E+D)E + L 2(2EH) + [E!=D] 2ED). Only multiply-adds and the
 score are counted; relu, residual adds and gathers are not.
 
-**Where the encoder's time goes** (one network step on one chunk at A={bA}, B={bB},
-each part jitted alone at the encoder's shapes):
+**Where the encoder's time goes.** One network step on one chunk at A={bA}, B={bB},
+each part jitted alone at the encoder's shapes; "bare GEMMs" are the same
+(rows, E) @ (E, H) @ (H, E) products without relu or residual adds:
 
 {breakdown}
+Encode rate against the encoder chunk (`codec.encode(..., chunk_size=c)`; the
+default comes from `enc_max_bs` = 65,536 candidate rows per call):
+
+{sweep}
 {analysis}
 """
 
 
-def analysis_text(rows: list[Row], brks: dict[str, dict]) -> str:
-  """A few sentences on the 40%-of-peak goal, derived from the measurements."""
+def _share(b: dict, key: str) -> float:
+  """Percent of a network step spent in part `key` (parts are timed separately)."""
+  return min(100.0, 100 * b[key] / b["step"])
+
+
+def _goal_sentence(row: Row, b: dict) -> str:
+  verdict = "meets" if row.pct_peak >= 40 else "misses"
+  other = max(("pre", "select"), key=lambda k: b[k])
+  what = {"pre": f"pre-selection (mostly its top-{row.A} of K)",
+          "select": f"the final top-{row.B}"}[other]
+  rest = (f"the largest other part is {what}, {_share(b, other):.0f}% of a step"
+          if _share(b, other) >= 1 else "everything else is under 1% of a step")
+  return (f"- {row.model}, A={row.A}, B={row.B}: {row.pct_peak:.0f}% of the matmul "
+          f"peak, so it {verdict} the 40% goal. The residual blocks take "
+          f"{_share(b, 'tail'):.0f}% of a step and run at "
+          f"{100 * b['tail_gflops'] / b['peak']:.0f}% of the peak (one block's two GEMMs "
+          f"alone, without relu and adds: {100 * b['gemm_gflops'] / b['peak']:.0f}%); "
+          f"{rest}.")
+
+
+def _sweep_sentence(name: str, sw: dict) -> str | None:
+  rates, default = sw["rates"], sw["default"]
+  best = max(rates, key=rates.get)
+  if default not in rates or best == default:
+    return None
+  rows = best * BREAKDOWN_AB[0] * BREAKDOWN_AB[1]
+  return (f"- {name}: a chunk of {best} vectors ({rows:,} candidate rows per GEMM) "
+          f"encodes {rates[best] / rates[default]:.2f}x as fast as the default "
+          f"{default}, with the same FLOPs: with smaller chunks the (rows x H) "
+          "activations of the blocks stay in cache, so the GEMMs and the relu/residual "
+          "passes over their outputs wait less on memory.")
+
+
+def analysis_text(rows: list[Row], brks: dict[str, dict], sweeps: dict[str, dict]) -> str:
+  """What limits the encoder, in sentences derived from this run's measurements."""
   out = []
-  rows_ = "/".join(sorted({f"{b['chunk'] * BREAKDOWN_AB[0] * BREAKDOWN_AB[1]:,}"
-                           for b in brks.values()}))
   for name, b in brks.items():
     row = next((r for r in rows if r.model == name and (r.A, r.B) == BREAKDOWN_AB), None)
-    if row is None:
-      continue
-    verdict = "meets" if row.pct_peak >= 40 else "misses"
+    if row is not None:
+      out.append(_goal_sentence(row, b))
+  out += [t for t in (_sweep_sentence(n, sw) for n, sw in sweeps.items()) if t]
+  ratios = [b["xla_ratio"] for b in brks.values() if math.isfinite(b["xla_ratio"])]
+  if ratios:
     out.append(
-        f"- {name} at A={row.A}, B={row.B} {verdict} the 40%-of-peak goal "
-        f"({row.pct_peak:.0f}%). The residual blocks take {100 * b['tail'] / b['step']:.0f}%"
-        f" of a step and run at {100 * b['tail_gflops'] / b['peak']:.0f}% of the square-"
-        f"matmul peak; pre-selection (mostly its top-{row.A} over K) takes "
-        f"{100 * b['pre'] / b['step']:.0f}%, the final top-{row.B} "
-        f"{100 * b['select'] / b['step']:.0f}%.")
+        "- FLOP count check: XLA's cost analysis of one compiled network step gives "
+        f"{min(ratios):.3f}x to {max(ratios):.3f}x our count (it also counts the "
+        "elementwise work).")
   out.append(
-      "- The remaining gap to the peak is in the block GEMMs themselves: they are tall "
-      f"and skinny (chunk x B x A = {rows_} rows, inner dimension E or H = 128..384), so "
-      "each one streams its (rows x H) activations through memory with little reuse, "
-      "and relu and the residual adds are extra passes over those activations. The "
-      "smaller the network (qinco2-S: E = 128), the larger this share; top-k and "
-      "gathers matter only for qinco2-S.")
+      "- In short: the encoder is bound by its residual-block GEMMs. They are tall and "
+      "skinny (inner dimension E or H of 128 to 384 against tens of thousands of "
+      "candidate rows), so they reach a smaller fraction of the square-matmul peak, and "
+      "relu and the residual adds are extra passes over rows x H activations. Top-k and "
+      "the gathers are a small share, largest for the small qinco2-S network.")
   return "\n".join(out)
 
 
@@ -467,38 +633,40 @@ def update_doc(path: str, section: str):
   os.replace(tmp, path)
 
 
-def write_doc(args, env, rows, faiss, brks, command):
+def write_doc(args, env, rows, faiss, brks, sweeps, command):
   section = "## Codec throughput (experiments/bench_codec.py)\n\n" + DOC_TEXT.format(
-      command=command, repeats=args.repeats, peak_n=args.peak_n, beam=FAISS_BEAM,
+      command=command, repeats=args.repeats, long_s=LONG_CALL * args.target_s, peak_n=args.peak_n, beam=FAISS_BEAM,
       n_train=args.n_train, table=results_table(rows, faiss), bA=BREAKDOWN_AB[0],
       bB=BREAKDOWN_AB[1], breakdown=breakdown_table(brks) if brks else "(not run)\n",
-      analysis=analysis_text(rows, brks), **env)
+      sweep=sweep_table(sweeps) if sweeps else "(not run)\n",
+      analysis=analysis_text(rows, brks, sweeps), **env)
   update_doc(args.doc, section)
-  print(f"wrote {os.path.relpath(args.doc, REPO_ROOT)}")
+  log(f"wrote {os.path.relpath(args.doc)}")
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
-  command = "python experiments/bench_codec.py" + (
-      " " + shlex.join(sys.argv[1:] if argv is None else argv) if
-      (sys.argv[1:] if argv is None else argv) else "")
+  command = " ".join(["python experiments/bench_codec.py", shlex.join(argv)]).strip()
   env = environment()
-  print(f"{env['device']}, {env['cpus']} CPUs, {env['jax']}", flush=True)
+  log(f"{env['device']}, {env['cpus']} CPUs, {env['jax']}")
   train, x = make_data(args.n_train, args.n_max)
-  rows, brks = [], {}
+  rows, brks, sweeps = [], {}, {}
   for name in args.models:
-    r, b = bench_model(name, train, x, args)
+    r, b, sw = bench_model(name, train, x, args)
     rows += r
     if b:
       brks[name] = b
+    if sw:
+      sweeps[name] = sw
   faiss = {}
   if not args.no_faiss:
     faiss = faiss_rates(train, x, 8, FAISS_BEAM, args.target_s, args.repeats)
     for k, v in faiss.items():
       log(f"faiss RQ beam {FAISS_BEAM} ({k}): {v:.0f} vec/s")
-  print_report(env, rows, faiss, brks, command)
+  print_report(env, rows, faiss, brks, sweeps, command)
   if args.doc:
-    write_doc(args, env, rows, faiss, brks, command)
+    write_doc(args, env, rows, faiss, brks, sweeps, command)
 
 
 if __name__ == "__main__":

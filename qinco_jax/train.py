@@ -36,7 +36,7 @@ class TrainConfig:
   warmup_epochs: float = 3.0
   epochs: int = 60  # length of the quarter cosine, in epochs after warm-up
   lr_min_fact: float = 1e-3  # lr floor = lr * lr_min_fact (8e-7 by default)
-  stop_patience: int = 10  # stop after this many epochs without val improvement
+  stop_patience: int = 10  # stop after more than this many epochs without improvement
   max_epochs: int | None = None  # None: epochs + stop_patience + 1 (71, spec 9.6)
   plateau_patience: int = 10  # "plateau" schedule: epochs before lr *= 0.1
   batch_per_device: int = 1024  # global batch = batch_per_device * devices

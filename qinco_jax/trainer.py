@@ -201,6 +201,8 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
   step_fn = train.make_train_step(graphdef, tx, codec.cfg.A, codec.cfg.B)
   batch_sharding = NamedSharding(mesh, P("data"))
   writer = MetricWriter(workdir)
+  if meta["best_val"] is None and is_main() and writer.path.exists():
+    writer.path.unlink()  # a fresh run: drop the log of a run whose checkpoints are gone
   A, B = codec.cfg.A, codec.cfg.B
   rows = _process_rows(G)
 

@@ -1,0 +1,537 @@
+"""Quantizer comparison on GloVe: QINCo2 next to faiss PQ, OPQ, RQ and LSQ.
+
+One run on the fixed GloVe 6B 50-d split of `qj.data.load_glove()` (290k train, 10k
+validation, 90k database, 10k queries with exact ground truth):
+
+  * QINCo2 (small qinco2-S: L=2, de=64, dh=128 by default), 8 bytes, trained with
+    `trainer.train_and_evaluate` for a wall-time budget (`--budget_min`, 25 minutes
+    by default; the number of epochs is picked from a throughput measurement taken
+    just before training), evaluated with a larger beam (`--eval_A/--eval_B`);
+  * faiss baselines at the same code size, trained on the first `--faiss_train`
+    training vectors (LSQ on `--lsq_train`): PQ, OPQ, RQ with beam 1, 5 and 32, LSQ.
+    PQ and OPQ need the dimension to be a multiple of the number of sub-quantizers,
+    so the 50-d vectors are zero-padded (the padding costs no error);
+  * cheap baselines (PQ, RQ beam 1 and 5) also at the other `--rd_bytes` sizes, and
+    QINCo2 at every prefix length m (`codec.decode(codes[:, :m])`), for the
+    rate-distortion plot;
+  * training throughput of a qinco2-S-sized model (L=2, de=128, dh=256, M=8) at A=4,
+    B=4, batch 1024: samples/s, samples per CPU-second and GFLOP/s, next to a float32
+    matmul peak (jitted 2048x2048 `jnp.dot`) measured in the same run.
+
+Metrics: MSE (sum over dimensions, mean over database vectors, `qj.metrics.mse`),
+1-recall@1/10/100 of the raw queries searched exhaustively among the decoded database
+(`qj.metrics.knn`, `qj.metrics.recall_at`), training time, encode and decode time per
+vector. Results are printed, saved as JSON under the work directory, written to
+docs/benchmarks.md (replacing only this script's section) and plotted to
+docs/rate_distortion.png.
+
+Usage:
+  python experiments/bench_quantizers.py                    # full run (~45 min, 2 cores)
+  python experiments/bench_quantizers.py --budget_min 15    # shorter QINCo2 training
+  python experiments/bench_quantizers.py --quick            # smoke test (a few minutes;
+                                                            # writes under runs/ only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import qinco_jax as qj
+from qinco_jax import data, train, trainer
+from qinco_jax.evaluate import evaluate
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DOC = os.path.join(REPO_ROOT, "docs", "benchmarks.md")
+DEFAULT_PLOT = os.path.join(REPO_ROOT, "docs", "rate_distortion.png")
+DOC_START = "<!-- bench_quantizers:start -->"
+DOC_END = "<!-- bench_quantizers:end -->"
+RQ_BEAMS = (1, 5, 32)
+RD_METHODS = ("PQ", "RQ beam 1", "RQ beam 5")  # cheap enough at every code size
+INIT_EST_S = 45.0  # RQ initialisation of the codebooks inside train_and_evaluate
+
+
+def log(msg: str):
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------ data
+def quick_dataset(ds: data.Dataset) -> data.Dataset:
+  """A small slice of the GloVe split (ground truth recomputed) for smoke tests."""
+  db = np.ascontiguousarray(ds.db[:5_000])
+  queries = np.ascontiguousarray(ds.queries[:500])
+  gt = qj.metrics.knn(queries, db, k=100)
+  return data.Dataset(ds.name + "-quick", ds.train[:30_000], ds.val[:2_000], db,
+                      queries, gt, ds.mse_scale)
+
+
+def recalls(ds: data.Dataset, x_hat: np.ndarray) -> dict[str, float]:
+  I = qj.metrics.knn(np.asarray(ds.queries, np.float32), x_hat, k=100)
+  return qj.metrics.recall_at(I, ds.gt)
+
+
+# ------------------------------------------------------------------ faiss baselines
+def _pad(x: np.ndarray, dp: int) -> np.ndarray:
+  x = np.ascontiguousarray(x, np.float32)
+  if x.shape[1] == dp:
+    return x
+  return np.ascontiguousarray(np.pad(x, ((0, 0), (0, dp - x.shape[1]))))
+
+
+class FaissCodec:
+  """train / encode / decode around a faiss quantizer (codes as uint8 arrays)."""
+
+  def __init__(self, kind: str, d: int, M: int, beam: int = 1, lsq_iters: int = 25,
+               opq_iters: int = 50):
+    import faiss
+    self.kind, self.d, self.M = kind, d, M
+    self.dp = -(-d // M) * M if kind in ("PQ", "OPQ") else d
+    if kind == "PQ":
+      self.q = faiss.index_factory(self.dp, f"PQ{M}")
+    elif kind == "OPQ":
+      self.q = faiss.index_factory(self.dp, f"OPQ{M},PQ{M}")
+      faiss.downcast_VectorTransform(self.q.chain.at(0)).niter = opq_iters
+    elif kind == "RQ":
+      self.q = faiss.ResidualQuantizer(d, M, 8)
+      self.q.max_beam_size = beam
+    elif kind == "LSQ":
+      self.q = faiss.LocalSearchQuantizer(d, M, 8)
+      self.q.train_iters = lsq_iters
+    else:
+      raise ValueError(f"unknown baseline kind {kind!r}")
+
+  def train(self, x: np.ndarray):
+    self.q.train(_pad(x, self.dp))
+
+  def encode(self, x: np.ndarray) -> np.ndarray:
+    if self.kind in ("PQ", "OPQ"):
+      return self.q.sa_encode(_pad(x, self.dp))
+    return self.q.compute_codes(_pad(x, self.dp))
+
+  def decode(self, codes: np.ndarray) -> np.ndarray:
+    if self.kind in ("PQ", "OPQ"):
+      return self.q.sa_decode(codes)[:, :self.d]
+    return self.q.decode(codes)
+
+
+def run_baseline(name: str, fc: FaissCodec, ds: data.Dataset, n_train: int,
+                 with_recall: bool = True) -> dict[str, Any]:
+  xt = np.asarray(ds.train[:n_train], np.float32)
+  db = np.asarray(ds.db, np.float32)
+  t0 = time.perf_counter()
+  fc.train(xt)
+  t1 = time.perf_counter()
+  codes = fc.encode(db)
+  t2 = time.perf_counter()
+  x_hat = fc.decode(codes)
+  t3 = time.perf_counter()
+  out = {"method": name, "bytes": fc.M, "n_train": len(xt), "train_s": t1 - t0,
+         "encode_us": 1e6 * (t2 - t1) / len(db), "decode_us": 1e6 * (t3 - t2) / len(db),
+         "mse": qj.metrics.mse(db, x_hat, ds.mse_scale)}
+  if with_recall:
+    out.update(recalls(ds, x_hat))
+  log(f"{name} {fc.M} bytes: MSE {out['mse']:.4f}, train {out['train_s']:.1f} s"
+      + (f", R@1 {out['R@1']:.4f}" if "R@1" in out else ""))
+  return out
+
+
+def baselines(ds: data.Dataset, M: int, args) -> list[dict[str, Any]]:
+  """All baselines at M bytes (with recall)."""
+  d = ds.d
+  specs: list[tuple[str, Callable[[], FaissCodec], int]] = [
+      ("PQ", lambda: FaissCodec("PQ", d, M), args.faiss_train),
+      ("OPQ", lambda: FaissCodec("OPQ", d, M, opq_iters=args.opq_iters), args.faiss_train)]
+  for b in RQ_BEAMS:
+    specs.append((f"RQ beam {b}", lambda b=b: FaissCodec("RQ", d, M, beam=b),
+                  args.faiss_train))
+  specs.append(("LSQ", lambda: FaissCodec("LSQ", d, M, lsq_iters=args.lsq_iters),
+                args.lsq_train))
+  return [run_baseline(name, make(), ds, n) for name, make, n in specs]
+
+
+def rd_baselines(ds: data.Dataset, sizes: list[int], args) -> list[dict[str, Any]]:
+  """The cheap baselines at the extra code sizes (MSE only)."""
+  out = []
+  for M in sizes:
+    for name in RD_METHODS:
+      kind, beam = ("PQ", 1) if name == "PQ" else ("RQ", int(name.split()[-1]))
+      out.append(run_baseline(name, FaissCodec(kind, ds.d, M, beam=beam), ds,
+                              args.faiss_train, with_recall=False))
+  return out
+
+
+# ------------------------------------------------------------------ FLOPs and throughput
+def encode_flops(cfg: qj.QincoConfig, d: int, A: int, B: int, chunk: int) -> float:
+  """FLOPs per vector of the beam search with pre-selection (counted from shapes).
+
+  Step 0 scores the K codewords (2KD). Each of the M-1 network steps, per vector:
+  pre-selection distances B*K*2D (A > 0), the x_hat half of the concat layer per beam
+  slot (2DE), and per candidate (B * A) the L residual blocks (4EH each), the output
+  projection (2ED when E != D) and the score (3D); the codeword half of the first
+  layer (P_in and the concat layer, K codewords) is computed once per chunk.
+  """
+  K, M, L, H = cfg.K, cfg.M, cfg.L, cfg.dh
+  E = cfg.embed_dim(d)
+  proj = int(E != d)
+  n_cand = A if A > 0 else K
+  per_cand = L * 4 * E * H + proj * 2 * E * d + 3 * d
+  step = B * n_cand * per_cand + B * 2 * d * E
+  step += (B * K * 2 * d if A > 0 else 0) + K * (proj * 2 * d * E + 2 * E * E) / chunk
+  return 2 * K * d + (M - 1) * step
+
+
+def decode_flops(cfg: qj.QincoConfig, d: int) -> float:
+  """FLOPs per vector of one decode: per network step P_in, concat, L blocks, P_out."""
+  E = cfg.embed_dim(d)
+  proj = int(E != d)
+  step = proj * 2 * d * E + 2 * (E + d) * E + cfg.L * 4 * E * cfg.dh + proj * 2 * E * d
+  return (cfg.M - 1) * step
+
+
+def train_flops(cfg: qj.QincoConfig, d: int, batch: int) -> float:
+  """Per training sample: encode forward at the training (A, B) + ~3x decode forward
+  (forward and backward of the decoder). The small pre-selection loss is left out."""
+  return encode_flops(cfg, d, cfg.A, cfg.B, batch) + 3 * decode_flops(cfg, d)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """Float32 GFLOP/s of a jitted (n, n) @ (n, n), median of `repeats` timings."""
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.float32)
+  b = jax.random.normal(kb, (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    dot(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def train_throughput(cfg: qj.QincoConfig, ds: data.Dataset, batch: int, steps: int,
+                     warmup: int = 3) -> dict[str, Any]:
+  """Times `steps` calls of the jitted training step (after `warmup` calls, which
+  include compilation) on consecutive GloVe training batches."""
+  n_init = min(len(ds.train), 20_000)
+  codec = qj.Codec.create(cfg, ds.train[:n_init], verbose=False)
+  tc = train.TrainConfig(batch_per_device=batch, epochs=10, warmup_epochs=1)
+  tx = train.make_optimizer(tc, steps_per_epoch=max(1, len(ds.train) // batch))
+  state = train.init_state(codec.graphdef, codec.state, tx)
+  step_fn = train.make_train_step(codec.graphdef, tx, cfg.A, cfg.B)
+  n_batches = max(1, min(len(ds.train) // batch, warmup + steps))
+  batches = [jnp.asarray(np.asarray(ds.train[i * batch:(i + 1) * batch], np.float32))
+             for i in range(n_batches)]
+  for i in range(warmup):
+    state, m = step_fn(state, batches[i % n_batches])
+  jax.block_until_ready(m)
+  w0, c0 = time.perf_counter(), time.process_time()
+  for i in range(steps):
+    state, m = step_fn(state, batches[(warmup + i) % n_batches])
+  jax.block_until_ready((state, m))
+  wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+  samples = steps * batch
+  flops = train_flops(cfg, ds.d, batch)
+  return {"model": f"L={cfg.L}, de={cfg.de}, dh={cfg.dh}, M={cfg.M}", "A": cfg.A,
+          "B": cfg.B, "batch": batch, "steps": steps, "wall_s": wall, "cpu_s": cpu,
+          "samples_s": samples / wall, "samples_per_cpu_s": samples / max(cpu, 1e-9),
+          "flops_per_sample": flops, "gflops": flops * samples / wall / 1e9,
+          "loss": float(m["loss"])}
+
+
+# ------------------------------------------------------------------ QINCo2
+def qinco_run(ds: data.Dataset, M: int, budget_s: float, args) -> dict[str, Any]:
+  cfg = qj.preset("qinco2-S", M=M, L=2, de=args.de, dh=args.dh, A=args.train_A,
+                  B=args.train_B)
+  G = args.batch
+  loop = min(args.loop, len(ds.train))
+  steps = loop // G
+  probe = train_throughput(cfg, ds, G, steps=args.probe_steps)
+  epoch_est = steps * G / probe["samples_s"] * 1.1 + 3.0  # + validation, checkpoint
+  n_epochs = int(max(2, (budget_s - INIT_EST_S) // epoch_est))
+  log(f"QINCo2 {M} bytes: {probe['samples_s']:.0f} samples/s measured -> "
+      f"~{epoch_est:.0f} s per epoch of {steps * G} samples, {n_epochs} epochs for a "
+      f"{budget_s / 60:.1f} min budget")
+  tc = train.TrainConfig(epochs=max(1, n_epochs - 1), warmup_epochs=1, stop_patience=5,
+                         max_epochs=n_epochs, batch_per_device=G, loop=loop)
+  workdir = os.path.join(args.workdir, f"qinco_{M}B")
+  if os.path.isdir(workdir):
+    shutil.rmtree(workdir)  # a fresh run each time (the trainer refuses to overwrite)
+  w0, c0 = time.perf_counter(), time.process_time()
+  codec = trainer.train_and_evaluate(cfg, tc, ds, workdir, verbose=args.verbose)
+  train_s, train_cpu_s = time.perf_counter() - w0, time.process_time() - c0
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  epochs = [r for r in records if "train_s" in r]
+  log(f"QINCo2 trained: {len(epochs)} epochs in {train_s / 60:.1f} min; evaluating at "
+      f"A={args.eval_A}, B={args.eval_B}")
+  ev = evaluate(codec, ds, A=args.eval_A, B=args.eval_B, verbose=False)
+  out = {"method": f"QINCo2 (A={args.eval_A}, B={args.eval_B})", "bytes": M,
+         "model": repr(codec), "L": cfg.L, "de": cfg.de, "dh": cfg.dh,
+         "train_A": cfg.A, "train_B": cfg.B, "batch": G, "budget_s": budget_s,
+         "planned_epochs": n_epochs, "epochs": len(epochs),
+         "samples": len(epochs) * steps * G, "train_s": train_s,
+         "train_cpu_s": train_cpu_s,
+         "epoch_train_s": [r["train_s"] for r in epochs],
+         "val_mse": [r["val_mse"] for r in epochs],
+         "best_val_mse": min([r["val_mse"] for r in records if "val_mse" in r]),
+         "probe_samples_s": probe["samples_s"], **ev}
+  log(f"QINCo2 {M} bytes: MSE {out['mse']:.4f}, R@1 {out.get('R@1', float('nan')):.4f}")
+  return out
+
+
+# ------------------------------------------------------------------ report
+def fmt_table(rows: list[dict[str, Any]]) -> list[str]:
+  lines = ["| method | bytes | train vectors | MSE | R@1 | R@10 | R@100 | train (s) | "
+           "encode (us/vec) | decode (us/vec) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    rec = " | ".join(f"{r[k]:.4f}" if k in r else "-" for k in ("R@1", "R@10", "R@100"))
+    lines.append(f"| {r['method']} | {r['bytes']} | {r['n_train']:,} | {r['mse']:.4f} | "
+                 f"{rec} | {r['train_s']:.1f} | {r['encode_us']:.1f} | "
+                 f"{r['decode_us']:.2f} |")
+  return lines
+
+
+def section(res: dict[str, Any]) -> str:
+  a = res["args"]
+  q = res.get("qinco")
+  rq32 = next(r for r in res["baselines"] if r["method"] == "RQ beam 32")
+  tp = res["throughput"]
+  rows = ([dict(q, n_train=res["n_train_qinco"])] if q else []) + res["baselines"]
+  L = [DOC_START, "## Quantizer comparison on GloVe (QINCo2 vs faiss PQ/OPQ/RQ/LSQ)", "",
+       f"Measured {res['date']} on {res['machine']} (JAX {jax.__version__}, "
+       f"{res['devices']}); the machine was shared with other jobs during the run, so "
+       "times are indicative. Command:", "",
+       "```bash", res["command"], "```", "",
+       f"GloVe 6B 50-d split of `qj.data.load_glove()`: {res['n_train_qinco']:,} "
+       f"training vectors, {res['n_val']:,} validation, {res['n_db']:,} database "
+       f"vectors (the test set), {res['n_q']:,} queries. MSE: sum over dimensions, mean "
+       "over database vectors (`qj.metrics.mse`). R@k: 1-recall@k of the raw queries "
+       "searched exhaustively among the decoded database. Encode and decode times are "
+       "per database vector, single process.", ""]
+  if q:
+    budget_min = q["budget_s"] / 60
+    L += [f"**QINCo2 training budget: {budget_min:.0f} minutes of CPU wall time** "
+          f"(the issue's target is 60 minutes; we could not afford it here). Model "
+          f"qinco2-S shape with L={q['L']}, de={q['de']}, dh={q['dh']}, M={q['bytes']} "
+          f"(K=256); trained at A={q['train_A']}, B={q['train_B']}, batch {q['batch']}, "
+          f"for {q['epochs']} epochs of {q['samples'] // max(q['epochs'], 1):,} samples "
+          f"({q['samples']:,} samples, {q['train_s'] / 60:.1f} min wall including the RQ "
+          f"initialisation and per-epoch validation, {q['train_cpu_s'] / 60:.1f} "
+          f"CPU-min); 1 warm-up epoch then a quarter cosine; best validation MSE "
+          f"{q['best_val_mse']:.4f}. Evaluated at A={q['A']}, B={q['B']}"
+          + (" (A=16, B=32 would take several more minutes on the shared CPU)"
+             if (q["A"], q["B"]) != (16, 32) else "") + "."
+          + (f" The budget was cut from {a['budget_min']:.0f} minutes by "
+             "`--deadline_min`, which caps the whole run." if
+             q["budget_s"] < a["budget_min"] * 60 - 1 else ""), ""]
+  L += fmt_table(rows) + [""]
+  L += [f"faiss baselines are trained on the first {a['faiss_train']:,} training vectors "
+        f"(LSQ: {a['lsq_train']:,}, {a['lsq_iters']} training iterations; OPQ: "
+        f"{a['opq_iters']} iterations; faiss threads: "
+        f"{a['faiss_threads'] or 'faiss default'}). PQ and OPQ zero-pad the 50-d vectors to a "
+        "multiple of the number of sub-quantizers.", ""]
+  if q:
+    ratio = q["mse"] / rq32["mse"]
+    verdict = "meets" if ratio <= 0.85 else "does not meet"
+    L += [f"**QINCo2 MSE / RQ beam 32 MSE = {q['mse']:.4f} / {rq32['mse']:.4f} = "
+          f"{ratio:.3f}** (goal: <= 0.85 within a 60-minute CPU budget; this "
+          f"{budget_min:.0f}-minute run {verdict} it).", ""]
+  if res["qinco_skipped"]:
+    L += ["QINCo2 at " + ", ".join(f"{m} bytes" for m in res["qinco_skipped"]) +
+          ": skipped, the time budget did not allow a second training run.", ""]
+  L += ["Rate-distortion (`docs/rate_distortion.png`): database MSE per code size; "
+        "QINCo2 points are the prefixes `codec.decode(codes[:, :m])` of the 8-byte "
+        "codes (one model, m = 1..8 bytes).", "",
+        "![rate-distortion](rate_distortion.png)", ""]
+  rd = sorted(res["baselines"] + res["rd"], key=lambda r: (r["method"], r["bytes"]))
+  L += ["| method | bytes | MSE |", "|---|---|---|"]
+  L += [f"| {r['method']} | {r['bytes']} | {r['mse']:.4f} |" for r in rd]
+  if q:
+    L += [f"| QINCo2 prefix | {m} | {v:.4f} |"
+          for m, v in enumerate(q["per_step_mse"], 1)]
+  L += ["", "### Training throughput (qinco2-S size)", "",
+        f"{tp['model']}, trained at A={tp['A']}, B={tp['B']}, batch {tp['batch']}: "
+        f"{tp['steps']} steps of `qinco_jax.train.make_train_step` on GloVe batches, "
+        "timed after warm-up (compilation).", "",
+        "| samples/s | samples per CPU-second | FLOPs/sample | GFLOP/s | "
+        "matmul peak GFLOP/s | fraction of peak |", "|---|---|---|---|---|---|",
+        f"| {tp['samples_s']:.0f} | {tp['samples_per_cpu_s']:.0f} | "
+        f"{tp['flops_per_sample'] / 1e6:.2f} M | {tp['gflops']:.2f} | "
+        f"{res['matmul_peak_gflops']:.1f} | {tp['gflops'] / res['matmul_peak_gflops']:.1%} |",
+        "",
+        "FLOPs per sample = encode forward at A=4, B=4 (pre-selection distances, the "
+        "residual blocks of the B x A candidates, scores) + 3 x decode forward (decoder "
+        "forward and backward); the peak is a jitted float32 2048x2048 `jnp.dot` "
+        "measured in the same run.", DOC_END]
+  return "\n".join(L)
+
+
+def write_section(path: str, text: str):
+  """Replaces this script's section of `path` (appends it, or creates the file)."""
+  if os.path.exists(path):
+    doc = open(path).read()
+    i, j = doc.find(DOC_START), doc.find(DOC_END)
+    if i >= 0 and j > i:
+      doc = doc[:i] + text + doc[j + len(DOC_END):]
+    else:
+      doc = doc.rstrip("\n") + "\n\n" + text + "\n"
+  else:
+    doc = text + "\n"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(doc)
+  os.replace(tmp, path)
+
+
+def plot(res: dict[str, Any], path: str):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  rows = res["baselines"] + res["rd"]
+  for name in dict.fromkeys(r["method"] for r in rows):
+    pts = sorted((r["bytes"], r["mse"]) for r in rows if r["method"] == name)
+    ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "s", label=f"faiss {name}", ms=5)
+  q = res.get("qinco")
+  if q:
+    m = np.arange(1, len(q["per_step_mse"]) + 1)
+    ax.plot(m, q["per_step_mse"], "k*-", ms=8, lw=2,
+            label=f"QINCo2 prefixes (A={q['A']}, B={q['B']})")
+  ax.set_xlabel("bytes per vector (codes, K=256)")
+  ax.set_ylabel("database MSE (sum over dims)")
+  ax.set_yscale("log")
+  ax.set_title(f"Rate-distortion on {res['dataset']}")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# ------------------------------------------------------------------ main
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true",
+                 help="smoke test on a small slice, tiny budget; writes under runs/ only")
+  p.add_argument("--budget_min", type=float, default=25.0,
+                 help="QINCo2 training wall-time budget in minutes (per code size)")
+  p.add_argument("--deadline_min", type=float, default=None,
+                 help="optional cap on the whole run: the QINCo2 budget shrinks to fit")
+  p.add_argument("--bytes", type=int, nargs="+", default=[8],
+                 help="code sizes for the QINCo2 and baseline table (16 is costly)")
+  p.add_argument("--rd_bytes", type=int, nargs="*", default=[4, 16],
+                 help="extra code sizes of the cheap baselines, for the plot")
+  p.add_argument("--de", type=int, default=64)
+  p.add_argument("--dh", type=int, default=128)
+  p.add_argument("--train_A", type=int, default=4)
+  p.add_argument("--train_B", type=int, default=4)
+  p.add_argument("--eval_A", type=int, default=16)
+  p.add_argument("--eval_B", type=int, default=32)
+  p.add_argument("--batch", type=int, default=1024)
+  p.add_argument("--loop", type=int, default=290_000, help="samples per epoch")
+  p.add_argument("--probe_steps", type=int, default=10,
+                 help="timed steps used to pick the number of epochs")
+  p.add_argument("--faiss_train", type=int, default=100_000)
+  p.add_argument("--lsq_train", type=int, default=50_000)
+  p.add_argument("--lsq_iters", type=int, default=25)
+  p.add_argument("--opq_iters", type=int, default=50)
+  p.add_argument("--faiss_threads", type=int, default=None,
+                 help="OpenMP threads of faiss (default: faiss's own; 1 is faster when "
+                 "the cores are shared with other jobs)")
+  p.add_argument("--tp_steps", type=int, default=30,
+                 help="timed steps of the throughput measurement")
+  p.add_argument("--workdir", default=os.path.join(REPO_ROOT, "runs", "bench_quantizers"))
+  p.add_argument("--doc", default=None, help="markdown file (default docs/benchmarks.md)")
+  p.add_argument("--plot", default=None, help="PNG (default docs/rate_distortion.png)")
+  p.add_argument("--verbose", action="store_true", help="training progress bars")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.workdir = os.path.join(REPO_ROOT, "runs", "bench_quantizers_quick")
+    args.budget_min = min(args.budget_min, 1.5)
+    args.loop = min(args.loop, 16_384)
+    args.faiss_train, args.lsq_train = min(args.faiss_train, 5_000), min(args.lsq_train, 2_000)
+    args.lsq_iters, args.opq_iters = min(args.lsq_iters, 2), min(args.opq_iters, 4)
+    args.eval_A, args.eval_B = min(args.eval_A, 4), min(args.eval_B, 8)
+    args.tp_steps, args.probe_steps = min(args.tp_steps, 3), min(args.probe_steps, 3)
+    args.rd_bytes = [4]
+  args.doc = args.doc or (os.path.join(args.workdir, "benchmarks.md") if args.quick
+                          else DEFAULT_DOC)
+  args.plot = args.plot or (os.path.join(args.workdir, "rate_distortion.png")
+                            if args.quick else DEFAULT_PLOT)
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  t_start = time.perf_counter()
+  os.makedirs(args.workdir, exist_ok=True)
+  if args.faiss_threads:
+    import faiss
+    faiss.omp_set_num_threads(args.faiss_threads)
+  ds = qj.data.load_glove()
+  if args.quick:
+    ds = quick_dataset(ds)
+  log(f"{ds.name}: train {len(ds.train)}, val {len(ds.val)}, db {len(ds.db)}, "
+      f"queries {len(ds.queries)}")
+  cmd = "python experiments/bench_quantizers.py"
+  if sys.argv[1:] and argv is None:
+    cmd += " " + shlex.join(sys.argv[1:])
+  res: dict[str, Any] = {
+      "date": datetime.date.today().isoformat(),
+      "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+      "devices": ", ".join(sorted({d.platform for d in jax.devices()})),
+      "command": cmd, "args": vars(args), "dataset": ds.name,
+      "n_train_qinco": len(ds.train), "n_val": len(ds.val), "n_db": len(ds.db),
+      "n_q": len(ds.queries), "baselines": [], "rd": [], "qinco_skipped": []}
+  main_M = args.bytes[0]
+  for M in args.bytes:
+    res["baselines"] += baselines(ds, M, args)
+  res["rd"] = rd_baselines(ds, [m for m in args.rd_bytes if m not in args.bytes], args)
+  log("training throughput of a qinco2-S-sized model")
+  s_cfg = qj.preset("qinco2-S", M=8, L=2, de=128, dh=256, A=4, B=4)
+  res["throughput"] = train_throughput(s_cfg, ds, 1024 if not args.quick else 256,
+                                       steps=args.tp_steps)
+  res["matmul_peak_gflops"] = matmul_peak(2048)
+  log(f"throughput {res['throughput']['samples_s']:.0f} samples/s, "
+      f"{res['throughput']['gflops']:.1f} GFLOP/s; matmul peak "
+      f"{res['matmul_peak_gflops']:.1f} GFLOP/s")
+  budget_s = args.budget_min * 60
+  if args.deadline_min is not None:
+    left = args.deadline_min * 60 - (time.perf_counter() - t_start)
+    eval_reserve = 240.0 * (len(ds.db) / 90_000) + 60.0
+    if left - eval_reserve < budget_s:
+      log(f"deadline: QINCo2 budget cut from {budget_s / 60:.1f} to "
+          f"{max(left - eval_reserve, 60) / 60:.1f} min")
+      budget_s = max(left - eval_reserve, 60.0)
+  res["qinco"] = qinco_run(ds, main_M, budget_s, args)
+  res["qinco_skipped"] = [m for m in args.bytes if m != main_M] + (
+      [16] if 16 not in args.bytes else [])
+  res["total_s"] = time.perf_counter() - t_start
+  with open(os.path.join(args.workdir, "results.json"), "w") as f:
+    json.dump(res, f, indent=2)
+  text = section(res)
+  print(text, flush=True)
+  write_section(args.doc, text)
+  plot(res, args.plot)
+  log(f"done in {res['total_s'] / 60:.1f} min; wrote {os.path.relpath(args.doc)} and "
+      f"{os.path.relpath(args.plot)}")
+
+
+if __name__ == "__main__":
+  main()
