@@ -100,7 +100,7 @@ def load_state(path: str | os.PathLike, abstract: nnx.State) -> nnx.State:
   Raises ValueError when the saved arrays do not match the expected model (another
   configuration or data dimension).
   """
-  path = Path(path)
+  path = Path(path).absolute()  # Orbax wants absolute paths
   target = nnx.to_pure_dict(abstract)
   try:
     saved = _ckpt().restore(path / STATE_DIR)

@@ -91,6 +91,14 @@ def test_save_load_round_trip(trained, tmp_path):
                                 codec.decode(codes, verbose=False))
 
 
+def test_save_load_with_relative_path(trained, tmp_path, monkeypatch):
+  codec, train = trained
+  monkeypatch.chdir(tmp_path)
+  codec.save("rel/codec")
+  np.testing.assert_array_equal(qj.load("rel/codec").encode(train[:5], verbose=False),
+                                codec.encode(train[:5], verbose=False))
+
+
 def test_failed_save_keeps_existing_checkpoint(trained, tmp_path, monkeypatch):
   codec, train = trained
   codec.save(tmp_path / "c")
