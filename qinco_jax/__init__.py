@@ -14,3 +14,4 @@ from qinco_jax.config import PRESETS, QincoConfig, preset
 __version__ = "0.1.0"
 
 __all__ = ["Codec", "load", "preset", "PRESETS", "QincoConfig", "data", "metrics"]
+from qinco_jax import interop, plots  # noqa: E402,F401  (reference checkpoints, faiss, npz; plots)

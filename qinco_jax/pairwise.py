@@ -277,10 +277,13 @@ class PairwiseDecoder:
     K: codewords per position; combined codes are codes[:, a] * K + codes[:, b].
     pairs: T pairs (a, b) of code positions, one per table (a pair may repeat).
     tables: (T, K * K, D) float32.
+    base_tables: optional (M, K, D) float32 AQ tables read from positions 0..M-1 and
+      added to the pairwise sum (the decoder then refines the AQ decoder).
   """
   K: int
   pairs: list[tuple[int, int]]
   tables: np.ndarray
+  base_tables: Optional[np.ndarray] = None
 
   def __post_init__(self):
     self.K = int(self.K)
@@ -327,6 +330,9 @@ class PairwiseDecoder:
                        f"{self.n_positions - 1}, got only {codes_ext.shape[1]} columns")
     out = np.zeros((len(codes_ext), self.d), np.float32)
     c = codes_ext.astype(np.int64)
+    if self.base_tables is not None:
+      for m, table in enumerate(self.base_tables):
+        out += table[c[:, m]]
     for (a, b), table in zip(self.pairs, self.tables):
       out += table[c[:, a] * self.K + c[:, b]]
     return out
@@ -338,6 +344,7 @@ class PairwiseDecoder:
         "K": np.int64(self.K),
         "pairs": np.asarray(self.pairs, np.int64).reshape(-1, 2),
         "tables": self.tables,
+        **({} if self.base_tables is None else {"base_tables": self.base_tables}),
     })
 
   @classmethod
@@ -360,7 +367,8 @@ class PairwiseDecoder:
       if version != _FORMAT_VERSION:
         raise ValueError(f"'{path}': unsupported pairwise decoder format {version}")
       pairs = [tuple(p) for p in z["pairs"].tolist()]
-      return cls(K=int(z["K"]), pairs=pairs, tables=z["tables"])
+      base = z["base_tables"] if "base_tables" in z.files else None
+      return cls(K=int(z["K"]), pairs=pairs, tables=z["tables"], base_tables=base)
 
 
 # --------------------------------------------------------------------------------------
@@ -368,7 +376,8 @@ class PairwiseDecoder:
 
 
 def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables: int,
-                 n_eval: int = 100_000, verbose: bool = False) -> PairwiseDecoder:
+                 n_eval: int = 100_000, verbose: bool = False,
+                 shrink: float = 0.0, holdout: int = 0) -> PairwiseDecoder:
   """Greedy fit of `n_tables` pairwise tables (2M in the paper).
 
   With R the current residual (float32 copy of `residuals`), each iteration, for every
@@ -388,6 +397,13 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
     n_tables: number of tables to select (>= 0).
     n_eval: the selection MSE is measured on the first min(n_eval, n) rows.
     verbose: show a progress bar with the current MSE.
+    shrink: ridge penalty lambda per table entry: T[g] = S[g] / (c[g] + lambda)
+      (0 = the plain group mean of the spec). With few training vectors per
+      combined code (K^2 = 65,536 entries per table), the plain means over-fit and
+      shrinking them toward 0 helps; see docs/design.md.
+    holdout: if > 0, tables are fitted on rows [holdout:] only, the selection MSE is
+      measured on the held-out rows [:holdout] (n_eval is then ignored), and the
+      greedy loop stops early when no pair lowers the held-out MSE.
 
   Returns:
     the fitted `PairwiseDecoder`.
@@ -417,20 +433,38 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
   pairs: list[tuple[int, int]] = []
   tables = np.zeros((n_tables, KK, D), np.float32)
   bar = tqdm(range(n_tables), desc="pairwise tables", disable=not verbose, leave=False)
+  if holdout:
+    if not 0 < holdout < n:
+      raise ValueError(f"holdout must be in [1, n={n}), got {holdout}")
+    n_eval = holdout
   for t in bar:
     base = float(np.einsum("nd,nd->", R[:n_eval], R[:n_eval], dtype=np.float64))
     best = None  # (sse, pair, table)
     for a, b in all_pairs:
       idx = codes[:, a] * K + codes[:, b]
+      if holdout:  # fit on the other rows, score on the held-out ones
+        s_eval = _segment_sum(idx[:n_eval], R[:n_eval], KK)
+        c_eval = np.bincount(idx[:n_eval], minlength=KK)
+        c_fit = np.bincount(idx[n_eval:], minlength=KK).astype(np.float64)
+        inv = np.divide(1.0, c_fit + shrink, out=np.zeros(KK), where=c_fit > 0)
+        table = _segment_sum(idx[n_eval:], R[n_eval:], KK) * inv.astype(np.float32)[:, None]
+        per_group = c_eval * np.einsum("gd,gd->g", table, table) - 2.0 * np.einsum(
+            "gd,gd->g", s_eval, table)
+        sse = base + float(per_group.sum(dtype=np.float64))
+        if best is None or sse < best[0]:
+          best = (sse, (a, b), table)
+        continue
       s_eval = _segment_sum(idx[:n_eval], R[:n_eval], KK)
       c_eval = np.bincount(idx[:n_eval], minlength=KK)
       # With T = S_all / c_all (0 where c_all = 0), the SSE on the eval rows is
       #   base - 2 sum_g S_eval[g].T[g] + sum_g c_eval[g] ||T[g]||^2.
-      if n_eval < n:
-        c_all = c_eval + np.bincount(idx[n_eval:], minlength=KK)
-        inv = (1.0 / np.maximum(c_all, 1)).astype(np.float32)
-        table = s_eval + _segment_sum(idx[n_eval:], R[n_eval:], KK)
-        table *= inv[:, None]
+      if n_eval < n or shrink > 0:
+        c_all = c_eval + (np.bincount(idx[n_eval:], minlength=KK) if n_eval < n else 0)
+        inv = np.divide(1.0, c_all + shrink, out=np.zeros(KK),
+                        where=c_all > 0).astype(np.float32)
+        table = s_eval + (_segment_sum(idx[n_eval:], R[n_eval:], KK) if n_eval < n
+                          else 0.0)
+        table = table * inv[:, None]
         per_group = c_eval * np.einsum("gd,gd->g", table, table) - 2.0 * np.einsum(
             "gd,gd->g", s_eval, table)
       else:  # S_eval = S_all: the SSE drops by sum_g ||S[g]||^2 / c[g]
@@ -442,6 +476,9 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
       if best is None or sse < best[0]:
         best = (sse, (a, b), table)
     sse, (a, b), table = best
+    if holdout and sse >= base:  # no pair helps on held-out rows any more
+      tables = tables[:t]
+      break
     pairs.append((a, b))
     tables[t] = table
     R -= table[codes[:, a] * K + codes[:, b]]

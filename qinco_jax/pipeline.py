@@ -55,14 +55,22 @@ def load_shards(out_dir: str | os.PathLike, name: str = "codes_db") -> np.ndarra
 
 def build(codec, train_x, db_codes: np.ndarray, out_dir: str | os.PathLike, *,
           A: int | None = None, B: int | None = None, n_aq_train: int = N_AQ_TRAIN,
-          n_pairwise_codebooks: int = 2, verbose: bool = True):
+          n_pairwise_codebooks: int = 2, pairwise_mode: str = "aq_refine",
+          pairwise_shrink: float = 16.0, verbose: bool = True):
   """Fits the AQ and pairwise decoders on encoded training vectors and builds the index.
 
   Args:
     codec: IVF-QINCo2 codec (cfg.ivf_K > 0).
     train_x: (n, D) raw training vectors (the first n_aq_train are encoded).
     db_codes: (n_db, M + 1) database codes.
+    pairwise_mode: "aq_refine" (default): up to 2M pair tables fitted on the residual
+      of the AQ decoder, with shrunk group means (`pairwise_shrink`) and pairs chosen
+      and stopped on held-out training rows, so the decoder is never worse than AQ on
+      unseen vectors; "spec": the plain greedy fit of spec 12.2 (over-fits unless the
+      training set is much larger than K^2 = 65,536 per table).
   """
+  if pairwise_mode not in ("aq_refine", "spec"):
+    raise ValueError(f"pairwise_mode must be 'aq_refine' or 'spec', got {pairwise_mode!r}")
   if not codec.cfg.ivf_K:
     raise ValueError("the search pipeline needs an IVF-QINCo2 codec (cfg.ivf_K > 0)")
   out = Path(out_dir)
@@ -77,8 +85,14 @@ def build(codec, train_x, db_codes: np.ndarray, out_dir: str | os.PathLike, *,
   sizes = np.bincount(codes[:, 0], minlength=codec.cfg.ivf_K)
   extra = pairwise.ivf_extra_codes(centroids, sizes, K=min(codec.K, codec.cfg.ivf_K))
   ext = pairwise.extended_codes(codes[:, 1:], codes[:, 0], extra)
-  pw = pairwise.fit_pairwise(ext, r, codec.K, n_pairwise_codebooks * codec.M,
-                             verbose=verbose)
+  n_tables = n_pairwise_codebooks * codec.M
+  if pairwise_mode == "spec":
+    pw = pairwise.fit_pairwise(ext, r, codec.K, n_tables, verbose=verbose)
+  else:
+    pw = pairwise.fit_pairwise(ext, r - aq.aq_decode(tables, codes[:, 1:]), codec.K,
+                               n_tables, verbose=verbose, shrink=pairwise_shrink,
+                               holdout=max(1, min(100_000, len(x) // 5)))
+    pw.base_tables = tables
   index = index_lib.build_index(centroids, tables, codes, np.asarray(db_codes))
   _save(out, codec, index, centroids, tables, extra, pw)
   return Searcher(codec, index, centroids, pw, extra)

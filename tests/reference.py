@@ -24,7 +24,7 @@ def randomize(codec, scale: float = 0.3, seed: int = 0):
   for leaf in leaves:
     fan_in = leaf.shape[-2] if leaf.ndim >= 3 else 1
     s = scale / np.sqrt(fan_in) if leaf.ndim >= 3 else scale
-    new.append(np.asarray(leaf) + s * rng.standard_normal(leaf.shape).astype(np.float32))
+    new.append((np.asarray(leaf) + s * rng.standard_normal(leaf.shape)).astype(np.float32))
   params = jax.tree.unflatten(tdef, new)
   rest = state.filter(lambda path, v: not isinstance(v, nnx.Param))
   return codec.replace_state(nnx.merge_state(params, rest))

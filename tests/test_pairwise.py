@@ -164,3 +164,23 @@ def test_extended_codes_and_errors():
     pairwise.PairwiseDecoder(K=4, pairs=[(0, 1)], tables=np.zeros((1, 15, 2)))
   with pytest.raises(ValueError, match="non-negative"):
     pairwise.ivf_extra_codes(np.zeros((4, 2)), np.array([1, -1, 2, 2]))
+
+
+def test_holdout_fit_stops_on_noise_and_base_tables_round_trip(tmp_path):
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 4, size=(2000, 3))
+  noise = rng.standard_normal((2000, 2)).astype(np.float32)  # unrelated to the codes
+  pw = pairwise.fit_pairwise(codes, noise, 4, 5, shrink=4.0, holdout=500)
+  assert len(pw.pairs) <= 1  # held-out rows reject tables that only fit noise
+  signal = np.zeros((4 * 4, 2), np.float32)
+  signal[:, 0] = np.arange(16)
+  r = signal[codes[:, 0] * 4 + codes[:, 2]] + 0.01 * noise
+  pw = pairwise.fit_pairwise(codes, r, 4, 3, shrink=0.0, holdout=500)
+  assert pw.pairs[0] == (0, 2)
+  pw.base_tables = rng.standard_normal((3, 4, 2)).astype(np.float32)
+  pw.save(tmp_path / "pw.npz")
+  back = pairwise.PairwiseDecoder.load(tmp_path / "pw.npz")
+  np.testing.assert_allclose(back.decode(codes), pw.decode(codes), rtol=1e-6)
+  expected = sum(pw.base_tables[m][codes[:, m]] for m in range(3)) + sum(
+      t[codes[:, a] * 4 + codes[:, b]] for (a, b), t in zip(pw.pairs, pw.tables))
+  np.testing.assert_allclose(pw.decode(codes), expected, rtol=1e-5, atol=1e-6)

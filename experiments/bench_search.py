@@ -1,0 +1,139 @@
+"""Search benchmark on the GloVe default: IVF-QINCo2 pipeline vs faiss IVF-RQ / IVF-PQ.
+
+  python experiments/search_bigann.py --workdir=runs/search_glove   # build first
+  python experiments/bench_search.py --workdir=runs/search_glove
+
+Measures, in one run and on the same 380k database / 10k queries: R@1, R@10 and
+queries per second for faiss `IVF{K},RQ8x8` and `IVF{K},PQ8` (trained on the same
+training vectors), and for our index with (b) AQ distances only, (c) + pairwise
+shortlist, (d) + QINCo2 re-rank; plus a Table-4-style comparison of R@1 after QINCo2
+re-ranking of a 10- and 100-element shortlist chosen by AQ, by the pairwise decoder, or
+by full QINCo2 decoding of a 10x longer AQ list. Writes its section of
+docs/benchmarks.md and docs/speed_recall.png.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import time
+
+import faiss
+import numpy as np
+
+import qinco_jax as qj
+from qinco_jax import pipeline, plots
+from qinco_jax.search import SearchParams
+
+START, END = "<!-- bench_search:start -->", "<!-- bench_search:end -->"
+
+
+def faiss_curve(key, train, db, queries, gt, nprobes):
+  index = faiss.index_factory(db.shape[1], key)
+  t0 = time.perf_counter()
+  index.train(train)
+  index.add(db)
+  build_s = time.perf_counter() - t0
+  rows = []
+  for nprobe in nprobes:
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    t0 = time.perf_counter()
+    _, I = index.search(queries, 100)
+    dt = time.perf_counter() - t0
+    rows.append({"nprobe": nprobe, "qps": len(queries) / dt, **qj.metrics.recall_at(I, gt)})
+  return rows, build_s
+
+
+def ours_curve(searcher, queries, gt, nprobes, **kw):
+  rows = []
+  for nprobe in nprobes:
+    p = SearchParams(nprobe=nprobe, ef_search=max(32, 2 * nprobe), **kw)
+    t0 = time.perf_counter()
+    _, I, _ = searcher.search(queries, k=100, params=p)
+    dt = time.perf_counter() - t0
+    rows.append({"nprobe": nprobe, "qps": len(queries) / dt, **qj.metrics.recall_at(I, gt)})
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--workdir", default="runs/search_glove")
+  ap.add_argument("--nq", type=int, default=10_000, help="queries used")
+  ap.add_argument("--n_faiss_train", type=int, default=100_000)
+  ap.add_argument("--doc", default="docs/benchmarks.md")
+  args = ap.parse_args()
+
+  ds = qj.data.load_glove()
+  db = np.concatenate([np.asarray(ds.db), np.asarray(ds.train)])
+  gt = qj.data.cached_gt(db, ds.queries, 100, tag="glove_search_db")[: args.nq]
+  queries = np.ascontiguousarray(ds.queries[: args.nq], np.float32)
+  searcher = pipeline.load(args.workdir)
+  K_ivf = searcher.centroids.shape[0]
+  nprobes = [1, 2, 4, 8, 16, 32]
+  curves = {}
+  build = {}
+  train = np.ascontiguousarray(ds.train[: args.n_faiss_train], np.float32)
+  for key in (f"IVF{K_ivf},RQ8x8", f"IVF{K_ivf},PQ8"):
+    curves["faiss " + key], build[key] = faiss_curve(key, train, db, queries, gt, nprobes)
+  curves["ours (b) AQ"] = ours_curve(searcher, queries, gt, nprobes, nshort=100,
+                                     use_pairwise=False, use_qinco=False)
+  curves["ours (c) + pairwise"] = ours_curve(searcher, queries, gt, nprobes, nshort=100,
+                                             nmid_short=4, use_qinco=False)
+  curves["ours (d) + QINCo2 re-rank"] = ours_curve(searcher, queries, gt, nprobes,
+                                                   nshort=20, nmid_short=4)
+  table4 = {}
+  for S in (10, 100):
+    base = dict(nprobe=16, ef_search=64, nshort=S)
+    sel = {"AQ": SearchParams(**base, use_pairwise=False),
+           "pairwise": SearchParams(**base, nmid_short=10),
+           "full QINCo2 (10x AQ list)": SearchParams(**{**base, "nshort": 10 * S},
+                                                     use_pairwise=False)}
+    table4[S] = {}
+    for name, p in sel.items():
+      _, I, _ = searcher.search(queries, k=100, params=p)
+      table4[S][name] = qj.metrics.recall_at(I, gt)["R@1"]
+  os.makedirs(os.path.dirname(args.doc) or ".", exist_ok=True)
+  png = os.path.join(os.path.dirname(args.doc), "speed_recall.png")
+  plots.speed_recall({k: [(r["qps"], r["R@1"]) for r in v] for k, v in curves.items()},
+                     path=png)
+  with open(os.path.join(args.workdir, "bench_search.json"), "w") as f:
+    json.dump({"curves": curves, "table4": table4, "build_s": build}, f, indent=1)
+  write_doc(args, curves, table4, K_ivf, len(db))
+
+
+def write_doc(args, curves, table4, K_ivf, n_db):
+  lines = [START, "## Search (experiments/bench_search.py)", "",
+           f"Measured {datetime.date.today()} on this 2-core CPU (faiss and our pipeline in "
+           f"the same run). GloVe: {n_db:,} database vectors (90k db + 290k train), "
+           f"{args.nq:,} queries, {K_ivf} IVF lists, 8-byte codes. Command:", "",
+           "```bash", "python experiments/search_bigann.py --workdir=runs/search_glove",
+           f"python experiments/bench_search.py --workdir={args.workdir} --nq={args.nq}",
+           "```", "", "R@1 / R@10 and queries per second by nprobe:", "",
+           "| method | " + " | ".join(f"nprobe {r['nprobe']}" for r in
+                                        next(iter(curves.values()))) + " |",
+           "|---|" + "---|" * len(next(iter(curves.values())))]
+  for name, rows in curves.items():
+    lines.append(f"| {name} | " + " | ".join(
+        f"{r['R@1']:.3f} / {r['R@10']:.3f} @ {r['qps']:,.0f} qps" for r in rows) + " |")
+  lines += ["", "Shortlist accuracy (Table 4 style): R@1 after QINCo2 re-ranking of an "
+            "S-element shortlist chosen by each decoder (nprobe 16):", "",
+            "| shortlist S | AQ | pairwise (from a 10S AQ list) | full QINCo2 (10S AQ list) |",
+            "|---|---|---|---|"]
+  for S, r in table4.items():
+    lines.append(f"| {S} | " + " | ".join(f"{v:.4f}" for v in r.values()) + " |")
+  lines += ["", "![speed-recall](speed_recall.png)", END]
+  text = open(args.doc).read() if os.path.exists(args.doc) else "# Benchmarks\n"
+  block = "\n".join(lines)
+  if START in text:
+    text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text,
+                  flags=re.S)
+  else:
+    text = text.rstrip() + "\n\n" + block + "\n"
+  with open(args.doc, "w") as f:
+    f.write(text)
+  print(block)
+
+
+if __name__ == "__main__":
+  main()

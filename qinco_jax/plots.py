@@ -1,0 +1,131 @@
+"""Standard plots: rate-distortion and speed-recall curves (matplotlib, imported lazily).
+
+Both functions take `{label: [(x, y), ...]}` and return the matplotlib Figure. With
+`path` they save it (through the Agg canvas, whatever the interactive backend is);
+with `ax` they draw into an existing Axes. Without either they draw through pyplot, so
+the figure shows in a notebook.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+_MPL_HINT = "plotting needs matplotlib: pip install matplotlib"
+
+
+def _check_results(results: Mapping[str, Sequence[Sequence[float]]], what: str,
+                   names: tuple[str, str]) -> dict[str, list[tuple[float, float]]]:
+  if not isinstance(results, Mapping) or not results:
+    raise ValueError(f"{what}: results must be a non-empty dict label -> "
+                     f"[({names[0]}, {names[1]}), ...], got {type(results).__name__}")
+  out = {}
+  for label, points in results.items():
+    try:
+      pts = [(float(a), float(b)) for a, b in points]
+    except (TypeError, ValueError):
+      raise ValueError(f"{what}: results[{label!r}] must be a sequence of "
+                       f"({names[0]}, {names[1]}) number pairs") from None
+    if not pts:
+      raise ValueError(f"{what}: results[{label!r}] has no points")
+    bad = [p for p in pts if not all(map(math.isfinite, p))]
+    if bad:
+      raise ValueError(f"{what}: results[{label!r}] has non-finite points {bad[:3]}")
+    out[str(label)] = pts
+  return out
+
+
+def _figure(ax, path):
+  """(fig, ax, owns_figure): an existing Axes, an Agg figure to save, or a pyplot one."""
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    raise ImportError(_MPL_HINT) from None
+  if ax is not None:
+    return ax.figure, ax
+  if path is not None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(5.5, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 4.0), layout="constrained")
+  return fig, ax
+
+
+def _log_y(ax):
+  """Log-scale y axis with plain-number tick labels (minor ones on short ranges)."""
+  from matplotlib.ticker import LogFormatter
+  ax.set_yscale("log")
+  ax.yaxis.set_major_formatter(LogFormatter())
+  ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
+
+
+def _finish(fig, ax, title: str | None, path: str | os.PathLike | None):
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  if title:
+    ax.set_title(title)
+  if path is not None:
+    fig.savefig(os.fspath(path), dpi=120)
+  return fig
+
+
+def rate_distortion(results: Mapping[str, Sequence[tuple[float, float]]],
+                    path: str | os.PathLike | None = None, ax: Any = None, *,
+                    xlabel: str = "bytes per vector", ylabel: str = "MSE",
+                    logy: bool = True, title: str | None = None):
+  """Plots MSE against code size, one line per method.
+
+  Args:
+    results: {label: [(bytes_or_codes, mse), ...]}, e.g. MSE of prefix decoding
+      with m = 1..M codes; points are drawn sorted by rate.
+    path: save the figure there (png, pdf, svg, ... from the extension).
+    ax: draw into this matplotlib Axes instead of a new figure.
+    xlabel, ylabel, title: axis labels and title.
+    logy: log-scale MSE axis.
+  Returns:
+    The matplotlib Figure.
+  """
+  res = _check_results(results, "rate_distortion", ("rate", "mse"))
+  fig, ax = _figure(ax, path)
+  for label, pts in res.items():
+    xs, ys = zip(*sorted(pts))
+    ax.plot(xs, ys, marker="o", label=label)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if logy:
+    _log_y(ax)
+  return _finish(fig, ax, title, path)
+
+
+def speed_recall(results: Mapping[str, Sequence[tuple[float, float]]],
+                 path: str | os.PathLike | None = None, ax: Any = None, *,
+                 recall_label: str = "R@1", logy: bool = True,
+                 title: str | None = None):
+  """Plots search speed against recall (recall on x, queries per second on y).
+
+  Args:
+    results: {label: [(qps, recall), ...]}, one point per operating point of a
+      method (e.g. a parameter sweep); points are drawn sorted by recall.
+    path: save the figure there.
+    ax: draw into this matplotlib Axes instead of a new figure.
+    recall_label: name of the recall measure for the x axis (e.g. "R@10").
+    logy: log-scale QPS axis.
+    title: figure title.
+  Returns:
+    The matplotlib Figure.
+  """
+  res = _check_results(results, "speed_recall", ("qps", "recall"))
+  fig, ax = _figure(ax, path)
+  for label, pts in res.items():
+    recalls, qps = zip(*sorted((r, q) for q, r in pts))
+    ax.plot(recalls, qps, marker="o", label=label)
+  ax.set_xlabel(recall_label)
+  ax.set_ylabel("queries per second")
+  if logy:
+    _log_y(ax)
+  return _finish(fig, ax, title, path)
