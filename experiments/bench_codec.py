@@ -49,6 +49,7 @@ MODELS = ("qinco2-S", "qinco2-L")
 SETTINGS = ((16, 32), (32, 64))
 BREAKDOWN_AB = (16, 32)
 FAISS_BEAM = 32
+PAGE = 4096  # bytes per page, for the page-fault column
 LONG_CALL = 4  # a call this many times over --target-s is not repeated
 DOC_START = "<!-- bench_codec:start -->"
 DOC_END = "<!-- bench_codec:end -->"
@@ -128,6 +129,17 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
   """Median wall time of `repeats` calls of fn, after one warm-up call."""
   timed(fn)
   return statistics.median(timed(fn) for _ in range(repeats))
+
+
+def page_faults(fn: Callable[[], object]) -> int | None:
+  """Minor page faults (fresh memory touched) of this process during fn()."""
+  try:
+    import resource
+  except ImportError:  # not on this platform
+    return None
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  jax.block_until_ready(fn())
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]],
@@ -233,64 +245,78 @@ def xla_flops(jitted, *args) -> float:
     return float("nan")
 
 
-def step_breakdown(codec: qj.Codec, A: int, B: int, chunk: int,
+def looped(fn: Callable, n_iter: int) -> Callable:
+  """jit of n_iter dependent calls of fn(a, *rest) in a `lax.scan`, like encoder steps.
+
+  Each iteration adds a scalar derived from the previous output to `a`, so XLA can
+  neither drop nor hoist the repeated work; buffers are allocated once per call and
+  reused across iterations, as in the encoder (a part jitted alone would pay for
+  fresh, page-faulting memory on every call).
+  """
+  def run(a, *rest):
+    def body(s, _):
+      leaf = jax.tree.leaves(fn(a + s, *rest))[0]
+      return s + 1e-30 * jnp.sum(leaf.astype(jnp.float32)), None
+    return jax.lax.scan(body, jnp.zeros((), a.dtype), None, length=n_iter)[0]
+  return jax.jit(run)
+
+
+def step_breakdown(codec: qj.Codec, A: int, B: int, chunk: int, n_iter: int,
                    repeats: int) -> dict[str, float]:
   """Seconds of one encoder network step on one chunk, and of its parts.
 
-  Each part is jitted alone at the shapes of `encode.network_step`:
+  Each part runs n_iter times in a scan (`looped`) at the shapes of
+  `encode.network_step`; times are per iteration:
     step   the whole network_step (pre-selection, gathers, tail, selection);
     tail   StepNet.tail on (chunk, B, A, E): the residual-block GEMMs and P_out;
     pre    pre-selection distances (chunk, B, K) and their top-A;
     select the final scores over (chunk, B * A) and their top-B;
-    gemm   two bare GEMMs (rows, E) @ (E, H) @ (H, E) at the same rows, no relu/adds.
+    gemm   one block's two GEMMs (rows, E) @ (E, H) @ (H, E), without relu or adds.
+  Assumes a learned pre-selection codebook (A > 0, Ls = 0), as in the presets.
   """
   model = codec.model()
   net_def, net_state = nnx.split(model.steps)
   st = jax.tree.map(lambda a: a[0], net_state)
   C, Cp = model.codebooks[...][0], model.pre_codebooks[...][0]
-  E = codec.cfg.embed_dim(codec.d)
-  H = codec.cfg.dh
+  E, H = codec.cfg.embed_dim(codec.d), codec.cfg.dh
   keys = jax.random.split(jax.random.key(1), 6)
   x = jax.random.normal(keys[0], (chunk, codec.d))
   x_hat = 0.5 * jax.random.normal(keys[1], (chunk, B, codec.d))
   h0 = jax.random.normal(keys[2], (chunk, B, A, E))
   c = jax.random.normal(keys[3], (chunk, B, A, codec.d))
   valid = jnp.ones((chunk, B), bool)
-  w_up = jax.random.normal(keys[4], (E, H))
-  w_down = jax.random.normal(keys[5], (H, E))
+  w_up = jax.random.normal(keys[4], (E, H)) / np.sqrt(E)
+  w_down = jax.random.normal(keys[5], (H, E)) / np.sqrt(H)
 
-  @jax.jit
-  def step(st, x, x_hat, valid):
+  def step(x, st, x_hat, valid, C, Cp):
     net = nnx.merge(net_def, st)
     return enc.network_step(x, x_hat, valid, C, Cp, net, None, A, B)
 
-  @jax.jit
-  def tail(st, h0, c):
+  def tail(h0, st, c):
     return nnx.merge(net_def, st).tail(h0, c)
 
-  @jax.jit
-  def pre(x, x_hat):
-    return jax.lax.top_k(-enc.sq_dists(x[:, None] - x_hat, Cp), A)[1]
+  def pre(x, x_hat, Cp):
+    return jax.lax.top_k(-enc.sq_dists(x[:, None] - x_hat, Cp), A)
 
-  @jax.jit
   def select(x, x_hat, f):
     dist = jnp.sum((x[:, None, None] - x_hat[:, :, None] - f) ** 2, -1)
     return jax.lax.top_k(-dist.reshape(chunk, -1), B)
 
-  step_cost = xla_flops(step, st, x, x_hat, valid)
-
-  @jax.jit
-  def gemm(h):
+  def gemm(h, w_up, w_down):
     return (h.reshape(-1, E) @ w_up) @ w_down
 
-  out = interleaved_times({
-      "step": lambda: step(st, x, x_hat, valid),
-      "tail": lambda: tail(st, h0, c),
-      "pre": lambda: pre(x, x_hat),
-      "select": lambda: select(x, x_hat, c),
-      "gemm": lambda: gemm(h0),
-  }, repeats)
-  return {**out, "xla_flops": step_cost}
+  calls = {  # weights are arguments, as in the encoder, never baked-in constants
+      "step": (step, (x, st, x_hat, valid, C, Cp)),
+      "tail": (tail, (h0, st, c)),
+      "pre": (pre, (x, x_hat, Cp)),
+      "select": (select, (x, x_hat, c)),
+      "gemm": (gemm, (h0, w_up, w_down)),
+  }
+  fns = {k: functools.partial(looped(f, n_iter), *a) for k, (f, a) in calls.items()}
+  times = interleaved_times(fns, repeats)
+  out = {k: t / n_iter for k, t in times.items()}
+  out["xla_flops"] = xla_flops(jax.jit(step), *calls["step"][1])
+  return out
 
 
 # ------------------------------------------------------------------ the run
@@ -341,6 +367,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--sweep-models", nargs="*", default=["qinco2-S"],
                  help="models whose encode rate is also measured per chunk size")
   p.add_argument("--sweep-chunks", nargs="+", type=int, default=[8, 16, 32, 128])
+  p.add_argument("--breakdown-iters", type=int, default=None,
+                 help="network steps per timed call in the breakdown (default: as "
+                      "many as fit in ~target-s/4, at most M-1)")
   p.add_argument("--no-breakdown", action="store_true")
   p.add_argument("--no-faiss", action="store_true")
   p.add_argument("--doc", default=None,
@@ -384,17 +413,24 @@ def decode_throughput(name: str, codec: qj.Codec, args) -> float:
   return rate
 
 
-def breakdown(name: str, codec: qj.Codec, args) -> dict[str, float]:
-  """`step_breakdown` at BREAKDOWN_AB, plus GFLOP/s of the blocks and bare GEMMs."""
+def breakdown(name: str, codec: qj.Codec, enc_rate: float, args) -> dict[str, float]:
+  """`step_breakdown` at BREAKDOWN_AB, plus GFLOP/s of the blocks and bare GEMMs.
+
+  enc_rate (vectors/s at BREAKDOWN_AB) sizes the steps per timed call.
+  """
   A, B = BREAKDOWN_AB
   chunk = args.chunk or codec.chunk_size(A, B)
-  brk, peak = bracketed(
-      lambda: step_breakdown(codec, A, B, chunk, max(args.repeats, 2)), args.peak_n)
+  n_iter = args.breakdown_iters
+  if n_iter is None:
+    step_s = chunk / enc_rate / (codec.M - 1)
+    n_iter = int(np.clip(round(args.target_s / 4 / step_s), 1, codec.M - 1))
+  brk, peak = bracketed(lambda: step_breakdown(
+      codec, A, B, chunk, n_iter, args.repeats), args.peak_n)
   rows = chunk * B * A
   E, H = codec.cfg.embed_dim(codec.d), codec.cfg.dh
   ours = encode_flops(codec.cfg, codec.d, A, B, chunk) - 2 * codec.K * codec.d
   ours_step = ours * chunk / (codec.M - 1)
-  brk.update(peak=peak, chunk=chunk, xla_ratio=brk["xla_flops"] / ours_step,
+  brk.update(peak=peak, chunk=chunk, n_iter=n_iter, xla_ratio=brk["xla_flops"] / ours_step,
              tail_gflops=tail_flops(codec.cfg, codec.d, rows) / brk["tail"] / 1e9,
              gemm_gflops=rows * 4 * E * H / brk["gemm"] / 1e9)
   log(f"{name}: step breakdown " + ", ".join(
@@ -417,12 +453,14 @@ def chunk_sweep(name: str, codec: qj.Codec, x: np.ndarray, args) -> dict:
     n = lcm * int(np.clip(units, 1, max(1, len(x) // lcm)))
     times = interleaved_times({c: functools.partial(run, c, n) for c in chunks},
                               args.repeats)
-    return {c: n / t for c, t in times.items()}
+    faults = {c: page_faults(functools.partial(run, c, c)) for c in chunks}
+    return {c: n / t for c, t in times.items()}, faults
 
-  rates, peak = bracketed(sweep, args.peak_n)
+  (rates, faults), peak = bracketed(sweep, args.peak_n)
   gflop = {c: encode_flops(codec.cfg, codec.d, A, B, c) / 1e9 for c in chunks}
   log(f"{name}: chunk sweep " + ", ".join(f"{c}: {r:.1f}" for c, r in rates.items()))
-  return {"rates": rates, "gflop": gflop, "peak": peak, "default": default}
+  return {"rates": rates, "gflop": gflop, "peak": peak, "default": default,
+          "faults": faults}
 
 
 def bench_model(name: str, train: np.ndarray, x: np.ndarray, args):
@@ -433,7 +471,8 @@ def bench_model(name: str, train: np.ndarray, x: np.ndarray, args):
   dec = decode_throughput(name, codec, args)
   for r in rows:
     r.dec_rate = dec
-  brk = {} if args.no_breakdown else breakdown(name, codec, args)
+  rate = next(r.enc_rate for r in rows if (r.A, r.B) == BREAKDOWN_AB)
+  brk = {} if args.no_breakdown else breakdown(name, codec, rate, args)
   sweep = chunk_sweep(name, codec, x, args) if name in args.sweep_models else {}
   return rows, brk, sweep
 
@@ -472,16 +511,16 @@ def results_table(rows: list[Row], faiss: dict[str, float]) -> str:
 
 
 def breakdown_table(brks: dict[str, dict]) -> str:
-  head = ("| model | chunk | one step (ms) | residual blocks + P_out | pre-selection "
+  head = ("| model | chunk | steps per call | one step (ms) | residual blocks + P_out | pre-selection "
           "(dists + top-A) | final scores + top-B | rest (gathers, adds) "
           "| blocks: GFLOP/s (% of peak) | bare GEMMs: GFLOP/s (% of peak) |\n"
-          "|---|---|---|---|---|---|---|---|---|\n")
+          "|---|---|---|---|---|---|---|---|---|---|\n")
   lines = []
   for name, b in brks.items():
     pct = lambda v: f"{v * 1e3:.1f} ms ({100 * v / b['step']:.0f}%)"
     rest = max(b["step"] - b["tail"] - b["pre"] - b["select"], 0.0)
     eff = lambda g: f"{g:.0f} ({100 * g / b['peak']:.0f}%)"
-    lines.append(f"| {name} | {b['chunk']} | {b['step'] * 1e3:.1f} | {pct(b['tail'])} | "
+    lines.append(f"| {name} | {b['chunk']} | {b['n_iter']} | {b['step'] * 1e3:.1f} | {pct(b['tail'])} | "
                  f"{pct(b['pre'])} | {pct(b['select'])} | {pct(rest)} | "
                  f"{eff(b['tail_gflops'])} | {eff(b['gemm_gflops'])} |")
   return head + "\n".join(lines) + "\n"
@@ -489,14 +528,17 @@ def breakdown_table(brks: dict[str, dict]) -> str:
 
 def sweep_table(sweeps: dict[str, dict]) -> str:
   head = ("| model | chunk (vectors per call) | rows per GEMM | encode vec/s "
-          "| % of peak |\n|---|---|---|---|---|\n")
+          "| % of peak | fresh memory per call (minor page faults) |\n"
+          "|---|---|---|---|---|---|\n")
   lines = []
   A, B = BREAKDOWN_AB
   for name, sw in sweeps.items():
     for c, rate in sw["rates"].items():
       mark = " (default)" if c == sw["default"] else ""
+      f = sw["faults"][c]
+      mem = "-" if f is None else f"{f * PAGE / 2**20:,.0f} MiB ({f:,})"
       lines.append(f"| {name} | {c}{mark} | {c * A * B:,} | {_fmt_rate(rate)} | "
-                   f"{100 * rate * sw['gflop'][c] / sw['peak']:.0f}% |")
+                   f"{100 * rate * sw['gflop'][c] / sw['peak']:.0f}% | {mem} |")
   return head + "\n".join(lines) + "\n"
 
 
@@ -547,9 +589,11 @@ encoder chunk, encoding costs
 (M-1) ([E!=D] 2DE + 2(E+D)E + L 2(2EH) + [E!=D] 2ED). Only multiply-adds and the
 score are counted; relu, residual adds and gathers are not.
 
-**Where the encoder's time goes.** One network step on one chunk at A={bA}, B={bB},
-each part jitted alone at the encoder's shapes; "bare GEMMs" are the same
-(rows, E) @ (E, H) @ (H, E) products without relu or residual adds:
+**Where the encoder's time goes.** One network step on one chunk at A={bA}, B={bB}:
+each part is jitted alone at the encoder's shapes and run for a few dependent
+iterations in a `lax.scan` (as the encoder runs its steps), timed per iteration;
+"bare GEMMs" are one block's (rows, E) @ (E, H) @ (H, E) products without relu or
+residual adds. Parts are timed separately, so shares are approximate:
 
 {breakdown}
 Encode rate against the encoder chunk (`codec.encode(..., chunk_size=c)`; the
@@ -581,16 +625,20 @@ def _goal_sentence(row: Row, b: dict) -> str:
 
 
 def _sweep_sentence(name: str, sw: dict) -> str | None:
-  rates, default = sw["rates"], sw["default"]
+  rates, default, faults = sw["rates"], sw["default"], sw["faults"]
   best = max(rates, key=rates.get)
   if default not in rates or best == default:
     return None
   rows = best * BREAKDOWN_AB[0] * BREAKDOWN_AB[1]
+  why = ("the (rows x H) block activations stay nearer the cache, so the GEMMs and "
+         "the relu/residual passes over their outputs wait less on memory")
+  if faults.get(default) and faults.get(best) is not None:
+    why = (f"a default call touches {faults[default] * PAGE / 2**20:,.0f} MiB of fresh "
+           f"memory ({faults[default]:,} page faults) against "
+           f"{faults[best] * PAGE / 2**20:,.0f} MiB, and " + why)
   return (f"- {name}: a chunk of {best} vectors ({rows:,} candidate rows per GEMM) "
           f"encodes {rates[best] / rates[default]:.2f}x as fast as the default "
-          f"{default}, with the same FLOPs: with smaller chunks the (rows x H) "
-          "activations of the blocks stay in cache, so the GEMMs and the relu/residual "
-          "passes over their outputs wait less on memory.")
+          f"{default}, with the same FLOPs: {why}.")
 
 
 def analysis_text(rows: list[Row], brks: dict[str, dict], sweeps: dict[str, dict]) -> str:
