@@ -72,7 +72,7 @@ class Codec:
     self.graphdef = nnx.graphdef(abstract_model(cfg, self.d))
     self.state = state
     self.info = dict(info or {})
-    self._placed = None  # (mesh, state) replicated on the local devices
+    self._placed = None  # (mesh, source state, its copy replicated on local devices)
 
   # ----------------------------------------------------------------- creation
   @classmethod

@@ -27,7 +27,8 @@ def evaluate(codec, ds: Dataset, A: int | None = None, B: int | None = None,
   db = ds.db if n_db is None else ds.db[:n_db]
   A = codec.cfg.A if A is None else A
   B = codec.cfg.B if B is None else B
-  codec.encode(db[:8], A=A, B=B, verbose=False)  # compile before timing
+  warm = codec.encode(db[:8], A=A, B=B, verbose=False)  # compile before timing
+  codec.decode(warm, verbose=False)
   t0 = time.perf_counter()
   codes = codec.encode(db, A=A, B=B, verbose=verbose)
   t1 = time.perf_counter()
