@@ -246,19 +246,36 @@ def xla_flops(jitted, *args) -> float:
 
 
 def looped(fn: Callable, n_iter: int) -> Callable:
-  """jit of n_iter dependent calls of fn(a, *rest) in a `lax.scan`, like encoder steps.
+  """jit of n_iter calls of fn(a, *rest) in a `lax.scan`, as the encoder runs its steps.
 
-  Each iteration adds a scalar derived from the previous output to `a`, so XLA can
-  neither drop nor hoist the repeated work; buffers are allocated once per call and
-  reused across iterations, as in the encoder (a part jitted alone would pay for
-  fresh, page-faulting memory on every call).
+  Iteration i multiplies the float leaves of `a` (keep it small: weights, or the
+  (N, D) targets) by one ** i, where `one` = 1.0 is a runtime argument: the values
+  are unchanged but XLA cannot hoist the work out of the loop. fn's outputs are
+  carried through the loop and returned, not reduced, so that no consumer fuses
+  into fn's own kernels (XLA:CPU folds, e.g., a chain of GEMMs and its sum into one
+  slow kernel). Buffers are allocated once per call and reused across iterations,
+  as in the encoder.
   """
-  def run(a, *rest):
-    def body(s, _):
-      leaf = jax.tree.leaves(fn(a + s, *rest))[0]
-      return s + 1e-30 * jnp.sum(leaf.astype(jnp.float32)), None
-    return jax.lax.scan(body, jnp.zeros((), a.dtype), None, length=n_iter)[0]
-  return jax.jit(run)
+  def scale(v, f):
+    return v * f.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
+
+  @jax.jit
+  def run(one, a, *rest):
+    shapes = jax.eval_shape(fn, a, *rest)
+    out = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)
+
+    def body(_, i):
+      f = one ** i
+      return fn(jax.tree.map(lambda v: scale(v, f), a), *rest), None
+    return jax.lax.scan(body, out, jnp.arange(n_iter, dtype=jnp.float32))[0]
+  return functools.partial(run, jnp.float32(1.0))
+
+
+def gemm_weights(net: enc.StepNet) -> list[jax.Array]:
+  """The kernels `StepNet.tail` multiplies by: U_1, V_1, ..., U_L, V_L, P_out."""
+  ws = [w for blk in net.blocks
+        for w in (blk.up_proj.kernel[...], blk.down_proj.kernel[...])]
+  return ws + ([net.out_proj.kernel[...]] if net.out_proj is not None else [])
 
 
 def step_breakdown(codec: qj.Codec, A: int, B: int, chunk: int, n_iter: int,
@@ -267,33 +284,34 @@ def step_breakdown(codec: qj.Codec, A: int, B: int, chunk: int, n_iter: int,
 
   Each part runs n_iter times in a scan (`looped`) at the shapes of
   `encode.network_step`; times are per iteration:
-    step   the whole network_step (pre-selection, gathers, tail, selection);
-    tail   StepNet.tail on (chunk, B, A, E): the residual-block GEMMs and P_out;
+    step   the whole network_step (pre-selection, gathers, blocks, selection);
+    gemms  only the matrix products of the residual blocks and P_out on the
+           (chunk * B * A) candidate rows, chained, without relu or residual adds;
     pre    pre-selection distances (chunk, B, K) and their top-A;
-    select the final scores over (chunk, B * A) and their top-B;
-    gemm   one block's two GEMMs (rows, E) @ (E, H) @ (H, E), without relu or adds.
+    select the final scores over (chunk, B * A) and their top-B.
   Assumes a learned pre-selection codebook (A > 0, Ls = 0), as in the presets.
   """
   model = codec.model()
   net_def, net_state = nnx.split(model.steps)
   st = jax.tree.map(lambda a: a[0], net_state)
   C, Cp = model.codebooks[...][0], model.pre_codebooks[...][0]
-  E, H = codec.cfg.embed_dim(codec.d), codec.cfg.dh
-  keys = jax.random.split(jax.random.key(1), 6)
+  E = codec.cfg.embed_dim(codec.d)
+  keys = jax.random.split(jax.random.key(1), 4)
   x = jax.random.normal(keys[0], (chunk, codec.d))
   x_hat = 0.5 * jax.random.normal(keys[1], (chunk, B, codec.d))
-  h0 = jax.random.normal(keys[2], (chunk, B, A, E))
-  c = jax.random.normal(keys[3], (chunk, B, A, codec.d))
+  h0 = jax.random.normal(keys[2], (chunk * B * A, E))
+  f = jax.random.normal(keys[3], (chunk, B, A, codec.d))
   valid = jnp.ones((chunk, B), bool)
-  w_up = jax.random.normal(keys[4], (E, H)) / np.sqrt(E)
-  w_down = jax.random.normal(keys[5], (H, E)) / np.sqrt(H)
+  weights = gemm_weights(nnx.merge(net_def, st))
 
   def step(x, st, x_hat, valid, C, Cp):
     net = nnx.merge(net_def, st)
     return enc.network_step(x, x_hat, valid, C, Cp, net, None, A, B)
 
-  def tail(h0, st, c):
-    return nnx.merge(net_def, st).tail(h0, c)
+  def gemms(weights, h):
+    for w in weights:
+      h = h @ w
+    return h
 
   def pre(x, x_hat, Cp):
     return jax.lax.top_k(-enc.sq_dists(x[:, None] - x_hat, Cp), A)
@@ -302,17 +320,13 @@ def step_breakdown(codec: qj.Codec, A: int, B: int, chunk: int, n_iter: int,
     dist = jnp.sum((x[:, None, None] - x_hat[:, :, None] - f) ** 2, -1)
     return jax.lax.top_k(-dist.reshape(chunk, -1), B)
 
-  def gemm(h, w_up, w_down):
-    return (h.reshape(-1, E) @ w_up) @ w_down
-
   calls = {  # weights are arguments, as in the encoder, never baked-in constants
       "step": (step, (x, st, x_hat, valid, C, Cp)),
-      "tail": (tail, (h0, st, c)),
+      "gemms": (gemms, (weights, h0)),
       "pre": (pre, (x, x_hat, Cp)),
-      "select": (select, (x, x_hat, c)),
-      "gemm": (gemm, (h0, w_up, w_down)),
+      "select": (select, (x, x_hat, f)),
   }
-  fns = {k: functools.partial(looped(f, n_iter), *a) for k, (f, a) in calls.items()}
+  fns = {k: functools.partial(looped(fn, n_iter), *a) for k, (fn, a) in calls.items()}
   times = interleaved_times(fns, repeats)
   out = {k: t / n_iter for k, t in times.items()}
   out["xla_flops"] = xla_flops(jax.jit(step), *calls["step"][1])
@@ -330,6 +344,7 @@ class Row:
   gflop_vec: float
   peak: float
   dec_rate: float | None = None
+  dec_gflop_vec: float | None = None
 
   @property
   def gflops(self) -> float:
@@ -379,7 +394,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.n_train, args.n_max, args.target_s, args.repeats = 1000, 64, 0.2, 1
     args.chunk = args.chunk or 4
     args.decode_chunk = args.decode_chunk or 256
-    args.peak_n = args.peak_n or 512
+    args.peak_n = args.peak_n or 1024
     args.sweep_chunks = [2, 4]
   if args.doc is None:
     args.doc = "" if args.quick else DEFAULT_DOC
@@ -426,15 +441,15 @@ def breakdown(name: str, codec: qj.Codec, enc_rate: float, args) -> dict[str, fl
     n_iter = int(np.clip(round(args.target_s / 4 / step_s), 1, codec.M - 1))
   brk, peak = bracketed(lambda: step_breakdown(
       codec, A, B, chunk, n_iter, args.repeats), args.peak_n)
-  rows = chunk * B * A
-  E, H = codec.cfg.embed_dim(codec.d), codec.cfg.dh
   ours = encode_flops(codec.cfg, codec.d, A, B, chunk) - 2 * codec.K * codec.d
   ours_step = ours * chunk / (codec.M - 1)
-  brk.update(peak=peak, chunk=chunk, n_iter=n_iter, xla_ratio=brk["xla_flops"] / ours_step,
-             tail_gflops=tail_flops(codec.cfg, codec.d, rows) / brk["tail"] / 1e9,
-             gemm_gflops=rows * 4 * E * H / brk["gemm"] / 1e9)
+  gemm_flops = tail_flops(codec.cfg, codec.d, chunk * B * A)
+  brk.update(peak=peak, chunk=chunk, n_iter=n_iter,
+             xla_ratio=brk["xla_flops"] / ours_step,
+             gemm_gflops=gemm_flops / brk["gemms"] / 1e9,
+             step_gflops=ours_step / brk["step"] / 1e9)
   log(f"{name}: step breakdown " + ", ".join(
-      f"{k} {brk[k] * 1e3:.1f} ms" for k in ("step", "tail", "pre", "select", "gemm")))
+      f"{k} {brk[k] * 1e3:.1f} ms" for k in ("step", "gemms", "pre", "select")))
   return brk
 
 
@@ -471,6 +486,7 @@ def bench_model(name: str, train: np.ndarray, x: np.ndarray, args):
   dec = decode_throughput(name, codec, args)
   for r in rows:
     r.dec_rate = dec
+    r.dec_gflop_vec = decode_flops(codec.cfg, codec.d) / 1e9
   rate = next(r.enc_rate for r in rows if (r.A, r.B) == BREAKDOWN_AB)
   brk = {} if args.no_breakdown else breakdown(name, codec, rate, args)
   sweep = chunk_sweep(name, codec, x, args) if name in args.sweep_models else {}
@@ -496,33 +512,34 @@ def _fmt_rate(v: float | None) -> str:
 
 def results_table(rows: list[Row], faiss: dict[str, float]) -> str:
   head = ("| model | A | B | encode vec/s | GFLOP/vec | GFLOP/s | matmul peak GFLOP/s "
-          "| % of peak | decode vec/s | encode / faiss RQ |\n"
-          "|---|---|---|---|---|---|---|---|---|---|\n")
+          "| % of peak | decode vec/s | decode GFLOP/s | encode / faiss RQ |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|\n")
   lines = []
   for r in rows:
     ratio = f"{r.enc_rate / faiss['default']:.3g}x" if faiss else "-"
     lines.append(f"| {r.model} | {r.A} | {r.B} | {_fmt_rate(r.enc_rate)} | "
                  f"{r.gflop_vec:.3g} | {r.gflops:.0f} | {r.peak:.0f} | "
-                 f"{r.pct_peak:.0f}% | {_fmt_rate(r.dec_rate)} | {ratio} |")
+                 f"{r.pct_peak:.0f}% | {_fmt_rate(r.dec_rate)} | "
+                 f"{r.dec_rate * r.dec_gflop_vec:.0f} | {ratio} |")
   for label, rate in faiss.items():
     lines.append(f"| faiss RQ, {label} | - | {FAISS_BEAM} | {_fmt_rate(rate)} | "
-                 f"- | - | - | - | - | {rate / faiss['default']:.3g}x |")
+                 f"- | - | - | - | - | - | {rate / faiss['default']:.3g}x |")
   return head + "\n".join(lines) + "\n"
 
 
 def breakdown_table(brks: dict[str, dict]) -> str:
-  head = ("| model | chunk | steps per call | one step (ms) | residual blocks + P_out | pre-selection "
-          "(dists + top-A) | final scores + top-B | rest (gathers, adds) "
-          "| blocks: GFLOP/s (% of peak) | bare GEMMs: GFLOP/s (% of peak) |\n"
+  head = ("| model | chunk | steps per call | one step (ms) | GEMMs only | pre-selection "
+          "(dists + top-A) | final scores + top-B | rest (relu, adds, gathers) "
+          "| step: GFLOP/s (% of peak) | GEMMs only: GFLOP/s (% of peak) |\n"
           "|---|---|---|---|---|---|---|---|---|---|\n")
   lines = []
   for name, b in brks.items():
     pct = lambda v: f"{v * 1e3:.1f} ms ({100 * v / b['step']:.0f}%)"
-    rest = max(b["step"] - b["tail"] - b["pre"] - b["select"], 0.0)
+    rest = max(b["step"] - b["gemms"] - b["pre"] - b["select"], 0.0)
     eff = lambda g: f"{g:.0f} ({100 * g / b['peak']:.0f}%)"
-    lines.append(f"| {name} | {b['chunk']} | {b['n_iter']} | {b['step'] * 1e3:.1f} | {pct(b['tail'])} | "
-                 f"{pct(b['pre'])} | {pct(b['select'])} | {pct(rest)} | "
-                 f"{eff(b['tail_gflops'])} | {eff(b['gemm_gflops'])} |")
+    lines.append(f"| {name} | {b['chunk']} | {b['n_iter']} | {b['step'] * 1e3:.1f} | "
+                 f"{pct(b['gemms'])} | {pct(b['pre'])} | {pct(b['select'])} | "
+                 f"{pct(rest)} | {eff(b['step_gflops'])} | {eff(b['gemm_gflops'])} |")
   return head + "\n".join(lines) + "\n"
 
 
@@ -563,12 +580,13 @@ initialisation: the work does not depend on the weights) on synthetic D=128 vect
     {command}
 
 {date} | {jax} | {device} | {cpus} CPUs.
-Timings are medians of {repeats} repeats after a compile/warm-up call (one timing where a
-single chunk takes over {long_s:.0f} s, as for qinco2-L on CPU). The machine may
-be shared with other jobs, so absolute numbers are noisy: rely on the ratios. The
-matmul peak (a jitted {peak_n}x{peak_n} float32 `jnp.dot`, same default precision as
-the codec) is measured just before and just after each row and averaged, and
-"% of peak" compares the row's GFLOP/s with it.
+Timings are medians of {repeats} repeats after a compile/warm-up call (one timing
+where a single chunk takes over {long_s:.0f} s, as for qinco2-L on CPU). The machine
+may be shared with other jobs, so absolute numbers are noisy: rely on the ratios.
+The matmul peak (a jitted {peak_n}x{peak_n} float32 `jnp.dot`, same default
+precision as the codec) is measured just before and just after each row and
+averaged; "% of peak" compares the row's encode GFLOP/s with it. Decoding uses
+random codes (its cost does not depend on them).
 
 {table}
 faiss: `faiss.ResidualQuantizer(128, 8, 8)` with `max_beam_size={beam}`, codebooks
@@ -589,11 +607,12 @@ encoder chunk, encoding costs
 (M-1) ([E!=D] 2DE + 2(E+D)E + L 2(2EH) + [E!=D] 2ED). Only multiply-adds and the
 score are counted; relu, residual adds and gathers are not.
 
-**Where the encoder's time goes.** One network step on one chunk at A={bA}, B={bB}:
-each part is jitted alone at the encoder's shapes and run for a few dependent
-iterations in a `lax.scan` (as the encoder runs its steps), timed per iteration;
-"bare GEMMs" are one block's (rows, E) @ (E, H) @ (H, E) products without relu or
-residual adds. Parts are timed separately, so shares are approximate:
+**Where the encoder's time goes.** One network step on one chunk at A={bA}, B={bB}.
+Each part is jitted alone at the encoder's shapes and run for a few dependent
+iterations in a `lax.scan` (as the encoder runs its steps), timed per iteration.
+"GEMMs only" chains just the matrix products of the residual blocks and P_out on the
+chunk x B x A candidate rows (no relu, no residual adds); "rest" is the step minus
+the measured parts. Parts are timed separately, so the shares are approximate:
 
 {breakdown}
 Encode rate against the encoder chunk (`codec.encode(..., chunk_size=c)`; the
@@ -614,14 +633,13 @@ def _goal_sentence(row: Row, b: dict) -> str:
   other = max(("pre", "select"), key=lambda k: b[k])
   what = {"pre": f"pre-selection (mostly its top-{row.A} of K)",
           "select": f"the final top-{row.B}"}[other]
-  rest = (f"the largest other part is {what}, {_share(b, other):.0f}% of a step"
-          if _share(b, other) >= 1 else "everything else is under 1% of a step")
+  rest = 100 - min(100.0, _share(b, "gemms") + _share(b, "pre") + _share(b, "select"))
   return (f"- {row.model}, A={row.A}, B={row.B}: {row.pct_peak:.0f}% of the matmul "
-          f"peak, so it {verdict} the 40% goal. The residual blocks take "
-          f"{_share(b, 'tail'):.0f}% of a step and run at "
-          f"{100 * b['tail_gflops'] / b['peak']:.0f}% of the peak (one block's two GEMMs "
-          f"alone, without relu and adds: {100 * b['gemm_gflops'] / b['peak']:.0f}%); "
-          f"{rest}.")
+          f"peak, so it {verdict} the 40% goal. Its GEMMs alone take "
+          f"{_share(b, 'gemms'):.0f}% of a step and run at "
+          f"{100 * b['gemm_gflops'] / b['peak']:.0f}% of the peak; {what} takes "
+          f"{_share(b, other):.1f}%, and relu, residual adds, gathers and scores about "
+          f"{rest:.0f}%.")
 
 
 def _sweep_sentence(name: str, sw: dict) -> str | None:
@@ -653,14 +671,21 @@ def analysis_text(rows: list[Row], brks: dict[str, dict], sweeps: dict[str, dict
   if ratios:
     out.append(
         "- FLOP count check: XLA's cost analysis of one compiled network step gives "
-        f"{min(ratios):.3f}x to {max(ratios):.3f}x our count (it also counts the "
-        "elementwise work).")
-  out.append(
-      "- In short: the encoder is bound by its residual-block GEMMs. They are tall and "
-      "skinny (inner dimension E or H of 128 to 384 against tens of thousands of "
-      "candidate rows), so they reach a smaller fraction of the square-matmul peak, and "
-      "relu and the residual adds are extra passes over rows x H activations. Top-k and "
-      "the gathers are a small share, largest for the small qinco2-S network.")
+        + (f"{min(ratios):.3f}x" if f"{min(ratios):.3f}" == f"{max(ratios):.3f}" else
+           f"{min(ratios):.3f}x to {max(ratios):.3f}x")
+        + " our count (it also counts the elementwise work).")
+  if brks:
+    share = [_share(b, "gemms") for b in brks.values()]
+    eff = [100 * b["gemm_gflops"] / b["peak"] for b in brks.values()]
+    rng = lambda v: f"{min(v):.0f}%" if round(min(v)) == round(max(v)) else \
+        f"{min(v):.0f}-{max(v):.0f}%"
+    out.append(
+        f"- In short: the GEMMs of the residual blocks take {rng(share)} of the "
+        "encoder's time, so they bound it. At these tall, skinny shapes (tens of "
+        "thousands of candidate rows against inner widths E, H of 128 to 384) they "
+        f"reach {rng(eff)} of the square-matmul peak, which is the ceiling for the "
+        "whole encoder; relu and residual-add passes, gathers, scores and top-k share "
+        "the rest.")
   return "\n".join(out)
 
 
@@ -683,7 +708,8 @@ def update_doc(path: str, section: str):
 
 def write_doc(args, env, rows, faiss, brks, sweeps, command):
   section = "## Codec throughput (experiments/bench_codec.py)\n\n" + DOC_TEXT.format(
-      command=command, repeats=args.repeats, long_s=LONG_CALL * args.target_s, peak_n=args.peak_n, beam=FAISS_BEAM,
+      command=command, repeats=args.repeats, long_s=LONG_CALL * args.target_s,
+      peak_n=args.peak_n, beam=FAISS_BEAM,
       n_train=args.n_train, table=results_table(rows, faiss), bA=BREAKDOWN_AB[0],
       bB=BREAKDOWN_AB[1], breakdown=breakdown_table(brks) if brks else "(not run)\n",
       sweep=sweep_table(sweeps) if sweeps else "(not run)\n",
