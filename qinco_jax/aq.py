@@ -17,19 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _check_codes(codes: np.ndarray, K: int, name: str = "codes") -> np.ndarray:
-  """Returns codes as a 2-D integer array after checking its dtype and value range."""
-  codes = np.asarray(codes)
-  if codes.ndim != 2:
-    raise ValueError(f"{name}: expected a 2-D array of shape (n, M), got shape {codes.shape}")
-  if codes.dtype.kind not in "iu":
-    raise ValueError(f"{name}: expected an integer array, got dtype {codes.dtype}")
-  if codes.size:
-    lo, hi = int(codes.min()), int(codes.max())
-    if lo < 0 or hi >= K:
-      raise ValueError(f"{name}: codes must lie in 0..{K - 1}, got range {lo}..{hi}")
-  return codes
+from qinco_jax import data
 
 
 def _one_hot_t_matmul(cols: np.ndarray, values: np.ndarray, n_cols: int) -> np.ndarray:
@@ -103,7 +91,7 @@ def normal_equations(codes: np.ndarray, residuals: np.ndarray, K: int,
 def _check_inputs(codes, residuals, K: int) -> tuple[np.ndarray, np.ndarray]:
   if K < 1:
     raise ValueError(f"K must be >= 1, got {K}")
-  codes = _check_codes(codes, K)
+  codes = data.check_int_matrix(codes, "codes", upper=K)
   residuals = np.asarray(residuals)
   if residuals.dtype.kind not in "iuf":
     raise ValueError(f"residuals: expected a real numeric array, got dtype {residuals.dtype}")
@@ -193,7 +181,7 @@ def aq_decode(tables: np.ndarray, codes: np.ndarray) -> np.ndarray:
   if tables.ndim != 3:
     raise ValueError(f"tables: expected shape (M, K, D), got {tables.shape}")
   M, K, D = tables.shape
-  codes = _check_codes(codes, K)
+  codes = data.check_int_matrix(codes, "codes", upper=K)
   if codes.shape[1] != M:
     raise ValueError(f"codes: expected {M} columns (one per table), got {codes.shape[1]}")
   out = np.zeros((len(codes), D), np.float32)

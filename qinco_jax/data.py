@@ -203,6 +203,23 @@ def as_float32(x: np.ndarray, d: Optional[int] = None, name: str = "x",
   return out
 
 
+def check_int_matrix(codes, name: str, upper: Optional[int] = None) -> np.ndarray:
+  """Returns a 2-D integer array, checking dtype and (optionally) 0 <= codes < upper."""
+  codes = np.asarray(codes)
+  if codes.ndim != 2:
+    raise ValueError(f"{name}: expected a 2-D integer array, got shape {codes.shape}")
+  if codes.dtype.kind not in "iu":
+    raise ValueError(f"{name}: expected an integer array, got dtype {codes.dtype}")
+  if codes.size:
+    lo = int(codes.min())
+    hi = int(codes.max())
+    if lo < 0 or (upper is not None and hi >= upper):
+      bound = "" if upper is None else f"0..{upper - 1}"
+      raise ValueError(f"{name}: codes must lie in {bound or 'non-negative values'}, "
+                       f"got range {lo}..{hi}")
+  return codes
+
+
 def split_train_val(train: np.ndarray, valset: int = 10_000,
                     trainset: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
   """Applies the validation split rule: the last `valset` rows are the validation set.

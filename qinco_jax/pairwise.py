@@ -36,23 +36,6 @@ _CAST_CHUNK = 1 << 16
 # Helpers
 
 
-def _check_int_matrix(codes, name: str, upper: Optional[int] = None) -> np.ndarray:
-  """Returns a 2-D integer array, checking dtype and (optionally) 0 <= codes < upper."""
-  codes = np.asarray(codes)
-  if codes.ndim != 2:
-    raise ValueError(f"{name}: expected a 2-D integer array, got shape {codes.shape}")
-  if codes.dtype.kind not in "iu":
-    raise ValueError(f"{name}: expected an integer array, got dtype {codes.dtype}")
-  if codes.size:
-    lo = int(codes.min())
-    hi = int(codes.max())
-    if lo < 0 or (upper is not None and hi >= upper):
-      bound = "" if upper is None else f"0..{upper - 1}"
-      raise ValueError(f"{name}: codes must lie in {bound or 'non-negative values'}, "
-                       f"got range {lo}..{hi}")
-  return codes
-
-
 def _segment_sum(ids: np.ndarray, values: np.ndarray, n_groups: int,
                  weights: Optional[np.ndarray] = None,
                  dtype: np.dtype = np.float32) -> np.ndarray:
@@ -249,8 +232,8 @@ def extended_codes(qinco_codes: np.ndarray, ivf_ids: np.ndarray,
   Raises:
     ValueError: wrong shapes or dtypes, mismatched row counts, list ids out of range.
   """
-  qinco_codes = _check_int_matrix(qinco_codes, "qinco_codes")
-  extra = _check_int_matrix(extra, "extra")
+  qinco_codes = data.check_int_matrix(qinco_codes, "qinco_codes")
+  extra = data.check_int_matrix(extra, "extra")
   ivf_ids = np.asarray(ivf_ids)
   if ivf_ids.ndim != 1 or ivf_ids.dtype.kind not in "iu":
     raise ValueError(f"ivf_ids: expected a 1-D integer array, got shape {ivf_ids.shape} "
@@ -324,7 +307,7 @@ class PairwiseDecoder:
     Raises:
       ValueError: not a 2-D integer array, too few columns, codes out of range.
     """
-    codes_ext = _check_int_matrix(codes_ext, "codes_ext", upper=self.K)
+    codes_ext = data.check_int_matrix(codes_ext, "codes_ext", upper=self.K)
     if codes_ext.shape[1] < self.n_positions:
       raise ValueError(f"codes_ext: the decoder reads positions up to "
                        f"{self.n_positions - 1}, got only {codes_ext.shape[1]} columns")
@@ -414,7 +397,7 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
   """
   if K < 1:
     raise ValueError(f"K must be >= 1, got {K}")
-  codes_ext = _check_int_matrix(codes_ext, "codes_ext", upper=K)
+  codes_ext = data.check_int_matrix(codes_ext, "codes_ext", upper=K)
   R = data.as_float32(residuals, name="residuals", allow_empty=False).copy()
   n, P = codes_ext.shape
   D = R.shape[1]

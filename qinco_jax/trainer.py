@@ -208,7 +208,7 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
 
   def current_codec():
     params_rest = _host((state.params, state.rest))
-    return codec.replace_state(_merge(*params_rest))
+    return codec.replace_state(nnx.merge_state(*params_rest))
 
   if meta["best_val"] is None:  # validation before training (spec 9.6)
     v = validate(current_codec(), ds.val, A, B, ds.mse_scale)
@@ -267,10 +267,6 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
       break
   mngr.close()
   return load(workdir / "best")
-
-
-def _merge(params, rest):
-  return nnx.merge_state(params, rest)
 
 
 def _abstract_state(model: dict, d: int):
