@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
@@ -30,8 +31,12 @@ flags.DEFINE_string("root", "", "directory of the BigANN/Deep1B files")
 flags.DEFINE_integer("ivf_K", 1024, "IVF lists (2**20 for 1B databases)")
 flags.DEFINE_integer("M", 8, "QINCo codes per vector (bytes)")
 flags.DEFINE_integer("epochs", 5, "training epochs (cosine length)")
-flags.DEFINE_integer("A", 4, "candidates per beam (training and encoding)")
-flags.DEFINE_integer("B", 4, "beam size (training and encoding)")
+flags.DEFINE_float("train_min", 0.0, "training wall-time budget in minutes (0: use "
+                   "--epochs); the cosine then ends with the budget")
+flags.DEFINE_integer("A", 4, "candidates per beam for training (and encoding by default)")
+flags.DEFINE_integer("B", 4, "beam size for training (and encoding by default)")
+flags.DEFINE_integer("enc_A", -1, "encode/build stages: candidates per beam (-1: --A)")
+flags.DEFINE_integer("enc_B", -1, "encode/build stages: beam size (-1: --B)")
 flags.DEFINE_string("shard", "0/1", "encode stage: shard i/n of the database")
 flags.DEFINE_integer("max_experiments", 24, "search stage: settings measured at most")
 
@@ -62,6 +67,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   trainer.initialize_distributed()
   os.makedirs(F.workdir, exist_ok=True)
+  if jax.process_index() == 0:  # what built this workdir (bench_search quotes it)
+    with open(os.path.join(F.workdir, f"command.{F.stage}.txt"), "w") as f:
+      f.write(" ".join(["python", "experiments/search_bigann.py"] + sys.argv[1:]) + "\n")
   train_x, db, queries, gt = load_data()
   stages = STAGES if F.stage == "all" else (F.stage,)
   cents_path = os.path.join(F.workdir, "centroids_ivf.npy")
@@ -69,20 +77,27 @@ def main(argv):
     pipeline.train_ivf(train_x, F.ivf_K, F.workdir, max_points=256 * F.ivf_K)
   if "train" in stages:
     cfg = qj.preset("qinco2-S", M=F.M, L=2, de=64, dh=128, A=F.A, B=F.B, ivf_K=F.ivf_K)
-    tc = train.TrainConfig(epochs=F.epochs, warmup_epochs=1, max_epochs=F.epochs + 1,
-                           stop_patience=3, loop=min(len(train_x), 10_000_000))
+    budget = F.train_min * 60 if F.train_min > 0 else None
+    tc = train.TrainConfig(epochs=F.epochs, warmup_epochs=1, stop_patience=3,
+                           max_epochs=None if budget else F.epochs + 1,
+                           loop=min(len(train_x), 10_000_000), time_budget_s=budget)
     ds = qj.data.Dataset("train", train_x[:-10_000], train_x[-10_000:], None, None,
                          None, 1.0)
     trainer.train_and_evaluate(cfg, tc, ds, os.path.join(F.workdir, "train"),
                                resume=True, ivf_centroids=ivf.load_centroids(cents_path))
   codec = qj.load(os.path.join(F.workdir, "train")) if (
       set(stages) & {"encode", "build"}) else None
+  enc_A = F.A if F.enc_A < 0 else F.enc_A
+  enc_B = F.B if F.enc_B < 0 else F.enc_B
   if "encode" in stages:
     i, n = (int(v) for v in F.shard.split("/"))
-    pipeline.encode_shard(codec, db, F.workdir, i, n, A=F.A, B=F.B)
+    pipeline.encode_shard(codec, db, F.workdir, i, n, A=enc_A, B=enc_B)
   if "build" in stages:
-    pipeline.build(codec, train_x, pipeline.load_shards(F.workdir), F.workdir,
-                   A=F.A, B=F.B)
+    db_codes = pipeline.load_shards(F.workdir)
+    # GloVe: the database ends with the training set, whose codes the build reuses.
+    train_codes = db_codes[len(db) - len(train_x):] if F.data == "glove" else None
+    pipeline.build(codec, train_x, db_codes, F.workdir, A=enc_A, B=enc_B,
+                   train_codes=train_codes)
   if "search" in stages:
     searcher = pipeline.load(F.workdir)
     front = sweep.run_sweep(searcher, queries, gt, os.path.join(F.workdir, "sweep.jsonl"),

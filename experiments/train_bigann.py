@@ -6,7 +6,8 @@
       --config.data.root=/data/bigann --config.model.M=16 --workdir=runs/s16
 
 Without flags it trains the small GloVe model (experiments/configs/glove_small.py).
-Overrides: --config.model.A=4 --config.ds.loop=1000000 --config.resume=True ...
+Overrides: --config.model.A=4 --config.ds.loop=1000000 --config.resume=True
+--config.train.time_budget_s=3600 ...; --print_config shows what they resolve to.
 """
 
 import os
@@ -24,12 +25,18 @@ config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "glove_small.py"), "experiment config",
     lock_config=True)
 flags.DEFINE_string("workdir", "runs/glove", "checkpoints, metrics and eval output")
+flags.DEFINE_bool("print_config", False,
+                  "print the model and training configs the flags resolve to, and exit")
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save info lines out
-  experiment.run(flags.FLAGS.config, flags.FLAGS.workdir)
+  c = flags.FLAGS.config
+  if flags.FLAGS.print_config:
+    print(experiment.describe(c))
+    return
+  experiment.run(c, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Kept in the package (not in the script) so tests and notebooks run the same code
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -33,6 +34,15 @@ def train_config(c) -> train.TrainConfig:
   over = _set(dict(c.train))
   over["loop"] = c.ds.loop
   return train.train_preset(c.preset, **over)
+
+
+def describe(c) -> str:
+  """The resolved model and training configs of an experiment config, as JSON
+  (the data dimension is not known before loading, so `de` shows the preset's)."""
+  mcfg, tcfg = model_config(c, 0), train_config(c)
+  return json.dumps({"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg),
+                     "data": c.data.to_dict(), "ds": c.ds.to_dict(),
+                     "eval": c.eval.to_dict()}, indent=2, default=str)
 
 
 def dataset(c) -> data.Dataset:

@@ -56,13 +56,15 @@ def load_shards(out_dir: str | os.PathLike, name: str = "codes_db") -> np.ndarra
 def build(codec, train_x, db_codes: np.ndarray, out_dir: str | os.PathLike, *,
           A: int | None = None, B: int | None = None, n_aq_train: int = N_AQ_TRAIN,
           n_pairwise_codebooks: int = 2, pairwise_mode: str = "aq_refine",
-          pairwise_shrink: float = 16.0, verbose: bool = True):
+          pairwise_shrink: float = 16.0, verbose: bool = True, train_codes=None):
   """Fits the AQ and pairwise decoders on encoded training vectors and builds the index.
 
   Args:
     codec: IVF-QINCo2 codec (cfg.ivf_K > 0).
     train_x: (n, D) raw training vectors (the first n_aq_train are encoded).
     db_codes: (n_db, M + 1) database codes.
+    train_codes: optional codes of train_x (rows in the same order), e.g. a slice of
+      db_codes when the database contains the training set: skips re-encoding.
     pairwise_mode: "aq_refine" (default): up to 2M pair tables fitted on the residual
       of the AQ decoder, with shrunk group means (`pairwise_shrink`) and pairs chosen
       and stopped on held-out training rows, so the decoder is never worse than AQ on
@@ -79,7 +81,13 @@ def build(codec, train_x, db_codes: np.ndarray, out_dir: str | os.PathLike, *,
   std, mean = float(m.data_std[...]), np.asarray(m.data_mean[...])
   centroids = np.asarray(m.ivf_centroids[...]) * std + mean  # raw units
   x = data.as_float32(np.asarray(train_x[:n_aq_train]), name="train_x")
-  codes = codec.encode(x, A=A, B=B, verbose=verbose)
+  if train_codes is not None:  # already encoded (the database holds the training set)
+    codes = data.check_int_matrix(np.asarray(train_codes[: len(x)]), "train_codes")
+    if codes.shape != (len(x), codec.n_codes):
+      raise ValueError(f"train_codes: expected shape ({len(x)}, {codec.n_codes}) (one "
+                       f"row per training vector used), got {codes.shape}")
+  else:
+    codes = codec.encode(x, A=A, B=B, verbose=verbose)
   r = x - centroids[codes[:, 0]]
   tables = aq.fit_aq(codes[:, 1:], r, codec.K)
   sizes = np.bincount(codes[:, 0], minlength=codec.cfg.ivf_K)

@@ -10,6 +10,7 @@ The epoch loop, validation and checkpoints live in `trainer.py`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -44,6 +45,11 @@ class TrainConfig:
   reset_dead_codes: bool = True  # spec 9.7 (QINCo2 recipe)
   seed: int = 0
   log_every: int = 50  # steps between metric reads (each read syncs the host)
+  # Wall-time budget in seconds for the whole train_and_evaluate call (None = off).
+  # The warm-up stays in epochs; the quarter cosine is planned in steps so that it
+  # ends when the budget does, and re-planned after every epoch from the measured
+  # time per step (validation included). `epochs` then only seeds the first plan.
+  time_budget_s: float | None = None
 
   def __post_init__(self):
     if self.optimizer not in ("adamw", "adam"):
@@ -53,6 +59,12 @@ class TrainConfig:
     for name in ("lr", "batch_per_device", "loop", "epochs"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+    if self.time_budget_s is not None:
+      if not self.time_budget_s > 0:
+        raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s!r}")
+      if self.schedule != "cosine":
+        raise ValueError("time_budget_s needs the 'cosine' schedule, got "
+                         f"{self.schedule!r}")
 
   @property
   def total_epochs(self) -> int:
@@ -83,13 +95,31 @@ def lr_factor(t: Array, cfg: TrainConfig) -> Array:
   return jnp.maximum(jnp.where(t < w, warm, cos), cfg.lr_min_fact)
 
 
+def budget_lr(step: int, steps_per_epoch: int, plan_steps: int, cfg: TrainConfig) -> float:
+  """Learning rate of update `step` (0-based) under a time budget: the warm-up of
+  cfg.warmup_epochs, then a quarter cosine ending at update `plan_steps`, floored at
+  cfg.lr * cfg.lr_min_fact. Same curve as `lr_factor` with the cosine in steps."""
+  t = step + 1
+  warm = cfg.warmup_epochs * steps_per_epoch
+  if t < warm:
+    f = t / warm
+  else:
+    p = min((t - warm) / max(plan_steps - warm, 1), 1.0)
+    f = math.cos(p * math.pi / 2)
+  return cfg.lr * max(f, cfg.lr_min_fact)
+
+
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Element-wise clip, then Adam(W) with the lr schedule (a hyperparameter in state)."""
-  if cfg.schedule == "cosine":
+  """Element-wise clip, then Adam(W) with the lr schedule (a hyperparameter in state).
+
+  With cfg.time_budget_s the lr is a plain hyperparameter that the trainer sets
+  before every update (`budget_lr`).
+  """
+  if cfg.schedule == "cosine" and cfg.time_budget_s is None:
     def lr(count):  # count = updates done so far; t is updated before each batch
       return cfg.lr * lr_factor((count + 1) / steps_per_epoch, cfg)
   else:
-    lr = cfg.lr  # "plateau": the trainer rescales it between epochs
+    lr = cfg.lr  # "plateau" or time budget: the trainer sets it
   if cfg.optimizer == "adamw":
     opt = optax.inject_hyperparams(optax.adamw)(
         learning_rate=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)

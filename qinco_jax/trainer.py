@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -157,6 +158,7 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
     ivf_centroids: (ivf_K, d) raw IVF centroids when model_cfg.ivf_K > 0 (frozen
       step 0; spec 4.1).
   """
+  t_call = time.perf_counter()
   workdir = Path(workdir).absolute()  # Orbax wants absolute paths
   workdir.mkdir(parents=True, exist_ok=True)
   verbose = verbose and is_main()
@@ -198,6 +200,9 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
   else:
     meta = {"epoch": 0, "best_val": None, "bad_epochs": 0, "lr_scale": 1.0}
   state = jax.device_put(state, replicated)
+  budget = train_cfg.time_budget_s
+  t_start = t_call - meta.get("elapsed_s", 0.0)  # the budget counts earlier sessions
+  meta.setdefault("plan_steps", int((train_cfg.warmup_epochs + train_cfg.epochs) * steps))
   step_fn = train.make_train_step(graphdef, tx, codec.cfg.A, codec.cfg.B)
   batch_sharding = NamedSharding(mesh, P("data"))
   writer = MetricWriter(workdir)
@@ -216,16 +221,32 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
     writer.write({"epoch": -1, "step": 0, **v})
     if is_main():
       current_codec().save(workdir / "best")
-  for epoch in range(meta["epoch"], train_cfg.total_epochs):
+  n_epochs = train_cfg.total_epochs
+  if budget is not None and train_cfg.max_epochs is None:
+    n_epochs = 1 << 30  # the time budget (or early stopping) ends the run
+  gstep = int(_host(state.step))  # updates done (host copy of state.step)
+  t_loop, step_loop, first_epoch = time.perf_counter(), gstep, meta["epoch"]
+  for epoch in range(meta["epoch"], n_epochs):
+    if budget is not None and gstep >= meta["plan_steps"]:
+      break
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc=f"epoch {epoch}", unit="batch", disable=not verbose,
                leave=False)
+    done = 0
     for j in bar:
+      if budget is not None:
+        if gstep >= meta["plan_steps"]:
+          break  # the budget ends inside this epoch
+        state = _set_lr(state, train.budget_lr(gstep, steps, meta["plan_steps"],
+                                               train_cfg), replicated)
+      gstep += 1
+      done = j + 1
       idx = order.indices(epoch, j)[rows]
       batch = jax.make_array_from_process_local_data(
           batch_sharding, _read_rows(ds.train, idx), (G, codec.d))
       state, m = step_fn(state, batch)
-      if (j + 1) % train_cfg.log_every == 0 or j + 1 == steps:
+      last = j + 1 == steps or (budget is not None and gstep >= meta["plan_steps"])
+      if (j + 1) % train_cfg.log_every == 0 or last:
         m = {k: float(v) for k, v in m.items()}
         _check_finite(m, epoch, j)
         rate = (j + 1) * G / (time.perf_counter() - t0)
@@ -252,11 +273,21 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
         meta["bad_epochs"] % train_cfg.plateau_patience == 0):
       state = _scale_lr(state, 0.1, train_cfg)
     meta["epoch"] = epoch + 1
+    now = time.perf_counter()
+    meta["elapsed_s"] = now - t_start
+    if budget is not None:  # re-plan from the time per update so far (validation incl.)
+      per_step = (now - t_loop) / max(gstep - step_loop, 1)
+      left = int((budget - meta["elapsed_s"]) / per_step)
+      meta["plan_steps"] = _agree(gstep + max(left, 0))
+      if epoch == first_epoch:  # later plans leave out the compile-heavy first epoch
+        t_loop, step_loop = now, gstep
     _save(mngr, epoch + 1, state, meta)
     record = {"epoch": epoch, "step": int(state.step), "train_s": train_s,
-              "samples_s": steps * G / train_s, "unused_codes": n_unused,
+              "samples": done * G, "samples_s": done * G / train_s,
+              "unused_codes": n_unused,
               "train_entropy": _entropy_bits(hist),
               "resets": n_unused if train_cfg.reset_dead_codes else [0] * codec.M,
+              "elapsed_s": meta["elapsed_s"], "plan_steps": meta["plan_steps"],
               "best_val_mse": meta["best_val"], **v}
     writer.write(record)
     if verbose:
@@ -290,6 +321,21 @@ def _check_finite(m: dict[str, float], epoch: int, step: int):
     raise FloatingPointError(
         f"training diverged at epoch {epoch}, step {step}: metrics {m}. The last good "
         "checkpoint is intact; lower the learning rate or check the data.")
+
+
+def _agree(v: int) -> int:
+  """Process 0's value on every process (plans must match for the collectives)."""
+  if jax.process_count() == 1:
+    return int(v)
+  return int(multihost_utils.broadcast_one_to_all(np.int64(v)))
+
+
+def _set_lr(state: train.TrainState, lr: float, sharding) -> train.TrainState:
+  hp = state.opt[-1].hyperparams
+  # Every process passes the same value (the plan is agreed), as multi-host needs.
+  hp["learning_rate"] = jax.make_array_from_process_local_data(
+      sharding, np.asarray(lr, hp["learning_rate"].dtype), ())
+  return state
 
 
 def _scale_lr(state: train.TrainState, factor: float, cfg: train.TrainConfig):

@@ -57,3 +57,24 @@ def test_config_override_applies(tmp_path):
   c.model.A = 4
   m = experiment.model_config(c, 128)
   assert (m.M, m.A, m.B) == (16, 4, 32)
+
+
+@pytest.mark.parametrize("name", ["glove_small", "qinco2_s"])
+def test_command_line_overrides_parse_and_apply(name):
+  # Fields left at "the preset's value" must still take --config.x.y=value flags
+  # (through the real entry point; --print_config resolves them and exits).
+  import subprocess
+  r = subprocess.run(
+      [sys.executable, os.path.join(EXPERIMENTS, "train_bigann.py"),
+       f"--config={os.path.join(EXPERIMENTS, 'configs', name + '.py')}",
+       "--config.model.M=16", "--config.model.A=4", "--config.model.de=32",
+       "--config.train.lr=0.002", "--config.train.time_budget_s=90",
+       "--config.train.max_epochs=7", "--config.eval.B=64", "--config.ds.loop=5000",
+       "--print_config"], capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stderr[-2000:]
+  c = json.loads(r.stdout)
+  assert (c["model"]["M"], c["model"]["A"], c["model"]["de"]) == (16, 4, 32)
+  t = c["train"]
+  assert (t["lr"], t["time_budget_s"], t["max_epochs"], t["loop"]) == (0.002, 90.0, 7, 5000)
+  assert c["eval"]["B"] == 64

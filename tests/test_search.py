@@ -57,6 +57,18 @@ def test_index_stores_the_injected_codes(built):
     np.testing.assert_array_equal(codes, db_codes[ids, 1:])
 
 
+def test_build_reuses_given_training_codes(built, tmp_path):
+  out, ds, codec, db_codes, _ = built
+  train_codes = codec.encode(ds.train, verbose=False)
+  pipeline.build(codec, ds.train, db_codes, tmp_path, verbose=False,
+                 train_codes=train_codes)
+  np.testing.assert_allclose(np.load(tmp_path / "aq_tables.npy"),
+                             np.load(out / "aq_tables.npy"), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="train_codes"):
+    pipeline.build(codec, ds.train, db_codes, tmp_path, verbose=False,
+                   train_codes=train_codes[:, 1:])
+
+
 def test_recall_well_above_chance_and_rerank_helps(built):
   _, ds, _, _, searcher = built
   nq = len(ds.queries)

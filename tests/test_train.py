@@ -164,3 +164,35 @@ def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   log_a = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
   assert any(r.get("epoch") == 2 and "val_mse" in r for r in log_a)
+
+
+def test_budget_lr_is_the_epoch_schedule_in_steps():
+  cfg = train.TrainConfig(warmup_epochs=2, epochs=5, time_budget_s=60.0)
+  steps = 4
+  plan = int((cfg.warmup_epochs + cfg.epochs) * steps)
+  got = [train.budget_lr(s, steps, plan, cfg) for s in range(plan + 3)]
+  t = (np.arange(plan + 3) + 1) / steps
+  np.testing.assert_allclose(got, cfg.lr * np.asarray(train.lr_factor(jnp.asarray(t), cfg)),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="time_budget_s"):
+    train.TrainConfig(time_budget_s=0)
+  with pytest.raises(ValueError, match="cosine"):
+    train.TrainConfig(time_budget_s=10, schedule="plateau")
+
+
+def test_time_budget_ends_the_run_and_anneals_the_lr(tmp_path):
+  ds = qj.data.load_synthetic(n_train=2048, n_db=100, n_queries=10, d=8, n_val=200)
+  cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
+  # The seed plan (1 + 1000 epochs) is far too long: the re-plan must cut it to the
+  # budget, and the lr must reach the floor at the end of the (re-planned) run.
+  tc = train.TrainConfig(epochs=1000, warmup_epochs=1, batch_per_device=128,
+                         stop_patience=10**6, time_budget_s=25.0, log_every=1)
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  log = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  epochs = [r for r in log if "train_s" in r]
+  assert 2 <= len(epochs) < 1000
+  assert epochs[-1]["elapsed_s"] < 25.0 * 1.5
+  assert epochs[-1]["step"] == epochs[-2]["plan_steps"]  # stopped where planned
+  lrs = [r["lr"] for r in log if "lr" in r]
+  assert max(lrs) == pytest.approx(tc.lr, rel=1e-3)
+  assert lrs[-1] < 0.05 * tc.lr  # annealed, not cut off at full lr

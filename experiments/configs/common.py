@@ -6,6 +6,15 @@ Fields: `model` (QincoConfig fields; A and B are the *training* beam), `train`
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def _int():
+  return placeholder(int)  # None (= the preset's value) but overridable from flags
+
+
+def _float():
+  return placeholder(float)
 
 
 def base(preset: str = "qinco2-S") -> ml_collections.ConfigDict:
@@ -14,16 +23,17 @@ def base(preset: str = "qinco2-S") -> ml_collections.ConfigDict:
   c.resume = False
   # Model overrides on top of the preset (None = the preset's value).
   c.model = ml_collections.ConfigDict(dict(
-      K=None, M=None, L=None, de=None, dh=None, A=None, B=None, Ls=None))
+      K=_int(), M=_int(), L=_int(), de=_int(), dh=_int(), A=_int(), B=_int(), Ls=_int()))
   c.model.de_is_D = False  # set True for de = data dimension (no projections)
   c.train = ml_collections.ConfigDict(dict(
-      lr=None, epochs=None, warmup_epochs=None, stop_patience=None, max_epochs=None,
-      batch_per_device=None, seed=0, log_every=50))
+      lr=_float(), epochs=_int(), warmup_epochs=_float(), stop_patience=_int(),
+      max_epochs=_int(), batch_per_device=_int(), seed=0, log_every=50,
+      time_budget_s=_float()))  # seconds of wall time; the cosine ends with the budget
   # Data: "glove" (default), "synthetic", "bigann" (files under data.root), or files.
   c.data = ml_collections.ConfigDict(dict(
       name="glove", root="", trainset="", db="", queries="", gt="", mse_scale=1.0))
   c.ds = ml_collections.ConfigDict(dict(trainset=0, valset=10_000, db=0, loop=10_000_000))
   # Evaluation beam (None = training A/B) and the faiss RQ baseline printed beside it.
-  c.eval = ml_collections.ConfigDict(dict(A=None, B=None, rq_baseline=True, rq_beam=32,
+  c.eval = ml_collections.ConfigDict(dict(A=_int(), B=_int(), rq_baseline=True, rq_beam=32,
                                           rq_train=100_000))
   return c
