@@ -1,6 +1,7 @@
 """Evaluate a trained codec: MSE, per-step MSE, R@1/10/100, codebook usage as JSON.
 
   python experiments/eval.py --model=runs/glove --A=16 --B=32
+  python experiments/eval.py --model=runs/glove --A=8 --B=128 --n_db=10000   # quicker
 """
 
 import json
@@ -14,6 +15,8 @@ flags.DEFINE_string("model", None, "codec directory (or a training workdir)", re
 flags.DEFINE_integer("A", None, "candidates per beam (default: the model's)")
 flags.DEFINE_integer("B", None, "beam size (default: the model's)")
 flags.DEFINE_string("data", "glove", "glove | synthetic")
+flags.DEFINE_integer("n_db", None, "evaluate on the first n_db database vectors only "
+                     "(MSE and usage; recall needs the whole database)")
 
 
 def main(argv):
@@ -21,7 +24,8 @@ def main(argv):
   F = flags.FLAGS
   codec = qj.load(F.model)
   ds = qj.data.load_glove() if F.data == "glove" else qj.data.load_synthetic()
-  print(json.dumps(evaluate(codec, ds, A=F.A, B=F.B, verbose=False), indent=2))
+  print(json.dumps(evaluate(codec, ds, A=F.A, B=F.B, n_db=F.n_db,
+                                           verbose=False), indent=2))
 
 
 if __name__ == "__main__":
