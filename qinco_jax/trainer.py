@@ -275,7 +275,9 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
     meta["epoch"] = epoch + 1
     now = time.perf_counter()
     meta["elapsed_s"] = now - t_start
-    if budget is not None:  # re-plan from the time per update so far (validation incl.)
+    if budget is not None and gstep < meta["plan_steps"]:
+      # Re-plan from the time per update so far (validation included). Once the plan
+      # is reached the run is over: no re-plan, or a last sliver epoch would follow.
       per_step = (now - t_loop) / max(gstep - step_loop, 1)
       left = int((budget - meta["elapsed_s"]) / per_step)
       meta["plan_steps"] = _agree(gstep + max(left, 0))

@@ -193,6 +193,8 @@ def test_time_budget_ends_the_run_and_anneals_the_lr(tmp_path):
   assert 2 <= len(epochs) < 1000
   assert epochs[-1]["elapsed_s"] < 25.0 * 1.5
   assert epochs[-1]["step"] == epochs[-2]["plan_steps"]  # stopped where planned
+  assert epochs[-1]["plan_steps"] == epochs[-1]["step"]  # and no re-plan after it
+  assert epochs[-2]["step"] < epochs[-2]["plan_steps"]  # (no sliver epoch at the end)
   lrs = [r["lr"] for r in log if "lr" in r]
   assert max(lrs) == pytest.approx(tc.lr, rel=1e-3)
   assert lrs[-1] < 0.05 * tc.lr  # annealed, not cut off at full lr
