@@ -616,7 +616,8 @@ the measured parts. Parts are timed separately, so the shares are approximate:
 
 {breakdown}
 Encode rate against the encoder chunk (`codec.encode(..., chunk_size=c)`; the
-default comes from `enc_max_bs` = 65,536 candidate rows per call):
+default comes from `enc_max_bs` = 65,536 candidate rows per call, capped on CPU at
+`CPU_ENC_ROWS` = 8,192):
 
 {sweep}
 {analysis}
