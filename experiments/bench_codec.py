@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 import qinco_jax as qj
+from bench_common import write_section
 from qinco_jax import encode as enc
 
 D = 128
@@ -690,23 +691,6 @@ def analysis_text(rows: list[Row], brks: dict[str, dict], sweeps: dict[str, dict
   return "\n".join(out)
 
 
-def update_doc(path: str, section: str):
-  """Writes `section` between this script's markers in `path`, keeping the rest."""
-  block = f"{DOC_START}\n{section.rstrip()}\n{DOC_END}\n"
-  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-  if DOC_START in text and DOC_END in text:
-    head, rest = text.split(DOC_START, 1)
-    tail = rest.split(DOC_END, 1)[1].lstrip("\n")
-    text = head + block + ("\n" + tail if tail else "")
-  else:
-    text = text.rstrip("\n") + "\n\n" + block
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_doc(args, env, rows, faiss, brks, sweeps, command):
   section = "## Codec throughput (experiments/bench_codec.py)\n\n" + DOC_TEXT.format(
       command=command, repeats=args.repeats, long_s=LONG_CALL * args.target_s,
@@ -715,7 +699,8 @@ def write_doc(args, env, rows, faiss, brks, sweeps, command):
       bB=BREAKDOWN_AB[1], breakdown=breakdown_table(brks) if brks else "(not run)\n",
       sweep=sweep_table(sweeps) if sweeps else "(not run)\n",
       analysis=analysis_text(rows, brks, sweeps), **env)
-  update_doc(args.doc, section)
+  write_section(args.doc, f"{DOC_START}\n{section.rstrip()}\n{DOC_END}", DOC_START,
+                DOC_END)
   log(f"wrote {os.path.relpath(args.doc)}")
 
 

@@ -5,9 +5,8 @@ validation, 90k database, 10k queries with exact ground truth):
 
   * QINCo2 (small qinco2-S: L=2, de=64, dh=128 by default), 8 bytes, trained with
     `trainer.train_and_evaluate` for a wall-time budget (`--budget_min`, 25 minutes
-    by default, held by the trainer's `TrainConfig.time_budget_s`; a throughput
-    measurement taken just before training seeds its plan), evaluated with a larger
-    beam (`--eval_A/--eval_B`);
+    by default, held by the trainer's `TrainConfig.time_budget_s`), evaluated with a
+    larger beam (`--eval_A/--eval_B`);
   * faiss baselines at the same code size, trained on the first `--faiss_train`
     training vectors (LSQ on `--lsq_train`): PQ, OPQ, RQ with beam 1, 5 and 32, LSQ.
     PQ and OPQ need the dimension to be a multiple of the number of sub-quantizers,
@@ -44,7 +43,6 @@ import os
 import platform
 import shlex
 import shutil
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -54,6 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import qinco_jax as qj
+from bench_codec import decode_flops, encode_flops, matmul_peak
+from bench_common import write_section
 from qinco_jax import data, train, trainer
 from qinco_jax.evaluate import evaluate
 
@@ -64,7 +64,6 @@ DOC_START = "<!-- bench_quantizers:start -->"
 DOC_END = "<!-- bench_quantizers:end -->"
 RQ_BEAMS = (1, 5, 32)
 RD_METHODS = ("PQ", "RQ beam 1", "RQ beam 5")  # cheap enough at every code size
-INIT_EST_S = 45.0  # RQ initialisation of the codebooks inside train_and_evaluate
 
 
 def log(msg: str):
@@ -177,52 +176,10 @@ def rd_baselines(ds: data.Dataset, sizes: list[int], args) -> list[dict[str, Any
 
 
 # ------------------------------------------------------------------ FLOPs and throughput
-def encode_flops(cfg: qj.QincoConfig, d: int, A: int, B: int, chunk: int) -> float:
-  """FLOPs per vector of the beam search with pre-selection (counted from shapes).
-
-  Step 0 scores the K codewords (2KD). Each of the M-1 network steps, per vector:
-  pre-selection distances B*K*2D (A > 0), the x_hat half of the concat layer per beam
-  slot (2DE), and per candidate (B * A) the L residual blocks (4EH each), the output
-  projection (2ED when E != D) and the score (3D); the codeword half of the first
-  layer (P_in and the concat layer, K codewords) is computed once per chunk.
-  """
-  K, M, L, H = cfg.K, cfg.M, cfg.L, cfg.dh
-  E = cfg.embed_dim(d)
-  proj = int(E != d)
-  n_cand = A if A > 0 else K
-  per_cand = L * 4 * E * H + proj * 2 * E * d + 3 * d
-  step = B * n_cand * per_cand + B * 2 * d * E
-  step += (B * K * 2 * d if A > 0 else 0) + K * (proj * 2 * d * E + 2 * E * E) / chunk
-  return 2 * K * d + (M - 1) * step
-
-
-def decode_flops(cfg: qj.QincoConfig, d: int) -> float:
-  """FLOPs per vector of one decode: per network step P_in, concat, L blocks, P_out."""
-  E = cfg.embed_dim(d)
-  proj = int(E != d)
-  step = proj * 2 * d * E + 2 * (E + d) * E + cfg.L * 4 * E * cfg.dh + proj * 2 * E * d
-  return (cfg.M - 1) * step
-
-
 def train_flops(cfg: qj.QincoConfig, d: int, batch: int) -> float:
   """Per training sample: encode forward at the training (A, B) + ~3x decode forward
   (forward and backward of the decoder). The small pre-selection loss is left out."""
   return encode_flops(cfg, d, cfg.A, cfg.B, batch) + 3 * decode_flops(cfg, d)
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-  """Float32 GFLOP/s of a jitted (n, n) @ (n, n), median of `repeats` timings."""
-  ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), jnp.float32)
-  b = jax.random.normal(kb, (n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  dot(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    dot(a, b).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def train_throughput(cfg: qj.QincoConfig, ds: data.Dataset, batch: int, steps: int,
@@ -262,15 +219,12 @@ def qinco_run(ds: data.Dataset, M: int, budget_s: float, args) -> dict[str, Any]
   G = args.batch
   loop = min(args.loop, len(ds.train))
   steps = loop // G
-  probe = train_throughput(cfg, ds, G, steps=args.probe_steps)
-  epoch_est = steps * G / probe["samples_s"] * 1.1 + 3.0  # + validation, checkpoint
-  n_epochs = int(max(2, (budget_s - INIT_EST_S) // epoch_est))
-  log(f"QINCo2 {M} bytes: {probe['samples_s']:.0f} samples/s measured -> "
-      f"~{epoch_est:.0f} s per epoch of {steps * G} samples, {n_epochs} epochs for a "
-      f"{budget_s / 60:.1f} min budget")
-  # The trainer holds the budget itself (time_budget_s): the probe only seeds its plan.
-  tc = train.TrainConfig(epochs=max(1, n_epochs - 1), warmup_epochs=1, stop_patience=5,
-                         batch_per_device=G, loop=loop, time_budget_s=budget_s)
+  log(f"QINCo2 {M} bytes: training for {budget_s / 60:.1f} min")
+  # The trainer holds the budget (time_budget_s): the warm-up is the first epoch and the
+  # cosine is re-planned from the measured time per step after every epoch, so the
+  # `epochs` here only seeds a plan that the first re-plan replaces.
+  tc = train.TrainConfig(warmup_epochs=1, stop_patience=5, batch_per_device=G, loop=loop,
+                         time_budget_s=budget_s)
   workdir = os.path.join(args.workdir, f"qinco_{M}B")
   if os.path.isdir(workdir):
     shutil.rmtree(workdir)  # a fresh run each time (the trainer refuses to overwrite)
@@ -286,13 +240,13 @@ def qinco_run(ds: data.Dataset, M: int, budget_s: float, args) -> dict[str, Any]
          "model": repr(codec), "L": cfg.L, "de": cfg.de, "dh": cfg.dh,
          "train_A": cfg.A, "train_B": cfg.B, "batch": G, "budget_s": budget_s,
          "loop": steps * G,
-         "planned_epochs": n_epochs, "epochs": len(epochs),
+         "epochs": len(epochs),
          "samples": sum(r["samples"] for r in epochs), "train_s": train_s,
          "train_cpu_s": train_cpu_s,
          "epoch_train_s": [r["train_s"] for r in epochs],
          "val_mse": [r["val_mse"] for r in epochs],
          "best_val_mse": min([r["val_mse"] for r in records if "val_mse" in r]),
-         "probe_samples_s": probe["samples_s"], **ev}
+         **ev}
   log(f"QINCo2 {M} bytes: MSE {out['mse']:.4f}, R@1 {out.get('R@1', float('nan')):.4f}")
   return out
 
@@ -388,24 +342,6 @@ def section(res: dict[str, Any]) -> str:
   return "\n".join(L)
 
 
-def write_section(path: str, text: str):
-  """Replaces this script's section of `path` (appends it, or creates the file)."""
-  if os.path.exists(path):
-    doc = open(path).read()
-    i, j = doc.find(DOC_START), doc.find(DOC_END)
-    if i >= 0 and j > i:
-      doc = doc[:i] + text + doc[j + len(DOC_END):]
-    else:
-      doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-  else:
-    doc = text + "\n"
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(doc)
-  os.replace(tmp, path)
-
-
 def plot(res: dict[str, Any], path: str):
   import matplotlib
   matplotlib.use("Agg")
@@ -453,8 +389,6 @@ def parse_args(argv=None):
   p.add_argument("--eval_B", type=int, default=32)
   p.add_argument("--batch", type=int, default=1024)
   p.add_argument("--loop", type=int, default=290_000, help="samples per epoch")
-  p.add_argument("--probe_steps", type=int, default=10,
-                 help="timed steps used to pick the number of epochs")
   p.add_argument("--faiss_train", type=int, default=100_000)
   p.add_argument("--lsq_train", type=int, default=50_000)
   p.add_argument("--lsq_iters", type=int, default=25)
@@ -476,7 +410,7 @@ def parse_args(argv=None):
     args.faiss_train, args.lsq_train = min(args.faiss_train, 5_000), min(args.lsq_train, 2_000)
     args.lsq_iters, args.opq_iters = min(args.lsq_iters, 2), min(args.opq_iters, 4)
     args.eval_A, args.eval_B = min(args.eval_A, 4), min(args.eval_B, 8)
-    args.tp_steps, args.probe_steps = min(args.tp_steps, 3), min(args.probe_steps, 3)
+    args.tp_steps = min(args.tp_steps, 3)
     args.rd_bytes = [4]
   args.doc = args.doc or (os.path.join(args.workdir, "benchmarks.md") if args.quick
                           else DEFAULT_DOC)
@@ -515,7 +449,7 @@ def main(argv=None):
   s_cfg = qj.preset("qinco2-S", M=8, L=2, de=128, dh=256, A=4, B=4)
   res["throughput"] = train_throughput(s_cfg, ds, 1024 if not args.quick else 256,
                                        steps=args.tp_steps)
-  res["matmul_peak_gflops"] = matmul_peak(2048)
+  res["matmul_peak_gflops"] = matmul_peak(2048, 5)
   log(f"throughput {res['throughput']['samples_s']:.0f} samples/s, "
       f"{res['throughput']['gflops']:.1f} GFLOP/s; matmul peak "
       f"{res['matmul_peak_gflops']:.1f} GFLOP/s")
@@ -535,7 +469,7 @@ def main(argv=None):
     json.dump(res, f, indent=2)
   text = section(res)
   print(text, flush=True)
-  write_section(args.doc, text)
+  write_section(args.doc, text, DOC_START, DOC_END)
   plot(res, args.plot)
   log(f"done in {res['total_s'] / 60:.1f} min; wrote {os.path.relpath(args.doc)} and "
       f"{os.path.relpath(args.plot)}")

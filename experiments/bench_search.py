@@ -16,17 +16,28 @@ import argparse
 import datetime
 import json
 import os
-import re
 import time
 
 import faiss
 import numpy as np
 
 import qinco_jax as qj
+from bench_common import write_section
 from qinco_jax import pipeline, plots
 from qinco_jax.search import SearchParams
 
 START, END = "<!-- bench_search:start -->", "<!-- bench_search:end -->"
+
+
+def timed_curve(search, queries, gt, nprobes):
+  """R@k and queries per second of `search(nprobe) -> I (nq, 100)` for each nprobe."""
+  rows = []
+  for nprobe in nprobes:
+    t0 = time.perf_counter()
+    I = search(nprobe)
+    qps = len(queries) / (time.perf_counter() - t0)
+    rows.append({"nprobe": nprobe, "qps": qps, **qj.metrics.recall_at(I, gt)})
+  return rows
 
 
 def faiss_curve(key, train, db, queries, gt, nprobes):
@@ -35,25 +46,18 @@ def faiss_curve(key, train, db, queries, gt, nprobes):
   index.train(train)
   index.add(db)
   build_s = time.perf_counter() - t0
-  rows = []
-  for nprobe in nprobes:
+
+  def search(nprobe):
     faiss.extract_index_ivf(index).nprobe = nprobe
-    t0 = time.perf_counter()
-    _, I = index.search(queries, 100)
-    dt = time.perf_counter() - t0
-    rows.append({"nprobe": nprobe, "qps": len(queries) / dt, **qj.metrics.recall_at(I, gt)})
-  return rows, build_s
+    return index.search(queries, 100)[1]
+  return timed_curve(search, queries, gt, nprobes), build_s
 
 
 def ours_curve(searcher, queries, gt, nprobes, **kw):
-  rows = []
-  for nprobe in nprobes:
+  def search(nprobe):
     p = SearchParams(nprobe=nprobe, ef_search=max(32, 2 * nprobe), **kw)
-    t0 = time.perf_counter()
-    _, I, _ = searcher.search(queries, k=100, params=p)
-    dt = time.perf_counter() - t0
-    rows.append({"nprobe": nprobe, "qps": len(queries) / dt, **qj.metrics.recall_at(I, gt)})
-  return rows
+    return searcher.search(queries, k=100, params=p)[1]
+  return timed_curve(search, queries, gt, nprobes)
 
 
 def equal_qps_ratios(curves):
@@ -167,15 +171,8 @@ def write_doc(args, curves, table4, K_ivf, n_db):
   for S, r in table4.items():
     lines.append(f"| {S} | " + " | ".join(f"{v:.4f}" for v in r.values()) + " |")
   lines += ["", "![speed-recall](speed_recall.png)", END]
-  text = open(args.doc).read() if os.path.exists(args.doc) else "# Benchmarks\n"
   block = "\n".join(lines)
-  if START in text:
-    text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text,
-                  flags=re.S)
-  else:
-    text = text.rstrip() + "\n\n" + block + "\n"
-  with open(args.doc, "w") as f:
-    f.write(text)
+  write_section(args.doc, block, START, END)
   print(block)
 
 

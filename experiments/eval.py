@@ -24,8 +24,8 @@ def main(argv):
   F = flags.FLAGS
   codec = qj.load(F.model)
   ds = qj.data.load_glove() if F.data == "glove" else qj.data.load_synthetic()
-  print(json.dumps(evaluate(codec, ds, A=F.A, B=F.B, n_db=F.n_db,
-                                           verbose=False), indent=2))
+  out = evaluate(codec, ds, A=F.A, B=F.B, n_db=F.n_db, verbose=False)
+  print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

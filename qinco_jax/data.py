@@ -96,7 +96,7 @@ def _read_vecs_file(path: str, ext: str, mmap: bool) -> np.ndarray:
   return values
 
 
-def _atomic_write(path: str, write: Callable) -> None:
+def atomic_write(path: str, write: Callable) -> None:
   """Calls `write(fileobj)` on a temp file in the target directory, then renames it."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
@@ -144,7 +144,7 @@ def write_vecs(path: str | os.PathLike, x: np.ndarray) -> None:
   if x.ndim != 2:
     raise ValueError(f"write_vecs expects a 2-D (n, d) array, got shape {x.shape}")
   if ext == ".npy":
-    _atomic_write(path, lambda f: np.save(f, x, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, x, allow_pickle=False))
     return
   n, d = x.shape
   if d < 1:
@@ -163,7 +163,7 @@ def write_vecs(path: str | os.PathLike, x: np.ndarray) -> None:
           chunk, value_dtype, ext[1:])
       rec.tofile(f)
 
-  _atomic_write(path, write)
+  atomic_write(path, write)
 
 
 def as_float32(x: np.ndarray, d: Optional[int] = None, name: str = "x",

@@ -436,7 +436,7 @@ def save_torch(codec: Codec, path: str | os.PathLike) -> None:
   except ImportError:
     raise ImportError(_TORCH_HINT) from None
   ckpt = to_torch_checkpoint(codec, as_torch=True)
-  data._atomic_write(os.fspath(path), lambda f: torch.save(ckpt, f))
+  data.atomic_write(os.fspath(path), lambda f: torch.save(ckpt, f))
 
 
 # ------------------------------------------------------------------- faiss
@@ -606,7 +606,7 @@ def export_npz(codec: Codec, path: str | os.PathLike) -> None:
     raise ValueError(f"codec state has reserved array names {clash}")
   buf = io.BytesIO()
   np.savez(buf, **meta, **arrays)
-  data._atomic_write(os.fspath(path), lambda f: f.write(buf.getvalue()))
+  data.atomic_write(os.fspath(path), lambda f: f.write(buf.getvalue()))
 
 
 def load_npz(path: str | os.PathLike) -> Codec:

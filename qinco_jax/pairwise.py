@@ -83,7 +83,7 @@ def _segment_sum(ids: np.ndarray, values: np.ndarray, n_groups: int,
 
 def _atomic_save_npz(path: str, arrays: dict) -> None:
   """Writes an .npz archive to `path` through a temp file and `os.replace`."""
-  data._atomic_write(path, lambda f: np.savez(f, **arrays))  # pylint: disable=protected-access
+  data.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # --------------------------------------------------------------------------------------

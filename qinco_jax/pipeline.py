@@ -107,16 +107,17 @@ def build(codec, train_x, db_codes: np.ndarray, out_dir: str | os.PathLike, *,
 
 
 def _save(out: Path, codec, index, centroids, tables, extra, pw):
+  """Every file is written atomically (a killed build never leaves a torn file)."""
   import faiss
 
   codec.save(out / "model")
-  np.save(out / "centroids.npy", centroids)
-  np.save(out / "aq_tables.npy", tables)
-  np.save(out / "extra_codes.npy", extra)
+  for name, arr in (("centroids", centroids), ("aq_tables", tables),
+                    ("extra_codes", extra)):
+    data.atomic_write(str(out / f"{name}.npy"),
+                      lambda f, a=arr: np.save(f, a, allow_pickle=False))
   pw.save(out / "pairwise.npz")
-  tmp = out / "index.faiss.tmp"
-  faiss.write_index(index, str(tmp))
-  os.replace(tmp, out / "index.faiss")
+  data.atomic_write(str(out / "index.faiss"),
+                    lambda f: f.write(faiss.serialize_index(index).tobytes()))
 
 
 def load(out_dir: str | os.PathLike) -> Searcher:

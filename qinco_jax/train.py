@@ -10,11 +10,11 @@ The epoch loop, validation and checkpoints live in `trainer.py`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -87,26 +87,25 @@ def train_preset(model_preset: str, **overrides) -> TrainConfig:
   return TrainConfig(**{**TRAIN_PRESETS.get(model_preset.lower(), {}), **overrides})
 
 
-def lr_factor(t: Array, cfg: TrainConfig) -> Array:
-  """lambda(t) of spec 9.5 at fractional epoch t: warm-up then quarter cosine."""
+def lr_factor(t, cfg: TrainConfig, cosine_epochs: float | None = None, xp=jnp):
+  """lambda(t) of spec 9.5 at fractional epoch t: warm-up then quarter cosine.
+
+  cosine_epochs: length of the quarter cosine (default cfg.epochs). xp: jnp (traced,
+  inside the optimiser) or np (host floats, for the time-budget schedule).
+  """
   w = cfg.warmup_epochs
-  warm = jnp.minimum(t / w, 1.0) if w > 0 else jnp.ones_like(t)
-  cos = jnp.cos(jnp.minimum((t - w) / cfg.epochs, 1.0) * jnp.pi / 2)
-  return jnp.maximum(jnp.where(t < w, warm, cos), cfg.lr_min_fact)
+  length = cfg.epochs if cosine_epochs is None else cosine_epochs
+  warm = xp.minimum(t / w, 1.0) if w > 0 else xp.ones_like(t)
+  cos = xp.cos(xp.minimum((t - w) / length, 1.0) * xp.pi / 2)
+  return xp.maximum(xp.where(t < w, warm, cos), cfg.lr_min_fact)
 
 
 def budget_lr(step: int, steps_per_epoch: int, plan_steps: int, cfg: TrainConfig) -> float:
-  """Learning rate of update `step` (0-based) under a time budget: the warm-up of
-  cfg.warmup_epochs, then a quarter cosine ending at update `plan_steps`, floored at
-  cfg.lr * cfg.lr_min_fact. Same curve as `lr_factor` with the cosine in steps."""
-  t = step + 1
-  warm = cfg.warmup_epochs * steps_per_epoch
-  if t < warm:
-    f = t / warm
-  else:
-    p = min((t - warm) / max(plan_steps - warm, 1), 1.0)
-    f = math.cos(p * math.pi / 2)
-  return cfg.lr * max(f, cfg.lr_min_fact)
+  """Learning rate of update `step` (0-based) under a time budget: `lr_factor` with
+  the quarter cosine ending at update `plan_steps`."""
+  length = max(plan_steps / steps_per_epoch - cfg.warmup_epochs, 1 / steps_per_epoch)
+  t = np.float64((step + 1) / steps_per_epoch)
+  return cfg.lr * float(lr_factor(t, cfg, cosine_epochs=length, xp=np))
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -166,14 +166,15 @@ def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
   assert any(r.get("epoch") == 2 and "val_mse" in r for r in log_a)
 
 
-def test_budget_lr_is_the_epoch_schedule_in_steps():
-  cfg = train.TrainConfig(warmup_epochs=2, epochs=5, time_budget_s=60.0)
-  steps = 4
-  plan = int((cfg.warmup_epochs + cfg.epochs) * steps)
-  got = [train.budget_lr(s, steps, plan, cfg) for s in range(plan + 3)]
-  t = (np.arange(plan + 3) + 1) / steps
-  np.testing.assert_allclose(got, cfg.lr * np.asarray(train.lr_factor(jnp.asarray(t), cfg)),
-                             rtol=1e-5)
+def test_budget_lr_matches_spec_values_in_steps():
+  # 4 steps per epoch, 2 warm-up epochs (8 steps), cosine ending at step 28 (20 steps).
+  cfg = train.TrainConfig(lr=1.0, warmup_epochs=2, epochs=5, time_budget_s=60.0)
+  got = [train.budget_lr(s, 4, 28, cfg) for s in (0, 3, 7, 17, 27, 40)]
+  # update s runs at t = s + 1 steps: warm-up t/8, then cos(pi/2 * (t - 8) / 20), floor
+  expected = [1 / 8, 4 / 8, 1.0, np.cos(np.pi / 4), 1e-3, 1e-3]
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  # A shorter plan ends the cosine sooner: at step 17 (t=18) of a 18-step plan, floor.
+  assert train.budget_lr(17, 4, 18, cfg) == pytest.approx(1e-3)
   with pytest.raises(ValueError, match="time_budget_s"):
     train.TrainConfig(time_budget_s=0)
   with pytest.raises(ValueError, match="cosine"):
@@ -186,12 +187,12 @@ def test_time_budget_ends_the_run_and_anneals_the_lr(tmp_path):
   # The seed plan (1 + 1000 epochs) is far too long: the re-plan must cut it to the
   # budget, and the lr must reach the floor at the end of the (re-planned) run.
   tc = train.TrainConfig(epochs=1000, warmup_epochs=1, batch_per_device=128,
-                         stop_patience=10**6, time_budget_s=25.0, log_every=1)
+                         stop_patience=10**6, time_budget_s=10.0, log_every=1)
   trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
   log = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   epochs = [r for r in log if "train_s" in r]
   assert 2 <= len(epochs) < 1000
-  assert epochs[-1]["elapsed_s"] < 25.0 * 1.5
+  assert epochs[-1]["elapsed_s"] < 10.0 * 1.5
   assert epochs[-1]["step"] == epochs[-2]["plan_steps"]  # stopped where planned
   assert epochs[-1]["plan_steps"] == epochs[-1]["step"]  # and no re-plan after it
   assert epochs[-2]["step"] < epochs[-2]["plan_steps"]  # (no sliver epoch at the end)
