@@ -27,6 +27,7 @@ from qinco_jax.encode import beam_search
 from qinco_jax.model import Qinco, abstract_model, count_params
 
 DECODE_CHUNK = 8192
+DECODE_BUCKET = 1024  # the last chunk of a decode is padded to a multiple of this
 CPU_ENC_ROWS = 8192  # encoder candidate rows per call on CPU (cache-friendly; see chunk_size)
 N_INIT = 1_000_000  # training vectors used by the RQ initialisation (spec 8.1)
 
@@ -258,10 +259,13 @@ class Codec:
     mesh, state = self._device_state()
     sharding = NamedSharding(mesh, P("data"))
     chunk = -(-chunk_size // mesh.size) * mesh.size
+    # A short last chunk is padded to a multiple of DECODE_BUCKET rows only (a few
+    # compiled shapes), not to a whole chunk: search decodes small shortlists.
+    bucket = DECODE_BUCKET * mesh.size
     for s in tqdm(range(0, n, chunk), desc="decode", unit="chunk", leave=False,
                   disable=not verbose or n <= 16 * chunk):
       e = min(s + chunk, n)
-      cc = _pad(np.asarray(codes[s:e], np.int32), chunk)
+      cc = _pad(np.asarray(codes[s:e], np.int32), min(chunk, -(-(e - s) // bucket) * bucket))
       out[s:e] = np.asarray(
           _decode_chunk(self.graphdef, state, jax.device_put(cc, sharding)))[: e - s]
     return out

@@ -38,7 +38,10 @@ def decode_steps(model: Qinco, codes: Array) -> tuple[Array, Array]:
   def body(x_hat, inputs):
     state, C, idx = inputs
     net = nnx.merge(net_def, state)
-    x_hat = x_hat + net(C[idx], x_hat)
+    # f(C[i], x_hat) with the codeword-only half of the first layer computed once per
+    # codeword (K rows) instead of once per vector (spec 16; same function).
+    h0 = net.code_table(C)[idx] + net.beam_term(x_hat)
+    x_hat = x_hat + net.tail(h0, C[idx])
     return x_hat, x_hat
 
   x_hat_last, partials = jax.lax.scan(body, x_hat, (*head, codes[:, 1:].T))

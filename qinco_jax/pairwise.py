@@ -383,7 +383,9 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
     shrink: ridge penalty lambda per table entry: T[g] = S[g] / (c[g] + lambda)
       (0 = the plain group mean of the spec). With few training vectors per
       combined code (K^2 = 65,536 entries per table), the plain means over-fit and
-      shrinking them toward 0 helps; see docs/design.md.
+      shrinking them toward 0 helps; see docs/design.md. With `holdout`, a sequence
+      of values may be given: each table then uses the one that scores best on the
+      held-out rows (nearly free: the group sums are shared).
     holdout: if > 0, tables are fitted on rows [holdout:] only, the selection MSE is
       measured on the held-out rows [:holdout] (n_eval is then ignored), and the
       greedy loop stops early when no pair lowers the held-out MSE.
@@ -410,6 +412,12 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
   if n_eval < 1:
     raise ValueError(f"n_eval must be >= 1, got {n_eval}")
   n_eval = min(n_eval, n)
+  shrinks = [float(v) for v in np.atleast_1d(np.asarray(shrink, np.float64))]
+  if not shrinks or min(shrinks) < 0 or not np.all(np.isfinite(shrinks)):
+    raise ValueError(f"shrink must be one or more finite values >= 0, got {shrink!r}")
+  if len(shrinks) > 1 and not holdout:
+    raise ValueError("several shrink values need holdout > 0 to choose between them")
+  shrink = shrinks[0]
   KK = K * K
   codes = codes_ext.astype(np.int64)
   all_pairs = [(a, b) for a in range(P) for b in range(a + 1, P)]
@@ -429,13 +437,16 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
         s_eval = _segment_sum(idx[:n_eval], R[:n_eval], KK)
         c_eval = np.bincount(idx[:n_eval], minlength=KK)
         c_fit = np.bincount(idx[n_eval:], minlength=KK).astype(np.float64)
-        inv = np.divide(1.0, c_fit + shrink, out=np.zeros(KK), where=c_fit > 0)
-        table = _segment_sum(idx[n_eval:], R[n_eval:], KK) * inv.astype(np.float32)[:, None]
-        per_group = c_eval * np.einsum("gd,gd->g", table, table) - 2.0 * np.einsum(
-            "gd,gd->g", s_eval, table)
-        sse = base + float(per_group.sum(dtype=np.float64))
-        if best is None or sse < best[0]:
-          best = (sse, (a, b), table)
+        s_fit = _segment_sum(idx[n_eval:], R[n_eval:], KK)
+        # With T = S_fit * w (w per group), the held-out SSE is
+        #   base + sum_g w^2 c_eval ||S_fit||^2 - 2 w S_eval.S_fit.
+        ff = np.einsum("gd,gd->g", s_fit, s_fit, dtype=np.float64)
+        ef = np.einsum("gd,gd->g", s_eval, s_fit, dtype=np.float64)
+        for lam in shrinks:
+          w = np.divide(1.0, c_fit + lam, out=np.zeros(KK), where=c_fit > 0)
+          sse = base + float((w * w * c_eval * ff - 2.0 * w * ef).sum())
+          if best is None or sse < best[0]:
+            best = (sse, (a, b), (s_fit, w))
         continue
       s_eval = _segment_sum(idx[:n_eval], R[:n_eval], KK)
       c_eval = np.bincount(idx[:n_eval], minlength=KK)
@@ -462,6 +473,9 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
     if holdout and sse >= base:  # no pair helps on held-out rows any more
       tables = tables[:t]
       break
+    if holdout:
+      s_fit, w = table
+      table = s_fit * w.astype(np.float32)[:, None]
     pairs.append((a, b))
     tables[t] = table
     R -= table[codes[:, a] * K + codes[:, b]]

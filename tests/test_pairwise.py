@@ -184,3 +184,35 @@ def test_holdout_fit_stops_on_noise_and_base_tables_round_trip(tmp_path):
   expected = sum(pw.base_tables[m][codes[:, m]] for m in range(3)) + sum(
       t[codes[:, a] * 4 + codes[:, b]] for (a, b), t in zip(pw.pairs, pw.tables))
   np.testing.assert_allclose(pw.decode(codes), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_holdout_picks_the_shrink_with_the_lowest_heldout_error():
+  rng = np.random.default_rng(1)
+  K, n, hold = 8, 3000, 1000
+  codes = rng.integers(0, K, size=(n, 3))
+  signal = 0.3 * rng.standard_normal((K * K, 2)).astype(np.float32)
+  r = signal[codes[:, 0] * K + codes[:, 1]] + rng.standard_normal((n, 2)).astype(np.float32)
+
+  def heldout_sse(pw):  # NumPy: error left on the held-out rows by the first table
+    (a, b), t = pw.pairs[0], pw.tables[0]
+    return float(((r[:hold] - t[codes[:hold, a] * K + codes[:hold, b]]) ** 2).sum())
+
+  def group_mean_table(lam):  # NumPy group-by of the fitted rows, shrunk by lam
+    idx = codes[hold:, 0] * K + codes[hold:, 1]
+    s = np.zeros((K * K, 2))
+    np.add.at(s, idx, r[hold:])
+    c = np.bincount(idx, minlength=K * K)
+    return s / np.where(c > 0, c + lam, np.inf)[:, None]
+
+  single = {lam: pairwise.fit_pairwise(codes, r, K, 1, shrink=lam, holdout=hold)
+            for lam in (0.0, 10.0, 1e4)}
+  both = pairwise.fit_pairwise(codes, r, K, 1, shrink=(0.0, 10.0, 1e4), holdout=hold)
+  best = min(single, key=lambda lam: heldout_sse(single[lam]))
+  # Signal variance 0.09, noise variance 1, ~31 rows per cell: lambda near 11 is best.
+  assert best == 10.0
+  assert both.pairs == [(0, 1)]
+  np.testing.assert_allclose(both.tables[0], group_mean_table(best), rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="holdout"):
+    pairwise.fit_pairwise(codes, r, K, 1, shrink=(1.0, 2.0))
+  with pytest.raises(ValueError, match="shrink"):
+    pairwise.fit_pairwise(codes, r, K, 1, shrink=-1.0)

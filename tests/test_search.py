@@ -2,6 +2,7 @@
 faiss index, reloaded in a fresh process, searched with AQ, pairwise and full re-rank."""
 
 import os
+import time
 import subprocess
 import sys
 
@@ -109,3 +110,31 @@ def test_sweep_logs_and_resumes(built):
   assert 1 <= n_lines <= 8 and front
   sweep.run_sweep(searcher, ds.queries, ds.gt, log, ranges=ranges, verbose=False)
   assert len(open(log).readlines()) == n_lines  # nothing re-measured
+
+
+class _FakeSearcher:
+  """Accuracy grows with nprobe only; time grows with nprobe and nshort (sleeps)."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def search(self, queries, k, params):
+    time.sleep(2e-3 * params.nprobe * params.nshort)
+    n_hit = min(self.n, self.n * params.nprobe // 8)  # R@1 = nprobe / 8, capped at 1
+    I = np.full((len(queries), k), -1, np.int64)
+    I[:n_hit, 0] = np.arange(n_hit)
+    return None, I, {"ivf_aq": 0.0, "pairwise": 0.0, "decode": 0.0}
+
+
+def test_sweep_prunes_dominated_settings(tmp_path):
+  n = 40
+  gt = np.arange(n)[:, None]
+  ranges = {"nprobe": [1, 2, 4, 8, 16], "nshort": [1, 2, 4, 8]}
+  front = sweep.run_sweep(_FakeSearcher(n), np.zeros((n, 2), np.float32), gt,
+                          tmp_path / "s.jsonl", ranges=ranges, verbose=False, warmup=0)
+  n_run = len(open(tmp_path / "s.jsonl").readlines())
+  # nshort > 1 only costs time, and nprobe 16 is no better than 8: the true front is
+  # nshort = 1 with nprobe 1, 2, 4, 8.
+  assert sorted(r["params"]["nprobe"] for r in front) == [1, 2, 4, 8]
+  assert all(r["params"]["nshort"] == 1 for r in front)
+  assert n_run < 20  # of 20 settings: dominated ones were skipped
