@@ -100,9 +100,18 @@ def main(argv):
                    train_codes=train_codes)
   if "search" in stages:
     searcher = pipeline.load(F.workdir)
-    front = sweep.run_sweep(searcher, queries, gt, os.path.join(F.workdir, "sweep.jsonl"),
-                            max_experiments=F.max_experiments)
-    print(json.dumps(front, indent=1))
+    log = os.path.join(F.workdir, "sweep.jsonl")
+    front = sweep.run_sweep(searcher, queries, gt, log, max_experiments=F.max_experiments)
+    front.sort(key=lambda r: r["ms_per_query"]["total"])
+    n_run = sum(1 for _ in open(log))
+    png = os.path.join(F.workdir, "sweep.png")
+    qj.plots.speed_recall(
+        {"Pareto front": [(1e3 / r["ms_per_query"]["total"], r["R@1"]) for r in front]},
+        path=png, title=f"IVF-QINCo2 search sweep ({n_run} settings measured)")
+    print(f"Pareto front of {n_run} settings measured (all in {log}; plot {png}):")
+    for r in front:
+      print(f"  {json.dumps(r['params'])}: R@1 {r['R@1']:.4f} R@10 {r['R@10']:.4f} "
+            f"{r['ms_per_query']['total']:.3f} ms/query")
 
 
 if __name__ == "__main__":
