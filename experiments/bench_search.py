@@ -175,8 +175,9 @@ def main():
 
 def write_doc(args, curves, table4, K_ivf, n_db):
   lines = [START, "## Search (experiments/bench_search.py)", "",
-           f"Measured {datetime.date.today()} on this 2-core CPU (faiss and our pipeline in "
-           f"the same run). GloVe: {n_db:,} database vectors (90k db + 290k train), "
+           f"Measured {datetime.date.today()}: every query timing on a 2-core CPU (faiss "
+           "and our pipeline in the same run); the stages that built our index ran where "
+           f"each command's comment says. GloVe: {n_db:,} database vectors (90k db + 290k train), "
            f"{args.nq:,} queries, {K_ivf} IVF lists, 8-byte codes. Command:", "",
            "```bash", *build_commands(args.workdir),
            f"python experiments/bench_search.py --workdir={args.workdir} --nq={args.nq}",

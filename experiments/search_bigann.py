@@ -30,9 +30,14 @@ flags.DEFINE_enum("data", "glove", ["glove", "bigann1b", "deep1b"], "dataset")
 flags.DEFINE_string("root", "", "directory of the BigANN/Deep1B files")
 flags.DEFINE_integer("ivf_K", 1024, "IVF lists (2**20 for 1B databases)")
 flags.DEFINE_integer("M", 8, "QINCo codes per vector (bytes)")
+flags.DEFINE_integer("L", 2, "residual blocks per step network (train stage)")
+flags.DEFINE_integer("de", 64, "embedding width E (train stage)")
+flags.DEFINE_integer("dh", 128, "hidden width H (train stage)")
 flags.DEFINE_integer("epochs", 5, "training epochs (cosine length)")
 flags.DEFINE_float("train_min", 0.0, "training wall-time budget in minutes (0: use "
                    "--epochs); the cosine then ends with the budget")
+flags.DEFINE_integer("stop_patience", 3, "train stage: stop after more than this many "
+                     "epochs without a validation improvement (raise it for short epochs)")
 flags.DEFINE_integer("A", 4, "candidates per beam for training (and encoding by default)")
 flags.DEFINE_integer("B", 4, "beam size for training (and encoding by default)")
 flags.DEFINE_integer("enc_A", -1, "encode/build stages: candidates per beam (-1: --A)")
@@ -48,18 +53,31 @@ FILES = {
 }
 
 
-def load_data():
-  """(train, database, queries, gt) for the chosen dataset."""
+def load_data(need_gt: bool):
+  """(train, database, queries, gt) for the chosen dataset; gt is None unless need_gt
+  (only the search stage needs it: the other stages run without faiss)."""
   if F.data == "glove":
-    ds = qj.data.load_glove()
+    ds = qj.data.load_glove(with_gt=False)
     db = np.concatenate([np.asarray(ds.db), np.asarray(ds.train)])
-    gt = qj.data.cached_gt(db, ds.queries, 100, tag="glove_search_db")
+    gt = qj.data.cached_gt(db, ds.queries, 100, tag="glove_search_db") if need_gt else None
     return ds.train, db, ds.queries, gt
   if not F.root:
     raise app.UsageError(f"--data={F.data} needs --root")
   paths = [os.path.join(F.root, p) for p in FILES[F.data]]
-  train_x, db, queries, gt = (qj.data.read_vecs(p) for p in paths)
+  train_x, db, queries = (qj.data.read_vecs(p) for p in paths[:3])
+  gt = qj.data.read_vecs(paths[3]) if need_gt else None
   return train_x[:-10_000], db, queries, gt
+
+
+def command_line() -> str:
+  """This run's command, with where it ran as a trailing comment (bench_search quotes it)."""
+  env = os.environ.get("QINCO_GLOVE_NPY")
+  cmd = ([f"QINCO_GLOVE_NPY={env}"] if env and F.data == "glove" else []) + [
+      "python", "experiments/search_bigann.py"] + sys.argv[1:]
+  dev = jax.devices()[0]
+  kind = "CPU" if dev.platform == "cpu" else dev.device_kind
+  return (" ".join(cmd) + f"  # on {kind} x{jax.device_count()}, {os.cpu_count()} CPUs, "
+          f"jax {jax.__version__}")
 
 
 def main(argv):
@@ -69,16 +87,16 @@ def main(argv):
   os.makedirs(F.workdir, exist_ok=True)
   if jax.process_index() == 0:  # what built this workdir (bench_search quotes it)
     with open(os.path.join(F.workdir, f"command.{F.stage}.txt"), "w") as f:
-      f.write(" ".join(["python", "experiments/search_bigann.py"] + sys.argv[1:]) + "\n")
-  train_x, db, queries, gt = load_data()
+      f.write(command_line() + "\n")
   stages = STAGES if F.stage == "all" else (F.stage,)
+  train_x, db, queries, gt = load_data(need_gt="search" in stages)
   cents_path = os.path.join(F.workdir, "centroids_ivf.npy")
   if "ivf" in stages:
     pipeline.train_ivf(train_x, F.ivf_K, F.workdir, max_points=256 * F.ivf_K)
   if "train" in stages:
-    cfg = qj.preset("qinco2-S", M=F.M, L=2, de=64, dh=128, A=F.A, B=F.B, ivf_K=F.ivf_K)
+    cfg = qj.preset("qinco2-S", M=F.M, L=F.L, de=F.de, dh=F.dh, A=F.A, B=F.B, ivf_K=F.ivf_K)
     budget = F.train_min * 60 if F.train_min > 0 else None
-    tc = train.TrainConfig(epochs=F.epochs, warmup_epochs=1, stop_patience=3,
+    tc = train.TrainConfig(epochs=F.epochs, warmup_epochs=1, stop_patience=F.stop_patience,
                            max_epochs=None if budget else F.epochs + 1,
                            loop=min(len(train_x), 10_000_000), time_budget_s=budget)
     ds = qj.data.Dataset("train", train_x[:-10_000], train_x[-10_000:], None, None,

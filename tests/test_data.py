@@ -244,3 +244,23 @@ def test_load_glove(glove):
     d2 = ((glove.db.astype(np.float64) - glove.queries[i].astype(np.float64)) ** 2).sum(1)
     assert d2[glove.gt[i, 0]] == pytest.approx(d2.min(), rel=1e-5, abs=1e-5)
     assert np.all(np.diff(d2[glove.gt[i]]) >= -1e-4)
+
+
+def test_load_glove_from_a_copy_without_ground_truth(glove, tmp_path, monkeypatch):
+  """QINCO_GLOVE_NPY / path=: a float16 copy of the embeddings gives the same split
+  (each row rounded to float16), and with_gt=False needs no faiss search."""
+  emb = np.empty((400_000, 50), np.float16)
+  perm = np.random.default_rng(0).permutation(400_000)
+  emb[perm[:290_000]], emb[perm[290_000:300_000]] = glove.train, glove.val
+  emb[perm[300_000:390_000]], emb[perm[390_000:]] = glove.db, glove.queries
+  path = tmp_path / "glove_f16.npy"
+  np.save(path, emb)
+  monkeypatch.setenv("QINCO_GLOVE_NPY", str(path))
+  ds = data.load_glove(with_gt=False)
+  assert ds.gt is None and ds.train.dtype == np.float32
+  for a, b in ((ds.train, glove.train), (ds.val, glove.val), (ds.db, glove.db),
+               (ds.queries, glove.queries)):
+    np.testing.assert_array_equal(a, b.astype(np.float16).astype(np.float32))
+  np.save(path, emb[:1000])
+  with pytest.raises(ValueError, match="expected shape"):
+    data.load_glove(path=str(path), with_gt=False)
