@@ -215,8 +215,11 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
     params_rest = _host((state.params, state.rest))
     return codec.replace_state(nnx.merge_state(*params_rest))
 
+  val_s = 0.0  # one validation's wall time (the budget guard keeps it in reserve)
   if meta["best_val"] is None:  # validation before training (spec 9.6)
+    t_val = time.perf_counter()
     v = validate(current_codec(), ds.val, A, B, ds.mse_scale)
+    val_s = time.perf_counter() - t_val
     meta["best_val"] = v["val_mse"]
     writer.write({"epoch": -1, "step": 0, **v})
     if is_main():
@@ -226,6 +229,7 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
     n_epochs = 1 << 30  # the time budget (or early stopping) ends the run
   gstep = int(_host(state.step))  # updates done (host copy of state.step)
   t_loop, step_loop, first_epoch = time.perf_counter(), gstep, meta["epoch"]
+  mark, seed_plan = None, meta["plan_steps"]  # budget guard of the first epoch
   for epoch in range(meta["epoch"], n_epochs):
     if budget is not None and gstep >= meta["plan_steps"]:
       break
@@ -245,6 +249,9 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
       batch = jax.make_array_from_process_local_data(
           batch_sharding, _read_rows(ds.train, idx), (G, codec.d))
       state, m = step_fn(state, batch)
+      if budget is not None and epoch == first_epoch:
+        mark = _guard_first_epoch(meta, m, j, gstep, mark, seed_plan, t_start,
+                                  budget - val_s, train_cfg.log_every)
       last = j + 1 == steps or (budget is not None and gstep >= meta["plan_steps"])
       if (j + 1) % train_cfg.log_every == 0 or last:
         m = {k: float(v) for k, v in m.items()}
@@ -300,6 +307,40 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
       break
   mngr.close()
   return load(workdir / "best")
+
+
+def _guard_first_epoch(meta: dict, m, j: int, gstep: int, mark, seed_plan: int,
+                       t_start: float, budget: float, log_every: int):
+  """Keeps a time budget inside the first epoch of a call, before any measured plan.
+
+  The seed plan is in epochs, and one epoch can outlast the whole budget (10M samples
+  at a large beam on a CPU). After the first, compiling update this marks the time;
+  at guard points (updates 3, 5, 9, 17, 33 of the epoch, then every log point) it
+  predicts the updates left from the fastest time per update seen between guard
+  points (`budget` here already leaves out the validation that ends the epoch). The
+  plan becomes the smaller of that and the plan the call started with; until update
+  33 it does not end before the next guard point unless the budget is already spent,
+  so one slow, noisy window of a few updates cannot stop the run: the next estimate,
+  from more updates, can lengthen the plan again (the end-of-epoch re-plan may
+  lengthen it further). Every process takes process 0's value. Returns
+  the mark: (time, update, fastest seconds per update).
+  """
+  def is_guard(i):
+    return i in (2, 4, 8, 16, 32) or (i > 32 and (i + 1) % log_every == 0)
+
+  if j != 0 and not is_guard(j):
+    return mark
+  jax.block_until_ready(m)
+  now = time.perf_counter()
+  if mark is None:
+    return now, gstep, float("inf")
+  per_step = min(mark[2], (now - mark[0]) / max(gstep - mark[1], 1))
+  left = int((budget - (now - t_start)) / per_step)
+  if 0 < left and j < 32:  # early, noisy estimate: keep going to the next guard point
+    left = max(left, next(i for i in (4, 8, 16, 32) if i > j) - j)
+  plan = _agree(gstep + max(left, 0))
+  meta["plan_steps"] = min(seed_plan, plan)
+  return now, gstep, per_step
 
 
 def _abstract_state(model: dict, d: int):

@@ -181,6 +181,13 @@ def test_budget_lr_matches_spec_values_in_steps():
     train.TrainConfig(time_budget_s=10, schedule="plateau")
 
 
+def _train_log(cfg, tc, ds, tmp_path):
+  """Trains into tmp_path/run; returns its metrics log and the end-of-epoch records."""
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  log = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  return log, [r for r in log if "train_s" in r]
+
+
 def test_time_budget_ends_the_run_and_anneals_the_lr(tmp_path):
   ds = qj.data.load_synthetic(n_train=2048, n_db=100, n_queries=10, d=8, n_val=200)
   cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
@@ -188,9 +195,7 @@ def test_time_budget_ends_the_run_and_anneals_the_lr(tmp_path):
   # budget, and the lr must reach the floor at the end of the (re-planned) run.
   tc = train.TrainConfig(epochs=1000, warmup_epochs=1, batch_per_device=128,
                          stop_patience=10**6, time_budget_s=10.0, log_every=1)
-  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
-  log = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-  epochs = [r for r in log if "train_s" in r]
+  log, epochs = _train_log(cfg, tc, ds, tmp_path)
   assert 2 <= len(epochs) < 1000
   assert epochs[-1]["elapsed_s"] < 10.0 * 1.5
   assert epochs[-1]["step"] == epochs[-2]["plan_steps"]  # stopped where planned
@@ -199,3 +204,18 @@ def test_time_budget_ends_the_run_and_anneals_the_lr(tmp_path):
   lrs = [r["lr"] for r in log if "lr" in r]
   assert max(lrs) == pytest.approx(tc.lr, rel=1e-3)
   assert lrs[-1] < 0.05 * tc.lr  # annealed, not cut off at full lr
+
+
+def test_time_budget_holds_inside_a_long_first_epoch(tmp_path):
+  """One epoch far longer than the budget (here >= 60k updates): the run must stop
+  inside it, near the budget, not at the epoch's end."""
+  rng = np.random.default_rng(0)
+  train_x = rng.standard_normal((2_000_000, 4)).astype(np.float32)
+  ds = qj.data.Dataset("big", train_x, train_x[:200], None, None, None, 1.0)
+  cfg = qj.QincoConfig(K=4, M=2, L=1, de=None, dh=4, A=2, B=2)
+  tc = train.TrainConfig(epochs=10, warmup_epochs=0.001, batch_per_device=32,
+                         stop_patience=10**6, time_budget_s=8.0, log_every=200)
+  log, epochs = _train_log(cfg, tc, ds, tmp_path)
+  assert len(epochs) == 1 and epochs[0]["samples"] < len(train_x) // 2
+  assert epochs[0]["elapsed_s"] < 8.0 * 1.5
+  assert epochs[0]["step"] == epochs[0]["plan_steps"]
