@@ -93,12 +93,9 @@ def tuned_curve(searcher, db, tune_q, queries, gt, log_path, resume=False):
 def exhaustive_ceiling(searcher, workdir, db, queries, gt):
   """R@k of an exact L2 search over the full QINCo2 decoding of every database code:
   the best any IVF / shortlist setting can do with these codes."""
-  codes = pipeline.load_shards(workdir)
-  dec = searcher.codec.decode(codes, verbose=False)
-  index = faiss.IndexFlatL2(dec.shape[1])
-  index.add(np.ascontiguousarray(dec, np.float32))
-  out = qj.metrics.recall_at(index.search(queries, 100)[1], gt)
-  out["db_mse"] = float(np.mean(np.sum((np.asarray(db, np.float32) - dec) ** 2, 1)))
+  dec = searcher.codec.decode(pipeline.load_shards(workdir), verbose=False)
+  out = qj.metrics.recall_at(qj.data.compute_gt(dec, queries, 100), gt)
+  out["db_mse"] = qj.metrics.mse(db, dec)
   return out
 
 

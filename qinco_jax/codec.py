@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from qinco_jax import checkpoint, data, ivf, rq_init
+from qinco_jax import checkpoint, data, rq_init
 from qinco_jax.config import QincoConfig
 from qinco_jax.decode import decode_steps, denormalize, normalize
 from qinco_jax.encode import beam_search
@@ -106,7 +106,7 @@ class Codec:
     if cfg.ivf_K:
       cents = _check_centroids(ivf_centroids, cfg.ivf_K, d)
       cents = (cents - mean) / np.float32(std)
-      ids = ivf.assign(z, cents)
+      ids, _ = rq_init.assign(z, cents)  # JAX, as the encoder's IVF step (no faiss)
       z = z - cents[ids]
       model.ivf_centroids[...] = jnp.asarray(cents, jnp.float32)
     elif ivf_centroids is not None:

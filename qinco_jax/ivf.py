@@ -30,30 +30,15 @@ def train_centroids(x, ivf_K: int, niter: int = 100, seed: int = 0,
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, chunk: int = 65536) -> np.ndarray:
-  """Nearest centroid id (n,) int64 of every row, exact L2.
+  """Nearest centroid id (n,) int64 of every row, exact L2 (faiss flat index)."""
+  import faiss
 
-  Uses a faiss flat index; where faiss is not installed (e.g. a GPU training host
-  that only trains and encodes), a float64 NumPy search gives the same ids (up to
-  exact ties).
-  """
-  c = data.as_float32(np.asarray(centroids), name="centroids")
-  try:
-    import faiss
-  except ImportError:
-    faiss = None
-  if faiss is not None:
-    index = faiss.IndexFlatL2(c.shape[1])
-    index.add(c)
-  else:
-    c64 = c.astype(np.float64)
-    c_sq = np.square(c64).sum(1)
+  index = faiss.IndexFlatL2(centroids.shape[1])
+  index.add(data.as_float32(np.asarray(centroids), name="centroids"))
   out = np.empty(len(x), np.int64)
   for s in range(0, len(x), chunk):
-    xs = data.as_float32(np.asarray(x[s:s + chunk]), name="x")
-    if faiss is not None:
-      out[s:s + chunk] = index.search(xs, 1)[1][:, 0]
-    else:  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 does not change the argmin
-      out[s:s + chunk] = np.argmin(c_sq - 2.0 * (xs.astype(np.float64) @ c64.T), axis=1)
+    _, I = index.search(data.as_float32(np.asarray(x[s:s + chunk]), name="x"), 1)
+    out[s:s + chunk] = I[:, 0]
   return out
 
 

@@ -309,6 +309,9 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
   return load(workdir / "best")
 
 
+_EARLY_GUARDS = (2, 4, 8, 16, 32)  # 0-based updates of the first epoch (then log points)
+
+
 def _guard_first_epoch(meta: dict, m, j: int, gstep: int, mark, seed_plan: int,
                        t_start: float, budget: float, log_every: int):
   """Keeps a time budget inside the first epoch of a call, before any measured plan.
@@ -326,7 +329,7 @@ def _guard_first_epoch(meta: dict, m, j: int, gstep: int, mark, seed_plan: int,
   the mark: (time, update, fastest seconds per update).
   """
   def is_guard(i):
-    return i in (2, 4, 8, 16, 32) or (i > 32 and (i + 1) % log_every == 0)
+    return i in _EARLY_GUARDS or (i > _EARLY_GUARDS[-1] and (i + 1) % log_every == 0)
 
   if j != 0 and not is_guard(j):
     return mark
@@ -336,8 +339,8 @@ def _guard_first_epoch(meta: dict, m, j: int, gstep: int, mark, seed_plan: int,
     return now, gstep, float("inf")
   per_step = min(mark[2], (now - mark[0]) / max(gstep - mark[1], 1))
   left = int((budget - (now - t_start)) / per_step)
-  if 0 < left and j < 32:  # early, noisy estimate: keep going to the next guard point
-    left = max(left, next(i for i in (4, 8, 16, 32) if i > j) - j)
+  if 0 < left and j < _EARLY_GUARDS[-1]:  # early, noisy estimate: go on to the next
+    left = max(left, next(i for i in _EARLY_GUARDS if i > j) - j)
   plan = _agree(gstep + max(left, 0))
   meta["plan_steps"] = min(seed_plan, plan)
   return now, gstep, per_step
