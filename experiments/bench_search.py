@@ -65,8 +65,8 @@ def ours_curve(searcher, queries, gt, nprobes, **kw):
 
 
 TUNE_RANGES = {
-    "nprobe": [1, 2, 4, 8, 16, 32, 64],
-    "ef_search": [16, 32, 64],
+    "nprobe": [1, 2, 4, 8, 16, 32, 64, 128],
+    "ef_search": [16, 32, 64, 128, 256],
     "nshort": [1, 2, 4, 10, 20, 50, 100],
     "nmid_short": [1, 2, 4, 8],  # 1: no pairwise stage (the AQ list is the shortlist)
 }

@@ -46,7 +46,10 @@ class Searcher:
 
   def search(self, queries: np.ndarray, k: int = 100, params: SearchParams = SearchParams(),
              batch: int = 1024) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Searches raw queries (nq, D).
+    """Searches raw queries (nq, D) with every CPU thread faiss has.
+
+    One call at a time per Searcher: `params.ef_search` is set on the shared coarse
+    quantiser for the duration of the call (see `_search_batch`).
 
     Returns:
       D (nq, k) float32 squared distances, I (nq, k) int64 database ids (-1 when
@@ -74,9 +77,20 @@ class Searcher:
     n1 = min(max(p.nmid_short * p.nshort, p.nshort, final), 8000)
     params = faiss.SearchParametersIVF(
         nprobe=p.nprobe, quantizer_params=faiss.SearchParametersHNSW(efSearch=p.ef_search))
+    # search_and_return_codes does not pass params.quantizer_params on to the coarse
+    # quantiser (faiss issue 5589): the HNSW would run at its own efSearch whatever
+    # ef_search says, so set that for the call and put it back after.
+    hnsw = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None)
+    ef_before = hnsw.efSearch if hnsw is not None else None
     t0 = time.perf_counter()
-    D1, I1, C1 = self.index.search_and_return_codes(q, n1, include_listnos=True,
-                                                    params=params)
+    try:
+      if hnsw is not None:
+        hnsw.efSearch = p.ef_search
+      D1, I1, C1 = self.index.search_and_return_codes(q, n1, include_listnos=True,
+                                                      params=params)
+    finally:
+      if hnsw is not None:
+        hnsw.efSearch = ef_before
     times = {"ivf_aq": time.perf_counter() - t0, "pairwise": 0.0, "decode": 0.0}
     lists = np.clip(index_lib.unpack_list_ids(C1[:, :, :nb]), 0, ivf.nlist - 1)
     codes = C1[:, :, nb:nb + M].astype(np.int32)  # (nq, n1, M)

@@ -153,3 +153,35 @@ def test_sweep_prunes_dominated_settings(tmp_path):
   assert sorted(r["params"]["nprobe"] for r in front) == [1, 2, 4, 8]
   assert all(r["params"]["nshort"] == 1 for r in front)
   assert n_run < 20  # of 20 settings: dominated ones were skipped
+
+
+
+def test_aq_stage_honours_ef_search():
+  """faiss' search_and_return_codes ignores SearchParametersIVF.quantizer_params (faiss
+  issue 5589), so the HNSW coarse quantiser ran at its class-level efSearch whatever
+  ef_search said. The AQ stage must return what `index.search` does with the same
+  nprobe and efSearch, and leave the index's own efSearch as it was."""
+  import faiss
+  from qinco_jax.search import Searcher
+
+  rng = np.random.default_rng(0)
+  K_ivf, M, D = 1024, 4, 16
+  cents = rng.normal(size=(K_ivf, D)).astype(np.float32)
+  tables = 0.3 * rng.normal(size=(M, 256, D)).astype(np.float32)
+  codes = np.concatenate([rng.integers(0, K_ivf, (20_000, 1)),
+                          rng.integers(0, 256, (20_000, M))], 1)
+  index = index_lib.build_index(cents, tables, codes[:5000], codes)
+  searcher = Searcher(codec=None, index=index, centroids=cents)
+  q = rng.normal(size=(200, D)).astype(np.float32)
+  hnsw = faiss.downcast_index(index_lib.ivf_of(index).quantizer).hnsw
+  hnsw.efSearch = 1  # a poor class-level setting; ef_search below must override it
+  p = SearchParams(nprobe=4, ef_search=128, nshort=50, use_pairwise=False, use_qinco=False)
+
+  def ivf_search(ef):
+    fp = faiss.SearchParametersIVF(nprobe=p.nprobe,
+                                   quantizer_params=faiss.SearchParametersHNSW(efSearch=ef))
+    return index.search(q, 50, params=fp)[1]
+  assert (ivf_search(1) != ivf_search(128)).any()  # efSearch matters on this index
+  _, I, _ = searcher.search(q, k=50, params=p)
+  np.testing.assert_array_equal(I, ivf_search(128))
+  assert hnsw.efSearch == 1
