@@ -87,13 +87,15 @@ def train_preset(model_preset: str, **overrides) -> TrainConfig:
   return TrainConfig(**{**TRAIN_PRESETS.get(model_preset.lower(), {}), **overrides})
 
 
-def lr_factor(t, cfg: TrainConfig, cosine_epochs: float | None = None, xp=jnp):
+def lr_factor(t, cfg: TrainConfig, cosine_epochs: float | None = None, xp=jnp,
+              warmup_epochs: float | None = None):
   """lambda(t) of spec 9.5 at fractional epoch t: warm-up then quarter cosine.
 
-  cosine_epochs: length of the quarter cosine (default cfg.epochs). xp: jnp (traced,
-  inside the optimiser) or np (host floats, for the time-budget schedule).
+  cosine_epochs: length of the quarter cosine (default cfg.epochs). warmup_epochs:
+  length of the warm-up (default cfg.warmup_epochs). xp: jnp (traced, inside the
+  optimiser) or np (host floats, for the time-budget schedule).
   """
-  w = cfg.warmup_epochs
+  w = cfg.warmup_epochs if warmup_epochs is None else warmup_epochs
   length = cfg.epochs if cosine_epochs is None else cosine_epochs
   warm = xp.minimum(t / w, 1.0) if w > 0 else xp.ones_like(t)
   cos = xp.cos(xp.minimum((t - w) / length, 1.0) * xp.pi / 2)
@@ -102,10 +104,16 @@ def lr_factor(t, cfg: TrainConfig, cosine_epochs: float | None = None, xp=jnp):
 
 def budget_lr(step: int, steps_per_epoch: int, plan_steps: int, cfg: TrainConfig) -> float:
   """Learning rate of update `step` (0-based) under a time budget: `lr_factor` with
-  the quarter cosine ending at update `plan_steps`."""
-  length = max(plan_steps / steps_per_epoch - cfg.warmup_epochs, 1 / steps_per_epoch)
+  the quarter cosine ending at update `plan_steps`.
+
+  The warm-up takes at most half of the plan, so a budget shorter than two warm-ups
+  still anneals to the floor (with the whole warm-up it would stop with the lr rising).
+  """
+  plan = plan_steps / steps_per_epoch
+  warm = min(cfg.warmup_epochs, plan / 2)
+  length = max(plan - warm, 1 / steps_per_epoch)
   t = np.float64((step + 1) / steps_per_epoch)
-  return cfg.lr * float(lr_factor(t, cfg, cosine_epochs=length, xp=np))
+  return cfg.lr * float(lr_factor(t, cfg, cosine_epochs=length, xp=np, warmup_epochs=warm))
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -175,6 +175,10 @@ def test_budget_lr_matches_spec_values_in_steps():
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   # A shorter plan ends the cosine sooner: at step 17 (t=18) of a 18-step plan, floor.
   assert train.budget_lr(17, 4, 18, cfg) == pytest.approx(1e-3)
+  # A plan shorter than two warm-ups (8 steps < 16) warms up over half of it (4 steps)
+  # and still anneals to the floor by its last update, instead of stopping at lr 1.
+  got = [train.budget_lr(s, 4, 8, cfg) for s in (0, 3, 5, 7)]
+  np.testing.assert_allclose(got, [1 / 4, 1.0, np.cos(np.pi / 4), 1e-3], rtol=1e-6)
   with pytest.raises(ValueError, match="time_budget_s"):
     train.TrainConfig(time_budget_s=0)
   with pytest.raises(ValueError, match="cosine"):
