@@ -7,6 +7,7 @@ the full QINCo2 decode (de-normalised by the codec).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -14,6 +15,27 @@ import numpy as np
 
 from qinco_jax import index as index_lib
 from qinco_jax.data import as_float32
+
+
+@contextlib.contextmanager
+def _coarse_ef_search(ivf, ef_search: int):
+  """Sets the HNSW coarse quantiser's efSearch for the duration of a call.
+
+  faiss' search_and_return_codes does not pass SearchParametersIVF.quantizer_params on
+  to the coarse quantiser (faiss issue 5589), so efSearch must be set on the quantiser
+  itself; the index's own value is put back afterwards. No-op for other quantisers.
+  """
+  import faiss
+
+  hnsw = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None)
+  if hnsw is None:
+    yield
+    return
+  before, hnsw.efSearch = hnsw.efSearch, ef_search
+  try:
+    yield
+  finally:
+    hnsw.efSearch = before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +71,7 @@ class Searcher:
     """Searches raw queries (nq, D) with every CPU thread faiss has.
 
     One call at a time per Searcher: `params.ef_search` is set on the shared coarse
-    quantiser for the duration of the call (see `_search_batch`).
+    quantiser for the duration of the call (`_coarse_ef_search`).
 
     Returns:
       D (nq, k) float32 squared distances, I (nq, k) int64 database ids (-1 when
@@ -75,22 +97,11 @@ class Searcher:
     nb = index_lib.list_id_bytes(ivf.nlist)
     final = p.nshort if p.use_qinco else k
     n1 = min(max(p.nmid_short * p.nshort, p.nshort, final), 8000)
-    params = faiss.SearchParametersIVF(
-        nprobe=p.nprobe, quantizer_params=faiss.SearchParametersHNSW(efSearch=p.ef_search))
-    # search_and_return_codes does not pass params.quantizer_params on to the coarse
-    # quantiser (faiss issue 5589): the HNSW would run at its own efSearch whatever
-    # ef_search says, so set that for the call and put it back after.
-    hnsw = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None)
-    ef_before = hnsw.efSearch if hnsw is not None else None
+    params = faiss.SearchParametersIVF(nprobe=p.nprobe)
     t0 = time.perf_counter()
-    try:
-      if hnsw is not None:
-        hnsw.efSearch = p.ef_search
+    with _coarse_ef_search(ivf, p.ef_search):
       D1, I1, C1 = self.index.search_and_return_codes(q, n1, include_listnos=True,
                                                       params=params)
-    finally:
-      if hnsw is not None:
-        hnsw.efSearch = ef_before
     times = {"ivf_aq": time.perf_counter() - t0, "pairwise": 0.0, "decode": 0.0}
     lists = np.clip(index_lib.unpack_list_ids(C1[:, :, :nb]), 0, ivf.nlist - 1)
     codes = C1[:, :, nb:nb + M].astype(np.int32)  # (nq, n1, M)

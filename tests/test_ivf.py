@@ -1,5 +1,7 @@
 """IVF step (spec 4.1, 5.1): frozen centroids as step 0, M + 1 code columns."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,7 +93,7 @@ def test_ivf_codec_is_created_without_faiss(monkeypatch):
   x = rng.standard_normal((3000, 16)).astype(np.float32)
   c = rng.standard_normal((64, 16)).astype(np.float32)
   brute = ((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1).argmin(1)
-  monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # import faiss fails
+  monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss fails
   np.testing.assert_array_equal(rq_init.assign(x, c)[0], brute)
   cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2, ivf_K=64)
   codec = qj.Codec.create(cfg, x, ivf_centroids=c, verbose=False)

@@ -155,7 +155,6 @@ def test_sweep_prunes_dominated_settings(tmp_path):
   assert n_run < 20  # of 20 settings: dominated ones were skipped
 
 
-
 def test_aq_stage_honours_ef_search():
   """faiss' search_and_return_codes ignores SearchParametersIVF.quantizer_params (faiss
   issue 5589), so the HNSW coarse quantiser ran at its class-level efSearch whatever
