@@ -6,7 +6,12 @@
   python experiments/search_bigann.py --data=bigann1b --root=/data/bigann --stage=ivf ...
   python experiments/search_bigann.py ... --stage=encode --shard=0/4   # and 1/4, 2/4, 3/4
 
-Every stage reads what the previous ones wrote under --workdir.
+Every stage reads what the previous ones wrote under --workdir. Run as several
+processes of one JAX job (--coordinator_address, --num_processes, --process_id, as
+train_bigann.py), train trains data-parallel over all of them and encode splits the
+database by process (process i writes shard i/N, the same files as N `--shard i/N`
+jobs); ivf, build and search run on process 0 while the others wait. The workdir
+must then be on a filesystem that every process sees.
 """
 
 import json
@@ -20,7 +25,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 import qinco_jax as qj  # noqa: E402
-from qinco_jax import ivf, pipeline, sweep, train, trainer  # noqa: E402
+from qinco_jax import distributed, ivf, pipeline, sweep, train, trainer  # noqa: E402
 
 STAGES = ("ivf", "train", "encode", "build", "search")
 F = flags.FLAGS
@@ -44,6 +49,7 @@ flags.DEFINE_integer("enc_A", -1, "encode/build stages: candidates per beam (-1:
 flags.DEFINE_integer("enc_B", -1, "encode/build stages: beam size (-1: --B)")
 flags.DEFINE_string("shard", "0/1", "encode stage: shard i/n of the database")
 flags.DEFINE_integer("max_experiments", 24, "search stage: settings measured at most")
+distributed.define_flags()
 
 FILES = {
     "bigann1b": ("bigann_learn.bvecs", "bigann_base.bvecs", "bigann_query.bvecs",
@@ -83,16 +89,24 @@ def command_line() -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  trainer.initialize_distributed()
-  os.makedirs(F.workdir, exist_ok=True)
-  if jax.process_index() == 0:  # what built this workdir (bench_search quotes it)
+  distributed.initialize_from_flags()
+  with distributed.exit_on_error():
+    run_stages()
+    distributed.barrier("search_bigann done")  # the others wait for process 0's stages
+
+
+def run_stages():
+  main_process = distributed.is_main()
+  if main_process:  # what built this workdir (bench_search quotes it)
+    os.makedirs(F.workdir, exist_ok=True)
     with open(os.path.join(F.workdir, f"command.{F.stage}.txt"), "w") as f:
       f.write(command_line() + "\n")
   stages = STAGES if F.stage == "all" else (F.stage,)
-  train_x, db, queries, gt = load_data(need_gt="search" in stages)
+  train_x, db, queries, gt = load_data(need_gt="search" in stages and main_process)
   cents_path = os.path.join(F.workdir, "centroids_ivf.npy")
-  if "ivf" in stages:
+  if "ivf" in stages and main_process:
     pipeline.train_ivf(train_x, F.ivf_K, F.workdir, max_points=256 * F.ivf_K)
+  distributed.barrier("ivf")
   if "train" in stages:
     cfg = qj.preset("qinco2-S", M=F.M, L=F.L, de=F.de, dh=F.dh, A=F.A, B=F.B, ivf_K=F.ivf_K)
     budget = F.train_min * 60 if F.train_min > 0 else None
@@ -109,7 +123,15 @@ def main(argv):
   enc_B = F.B if F.enc_B < 0 else F.enc_B
   if "encode" in stages:
     i, n = (int(v) for v in F.shard.split("/"))
+    if jax.process_count() > 1:
+      if (i, n) != (0, 1):
+        raise app.UsageError("--shard splits the database between independent jobs; a "
+                             "multi-process run splits it by process already")
+      i, n = jax.process_index(), jax.process_count()
     pipeline.encode_shard(codec, db, F.workdir, i, n, A=enc_A, B=enc_B)
+  distributed.barrier("encode")
+  if not main_process:
+    return  # build and search: process 0
   if "build" in stages:
     db_codes = pipeline.load_shards(F.workdir)
     # GloVe: the database ends with the training set, whose codes the build reuses.

@@ -8,6 +8,11 @@
 Without flags it trains the small GloVe model (experiments/configs/glove_small.py).
 Overrides: --config.model.A=4 --config.ds.loop=1000000 --config.resume=True
 --config.train.time_budget_s=3600 ...; --print_config shows what they resolve to.
+
+Several processes (README, "Training on several hosts"): run the same command on each
+with --coordinator_address=HOST:PORT --num_processes=N --process_id=i (or the
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID variables); TPU pods and
+SLURM need none of them.
 """
 
 import os
@@ -18,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for configs.co
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from qinco_jax import experiment  # noqa: E402
+from qinco_jax import distributed, experiment  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
@@ -27,6 +32,7 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", "runs/glove", "checkpoints, metrics and eval output")
 flags.DEFINE_bool("print_config", False,
                   "print the model and training configs the flags resolve to, and exit")
+distributed.define_flags()
 
 
 def main(argv):
@@ -36,7 +42,9 @@ def main(argv):
   if flags.FLAGS.print_config:
     print(experiment.describe(c))
     return
-  experiment.run(c, flags.FLAGS.workdir)
+  distributed.initialize_from_flags()
+  with distributed.exit_on_error():
+    experiment.run(c, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@
     x_hat = codec.decode(codes)
 """
 
-from qinco_jax import data, metrics
+from qinco_jax import data, distributed, metrics
 from qinco_jax.codec import Codec, load
 from qinco_jax.config import PRESETS, QincoConfig, preset
 
 __version__ = "0.1.0"
 
-__all__ = ["Codec", "load", "preset", "PRESETS", "QincoConfig", "data", "metrics"]
+__all__ = ["Codec", "load", "preset", "PRESETS", "QincoConfig", "data", "distributed", "metrics"]
 from qinco_jax import interop, plots  # noqa: E402,F401  (reference checkpoints, faiss, npz; plots)

@@ -29,9 +29,22 @@ META_FILE = "qinco_jax.json"
 STATE_DIR = "state"
 
 
-def _ckpt():
+def _local_options():
+  """Orbax options for a save or restore done by this process alone.
+
+  In a multi-process run Orbax's default is a collective save (every process calls it
+  and they meet at barriers). qinco-jax writes host-local arrays from one process
+  (process 0 in training; any process for `Codec.save`), so Orbax is told that this
+  process is the only one taking part.
+  """
   import orbax.checkpoint as ocp  # imported lazily: slow import, not needed to encode
-  return ocp.StandardCheckpointer()
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
+def _ckpt():
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer(multiprocessing_options=_local_options())
 
 
 def atomic_replace_dir(tmp: Path, path: Path):
@@ -60,7 +73,8 @@ def save_state(path: str | os.PathLike, state: nnx.State, meta: dict[str, Any]):
   try:
     tmp.mkdir()
     ck = _ckpt()
-    ck.save(tmp / STATE_DIR, nnx.to_pure_dict(state))
+    # Host (NumPy) arrays: the checkpoint names no device, so any process can load it.
+    ck.save(tmp / STATE_DIR, jax.tree.map(np.asarray, nnx.to_pure_dict(state)))
     ck.wait_until_finished()
     with open(tmp / META_FILE, "w") as f:
       json.dump({"format": FORMAT, "version": VERSION, **meta}, f, indent=2)
@@ -102,22 +116,29 @@ def load_state(path: str | os.PathLike, abstract: nnx.State) -> nnx.State:
   """
   path = Path(path).absolute()  # Orbax wants absolute paths
   target = nnx.to_pure_dict(abstract)
+  ck = _ckpt()
   try:
-    saved = _ckpt().restore(path / STATE_DIR)
+    meta = ck.metadata(path / STATE_DIR).item_metadata
   except Exception as e:  # orbax raises many types for missing/corrupt files
     raise ValueError(f"cannot read the arrays of checkpoint {str(path)!r}: {e}") from e
+  stored = getattr(meta, "tree", meta)  # {key: ArrayMetadata(shape, dtype, ...)}
   flat_t = _flat(target)
-  flat_s = _flat(saved)
+  flat_s = _flat(stored)
   if set(flat_t) != set(flat_s):
     missing = sorted(set(flat_t) - set(flat_s))[:5]
     extra = sorted(set(flat_s) - set(flat_t))[:5]
     raise ValueError(f"checkpoint {str(path)!r} does not match this model: missing "
                      f"{missing}, unexpected {extra}")
   for k, t in flat_t.items():
-    if tuple(t.shape) != tuple(np.shape(flat_s[k])):
+    if tuple(t.shape) != tuple(flat_s[k].shape):
       raise ValueError(f"checkpoint {str(path)!r} does not match this model: {k} has "
-                       f"shape {np.shape(flat_s[k])}, expected {t.shape}")
-  restored = _unflat(target, {k: jax.numpy.asarray(flat_s[k], t.dtype)
+                       f"shape {tuple(flat_s[k].shape)}, expected {t.shape}")
+  try:  # NumPy targets: host arrays, whatever devices the saving process had
+    saved = _flat(ck.restore(path / STATE_DIR, jax.tree.map(
+        lambda m: np.empty(m.shape, m.dtype), stored)))
+  except Exception as e:
+    raise ValueError(f"cannot read the arrays of checkpoint {str(path)!r}: {e}") from e
+  restored = _unflat(target, {k: jax.numpy.asarray(saved[k], t.dtype)
                               for k, t in flat_t.items()})
   state = abstract
   nnx.replace_by_pure_dict(state, restored)
@@ -135,3 +156,41 @@ def _flat(tree) -> dict[str, Any]:
 def _unflat(target, flat: dict[str, Any]):
   paths = jax.tree_util.tree_flatten_with_path(target)[0]
   return jax.tree.unflatten(jax.tree.structure(target), [flat[_key(kp)] for kp, _ in paths])
+
+
+class TrainCheckpoints:
+  """The training state's checkpoints in one directory (Orbax `CheckpointManager`,
+  the last `max_to_keep` steps, each atomic), written and read by this process alone.
+
+  Each checkpoint holds `state` (a pytree of host arrays: parameters, optimiser state,
+  code usage, step) and `meta` (JSON: epoch, best validation MSE, plans).
+  """
+
+  def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+    import orbax.checkpoint as ocp
+    self.directory = Path(directory).absolute()
+    self.directory.mkdir(parents=True, exist_ok=True)
+    self._mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=False, multiprocessing_options=_local_options()))
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state, meta: dict[str, Any]):
+    import orbax.checkpoint as ocp
+    self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    self._mngr.wait_until_finished()
+
+  def restore(self, like, step: int | None = None):
+    """(state of host arrays shaped like the tree `like`, meta) of `step` (default:
+    the latest)."""
+    import orbax.checkpoint as ocp
+    step = self._mngr.latest_step() if step is None else step
+    target = jax.tree.map(lambda a: np.empty(np.shape(a), a.dtype), like)
+    r = self._mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    return r.state, r.meta
+
+  def close(self):
+    self._mngr.close()

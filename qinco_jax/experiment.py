@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any
 
-from qinco_jax import data, train, trainer
+from qinco_jax import data, distributed, train, trainer
 from qinco_jax.config import QincoConfig, preset
 from qinco_jax.evaluate import evaluate, faiss_rq_baseline
 
@@ -68,8 +68,12 @@ def dataset(c) -> data.Dataset:
 
 
 def run(c, workdir: str) -> dict[str, Any]:
-  """Trains, evaluates on the database, prints and returns a JSON-able summary."""
-  trainer.initialize_distributed()
+  """Trains, evaluates on the database, prints and returns a JSON-able summary.
+
+  In a multi-process run (call `distributed.initialize` first) every process trains;
+  process 0 evaluates, writes eval.json and prints, while the others wait for it.
+  """
+  distributed.initialize()  # no-op unless the environment describes several processes
   ds = dataset(c)
   if c.ds.trainset and c.data.name in ("glove",):
     ds = data.Dataset(ds.name, ds.train[: c.ds.trainset], ds.val, ds.db, ds.queries,
@@ -77,8 +81,8 @@ def run(c, workdir: str) -> dict[str, Any]:
   mcfg, tcfg = model_config(c, ds.d), train_config(c)
   codec = trainer.train_and_evaluate(mcfg, tcfg, ds, workdir, resume=c.resume)
   summary: dict[str, Any] = {"model": repr(codec), "train_A": mcfg.A, "train_B": mcfg.B}
-  if ds.db is not None and trainer.is_main():
-    summary["qinco"] = evaluate(codec, ds, A=c.eval.A, B=c.eval.B)
+  if ds.db is not None and distributed.is_main():
+    summary["qinco"] = evaluate(codec, ds, A=c.eval.A, B=c.eval.B, n_db=c.ds.db or None)
     if c.eval.rq_baseline:
       summary["faiss_rq"] = faiss_rq_baseline(
           ds, mcfg.M, nbits=(mcfg.K - 1).bit_length(), beam=c.eval.rq_beam,
@@ -86,6 +90,7 @@ def run(c, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(summary, f, indent=2)
     print(format_summary(summary), flush=True)
+  distributed.barrier("evaluated")  # the others exit once process 0 is done
   return summary
 
 

@@ -9,8 +9,10 @@ best codec to `workdir/best` (`qj.load(workdir)` loads it). The data order is a
 deterministic function of (seed, epoch), so a run killed at any point and resumed
 ends where an uninterrupted run ends.
 
-Multi-host: call `initialize_distributed()` first; every process runs this loop on
-its slice of each global batch; logging, progress and metadata come from process 0.
+Several processes (hosts): call `qinco_jax.distributed.initialize` first; every
+process runs this loop on its devices' rows of each global batch; process 0 alone
+reads and writes the workdir, validates, logs and prints, and broadcasts what it
+decides (docs/design.md, "Several processes").
 """
 
 from __future__ import annotations
@@ -24,44 +26,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from flax import nnx
 
-from qinco_jax import data, metrics, train
+from qinco_jax import checkpoint, data, distributed as dist, metrics, train
 from qinco_jax.codec import Codec, load
 from qinco_jax.config import QincoConfig
 from qinco_jax.model import Qinco
 
 
 
-def initialize_distributed():
-  """`jax.distributed.initialize()` when launched as several processes (TPU pods,
-  SLURM, or JAX_COORDINATOR_ADDRESS set); a no-op for a single process."""
-  multi = any(k in os.environ for k in (
-      "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS"))
-  if multi and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
-
-
-def is_main() -> bool:
-  return jax.process_index() == 0
-
-
-def _host(tree):
-  """Replicated device arrays -> NumPy (works when not fully addressable)."""
-  def get(a):
-    if isinstance(a, jax.Array) and not a.is_fully_addressable:
-      a = a.addressable_data(0)
-    return np.asarray(a)
-  return jax.tree.map(get, tree)
-
-
 class BatchOrder:
   """Deterministic sample order: a fresh permutation of the training set per pass;
-  epoch e covers positions [e*S, e*S + steps*G) of the concatenated passes."""
+  epoch e covers positions [e*S, e*S + steps*G) of the concatenated passes.
+
+  The order is a function of (n, S, G, seed) only: the global batch of every update is
+  the same whatever the number of processes and devices that share it (each device
+  reads the rows of its own slice, `_global_batch`).
+  """
 
   def __init__(self, n: int, samples_per_epoch: int, global_batch: int, seed: int):
     self.n, self.S, self.G, self.seed = n, samples_per_epoch, global_batch, seed
@@ -88,13 +72,20 @@ def _read_rows(x, idx: np.ndarray) -> np.ndarray:
   return out
 
 
+def _global_batch(x, idx: np.ndarray, sharding) -> jax.Array:
+  """The global batch x[idx] as one array sharded along "data"; this process reads
+  only the rows of its own devices' slices (from a memory map: no host reads more)."""
+  return jax.make_array_from_callback(
+      (len(idx), x.shape[1]), sharding, lambda where: _read_rows(x, idx[where[0]]))
+
+
 class MetricWriter:
   """JSON lines in workdir/metrics.jsonl (+ TensorBoard when tensorboardX exists)."""
 
   def __init__(self, workdir: Path):
     self.path = workdir / "metrics.jsonl"
     self.tb = None
-    if is_main():
+    if dist.is_main():
       try:
         from tensorboardX import SummaryWriter  # optional
         self.tb = SummaryWriter(str(workdir / "tb"))
@@ -102,7 +93,7 @@ class MetricWriter:
         pass
 
   def write(self, record: dict[str, Any]):
-    if not is_main():
+    if not dist.is_main():
       return
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
@@ -113,25 +104,22 @@ class MetricWriter:
           self.tb.add_scalar(k, v, step)
 
 
-def _manager(workdir: Path):
-  import orbax.checkpoint as ocp
-  return ocp.CheckpointManager(
-      workdir / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+def _save(ckpts: checkpoint.TrainCheckpoints, epoch: int, state: train.TrainState,
+          meta: dict[str, Any]):
+  """Process 0's checkpoint of the training state (host-local arrays)."""
+  ckpts.save(epoch, dist.host(state), meta)
 
 
-def _save(mngr, epoch: int, state: train.TrainState, meta: dict[str, Any]):
-  import orbax.checkpoint as ocp
-  mngr.save(epoch, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-  mngr.wait_until_finished()
-
-
-def _restore(mngr, abstract: train.TrainState):
-  import orbax.checkpoint as ocp
-  step = mngr.latest_step()
-  r = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-  return r.state, r.meta
+def _start(workdir: Path, ckpts, resume: bool) -> dict[str, Any]:
+  """Process 0's view of the workdir: {"step": latest checkpoint or None, "meta":
+  ckpt_meta.json} or {"error": message}."""
+  step = ckpts.latest_step()
+  if step is None:
+    return {"step": None}
+  if not resume:
+    return {"error": f"{str(workdir)!r} already holds a training checkpoint; pass "
+                     "resume=True (--config.resume=True) or use another workdir"}
+  return {"step": step, "meta": json.loads((workdir / "ckpt_meta.json").read_text())}
 
 
 def validate(codec: Codec, val: np.ndarray, A: int, B: int, mse_scale: float):
@@ -160,8 +148,8 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
   """
   t_call = time.perf_counter()
   workdir = Path(workdir).absolute()  # Orbax wants absolute paths
-  workdir.mkdir(parents=True, exist_ok=True)
-  verbose = verbose and is_main()
+  main = dist.is_main()  # process 0 reads and writes the workdir; the others never do
+  verbose = verbose and main
   # Auto axes: the compiler propagates the batch sharding through the beam search.
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -174,29 +162,36 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
                      "lower batch_per_device or provide more training vectors")
   order = BatchOrder(n, S, G, train_cfg.seed)
   tx = train.make_optimizer(train_cfg, steps)
-  mngr = _manager(workdir)
-  codec = None
-  if mngr.latest_step() is not None:
-    if not resume:
-      raise ValueError(f"{str(workdir)!r} already holds a training checkpoint; pass "
-                       "resume=True (--config.resume=True) or use another workdir")
-    meta = json.loads((workdir / "ckpt_meta.json").read_text())
-    codec = Codec(QincoConfig.from_dict(meta["model"]), meta["d"],
-                  _abstract_state(meta["model"], meta["d"]))
-  if codec is None:
+  ckpts = None
+  if main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpts = checkpoint.TrainCheckpoints(workdir / "ckpt")
+  start = dist.broadcast_json(_start(workdir, ckpts, resume) if main else None)
+  if "error" in start:
+    raise ValueError(start["error"])
+  resuming = start["step"] is not None
+  if resuming:
+    m = start["meta"]
+    codec = Codec(QincoConfig.from_dict(m["model"]), m["d"],
+                  _abstract_state(m["model"], m["d"]))
+  else:
     codec = Codec.create(model_cfg, ds.train, seed=train_cfg.seed, verbose=verbose,
                          ivf_centroids=ivf_centroids)
-    if is_main():
-      tmp = workdir / "ckpt_meta.json.tmp"
-      tmp.write_text(json.dumps({"model": model_cfg.to_dict(), "d": codec.d}))
-      os.replace(tmp, workdir / "ckpt_meta.json")
+    # Every process computed the same RQ initialisation; process 0's copy makes it
+    # bit-identical even across hosts whose floating point differs.
+    codec = codec.replace_state(jax.tree.map(jnp.asarray, dist.broadcast(codec.state)))
+    if main:
+      data.atomic_write(str(workdir / "ckpt_meta.json"), lambda f: f.write(
+          json.dumps({"model": model_cfg.to_dict(), "d": codec.d}).encode()))
   graphdef = codec.graphdef
   state = train.init_state(graphdef, codec.state, tx)
   replicated = NamedSharding(mesh, P())
-  if mngr.latest_step() is not None:
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                           sharding=replicated), state)
-    state, meta = _restore(mngr, abstract)
+  if resuming:
+    host_state = dist.host(state)
+    meta = None
+    if main:
+      host_state, meta = ckpts.restore(host_state, start["step"])
+    state, meta = dist.broadcast(host_state), dist.broadcast_json(meta)
   else:
     meta = {"epoch": 0, "best_val": None, "bad_epochs": 0, "lr_scale": 1.0}
   state = jax.device_put(state, replicated)
@@ -206,28 +201,33 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
   step_fn = train.make_train_step(graphdef, tx, codec.cfg.A, codec.cfg.B)
   batch_sharding = NamedSharding(mesh, P("data"))
   writer = MetricWriter(workdir)
-  if meta["best_val"] is None and is_main() and writer.path.exists():
+  if meta["best_val"] is None and main and writer.path.exists():
     writer.path.unlink()  # a fresh run: drop the log of a run whose checkpoints are gone
   A, B = codec.cfg.A, codec.cfg.B
-  rows = _process_rows(G)
 
   def current_codec():
-    params_rest = _host((state.params, state.rest))
+    params_rest = dist.host((state.params, state.rest))
     return codec.replace_state(nnx.merge_state(*params_rest))
+
+  def validation(cur: Codec) -> dict[str, Any]:
+    """Process 0 validates; every process takes its numbers (the same decisions)."""
+    v = validate(cur, ds.val, A, B, ds.mse_scale) if main else None
+    return dist.broadcast_json(v)
 
   val_s = 0.0  # one validation's wall time (the budget guard keeps it in reserve)
   if meta["best_val"] is None:  # validation before training (spec 9.6)
     t_val = time.perf_counter()
-    v = validate(current_codec(), ds.val, A, B, ds.mse_scale)
+    v = validation(current_codec())
     val_s = time.perf_counter() - t_val
     meta["best_val"] = v["val_mse"]
     writer.write({"epoch": -1, "step": 0, **v})
-    if is_main():
+    if main:
       current_codec().save(workdir / "best")
+    dist.barrier("initial-best")
   n_epochs = train_cfg.total_epochs
   if budget is not None and train_cfg.max_epochs is None:
     n_epochs = 1 << 30  # the time budget (or early stopping) ends the run
-  gstep = int(_host(state.step))  # updates done (host copy of state.step)
+  gstep = int(dist.host(state.step))  # updates done (host copy of state.step)
   t_loop, step_loop, first_epoch = time.perf_counter(), gstep, meta["epoch"]
   mark, seed_plan = None, meta["plan_steps"]  # budget guard of the first epoch
   for epoch in range(meta["epoch"], n_epochs):
@@ -245,29 +245,29 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
                                                train_cfg), replicated)
       gstep += 1
       done = j + 1
-      idx = order.indices(epoch, j)[rows]
-      batch = jax.make_array_from_process_local_data(
-          batch_sharding, _read_rows(ds.train, idx), (G, codec.d))
-      state, m = step_fn(state, batch)
+      batch = _global_batch(ds.train, order.indices(epoch, j), batch_sharding)
+      with dist.peer_guard(f"training step {gstep} (epoch {epoch})"):
+        state, m = step_fn(state, batch)
       if budget is not None and epoch == first_epoch:
         mark = _guard_first_epoch(meta, m, j, gstep, mark, seed_plan, t_start,
                                   budget - val_s, train_cfg.log_every)
       last = j + 1 == steps or (budget is not None and gstep >= meta["plan_steps"])
       if (j + 1) % train_cfg.log_every == 0 or last:
-        m = {k: float(v) for k, v in m.items()}
+        with dist.peer_guard(f"training step {gstep} (epoch {epoch})"):
+          m = {k: float(v) for k, v in dist.host(m).items()}
         _check_finite(m, epoch, j)
         rate = (j + 1) * G / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{m['loss']:.4g}", samples_s=f"{rate:.0f}")
-        writer.write({"epoch": epoch, "step": int(state.step), "samples_s": rate, **m})
+        writer.write({"epoch": epoch, "step": gstep, "samples_s": rate, **m})
     train_s = time.perf_counter() - t0
     cur = current_codec()
-    v = validate(cur, ds.val, A, B, ds.mse_scale)
-    hist = _host(state.usage)  # (M, K) codes chosen this epoch
+    v = validation(cur)
+    hist = dist.host(state.usage)  # (M, K) codes chosen this epoch, all processes summed
     n_unused = (hist == 0).sum(1).tolist()
     improved = v["val_mse"] < meta["best_val"] - 1e-6
     if improved:
       meta["best_val"], meta["bad_epochs"] = v["val_mse"], 0
-      if is_main():
+      if main:
         cur.save(workdir / "best")
     else:
       meta["bad_epochs"] += 1
@@ -287,11 +287,13 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
       # is reached the run is over: no re-plan, or a last sliver epoch would follow.
       per_step = (now - t_loop) / max(gstep - step_loop, 1)
       left = int((budget - meta["elapsed_s"]) / per_step)
-      meta["plan_steps"] = _agree(gstep + max(left, 0))
+      meta["plan_steps"] = dist.agree(gstep + max(left, 0))
       if epoch == first_epoch:  # later plans leave out the compile-heavy first epoch
         t_loop, step_loop = now, gstep
-    _save(mngr, epoch + 1, state, meta)
-    record = {"epoch": epoch, "step": int(state.step), "train_s": train_s,
+    if main:
+      _save(ckpts, epoch + 1, state, meta)
+    dist.barrier(f"epoch-{epoch}")  # the others wait while process 0 writes
+    record = {"epoch": epoch, "step": gstep, "train_s": train_s,
               "samples": done * G, "samples_s": done * G / train_s,
               "unused_codes": n_unused,
               "train_entropy": _entropy_bits(hist),
@@ -305,8 +307,9 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
             flush=True)
     if meta["bad_epochs"] > train_cfg.stop_patience:
       break
-  mngr.close()
-  return load(workdir / "best")
+  if main:
+    ckpts.close()
+  return _best_codec(workdir, codec)
 
 
 _EARLY_GUARDS = (2, 4, 8, 16, 32)  # 0-based updates of the first epoch (then log points)
@@ -341,9 +344,18 @@ def _guard_first_epoch(meta: dict, m, j: int, gstep: int, mark, seed_plan: int,
   left = int((budget - (now - t_start)) / per_step)
   if 0 < left and j < _EARLY_GUARDS[-1]:  # early, noisy estimate: go on to the next
     left = max(left, next(i for i in _EARLY_GUARDS if i > j) - j)
-  plan = _agree(gstep + max(left, 0))
+  plan = dist.agree(gstep + max(left, 0))
   meta["plan_steps"] = min(seed_plan, plan)
   return now, gstep, per_step
+
+
+def _best_codec(workdir: Path, like: Codec) -> Codec:
+  """The best codec, read by process 0 and sent to the others (no shared disk needed)."""
+  best = load(workdir / "best") if dist.is_main() else like
+  if not dist.multi():
+    return best
+  state = jax.tree.map(jnp.asarray, dist.broadcast(best.state))
+  return Codec(like.cfg, like.d, state, dist.broadcast_json(best.info))
 
 
 def _abstract_state(model: dict, d: int):
@@ -356,24 +368,11 @@ def _entropy_bits(hist: np.ndarray) -> list[float]:
   return (-(p * np.log2(np.where(p > 0, p, 1))).sum(1)).tolist()
 
 
-def _process_rows(G: int) -> slice:
-  per = G // jax.process_count()
-  i = jax.process_index()
-  return slice(i * per, (i + 1) * per)
-
-
 def _check_finite(m: dict[str, float], epoch: int, step: int):
   if not all(np.isfinite(v) for v in m.values()):
     raise FloatingPointError(
         f"training diverged at epoch {epoch}, step {step}: metrics {m}. The last good "
         "checkpoint is intact; lower the learning rate or check the data.")
-
-
-def _agree(v: int) -> int:
-  """Process 0's value on every process (plans must match for the collectives)."""
-  if jax.process_count() == 1:
-    return int(v)
-  return int(multihost_utils.broadcast_one_to_all(np.int64(v)))
 
 
 def _set_lr(state: train.TrainState, lr: float, sharding) -> train.TrainState:
