@@ -84,7 +84,11 @@ class Codec:
 
     Normalisation statistics come from the first 100k vectors (spec 3.1), codebooks
     from a greedy RQ on the first 1M (spec 8.1) plus relative noise
-    `cfg.codebook_noise_init`; the step networks are at their initialisation (4.2).
+    `cfg.codebook_noise_init`; the step networks are at their initialisation (4.2):
+    with `cfg.init == "rq"` (the QINCo2 default) every step network starts as
+    f(c, x_hat) = c, so the new codec decodes exactly like that RQ (P_out = 0 when
+    E != D; codewords stored halved when E = D); with "reference", as in the paper's
+    code, f = c + P_out P_in c.
 
     Args:
       cfg: model configuration.
@@ -118,9 +122,16 @@ class Codec:
     if not cfg.ivf_K:
       model.codebook0[...] = jnp.asarray(noisy.pop(0), jnp.float32)
     if noisy:
-      model.codebooks[...] = jnp.asarray(np.stack(noisy), jnp.float32)
+      scale = cfg.codeword_scale(d)
+      model.codebooks[...] = jnp.asarray(np.stack(noisy) * scale, jnp.float32)
       if model.pre_codebooks is not None:
-        model.pre_codebooks[...] = jnp.asarray(np.stack(noisy), jnp.float32)
+        # Without a network (Ls = 0), C'_m is compared with residuals directly.
+        pre_scale = scale if model.pre_steps is not None else 1.0
+        model.pre_codebooks[...] = jnp.asarray(np.stack(noisy) * pre_scale, jnp.float32)
+      if cfg.init == "rq":
+        for net in (model.steps, model.pre_steps):
+          if net is not None and net.out_proj is not None:
+            net.out_proj.kernel[...] = jnp.zeros_like(net.out_proj.kernel[...])
     model.data_mean[...] = jnp.asarray(mean, jnp.float32)
     model.data_std[...] = jnp.asarray(std, jnp.float32)
     info = {"rq_init_train_mse": [float(m) * float(std) ** 2 for m in mses]}

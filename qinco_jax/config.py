@@ -33,6 +33,10 @@ class QincoConfig:
   Ls: int = 0  # residual blocks of the pre-selection network g; 0 = learned codebook
   dh_pre: int = 128  # hidden width of g when Ls > 0
   qinco1_mode: bool = False  # QINCo1 architecture (no outer residual, PyTorch init)
+  # Initialisation of a new model (spec 4.2): "rq" starts exactly at the RQ solution
+  # (f(c, x_hat) = c at init); "reference" is the paper's (f = c + P_out P_in c, 2c when
+  # de = D). None: "rq" in QINCo2 mode, "reference" in qinco1_mode.
+  init: str | None = None
   codebook_noise_init: float = 0.1  # relative noise added to the RQ-initialised codebooks
   enc_max_bs: int = 65536  # encoder chunk: chunk * B * (A or K) <= enc_max_bs
   ivf_K: int = 0  # IVF lists of a frozen IVF step 0 (spec 4.1); 0 = no IVF step
@@ -58,6 +62,12 @@ class QincoConfig:
     check(1 <= self.B <= MAX_B,
           f"B (beam size) must be in [1, {MAX_B}]; 1 is greedy", self.B)
     check(self.Ls >= 0, "Ls must be >= 0", self.Ls)
+    if self.init is None:
+      object.__setattr__(self, "init", "reference" if self.qinco1_mode else "rq")
+    check(self.init in ("rq", "reference"), "init must be 'rq' or 'reference'", self.init)
+    check(not (self.qinco1_mode and self.init == "rq"),
+          "init='rq' is for QINCo2 mode; qinco1_mode keeps the reference initialisation",
+          self.init)
     check(self.codebook_noise_init >= 0, "codebook_noise_init must be >= 0",
           self.codebook_noise_init)
     check(self.enc_max_bs >= 1, "enc_max_bs must be >= 1", self.enc_max_bs)
@@ -74,8 +84,17 @@ class QincoConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "QincoConfig":
+    """From `to_dict` output. Configs saved before `init` existed were created with
+    the reference initialisation, and say so."""
     _check_names(d)
-    return cls(**d)
+    return cls(**{"init": "reference", **d})
+
+  def codeword_scale(self, d: int) -> float:
+    """How the "rq" init stores a network step's codewords: halved when E = D (no
+    projections: f(c, x_hat) = 2c at initialisation, so that the decoded codeword is
+    the RQ's), as they are otherwise (P_out = 0 there: f = c). Dead-codeword resets
+    (spec 9.7) store their new rows the same way."""
+    return 0.5 if self.init == "rq" and self.embed_dim(d) == d else 1.0
 
   @property
   def n_ivf(self) -> int:

@@ -256,13 +256,16 @@ def _config_from_parameters(parameters: Mapping[str, Any], sd: Mapping[str, Any]
   else:
     A = p.get("A", min(16, int(K)) if has_pre else 0)
     B = p.get("B", 32 if A else 1)
-  kw = dict(K=K, M=M, L=L, de=de, dh=dh, A=A, B=B, qinco1_mode=qinco1)
+  # The reference trains from its own initialisation; say so unless told otherwise (it
+  # matters only for the dead-codeword resets of a continued training, when E = D).
+  kw = dict(K=K, M=M, L=L, de=de, dh=dh, A=A, B=B, qinco1_mode=qinco1,
+            init=str(p.get("init", "reference")))
   if qinco1:
     kw["codebook_noise_init"] = 1.0
   if ivf:
     kw["ivf_K"] = p.get("ivf_K", shape("steps.0.ivf_centroids.weight", 0))
   for name, v in kw.items():
-    if name not in ("qinco1_mode", "codebook_noise_init") and v is not None:
+    if name not in ("qinco1_mode", "codebook_noise_init", "init") and v is not None:
       kw[name] = _as_int(name, v)
   return QincoConfig(**kw)
 

@@ -10,6 +10,7 @@ The epoch loop, validation and checkpoints live in `trainer.py`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -208,11 +209,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, A: int, B: int,
   return jax.jit(train_step, donate_argnums=(0,))
 
 
-@jax.jit
-def _reset_rows(params, rest, usage, key, noise: float):
+@functools.partial(jax.jit, static_argnames=("code_scale", "pre_scale"))
+def _reset_rows(params, rest, usage, key, noise: float, code_scale: float = 1.0,
+                pre_scale: float = 1.0):
   """Spec 9.7: replace never-used codewords by random vectors at the target statistics.
 
   usage: (M, K), one row per QINCo step (the IVF step, if any, is never reset).
+  code_scale, pre_scale: how network steps store a codeword in C_m and C'_m
+  (`QincoConfig.codeword_scale`: 0.5 for the "rq" init with E = D, where f = 2c at
+  initialisation), so that a reset row decodes to the drawn vector as at creation.
   """
   M, K = usage.shape
   # Target statistics of the QINCo steps (the last M of the M_tot rows).
@@ -229,16 +234,28 @@ def _reset_rows(params, rest, usage, key, noise: float):
     net = 1
   if M > net:
     dead_n, new_n = dead[net:], new[net:]
-    params["codebooks"][...] = jnp.where(dead_n, new_n, params["codebooks"][...])
+    params["codebooks"][...] = jnp.where(dead_n, new_n * code_scale,
+                                         params["codebooks"][...])
     if "pre_codebooks" in params:
       pre_new = new_n + (jax.random.normal(k_n, new_n.shape)
                          * new_n.std(axis=(1, 2), keepdims=True) * noise / 4)
-      params["pre_codebooks"][...] = jnp.where(dead_n, pre_new,
+      params["pre_codebooks"][...] = jnp.where(dead_n, pre_new * pre_scale,
                                                params["pre_codebooks"][...])
   return params, jnp.sum(usage == 0, axis=1)
 
 
-def reset_dead_codes(state: TrainState, key: Array, noise: float):
-  """Returns (state with dead codewords reset and usage zeroed, resets per step)."""
-  params, n_reset = _reset_rows(state.params, state.rest, state.usage, key, noise)
+def reset_dead_codes(state: TrainState, key: Array, noise: float,
+                     code_scale: float = 1.0, pre_scale: float = 1.0):
+  """Returns (state with dead codewords reset and usage zeroed, resets per step).
+
+  code_scale, pre_scale: see `_reset_rows` (`reset_scales(cfg, d)` gives them)."""
+  params, n_reset = _reset_rows(state.params, state.rest, state.usage, key, noise,
+                                code_scale=float(code_scale), pre_scale=float(pre_scale))
   return state._replace(params=params, usage=jnp.zeros_like(state.usage)), n_reset
+
+
+def reset_scales(cfg, d: int) -> tuple[float, float]:
+  """(code_scale, pre_scale) of `reset_dead_codes` for a model config and dimension d:
+  how its network steps store codewords in C_m and C'_m (as `Codec.create` does)."""
+  scale = cfg.codeword_scale(d)
+  return scale, (scale if cfg.Ls > 0 else 1.0)

@@ -273,7 +273,8 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
       meta["bad_epochs"] += 1
     if train_cfg.reset_dead_codes:
       key = jax.random.fold_in(jax.random.key(train_cfg.seed), epoch)
-      state, _ = train.reset_dead_codes(state, key, codec.cfg.codebook_noise_init)
+      state, _ = train.reset_dead_codes(state, key, codec.cfg.codebook_noise_init,
+                                        *train.reset_scales(codec.cfg, codec.d))
     else:
       state = state._replace(usage=jnp.zeros_like(state.usage))
     if train_cfg.schedule == "plateau" and meta["bad_epochs"] and (

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import encode as encode_mod
+from qinco_jax import encode as encode_mod, rq_init
 from tests import reference
 
 D = 6
@@ -32,13 +32,84 @@ def test_create_normalisation_and_rq_init(trained):
   assert rq[0] < qj.metrics.mse(train, np.broadcast_to(train.mean(0), train.shape))
 
 
-def test_create_copies_noisy_codebook_into_preselection_codebook():
+@pytest.mark.parametrize("init", ["rq", "reference"])
+def test_create_copies_noisy_codebook_into_preselection_codebook(init):
   rng = np.random.default_rng(1)
   train = rng.standard_normal((300, D)).astype(np.float32)
-  codec = qj.Codec.create(qj.QincoConfig(K=4, M=3, A=2, B=2, de=None, dh=4), train,
-                          verbose=False)
+  codec = qj.Codec.create(qj.QincoConfig(K=4, M=3, A=2, B=2, de=None, dh=4, init=init),
+                          train, verbose=False)
   m = codec.model()
-  np.testing.assert_array_equal(m.codebooks[...], m.pre_codebooks[...])
+  # "rq" with E = D stores C_m halved (f = 2c there); C'_m is compared with residuals.
+  scale = 0.5 if init == "rq" else 1.0
+  np.testing.assert_array_equal(m.codebooks[...], scale * m.pre_codebooks[...])
+
+
+def _np_greedy_rq(z, tables):
+  """Greedy residual quantisation of z (n, D) with the given (K, D) tables, float64."""
+  r = np.asarray(z, np.float64).copy()
+  codes = np.empty((len(z), len(tables)), np.int64)
+  for m, C in enumerate(tables):
+    codes[:, m] = np.argmin(((r[:, None, :] - C[None]) ** 2).sum(-1), axis=1)
+    r -= C[codes[:, m]]
+  return codes, z - r
+
+
+@pytest.mark.parametrize("de,Ls,ivf", [(None, 0, False), (4, 0, False), (4, 1, False),
+                                       (None, 1, False), (4, 0, True)])
+def test_rq_init_starts_exactly_at_its_residual_quantiser(de, Ls, ivf):
+  """init="rq": a new codec decodes like its RQ codebooks summed (NumPy) and greedy
+  encoding (A=0, B=1) gives greedy RQ's codes, for every E and with an IVF step."""
+  rng = np.random.default_rng(2)
+  train = (rng.standard_normal((800, D)) * 2 + 1).astype(np.float32)
+  x = (rng.standard_normal((200, D)) * 2 + 1).astype(np.float32)
+  cfg = qj.QincoConfig(K=8, M=3, L=2, de=de, dh=8, A=3, B=2, Ls=Ls, init="rq",
+                       codebook_noise_init=0.0, ivf_K=6 if ivf else 0)
+  cents = train[:6] if ivf else None
+  codec = qj.Codec.create(cfg, train, verbose=False, ivf_centroids=cents)
+  p = reference.np_params(codec)
+  mean, std = p["mean"], p["std"]
+  # The RQ tables, read back without the network's storage convention: step 0 (or the
+  # IVF centroids) as stored, the network steps' codewords as the RQ trained them.
+  z = (train - mean.astype(np.float32)) / np.float32(std)  # as Codec.create computes it
+  if ivf:
+    C0 = p["C0"].astype(np.float32)
+    z = z - C0[np.argmin(((z[:, None] - C0[None]) ** 2).sum(-1), 1)]
+  tables, _ = rq_init.train_rq(z, cfg.K, cfg.M, seed=0)
+  tables = [t.astype(np.float64) for t in tables]
+  if ivf:
+    tables = [p["C0"]] + tables
+  codes = codec.encode(x, A=0, B=1, verbose=False)
+  zx = (x - mean) / std
+  want_codes, want_z = _np_greedy_rq(zx, tables)  # with IVF, step 0 = nearest centroid
+  np.testing.assert_array_equal(codes, want_codes)
+  np.testing.assert_allclose(codec.decode(codes, verbose=False), want_z * std + mean,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_reference_init_doubles_the_codeword_when_de_is_D():
+  rng = np.random.default_rng(3)
+  train = rng.standard_normal((300, D)).astype(np.float32)
+  codec = qj.Codec.create(qj.QincoConfig(K=4, M=2, L=2, de=None, dh=4, A=0, B=1,
+                                         init="reference"), train, verbose=False)
+  p = reference.np_params(codec)
+  step = p["steps"][0]
+  c, x_hat = step["C"][1], rng.standard_normal(D)
+  np.testing.assert_allclose(reference.np_f(step, c, x_hat, False), 2 * c, rtol=1e-6)
+  assert codec.cfg.init == "reference"
+
+
+def test_init_defaults_and_old_checkpoints():
+  assert qj.QincoConfig().init == "rq"
+  assert qj.preset("qinco1").init == "reference"
+  with pytest.raises(ValueError, match="init"):
+    qj.QincoConfig(init="zeros")
+  with pytest.raises(ValueError, match="qinco1_mode"):
+    qj.preset("qinco1", init="rq")
+  # A config saved before `init` existed was created with the reference init.
+  old = qj.QincoConfig().to_dict()
+  del old["init"]
+  assert qj.QincoConfig.from_dict(old).init == "reference"
+  assert qj.QincoConfig.from_dict(qj.QincoConfig().to_dict()).init == "rq"
 
 
 def test_codes_dtype_and_decode_matches_encoder(trained):

@@ -83,7 +83,10 @@ def test_state_dict_keys_and_shapes(codec2):
 def test_round_trip_identical(codec2, prefix):
   sd = {prefix + k: v for k, v in interop.to_torch_state_dict(codec2).items()}
   back = interop.from_state_dict(sd, interop.torch_parameters(codec2), D)
-  assert back.cfg == codec2.cfg and back.d == D
+  assert back.cfg == codec2.cfg.replace(init="reference") and back.d == D
+  # The reference layout carries no init: "reference" unless the parameters say.
+  params = {**interop.torch_parameters(codec2), "init": "rq"}
+  assert interop.from_state_dict(sd, params, D).cfg == codec2.cfg
   assert_same_state(back, codec2)
   x = np.random.default_rng(0).normal(size=(64, D)).astype(np.float32) * 2
   codes = codec2.encode(x, verbose=False)
@@ -95,7 +98,7 @@ def test_round_trip_identical(codec2, prefix):
 def test_missing_parameters_are_read_off_the_arrays(codec2):
   sd = interop.to_torch_state_dict(codec2)
   back = interop.from_state_dict(sd, {"A": 2, "B": 2})
-  assert back.cfg == codec2.cfg
+  assert back.cfg == codec2.cfg.replace(init="reference")
   guessed = interop.from_state_dict(sd, {})  # no hyperparameters at all
   assert (guessed.cfg.K, guessed.cfg.M, guessed.cfg.L, guessed.cfg.de, guessed.cfg.dh,
           guessed.cfg.A) == (8, 3, 2, 6, 5, 8)
@@ -218,7 +221,7 @@ def test_ivf_round_trip():
   assert sd["steps.2.codebook.weight"].shape == (8, D)
   assert sd["steps.2.xtarget_var"].shape == (D,)
   back = interop.from_state_dict(sd, interop.torch_parameters(codec), D)
-  assert back.cfg == cfg
+  assert back.cfg == cfg.replace(init="reference")
   assert_same_state(back, codec)
 
 
@@ -316,13 +319,13 @@ def test_torch_checkpoint_file(codec2, tmp_path):
   assert raw["data_dim"] == D and raw["parameters"]["de"] == 6
   assert isinstance(raw["model"]["steps.1.concat.mlp.weight"], torch.Tensor)
   back = interop.from_torch(path)
-  assert back.cfg == codec2.cfg
+  assert back.cfg == codec2.cfg.replace(init="reference")
   assert_same_state(back, codec2)
   # Tensors straight from a (data-parallel) torch state dict, half precision too.
   sd = {"module." + k: v.to(torch.bfloat16) if k == "data_mean" else v
         for k, v in raw["model"].items()}
   back = interop.from_state_dict(sd, raw["parameters"], raw["data_dim"])
-  assert back.cfg == codec2.cfg
+  assert back.cfg == codec2.cfg.replace(init="reference")
 
 
 def test_from_torch_without_torch_or_file(tmp_path, monkeypatch):

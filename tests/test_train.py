@@ -77,7 +77,9 @@ def test_training_lowers_the_loss():
   codec, x = _tiny(seed=1)
   tc = train.TrainConfig(lr=3e-3, warmup_epochs=0)
   losses, _, _ = _run_steps(codec, x, jax.devices()[:1], n_steps=8, tc=tc, same_batch=True)
-  assert losses[-1] < 0.9 * losses[0], losses
+  # The "rq" init starts at the RQ solution, which is near-optimal on Gaussian data:
+  # the loss goes down steadily, if slowly (its value is checked in test_loss_oracle).
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
 def test_dead_code_reset_replaces_only_unused_rows():
@@ -223,3 +225,47 @@ def test_time_budget_holds_inside_a_long_first_epoch(tmp_path):
   assert len(epochs) == 1 and epochs[0]["samples"] < len(train_x) // 2
   assert epochs[0]["elapsed_s"] < 8.0 * 1.5
   assert epochs[0]["step"] == epochs[0]["plan_steps"]
+
+
+def _scripted_run(tmp_path, monkeypatch, val_mses, stop_patience):
+  """Trains the tiny model with validation numbers replaced by `val_mses` (initial
+  first). Returns (returned codec, the codecs validated in order, epoch records)."""
+  seen = []
+  script = iter(val_mses)
+
+  def fake_validate(codec, val, A, B, mse_scale):
+    seen.append(codec)
+    v = next(script)
+    return {"val_mse": v, "val_per_step_mse": [v], "val_mean_entropy": 1.0}
+
+  monkeypatch.setattr(trainer, "validate", fake_validate)
+  ds = qj.data.load_synthetic(n_train=1024, n_db=100, n_queries=10, d=8, n_val=200)
+  cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
+  tc = train.TrainConfig(epochs=20, warmup_epochs=0, stop_patience=stop_patience,
+                         batch_per_device=256, log_every=1)
+  best = trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  log = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  return best, seen, [r for r in log if "train_s" in r]
+
+
+def _same_state(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(jax.tree.map(np.asarray, a.state)),
+      jax.tree.leaves(jax.tree.map(np.asarray, b.state))))
+
+
+def test_best_model_selection_and_early_stopping_follow_validation(tmp_path, monkeypatch):
+  # initial 5.0; epochs: 6.0 (bad 1), 4.0 (best), 4.5, 4.2, 4.1 (bad 3 > 2: stop)
+  best, seen, epochs = _scripted_run(tmp_path, monkeypatch,
+                                     [5.0, 6.0, 4.0, 4.5, 4.2, 4.1, 3.0], 2)
+  assert [r["epoch"] for r in epochs] == [0, 1, 2, 3, 4]
+  assert [r["best_val_mse"] for r in epochs] == [5.0, 4.0, 4.0, 4.0, 4.0]
+  assert len(seen) == 6  # initial + 5 epochs; the 3.0 was never asked for
+  assert _same_state(best, seen[2]) and not _same_state(best, seen[5])
+
+
+def test_training_that_never_beats_the_initial_model_returns_it(tmp_path, monkeypatch):
+  best, seen, epochs = _scripted_run(tmp_path, monkeypatch, [5.0, 5.5, 6.0, 5.0], 2)
+  assert len(epochs) == 3  # 3 epochs without improvement (> stop_patience 2)
+  assert _same_state(best, seen[0])  # the initial (RQ-initialised) codec
+  assert not _same_state(best, seen[1])

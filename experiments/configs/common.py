@@ -23,7 +23,8 @@ def base(preset: str = "qinco2-S") -> ml_collections.ConfigDict:
   c.resume = False
   # Model overrides on top of the preset (None = the preset's value).
   c.model = ml_collections.ConfigDict(dict(
-      K=_int(), M=_int(), L=_int(), de=_int(), dh=_int(), A=_int(), B=_int(), Ls=_int()))
+      K=_int(), M=_int(), L=_int(), de=_int(), dh=_int(), A=_int(), B=_int(), Ls=_int(),
+      init=placeholder(str)))  # "rq" (QINCo2 default: start at the RQ) or "reference"
   c.model.de_is_D = False  # set True for de = data dimension (no projections)
   c.train = ml_collections.ConfigDict(dict(
       lr=_float(), epochs=_int(), warmup_epochs=_float(), stop_patience=_int(),
