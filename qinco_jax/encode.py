@@ -85,6 +85,22 @@ def first_step(x: Array, codebook0: Array, B: int) -> tuple[Array, Array, Array]
   return idx, codebook0[idx], valid
 
 
+def pre_scores(r: Array, x_hat: Array, Cp: Array, pre_net: StepNet | None) -> Array:
+  """Pre-selection scores of every code for each beam (spec 5.1, 5.2).
+
+  Args:
+    r: (N, F, D) residual targets x - x_hat. x_hat: (N, F, D) beams.
+    Cp: (K, D) pre-selection codebook C'_m. pre_net: g_m when Ls > 0, else None.
+  Returns:
+    (N, F, K): ||r - C'[k]||^2 (Ls = 0), or ||r - g(C'[k], x_hat)||^2.
+  """
+  if pre_net is None:
+    return sq_dists(r, Cp)
+  g = pre_net.tail(pre_net.code_table(Cp) + pre_net.beam_term(x_hat)[:, :, None],
+                   Cp)  # (N, F, K, D)
+  return jnp.sum((r[:, :, None, :] - g) ** 2, -1)
+
+
 def network_step(x: Array, x_hat: Array, valid: Array, C: Array, Cp: Array | None,
                  net: StepNet, pre_net: StepNet | None, A: int, F_out: int):
   """One QINCo2 step of the beam search.
@@ -104,13 +120,7 @@ def network_step(x: Array, x_hat: Array, valid: Array, C: Array, Cp: Array | Non
   table = net.code_table(C)  # (K, E), once per step
   beam = net.beam_term(x_hat)  # (N, F, E), once per beam
   if A > 0:
-    if pre_net is None:
-      pre_scores = sq_dists(r, Cp)  # (N, F, K)
-    else:
-      g = pre_net.tail(pre_net.code_table(Cp) + pre_net.beam_term(x_hat)[:, :, None],
-                       Cp)  # (N, F, K, D)
-      pre_scores = jnp.sum((r[:, :, None, :] - g) ** 2, -1)
-    _, cand = jax.lax.top_k(-pre_scores, A)  # (N, F, A)
+    _, cand = jax.lax.top_k(-pre_scores(r, x_hat, Cp, pre_net), A)  # (N, F, A)
     cand = cand.astype(jnp.int32)
     h0 = table[cand] + beam[:, :, None, :]  # (N, F, A, E)
     c = C[cand]  # (N, F, A, D)

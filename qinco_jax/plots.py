@@ -129,3 +129,34 @@ def speed_recall(results: Mapping[str, Sequence[tuple[float, float]]],
   if logy:
     _log_y(ax)
   return _finish(fig, ax, title, path)
+
+
+def budget_curve(results: Mapping[str, Sequence[tuple[float, float]]],
+                 baselines: Mapping[str, float] | None = None,
+                 path: str | os.PathLike | None = None, ax: Any = None, *,
+                 xlabel: str = "training budget (minutes, wall time)",
+                 ylabel: str = "database MSE", title: str | None = None):
+  """Plots MSE against training time, one line per method, with horizontal lines for
+  methods that do not train by time (e.g. faiss RQ at the same code size).
+
+  Args:
+    results: {label: [(minutes, mse), ...]}; points are drawn sorted by time, on a
+      log time axis.
+    baselines: {label: mse} drawn as dashed horizontal lines.
+    path, ax, xlabel, ylabel, title: as in `rate_distortion`.
+  Returns:
+    The matplotlib Figure.
+  """
+  res = _check_results(results, "budget_curve", ("minutes", "mse"))
+  fig, ax = _figure(ax, path)
+  for label, pts in res.items():
+    xs, ys = zip(*sorted(pts))
+    ax.plot(xs, ys, marker="o", label=label)
+  for i, (label, v) in enumerate((baselines or {}).items()):
+    ax.axhline(float(v), ls="--", lw=1, color=f"C{len(res) + i}", label=label)
+  ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  from matplotlib.ticker import FuncFormatter
+  ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+  return _finish(fig, ax, title, path)

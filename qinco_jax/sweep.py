@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -36,12 +36,14 @@ DEFAULT_RANGES = {
 def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
               log_path: str | os.PathLike, ranges: dict[str, Sequence] | None = None,
               base: SearchParams = SearchParams(), max_experiments: int | None = None,
-              verbose: bool = True, warmup: int = 256) -> list[dict]:
+              verbose: bool = True, warmup: int = 256,
+              clock: Callable[[], float] = time.perf_counter) -> list[dict]:
   """Runs the sweep; returns the records of the Pareto-optimal settings.
 
   `ms_per_query["total"]` is the wall time of the whole search call (every stage plus
   the glue between them), measured after a `warmup`-query call with the same
-  parameters (0 = none) so that compiling the decoder is not counted.
+  parameters (0 = none) so that compiling the decoder is not counted. `clock` (seconds)
+  is injectable so that tests can script the timings.
   """
   from faiss.contrib.evaluation import OperatingPointsWithRanges
 
@@ -72,9 +74,9 @@ def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
       sp = dataclasses.replace(base, **params)
       if warmup:  # compile the decoder for this shortlist size outside the timing
         searcher.search(queries[:warmup], k=100, params=sp)
-      t0 = time.perf_counter()
+      t0 = clock()
       _, I, times = searcher.search(queries, k=100, params=sp)
-      wall = time.perf_counter() - t0
+      wall = clock() - t0
       rec = {"params": params, **metrics.recall_at(I, gt),
              "ms_per_query": {k: 1e3 * v / len(queries) for k, v in times.items()}}
       rec["ms_per_query"]["total"] = 1e3 * wall / len(queries)  # wall time, all stages

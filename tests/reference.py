@@ -38,18 +38,23 @@ def np_params(codec) -> dict:
          "mean": sd["data_mean"], "std": float(sd["data_std"]),
          "qinco1": codec.cfg.qinco1_mode, "steps": []}
   for m in range(codec.cfg.n_net):
-    st = jax.tree.map(lambda a: a[m], sd["steps"])
-    out["steps"].append({
-        "C": sd["codebooks"][m],
-        "Cp": sd["pre_codebooks"][m] if sd.get("pre_codebooks") is not None else None,
-        "Pin": st["in_proj"]["kernel"] if st.get("in_proj") else None,
-        "Pout": st["out_proj"]["kernel"] if st.get("out_proj") else None,
-        "Wc": st["concat"]["kernel"], "bc": st["concat"]["bias"],
-        "blocks": [(st["blocks"][l]["up_proj"]["kernel"],
-                    st["blocks"][l]["down_proj"]["kernel"])
-                   for l in range(len(st["blocks"]))],
-    })
+    step = _np_net(jax.tree.map(lambda a: a[m], sd["steps"]))
+    step["C"] = sd["codebooks"][m]
+    step["Cp"] = sd["pre_codebooks"][m] if sd.get("pre_codebooks") is not None else None
+    # Pre-selection network g_m (Ls > 0, spec 5.2): the same architecture as f_m.
+    step["g"] = (_np_net(jax.tree.map(lambda a: a[m], sd["pre_steps"]))
+                 if sd.get("pre_steps") is not None else None)
+    out["steps"].append(step)
   return out
+
+
+def _np_net(st: dict) -> dict:
+  return {"Pin": st["in_proj"]["kernel"] if st.get("in_proj") else None,
+          "Pout": st["out_proj"]["kernel"] if st.get("out_proj") else None,
+          "Wc": st["concat"]["kernel"], "bc": st["concat"]["bias"],
+          "blocks": [(st["blocks"][l]["up_proj"]["kernel"],
+                      st["blocks"][l]["down_proj"]["kernel"])
+                     for l in range(len(st["blocks"]))]}
 
 
 def np_f(step: dict, c: np.ndarray, x_hat: np.ndarray, qinco1: bool) -> np.ndarray:
@@ -85,7 +90,7 @@ def np_beam(p: dict, x: np.ndarray, A: int, B: int):
     for codes, x_hat in beams:
       r = x - x_hat
       if A_m > 0:
-        s = ((r - step["Cp"]) ** 2).sum(1)
+        s = np_pre_scores(step, x, x_hat, p["qinco1"])
         ks = np.argsort(s, kind="stable")[:A_m]
       else:
         ks = range(K)
@@ -96,6 +101,75 @@ def np_beam(p: dict, x: np.ndarray, A: int, B: int):
     keep = 1 if m == M - 2 else B
     beams = [(c, y) for _, c, y in cands[:keep]]
   return beams[0]
+
+
+def np_pre_scores(step: dict, x: np.ndarray, x_hat: np.ndarray, qinco1: bool) -> np.ndarray:
+  """Pre-selection scores of all K codes for one beam (spec 5.1/5.2):
+  ||x - x_hat - C'[k]||^2, or ||x - x_hat - g(C'[k], x_hat)||^2 with a network g."""
+  r = x - x_hat
+  if step.get("g") is None:
+    return ((r - step["Cp"]) ** 2).sum(1)
+  return np.array([((r - np_f(step["g"], c, x_hat, qinco1)) ** 2).sum()
+                   for c in step["Cp"]])
+
+
+def np_beam_trace(p: dict, x: np.ndarray, A: int, B: int) -> list[list[np.ndarray]]:
+  """The reconstructions entering each step (step 0: [0]) during `np_beam`'s search:
+  a list over the M_tot steps of lists of (D,) beams (spec 9.8's targets are x minus
+  these)."""
+  trace = [[np.zeros_like(x)]]
+  d0 = ((x - p["C0"]) ** 2).sum(1)
+  order = np.argsort(d0, kind="stable")[: 1 if p["ivf"] else min(B, len(p["C0"]))]
+  beams = [([int(k)], p["C0"][k]) for k in order]
+  for m, step in enumerate(p["steps"]):
+    trace.append([x_hat for _, x_hat in beams])
+    K = len(step["C"])
+    A_m = min(max(A, B), K) if (p["ivf"] and m == 0 and A > 0) else A
+    cands = []
+    for codes, x_hat in beams:
+      ks = (np.argsort(np_pre_scores(step, x, x_hat, p["qinco1"]), kind="stable")[:A_m]
+            if A_m > 0 else range(K))
+      for k in ks:
+        y = x_hat + np_f(step, step["C"][k], x_hat, p["qinco1"])
+        cands.append((float(((x - y) ** 2).sum()), codes + [int(k)], y))
+    cands.sort(key=lambda t: t[0])
+    beams = [(c, y) for _, c, y in cands[:B]]
+  return trace
+
+
+def np_partials(p: dict, codes) -> list[np.ndarray]:
+  """x_hat_1 .. x_hat_{M_tot} of one code sequence (the reconstruction after each step)."""
+  x_hat = p["C0"][codes[0]].copy()
+  out = [x_hat]
+  for m, k in enumerate(codes[1:]):
+    step = p["steps"][m]
+    x_hat = x_hat + np_f(step, step["C"][k], x_hat, p["qinco1"])
+    out.append(x_hat)
+  return out
+
+
+def np_loss(p: dict, x: np.ndarray, codes: np.ndarray, entering=None) -> float:
+  """Spec 9.1 for a batch x (N, D) normalised with its codes (N, M_tot): the sum over
+  steps (the IVF step excluded) of mean_{n,d}(x_hat_{m+1} - x)^2, plus, with
+  pre-selection codebooks, the sum over network steps of
+  mean_{n,d}(sg(x_hat_m) + g(C'_m[i_m]) - x)^2. `entering` (N, M_tot, D): the x_hat_m
+  to use inside the pre-selection term (the stop-gradient: pass the unperturbed ones
+  when differentiating numerically); default: this model's own."""
+  N, D = x.shape
+  parts = np.array([np_partials(p, c) for c in codes])  # (N, M_tot, D)
+  first = 1 if p["ivf"] else 0
+  loss = sum(((parts[:, m] - x) ** 2).mean() for m in range(first, parts.shape[1]))
+  if p["steps"] and p["steps"][0]["Cp"] is not None:
+    ent = parts if entering is None else entering
+    for m, step in enumerate(p["steps"]):
+      xh = ent[:, m]  # entering network step m = x_hat after step m (0-based) of parts
+      if step.get("g") is None:
+        g = step["Cp"][codes[:, m + 1]]
+      else:
+        g = np.array([np_f(step["g"], step["Cp"][k], xh[n], p["qinco1"])
+                      for n, k in enumerate(codes[:, m + 1])])
+      loss += ((xh + g - x) ** 2).mean()
+  return float(loss)
 
 
 def np_greedy(p: dict, x: np.ndarray):

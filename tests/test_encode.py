@@ -1,5 +1,6 @@
 """The JAX beam search against the slow NumPy reference encoders (tests/reference.py)."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -117,7 +118,35 @@ def test_preselection_network_Ls_option():
   p, z = _normalised(codec, x)
   _assert_same_codes(p, z, codec.encode(x, A=6, B=3, verbose=False),
                      codec.encode(x, A=0, B=3, verbose=False), min_exact=0.98)
-  # With A < K the g_m pre-selection changes the candidates (vs. plain C' scoring).
-  plain = reference.np_params(codec)
-  ref = np.array([reference.np_beam(plain, zi, 2, 2)[0] for zi in z])
-  assert not np.array_equal(codec.encode(x, A=2, B=2, verbose=False), ref)
+  # With A < K: the candidates g_m picks, ||x - x_hat - g(C'[k], x_hat)||^2 scored in
+  # NumPy (spec 5.2), give the same codes; plain C' scoring would give others.
+  got = codec.encode(x, A=2, B=2, verbose=False)
+  _assert_same_codes(p, z, got, np.array([reference.np_beam(p, zi, 2, 2)[0] for zi in z]),
+                     min_exact=0.98)
+  plain = {**p, "steps": [{**st, "g": None} for st in p["steps"]]}
+  assert not np.array_equal(got, [reference.np_beam(plain, zi, 2, 2)[0] for zi in z])
+
+
+def test_preselection_network_scores_match_numpy():
+  """The encoder's pre-selection scores with a network g (spec 5.2), for one step and
+  several beams, against NumPy; they depend on the reconstruction x_hat."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from qinco_jax import encode as enc
+  rng = np.random.default_rng(4)
+  cfg = qj.QincoConfig(K=6, M=2, L=1, de=3, dh=8, A=2, B=2, Ls=2, dh_pre=4)
+  codec = reference.randomize(qj.Codec.create(
+      cfg, rng.standard_normal((300, D)).astype(np.float32), verbose=False), seed=5)
+  p = reference.np_params(codec)
+  m = codec.model()
+  g_def, g_state = nnx.split(m.pre_steps)
+  pre_net = nnx.merge(g_def, jax.tree.map(lambda a: a[0], g_state))
+  x = rng.standard_normal((5, D)).astype(np.float32)
+  x_hat = rng.standard_normal((5, 3, D)).astype(np.float32)
+  got = np.asarray(enc.pre_scores(jnp.asarray(x[:, None] - x_hat), jnp.asarray(x_hat),
+                                  m.pre_codebooks[...][0], pre_net))
+  want = np.array([[reference.np_pre_scores(p["steps"][0], x[n].astype(np.float64),
+                                            x_hat[n, b].astype(np.float64), False)
+                    for b in range(3)] for n in range(5)])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert np.ptp(want, axis=1).max() > 1e-2  # the scores depend on x_hat

@@ -36,17 +36,51 @@ def test_synthetic_run_trains_evaluates_and_beats_its_initialisation(tmp_path, c
   assert qj.load(tmp_path / "run").M == 3
 
 
-@pytest.mark.parametrize("name", ["glove_small", "qinco2_s", "qinco2_m", "qinco2_l",
-                                  "qinco1"])
-def test_every_config_builds_its_model_and_recipe(name):
+# Every experiment config resolved to (model fields, recipe fields, data and eval), as
+# each config file's docstring and the paper's presets (spec section 10) state them.
+EXPECTED = {
+    "glove_small": (dict(K=256, M=8, L=2, de=64, dh=128, A=4, B=4, init="rq"),
+                    dict(lr=8e-4, epochs=5, warmup_epochs=1.0, max_epochs=6,
+                         stop_patience=3, batch_per_device=1024, loop=290_000),
+                    dict(name="glove", eval_AB=(8, 16), rq_beam=8, db=0)),
+    "synthetic_tiny": (dict(K=16, M=3, L=1, de=16, dh=16, A=4, B=4, init="rq"),
+                       dict(epochs=2, warmup_epochs=1.0, max_epochs=3, stop_patience=2,
+                            batch_per_device=128, loop=1_000),
+                       dict(name="synthetic", eval_AB=(4, 8), rq_beam=32, db=1_000)),
+    "qinco2_s": (dict(K=256, M=8, L=2, de=128, dh=256, A=16, B=32, init="rq"),
+                 dict(lr=8e-4, epochs=60, warmup_epochs=3.0, max_epochs=None,
+                      stop_patience=10, batch_per_device=1024, loop=10_000_000,
+                      weight_decay=0.1, grad_clip=0.1, schedule="cosine"),
+                 dict(name="bigann", eval_AB=(32, 64), rq_beam=32, db=1_000_000)),
+    "qinco2_m": (dict(K=256, M=8, L=4, de=384, dh=384, A=16, B=32),
+                 dict(lr=8e-4, epochs=60), dict(name="bigann", eval_AB=(32, 64))),
+    "qinco2_l": (dict(K=256, M=8, L=16, de=384, dh=384, A=16, B=32),
+                 dict(lr=8e-4, epochs=60), dict(name="bigann", eval_AB=(32, 64))),
+    "qinco1": (dict(K=256, M=8, L=16, de=None, dh=256, A=0, B=1, qinco1_mode=True,
+                    init="reference", codebook_noise_init=1.0),
+               dict(lr=1e-4, optimizer="adam", schedule="plateau", weight_decay=0.0,
+                    grad_clip=None, stop_patience=20, reset_dead_codes=False),
+               dict(name="bigann", eval_AB=(0, 1), db=1_000_000)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_config_resolves_to_its_documented_values(name):
   c = _config(name)
   m = experiment.model_config(c, 128)
   t = experiment.train_config(c)
-  if name == "qinco1":
-    assert (m.A, m.B, m.qinco1_mode, t.optimizer, t.lr) == (0, 1, True, "adam", 1e-4)
-  elif name == "qinco2_l":
-    assert (m.L, m.de, m.dh, m.A, m.B, t.lr) == (16, 384, 384, 16, 32, 8e-4)
-  if name != "glove_small":
+  want_m, want_t, want_rest = EXPECTED[name]
+  assert {k: getattr(m, k) for k in want_m} == want_m
+  assert {k: getattr(t, k) for k in want_t} == want_t
+  assert c.data.name == want_rest["name"]
+  assert (c.eval.A, c.eval.B) == want_rest["eval_AB"]
+  for k in ("rq_beam",):
+    if k in want_rest:
+      assert c.eval[k] == want_rest[k]
+  if "db" in want_rest:
+    assert c.ds.db == want_rest["db"]
+  if want_rest["name"] == "bigann":
+    assert c.data.mse_scale == 1e-4
     with pytest.raises(ValueError, match="data.root"):
       experiment.dataset(c)
 

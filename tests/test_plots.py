@@ -39,3 +39,14 @@ def test_speed_recall_into_existing_axes(tmp_path):
 def test_bad_results(bad, match):
   with pytest.raises(ValueError, match=match):
     plots.rate_distortion(bad)
+
+
+def test_budget_curve_lines_and_baselines(tmp_path):
+  fig = plots.budget_curve({"QINCo2": [(10, 2.5), (1, 3.0), (3, 2.8)]},
+                           {"faiss RQ beam 1": 3.4}, path=tmp_path / "b.png")
+  ax = fig.axes[0]
+  lines = ax.get_lines()
+  assert [l.get_label() for l in lines] == ["QINCo2", "faiss RQ beam 1"]
+  assert list(lines[0].get_xdata()) == [1, 3, 10] and ax.get_xscale() == "log"
+  assert list(lines[1].get_ydata()) == [3.4, 3.4]  # a horizontal line at the baseline
+  assert (tmp_path / "b.png").stat().st_size > 1000

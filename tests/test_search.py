@@ -1,8 +1,9 @@
 """Search pipeline end to end on a tiny synthetic set: IVF-QINCo2 codes injected into a
 faiss index, reloaded in a fresh process, searched with AQ, pairwise and full re-rank."""
 
+import dataclasses
+import json
 import os
-import time
 import subprocess
 import sys
 
@@ -99,6 +100,36 @@ def test_recall_well_above_chance_and_rerank_helps(built):
   assert r["full"]["R@1"] >= r["aq"]["R@1"]
 
 
+def test_search_equals_exhaustive_search_over_the_full_decoding(built):
+  """Every list probed and a shortlist as long as the database: the pipeline must return
+  what an exact search among the QINCo2 decodings of all database codes returns, ids
+  and distances. Without the re-rank (AQ distances) the answer is measurably worse."""
+  _, ds, codec, db_codes, searcher = built
+  full = codec.decode(np.asarray(db_codes), verbose=False).astype(np.float64)
+  q = np.asarray(ds.queries, np.float64)
+  dist = (q * q).sum(1)[:, None] - 2 * q @ full.T + (full * full).sum(1)[None]
+  want_I = np.argsort(dist, axis=1, kind="stable")[:, :10]
+  want_D = np.take_along_axis(dist, want_I, 1)
+  n = len(ds.db)
+  every = SearchParams(nprobe=16, ef_search=64, nshort=n, nmid_short=1)
+  D, I, _ = searcher.search(ds.queries, k=10, params=every)
+  np.testing.assert_allclose(D, want_D, rtol=1e-4, atol=1e-3)
+  assert (I == want_I).mean() > 0.99  # the same ranking (float32 vs float64 near-ties)
+  assert (I[:, 0] == want_I[:, 0]).all()
+  # The same probe without the QINCo2 re-rank ranks by the AQ approximation.
+  aq_only = dataclasses.replace(every, use_pairwise=False, use_qinco=False)
+  D_aq, I_aq, _ = searcher.search(ds.queries, k=10, params=aq_only)
+  top1_aq = (I_aq[:, 0] == want_I[:, 0]).mean()
+  assert top1_aq < 0.95, top1_aq  # measured 0.71: the re-rank changes many answers
+  assert not np.allclose(D_aq, want_D, rtol=1e-3)
+  # A short pairwise shortlist then the re-rank: distances are still exact decodings.
+  D_s, I_s, _ = searcher.search(ds.queries, k=10, params=SearchParams(
+      nprobe=16, nshort=20, nmid_short=4))
+  got = ((q[:, None, :] - full[I_s]) ** 2).sum(-1)
+  np.testing.assert_allclose(D_s, got, rtol=1e-4, atol=1e-3)
+  assert (I_s[:, 0] == want_I[:, 0]).mean() > top1_aq
+
+
 def test_reload_in_a_fresh_process(built):
   out, ds, _, _, searcher = built
   p = SearchParams(nprobe=4, nshort=20, nmid_short=2)
@@ -128,13 +159,18 @@ def test_sweep_logs_and_resumes(built):
 
 
 class _FakeSearcher:
-  """Accuracy grows with nprobe only; time grows with nprobe and nshort (sleeps)."""
+  """Accuracy grows with nprobe only; time (a scripted clock, no sleeping) grows with
+  nprobe and nshort."""
 
   def __init__(self, n):
     self.n = n
+    self.now = 0.0
+
+  def clock(self):
+    return self.now
 
   def search(self, queries, k, params):
-    time.sleep(2e-3 * params.nprobe * params.nshort)
+    self.now += 2e-3 * params.nprobe * params.nshort
     n_hit = min(self.n, self.n * params.nprobe // 8)  # R@1 = nprobe / 8, capped at 1
     I = np.full((len(queries), k), -1, np.int64)
     I[:n_hit, 0] = np.arange(n_hit)
@@ -145,14 +181,18 @@ def test_sweep_prunes_dominated_settings(tmp_path):
   n = 40
   gt = np.arange(n)[:, None]
   ranges = {"nprobe": [1, 2, 4, 8, 16], "nshort": [1, 2, 4, 8]}
-  front = sweep.run_sweep(_FakeSearcher(n), np.zeros((n, 2), np.float32), gt,
-                          tmp_path / "s.jsonl", ranges=ranges, verbose=False, warmup=0)
-  n_run = len(open(tmp_path / "s.jsonl").readlines())
+  fake = _FakeSearcher(n)
+  front = sweep.run_sweep(fake, np.zeros((n, 2), np.float32), gt, tmp_path / "s.jsonl",
+                          ranges=ranges, verbose=False, warmup=0, clock=fake.clock)
+  log = [json.loads(l) for l in open(tmp_path / "s.jsonl")]
   # nshort > 1 only costs time, and nprobe 16 is no better than 8: the true front is
   # nshort = 1 with nprobe 1, 2, 4, 8.
   assert sorted(r["params"]["nprobe"] for r in front) == [1, 2, 4, 8]
   assert all(r["params"]["nshort"] == 1 for r in front)
-  assert n_run < 20  # of 20 settings: dominated ones were skipped
+  assert len(log) < 20  # of 20 settings: dominated ones were skipped
+  for r in log:  # each setting's time is exactly what the clock was advanced by
+    p = r["params"]
+    assert r["ms_per_query"]["total"] == pytest.approx(2 * p["nprobe"] * p["nshort"] / n)
 
 
 def test_aq_stage_honours_ef_search():

@@ -136,7 +136,9 @@ _CHILD = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGKILL)
       trainer._save = save_then_die
     ds = qj.data.load_synthetic(n_train=1536, n_db=100, n_queries=10, d=8, n_val=200)
-    cfg = qj.QincoConfig(K=8, M=3, L=1, de=None, dh=8, A=2, B=2)
+    # K=256 on 1,536 vectors leaves codes unused: the resumed run must replay the
+    # dead-codeword resets (same rows, same key) as the uninterrupted one.
+    cfg = qj.QincoConfig(K=256, M=3, L=1, de=None, dh=8, A=2, B=2)
     tc = train.TrainConfig(epochs=2, warmup_epochs=1, max_epochs=3, stop_patience=5,
                            batch_per_device=128, log_every=2)
     codec = trainer.train_and_evaluate(cfg, tc, ds, workdir, resume=(mode == "resume"),
@@ -166,6 +168,7 @@ def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   log_a = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
   assert any(r.get("epoch") == 2 and "val_mse" in r for r in log_a)
+  assert sum(sum(r["resets"]) for r in log_a if r.get("epoch", -1) >= 1 and "resets" in r) > 0
 
 
 def test_budget_lr_matches_spec_values_in_steps():
@@ -227,7 +230,7 @@ def test_time_budget_holds_inside_a_long_first_epoch(tmp_path):
   assert epochs[0]["step"] == epochs[0]["plan_steps"]
 
 
-def _scripted_run(tmp_path, monkeypatch, val_mses, stop_patience):
+def _scripted_run(tmp_path, monkeypatch, val_mses, stop_patience, tc=None):
   """Trains the tiny model with validation numbers replaced by `val_mses` (initial
   first). Returns (returned codec, the codecs validated in order, epoch records)."""
   seen = []
@@ -241,11 +244,11 @@ def _scripted_run(tmp_path, monkeypatch, val_mses, stop_patience):
   monkeypatch.setattr(trainer, "validate", fake_validate)
   ds = qj.data.load_synthetic(n_train=1024, n_db=100, n_queries=10, d=8, n_val=200)
   cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
-  tc = train.TrainConfig(epochs=20, warmup_epochs=0, stop_patience=stop_patience,
-                         batch_per_device=256, log_every=1)
+  tc = (tc or train.TrainConfig(epochs=20, warmup_epochs=0)).replace(
+      stop_patience=stop_patience, batch_per_device=256, log_every=1)
   best = trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
   log = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-  return best, seen, [r for r in log if "train_s" in r]
+  return best, seen, [r for r in log if "train_s" in r], log
 
 
 def _same_state(a, b):
@@ -256,8 +259,8 @@ def _same_state(a, b):
 
 def test_best_model_selection_and_early_stopping_follow_validation(tmp_path, monkeypatch):
   # initial 5.0; epochs: 6.0 (bad 1), 4.0 (best), 4.5, 4.2, 4.1 (bad 3 > 2: stop)
-  best, seen, epochs = _scripted_run(tmp_path, monkeypatch,
-                                     [5.0, 6.0, 4.0, 4.5, 4.2, 4.1, 3.0], 2)
+  best, seen, epochs, _ = _scripted_run(tmp_path, monkeypatch,
+                                        [5.0, 6.0, 4.0, 4.5, 4.2, 4.1, 3.0], 2)
   assert [r["epoch"] for r in epochs] == [0, 1, 2, 3, 4]
   assert [r["best_val_mse"] for r in epochs] == [5.0, 4.0, 4.0, 4.0, 4.0]
   assert len(seen) == 6  # initial + 5 epochs; the 3.0 was never asked for
@@ -265,7 +268,19 @@ def test_best_model_selection_and_early_stopping_follow_validation(tmp_path, mon
 
 
 def test_training_that_never_beats_the_initial_model_returns_it(tmp_path, monkeypatch):
-  best, seen, epochs = _scripted_run(tmp_path, monkeypatch, [5.0, 5.5, 6.0, 5.0], 2)
+  best, seen, epochs, _ = _scripted_run(tmp_path, monkeypatch, [5.0, 5.5, 6.0, 5.0], 2)
   assert len(epochs) == 3  # 3 epochs without improvement (> stop_patience 2)
   assert _same_state(best, seen[0])  # the initial (RQ-initialised) codec
   assert not _same_state(best, seen[1])
+
+
+def test_plateau_schedule_divides_the_lr_by_10_after_patience_bad_epochs(tmp_path,
+                                                                        monkeypatch):
+  """The qinco1 recipe: lr x 0.1 after every `plateau_patience` epochs without a
+  validation improvement, never below lr x 1e-2 (hand-computed from scripted values)."""
+  tc = train.train_preset("qinco1", plateau_patience=2, max_epochs=7)
+  _, _, epochs, log = _scripted_run(tmp_path, monkeypatch, [5.0] + [6.0] * 7, 100, tc)
+  assert len(epochs) == 7
+  lr = [[r["lr"] for r in log if r.get("epoch") == e and "lr" in r][-1] for e in range(7)]
+  # bad epochs 1, 2 (-> x0.1), 3, 4 (-> x0.1 = the floor 1e-6), 5, 6 (floor), 7
+  np.testing.assert_allclose(lr, [1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6, 1e-6], rtol=1e-5)

@@ -1,0 +1,184 @@
+"""Quality per CPU-minute: QINCo2 trained for a wall-time budget, next to faiss RQ.
+
+  python experiments/bench_budget.py --minutes=1,3,10,30,60 --inits=rq,reference
+  python experiments/bench_budget.py --minutes=3 --lr=8e-4,4e-3,1.6e-2 --tag=lr  # ablation
+  python experiments/bench_budget.py --minutes=60 --M=16 --n_db=0 --eval_A=8 --eval_B=128
+
+Every (init, lr, minutes) run trains a fresh codec on the GloVe split with
+`TrainConfig.time_budget_s` (the trainer plans the cosine to end with the budget, RQ
+initialisation and validation included), then reports its database MSE at the
+evaluation beam; faiss RQ (beams 1, 5, 32, trained on 100k vectors) at the same bytes
+is measured on the same database vectors. `--n_db=0` evaluates the whole 90k
+database with R@1/10/100; by default the first 10,000 database vectors, MSE only.
+Finished runs are kept in WORKDIR/runs.jsonl and skipped when the command is run
+again; the table (all rows of that file) goes to docs/benchmarks.md, the plot to
+docs/budget.png.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+from absl import app, flags, logging
+
+import qinco_jax as qj
+from bench_common import write_section
+from qinco_jax import data, train, trainer
+from qinco_jax.evaluate import evaluate, faiss_rq_baseline
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+F = flags.FLAGS
+flags.DEFINE_list("minutes", ["1", "3", "10"], "training budgets in minutes")
+flags.DEFINE_list("inits", ["rq"], "QincoConfig.init values")
+flags.DEFINE_list("lr", ["1.6e-2"], "peak learning rates")
+flags.DEFINE_integer("M", 8, "bytes (K = 256)")
+flags.DEFINE_integer("L", 2, "residual blocks per step")
+flags.DEFINE_integer("de", 64, "embedding width")
+flags.DEFINE_integer("dh", 128, "hidden width")
+flags.DEFINE_integer("train_A", 4, "training beam: candidates per beam")
+flags.DEFINE_integer("train_B", 4, "training beam: beam size")
+flags.DEFINE_integer("eval_A", 16, "evaluation beam: candidates per beam")
+flags.DEFINE_integer("eval_B", 32, "evaluation beam: beam size")
+flags.DEFINE_integer("n_db", 10_000, "database vectors evaluated (0: all, with recall)")
+flags.DEFINE_string("tag", "curve", "name of this group of rows in the table")
+flags.DEFINE_string("workdir", "runs/bench_budget", "checkpoints and runs.jsonl")
+flags.DEFINE_string("doc", os.path.join(HERE, "..", "docs", "benchmarks.md"), "")
+flags.DEFINE_string("plot", os.path.join(HERE, "..", "docs", "budget.png"), "")
+START, END = "<!-- bench_budget:start -->", "<!-- bench_budget:end -->"
+
+
+def log(msg):
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def eval_dataset(ds):
+  if F.n_db == 0:
+    return ds
+  return data.Dataset(ds.name, ds.train, ds.val, ds.db[:F.n_db], None, None)
+
+
+def key(**kw) -> str:
+  return json.dumps(kw, sort_keys=True)
+
+
+def done_runs(path) -> dict:
+  if not os.path.exists(path):
+    return {}
+  rows = []
+  for line in open(path):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      pass  # a torn last line
+  return {r["key"]: r for r in rows}
+
+
+def record(path, row):
+  with open(path, "a") as f:
+    f.write(json.dumps(row) + "\n")
+
+
+def qinco_row(ds, ev_ds, init, lr, minutes) -> dict:
+  cfg = qj.preset("qinco2-S", M=F.M, L=F.L, de=F.de, dh=F.dh, A=F.train_A, B=F.train_B,
+                  init=init)
+  tc = train.TrainConfig(lr=lr, warmup_epochs=1, stop_patience=1000,
+                         batch_per_device=1024, loop=len(ds.train),
+                         time_budget_s=minutes * 60)
+  work = os.path.join(F.workdir, f"{F.tag}_{init}_{lr:g}_{minutes:g}min_M{F.M}")
+  if os.path.isdir(work):
+    shutil.rmtree(work)  # an unfinished earlier attempt: this run starts afresh
+  log(f"QINCo2 {F.M} bytes, init={init}, lr={lr:g}: {minutes:g} min")
+  t0, c0 = time.perf_counter(), time.process_time()
+  codec = trainer.train_and_evaluate(cfg, tc, ds, work, verbose=False)
+  train_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+  recs = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
+  epochs = [r for r in recs if "train_s" in r]
+  val = [r["val_mse"] for r in recs if "val_mse" in r]
+  ev = evaluate(codec, ev_ds, A=F.eval_A, B=F.eval_B, verbose=False)
+  log(f"  MSE {ev['mse']:.4f} after {len(epochs)} epochs ({train_s / 60:.1f} min)")
+  return {"method": "QINCo2", "init": init, "lr": lr, "minutes": minutes,
+          "train_s": train_s, "cpu_s": cpu_s, "epochs": len(epochs),
+          "samples": sum(r["samples"] for r in epochs), "val_init": val[0],
+          "val_best": min(val), **{k: ev[k] for k in ("mse", "R@1", "R@10", "R@100")
+                                    if k in ev}}
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  os.makedirs(F.workdir, exist_ok=True)
+  log_path = os.path.join(F.workdir, "runs.jsonl")
+  done = done_runs(log_path)
+  ds = data.load_glove(with_gt=F.n_db == 0)
+  ev_ds = eval_dataset(ds)
+  common = dict(M=F.M, L=F.L, de=F.de, dh=F.dh, train=(F.train_A, F.train_B),
+                eval=(F.eval_A, F.eval_B), n_db=F.n_db)
+  for beam in (1, 5, 32):
+    k = key(kind="faiss", beam=beam, M=F.M, n_db=F.n_db)
+    if k not in done:
+      log(f"faiss RQ beam {beam}, {F.M} bytes")
+      r = faiss_rq_baseline(ev_ds, F.M, beam=beam, n_train=100_000)
+      done[k] = dict(r, key=k, tag="faiss", method=f"faiss RQ beam {beam}", beam=beam,
+                     **common)
+      record(log_path, done[k])
+  for minutes in map(float, F.minutes):
+    for init in F.inits:
+      for lr in map(float, F.lr):
+        k = key(kind="qinco", init=init, lr=lr, minutes=minutes, **common)
+        if k in done:
+          continue
+        row = dict(key=k, tag=F.tag, command=" ".join(sys.argv[1:]),
+                   **qinco_row(ds, ev_ds, init, lr, minutes), **common)
+        done[k] = row
+        record(log_path, row)
+  report(list(done.values()))
+
+
+def report(rows):
+  faiss = {(r["M"], r["n_db"], r["beam"]): r for r in rows if r.get("tag") == "faiss"}
+  q = sorted((r for r in rows if r.get("method") == "QINCo2"),
+             key=lambda r: (r["M"], r["n_db"], r["tag"], r["init"], r["lr"], r["minutes"]))
+  lines = [START, "## Quality per CPU-minute (QINCo2 for a time budget vs faiss RQ)", "",
+           "`python experiments/bench_budget.py` (flags per row below; GloVe split of "
+           "`load_glove()`, 2-core CPU shared with other jobs). Each row trains a fresh "
+           "codec for the given wall-time budget (RQ initialisation and validation "
+           "included; the trainer plans the cosine to end with the budget), batch 1024, "
+           "then encodes the database at the evaluation beam. Ratios divide by faiss RQ "
+           "(100k training vectors) on the same database vectors and bytes.", "",
+           "| group | bytes | model (L, de, dh) | train A,B | eval A,B | db | init | lr | "
+           "minutes | epochs | samples | MSE | / RQ beam 1 | / RQ beam 32 | R@1 |",
+           "|" + "---|" * 15]
+  for r in q:
+    f1, f32 = faiss.get((r["M"], r["n_db"], 1)), faiss.get((r["M"], r["n_db"], 32))
+    lines.append(
+        f"| {r['tag']} | {r['M']} | {r['L']}, {r['de']}, {r['dh']} | "
+        f"{r['train'][0]},{r['train'][1]} | {r['eval'][0]},{r['eval'][1]} | "
+        f"{r['n_db'] or '90k'} | {r['init']} | {r['lr']:g} | {r['minutes']:g} | "
+        f"{r['epochs']} | {r['samples']:,} | {r['mse']:.4f} | "
+        f"{r['mse'] / f1['mse']:.3f} | {r['mse'] / f32['mse']:.3f} | "
+        f"{r.get('R@1', float('nan')):.4f} |".replace("nan", "-"))
+  lines += ["", "| faiss RQ | bytes | db | MSE | R@1 |", "|---|---|---|---|---|"]
+  for (M, n_db, beam), r in sorted(faiss.items()):
+    lines.append(f"| beam {beam} | {M} | {n_db or '90k'} | {r['mse']:.4f} | "
+                 f"{r.get('R@1', float('nan')):.4f} |".replace("nan", "-"))
+  lines.append(END)
+  block = "\n".join(lines)
+  print(block)
+  write_section(F.doc, block, START, END)
+  curve = [r for r in q if r["tag"] == "curve"]
+  if curve:
+    series = {}
+    for r in curve:
+      series.setdefault(f"QINCo2 init={r['init']} ({r['M']} bytes, lr {r['lr']:g})",
+                        []).append((r["minutes"], r["mse"]))
+    M, n_db = curve[0]["M"], curve[0]["n_db"]
+    lines_at = {f"faiss RQ beam {b}": faiss[(M, n_db, b)]["mse"] for b in (1, 5, 32)
+                if (M, n_db, b) in faiss}
+    qj.plots.budget_curve(series, lines_at, path=F.plot,
+                          title=f"GloVe, {M} bytes: database MSE per training budget")
+
+
+if __name__ == "__main__":
+  app.run(main)
