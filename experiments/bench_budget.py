@@ -93,7 +93,7 @@ def qinco_row(ds, ev_ds, init, lr, minutes) -> dict:
   t0, c0 = time.perf_counter(), time.process_time()
   codec = trainer.train_and_evaluate(cfg, tc, ds, work, verbose=False)
   train_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
-  recs = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
+  recs = trainer.read_metrics(work)
   epochs = [r for r in recs if "train_s" in r]
   val = [r["val_mse"] for r in recs if "val_mse" in r]
   ev = evaluate(codec, ev_ds, A=F.eval_A, B=F.eval_B, verbose=False)
@@ -167,7 +167,11 @@ def report(rows):
   block = "\n".join(lines)
   print(block)
   write_section(F.doc, block, START, END)
-  curve = [r for r in q if r["tag"] == "curve"]
+  # The curve: the "curve" rows' settings, with rows of other groups at the same
+  # settings (a run is keyed by its settings, so it is measured once).
+  same = {(r["M"], r["n_db"], r["L"], r["de"], r["dh"], r["lr"]) for r in q
+          if r["tag"] == "curve"}
+  curve = [r for r in q if (r["M"], r["n_db"], r["L"], r["de"], r["dh"], r["lr"]) in same]
   if curve:
     series = {}
     for r in curve:

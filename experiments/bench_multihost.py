@@ -12,14 +12,13 @@ metrics.jsonl over the epochs after the first (which compiles). Results go to
 docs/benchmarks.md (this script's section).
 """
 
-import json
 import os
 import sys
 
 from absl import app, flags
 
 from bench_common import write_section
-from qinco_jax import distributed
+from qinco_jax import distributed, trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 F = flags.FLAGS
@@ -43,7 +42,7 @@ def run_layout(procs: int, devices: int) -> dict:
   rcs = [p.wait() for p in ps]
   if any(rcs):
     raise SystemExit(f"layout {procs}x{devices} failed: exit codes {rcs}")
-  log = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
+  log = trainer.read_metrics(work)
   ep = [r for r in log if "train_s" in r and r["epoch"] > 0]
   return {"layout": f"{procs}x{devices}", "epochs": len(ep),
           "samples_s": sum(r["samples"] for r in ep) / sum(r["train_s"] for r in ep),

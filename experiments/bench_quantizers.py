@@ -231,7 +231,7 @@ def qinco_run(ds: data.Dataset, M: int, budget_s: float, args) -> dict[str, Any]
   w0, c0 = time.perf_counter(), time.process_time()
   codec = trainer.train_and_evaluate(cfg, tc, ds, workdir, verbose=args.verbose)
   train_s, train_cpu_s = time.perf_counter() - w0, time.process_time() - c0
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = trainer.read_metrics(workdir)
   epochs = [r for r in records if "train_s" in r]
   log(f"QINCo2 trained: {len(epochs)} epochs in {train_s / 60:.1f} min; evaluating at "
       f"A={args.eval_A}, B={args.eval_B}")

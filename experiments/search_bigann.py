@@ -60,19 +60,21 @@ FILES = {
 
 
 def load_data(need_gt: bool):
-  """(train, database, queries, gt) for the chosen dataset; gt is None unless need_gt
-  (only the search stage needs it: the other stages run without faiss)."""
+  """(train, val, database, queries, gt) for the chosen dataset; gt is None unless
+  need_gt (only the search stage needs it: the other stages run without faiss). The
+  BigANN/Deep1B learn file's last 10k rows are the validation set, held out once."""
   if F.data == "glove":
     ds = qj.data.load_glove(with_gt=False)
     db = np.concatenate([np.asarray(ds.db), np.asarray(ds.train)])
     gt = qj.data.cached_gt(db, ds.queries, 100, tag="glove_search_db") if need_gt else None
-    return ds.train, db, ds.queries, gt
+    return ds.train, ds.val, db, ds.queries, gt
   if not F.root:
     raise app.UsageError(f"--data={F.data} needs --root")
   paths = [os.path.join(F.root, p) for p in FILES[F.data]]
-  train_x, db, queries = (qj.data.read_vecs(p) for p in paths[:3])
+  learn, db, queries = (qj.data.read_vecs(p) for p in paths[:3])
+  train_x, val = qj.data.split_train_val(learn, 10_000)
   gt = qj.data.read_vecs(paths[3]) if need_gt else None
-  return train_x[:-10_000], db, queries, gt
+  return train_x, val, db, queries, gt
 
 
 def command_line() -> str:
@@ -102,7 +104,7 @@ def run_stages():
     with open(os.path.join(F.workdir, f"command.{F.stage}.txt"), "w") as f:
       f.write(command_line() + "\n")
   stages = STAGES if F.stage == "all" else (F.stage,)
-  train_x, db, queries, gt = load_data(need_gt="search" in stages and main_process)
+  train_x, val, db, queries, gt = load_data(need_gt="search" in stages and main_process)
   cents_path = os.path.join(F.workdir, "centroids_ivf.npy")
   if "ivf" in stages and main_process:
     pipeline.train_ivf(train_x, F.ivf_K, F.workdir, max_points=256 * F.ivf_K)
@@ -113,8 +115,7 @@ def run_stages():
     tc = train.TrainConfig(epochs=F.epochs, warmup_epochs=1, stop_patience=F.stop_patience,
                            max_epochs=None if budget else F.epochs + 1,
                            loop=min(len(train_x), 10_000_000), time_budget_s=budget)
-    ds = qj.data.Dataset("train", train_x[:-10_000], train_x[-10_000:], None, None,
-                         None, 1.0)
+    ds = qj.data.Dataset("train", train_x, val, None, None, None, 1.0)
     trainer.train_and_evaluate(cfg, tc, ds, os.path.join(F.workdir, "train"),
                                resume=True, ivf_centroids=ivf.load_centroids(cents_path))
   codec = qj.load(os.path.join(F.workdir, "train")) if (
@@ -133,7 +134,7 @@ def run_stages():
   if not main_process:
     return  # build and search: process 0
   if "build" in stages:
-    db_codes = pipeline.load_shards(F.workdir)
+    db_codes = pipeline.load_shards(F.workdir, db=db)
     # GloVe: the database ends with the training set, whose codes the build reuses.
     train_codes = db_codes[len(db) - len(train_x):] if F.data == "glove" else None
     pipeline.build(codec, train_x, db_codes, F.workdir, A=enc_A, B=enc_B,

@@ -21,14 +21,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for configs.common
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from qinco_jax import distributed, experiment  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "glove_small.py"), "experiment config",
-    lock_config=True)
+experiment.define_config_flag(os.path.join(_HERE, "configs", "glove_small.py"))
 flags.DEFINE_string("workdir", "runs/glove", "checkpoints, metrics and eval output")
 flags.DEFINE_bool("print_config", False,
                   "print the model and training configs the flags resolve to, and exit")
@@ -48,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=experiment.parse_flags)

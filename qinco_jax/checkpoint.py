@@ -1,21 +1,28 @@
 """Saving and loading a codec as an Orbax checkpoint directory.
 
 Layout of a saved codec directory:
-  qinco_jax.json   format marker, data dimension, QincoConfig fields, free-form extras
+  qinco_jax.json   format marker, data dimension, QincoConfig fields, free-form extras,
+                   and a checksum of every array (verified on load)
   state/           Orbax (StandardCheckpointer) tree of every array: parameters,
                    data_mean/data_std, running target statistics
 
-Saving is atomic: the directory is written under a temporary sibling name and only
-then swapped into place, so a failed or interrupted save never damages what was
-there before.
+Saving never loses what was there: the directory is written complete under a
+temporary sibling name (`.NAME.tmp-*`), then swapped in by two renames (the old copy
+is parked as `.NAME.old-*` in between). A crash between the renames leaves complete
+copies beside the path, and `load` restores the newest that verifies (saying so).
+A save only ever replaces a qinco-jax codec directory (or an empty one): any other
+directory at the path is an error and is left untouched. The next save at a path
+removes the temporary directories that interrupted saves left there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +54,44 @@ def _ckpt():
   return ocp.StandardCheckpointer(multiprocessing_options=_local_options())
 
 
+def checksums(tree) -> dict[str, str]:
+  """{array path: blake2b of its dtype, shape and bytes} for every leaf of a tree."""
+  out = {}
+  for k, v in _flat(tree).items():
+    a = np.ascontiguousarray(np.asarray(v))
+    h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=16)
+    h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+    out[k] = h.hexdigest()
+  return out
+
+
+def verify_checksums(tree, expected: dict[str, str] | None, where: str):
+  """Raises ValueError naming the arrays whose bytes differ from `expected` (the
+  checksums saved with them); None (a checkpoint from before checksums) passes."""
+  if expected is None:
+    return
+  got = checksums(tree)
+  bad = sorted(k for k in expected if got.get(k) != expected[k])
+  if bad or set(got) != set(expected):
+    raise ValueError(f"{where} is corrupt: the stored arrays {bad[:5] or sorted(set(got) ^ set(expected))[:5]} "
+                     "do not match the checksums saved with them (a damaged or "
+                     "partly overwritten file); restore it from a copy")
+
+
+def _siblings(path: Path, kind: str) -> list[Path]:
+  """Leftovers of earlier saves at `path`: `.NAME.tmp-*` or `.NAME.old-*`."""
+  if not path.parent.is_dir():
+    return []
+  return sorted(path.parent.glob(f".{path.name}.{kind}-*"))
+
+
+def _is_codec_dir(path: Path) -> bool:
+  try:
+    return json.loads((path / META_FILE).read_text()).get("format") == FORMAT
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
 def atomic_replace_dir(tmp: Path, path: Path):
   """Moves directory tmp to path, replacing path if it exists, never losing both."""
   old = None
@@ -64,29 +109,89 @@ def atomic_replace_dir(tmp: Path, path: Path):
 
 
 def save_state(path: str | os.PathLike, state: nnx.State, meta: dict[str, Any]):
-  """Writes meta (JSON-able) and every array of state to directory `path` atomically."""
+  """Writes meta (JSON-able) and every array of state to directory `path` atomically.
+
+  Raises ValueError, touching nothing, when `path` is a file or a non-empty directory
+  that is not a qinco-jax codec checkpoint (a save never deletes a user's folder).
+  """
   path = Path(path).absolute()
   if path.exists() and not path.is_dir():
     raise ValueError(f"cannot save codec to {str(path)!r}: it exists and is not a directory")
+  if path.is_dir() and any(path.iterdir()) and not _is_codec_dir(path):
+    raise ValueError(
+        f"cannot save codec to {str(path)!r}: it is a directory that is not a qinco-jax "
+        f"codec checkpoint (no {META_FILE} of format {FORMAT!r}), and a save would replace "
+        "everything in it. Choose another path (e.g. a sub-directory).")
   path.parent.mkdir(parents=True, exist_ok=True)
+  if not path.exists():
+    recover(path)  # a complete copy parked by an interrupted save is the old state
+  for leftover in _siblings(path, "tmp") + _siblings(path, "old"):
+    shutil.rmtree(leftover, ignore_errors=True)  # interrupted saves' temporaries
   tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
   try:
     tmp.mkdir()
-    ck = _ckpt()
     # Host (NumPy) arrays: the checkpoint names no device, so any process can load it.
-    ck.save(tmp / STATE_DIR, jax.tree.map(np.asarray, nnx.to_pure_dict(state)))
-    ck.wait_until_finished()
+    arrays = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+    ck = _ckpt()
+    try:
+      ck.save(tmp / STATE_DIR, arrays)
+      ck.wait_until_finished()
+    finally:
+      ck.close()
     with open(tmp / META_FILE, "w") as f:
-      json.dump({"format": FORMAT, "version": VERSION, **meta}, f, indent=2)
+      json.dump({"format": FORMAT, "version": VERSION, **meta,
+                 "checksums": checksums(arrays)}, f, indent=2)
+      f.flush()
+      os.fsync(f.fileno())
     atomic_replace_dir(tmp, path)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-  """Reads and checks the metadata of a saved codec directory."""
+def recover(path: str | os.PathLike) -> bool:
+  """When nothing is at `path` but an interrupted save left complete copies beside it
+  (`.NAME.tmp-*` written in full, or `.NAME.old-*` parked), moves the newest one
+  whose arrays verify back to `path` and says so. Returns True if it restored one."""
+  path = Path(path).absolute()
+  if path.exists():
+    return False
+  found = []
+  for cand in _siblings(path, "tmp") + _siblings(path, "old"):
+    if _is_codec_dir(cand):
+      found.append(((cand / META_FILE).stat().st_mtime, cand))
+  for _, cand in sorted(found, reverse=True):
+    try:
+      meta = read_meta(cand, _recover=False)
+      _check_arrays(cand, meta)
+    except (ValueError, OSError):
+      continue
+    os.replace(cand, path)
+    warnings.warn(f"{str(path)!r} was missing after an interrupted save; restored the "
+                  f"complete copy {cand.name!r}", stacklevel=2)
+    return True
+  return False
+
+
+def _check_arrays(path: Path, meta: dict[str, Any]):
+  ck = _ckpt()
+  try:
+    stored = getattr(ck.metadata(path / STATE_DIR).item_metadata, "tree", None)
+    arrays = ck.restore(path / STATE_DIR, jax.tree.map(
+        lambda m: np.empty(m.shape, m.dtype), stored))
+  except Exception as e:
+    raise ValueError(f"cannot read the arrays of {str(path)!r}: {e}") from e
+  finally:
+    ck.close()
+  verify_checksums(arrays, meta.get("checksums"), f"checkpoint {str(path)!r}")
+
+
+def read_meta(path: str | os.PathLike, _recover: bool = True) -> dict[str, Any]:
+  """Reads and checks the metadata of a saved codec directory (restoring it first from
+  a complete copy an interrupted save left, see `recover`)."""
   path = Path(path)
+  if not path.exists() and _recover:
+    recover(path)
   if not path.exists():
     raise FileNotFoundError(f"no codec checkpoint at {str(path)!r}")
   if not path.is_dir():
@@ -97,8 +202,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         f"{str(path)!r} is not a qinco-jax codec checkpoint: {META_FILE} is missing")
   try:
     meta = json.loads(meta_path.read_text())
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{str(meta_path)!r} is not valid JSON: {e}") from None
+  if not isinstance(meta, dict):
+    raise ValueError(f"{str(meta_path)!r} must hold a JSON object (the codec's metadata), "
+                     f"got a {type(meta).__name__}")
   if meta.get("format") != FORMAT:
     raise ValueError(f"{str(path)!r} holds format {meta.get('format')!r}, expected "
                      f"{FORMAT!r}")
@@ -108,15 +216,23 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
   return meta
 
 
-def load_state(path: str | os.PathLike, abstract: nnx.State) -> nnx.State:
+def load_state(path: str | os.PathLike, abstract: nnx.State,
+               expected_checksums: dict[str, str] | None = None) -> nnx.State:
   """Restores the arrays saved at `path` into a state shaped like `abstract`.
 
   Raises ValueError when the saved arrays do not match the expected model (another
-  configuration or data dimension).
+  configuration or data dimension) or their checksums (a corrupt file).
   """
   path = Path(path).absolute()  # Orbax wants absolute paths
   target = nnx.to_pure_dict(abstract)
   ck = _ckpt()
+  try:
+    return _load_state(ck, path, abstract, target, expected_checksums)
+  finally:
+    ck.close()
+
+
+def _load_state(ck, path: Path, abstract, target, expected_checksums):
   try:
     meta = ck.metadata(path / STATE_DIR).item_metadata
   except Exception as e:  # orbax raises many types for missing/corrupt files
@@ -134,10 +250,12 @@ def load_state(path: str | os.PathLike, abstract: nnx.State) -> nnx.State:
       raise ValueError(f"checkpoint {str(path)!r} does not match this model: {k} has "
                        f"shape {tuple(flat_s[k].shape)}, expected {t.shape}")
   try:  # NumPy targets: host arrays, whatever devices the saving process had
-    saved = _flat(ck.restore(path / STATE_DIR, jax.tree.map(
-        lambda m: np.empty(m.shape, m.dtype), stored)))
+    raw = ck.restore(path / STATE_DIR, jax.tree.map(
+        lambda m: np.empty(m.shape, m.dtype), stored))
   except Exception as e:
     raise ValueError(f"cannot read the arrays of checkpoint {str(path)!r}: {e}") from e
+  verify_checksums(raw, expected_checksums, f"checkpoint {str(path)!r}")
+  saved = _flat(raw)
   restored = _unflat(target, {k: jax.numpy.asarray(saved[k], t.dtype)
                               for k, t in flat_t.items()})
   state = abstract
@@ -178,6 +296,7 @@ class TrainCheckpoints:
 
   def save(self, step: int, state, meta: dict[str, Any]):
     import orbax.checkpoint as ocp
+    meta = {**meta, "checksums": checksums(state)}
     self._mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     self._mngr.wait_until_finished()
@@ -190,7 +309,70 @@ class TrainCheckpoints:
     target = jax.tree.map(lambda a: np.empty(np.shape(a), a.dtype), like)
     r = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    return r.state, r.meta
+    meta = dict(r.meta)
+    verify_checksums(r.state, meta.pop("checksums", None),
+                     f"training checkpoint {str(self.directory / str(step))!r}")
+    return r.state, meta
 
   def close(self):
     self._mngr.close()
+
+
+class WorkdirLock:
+  """An exclusive lock on a training workdir: the file `.lock` holding the holder's
+  host, pid and start time. A second run on the same workdir is refused while the
+  holder lives; a lock left by a process that no longer exists on this host (killed)
+  is taken over. `release()` removes it."""
+
+  NAME = ".lock"
+
+  def __init__(self, workdir: str | os.PathLike):
+    import socket
+    import time
+    self.path = Path(workdir) / self.NAME
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+          warnings.warn(f"{str(self.path)!r}: taking over the lock of process "
+                        f"{holder.get('pid')}, which no longer runs (killed?)",
+                        stacklevel=2)
+          self.path.unlink(missing_ok=True)
+          continue
+        raise RuntimeError(
+            f"{str(self.path.parent)!r} is in use by another training (process "
+            f"{holder.get('pid')} on host {holder.get('host')!r}, since "
+            f"{holder.get('since')}); wait for it, use another workdir, or delete "
+            f"{str(self.path)!r} if that run is gone") from None
+      with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+      self.held = True
+      return
+    raise RuntimeError(f"could not take the lock {str(self.path)!r}")
+
+  def _holder(self) -> dict[str, Any]:
+    try:
+      h = json.loads(self.path.read_text())
+      return h if isinstance(h, dict) else {}
+    except (OSError, ValueError):
+      return {}
+
+  def release(self):
+    if getattr(self, "held", False):
+      if self._holder().get("pid") == os.getpid():
+        self.path.unlink(missing_ok=True)
+      self.held = False
+
+
+def _alive(pid) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except (ProcessLookupError, ValueError, TypeError):
+    return False
+  except PermissionError:
+    return True  # exists, owned by someone else
+  return True

@@ -90,6 +90,10 @@ class Codec:
     E != D; codewords stored halved when E = D); with "reference", as in the paper's
     code, f = c + P_out P_in c.
 
+    The RQ initialisation costs about 2 M * 10 * n * K * d flops (n <= 1M rows):
+    linear in K, so K=65536 takes 256x as long as K=256 (hours on a small CPU);
+    `verbose` shows its progress per K-means iteration.
+
     Args:
       cfg: model configuration.
       train_x: (n, d) training vectors (any real dtype, memmap fine), n >= K.
@@ -100,6 +104,8 @@ class Codec:
     """
     if not isinstance(cfg, QincoConfig):
       raise ValueError(f"cfg must be a QincoConfig, got {type(cfg).__name__}")
+    if not hasattr(train_x, "shape"):  # a list of vectors, say
+      train_x = np.asarray(train_x)
     x = data.as_float32(train_x[:N_INIT], name="train_x")
     n, d = x.shape
     if n < cfg.K:
@@ -244,7 +250,7 @@ class Codec:
     for s in tqdm(range(0, n, chunk), desc="encode", unit="chunk", leave=False,
                   disable=not verbose or n <= 16 * chunk):
       e = min(s + chunk, n)
-      xc = _pad(data.as_float32(x[s:e], d=self.d, name=f"x[{s}:{e}]"), chunk)
+      xc = _pad(data.as_float32(x[s:e], d=self.d, name="x", row_offset=s), chunk)
       out = _encode_chunk(self.graphdef, state, jax.device_put(xc, sharding), A=A, B=B)
       if pending is not None:
         collect(pending)  # overlaps host work with the chunk just dispatched
@@ -318,7 +324,11 @@ class Codec:
 
   # ------------------------------------------------------------------ I/O
   def save(self, path: str | os.PathLike):
-    """Saves to an Orbax checkpoint directory (atomic; replaces an existing one)."""
+    """Saves to an Orbax checkpoint directory, atomically.
+
+    An existing codec checkpoint (or empty directory) at `path` is replaced; any other
+    existing directory is refused with a ValueError and left untouched.
+    """
     checkpoint.save_state(path, self.state, {
         "d": self.d, "config": self.cfg.to_dict(), "info": self.info})
 
@@ -326,6 +336,18 @@ class Codec:
     c = self.cfg
     return (f"Codec(d={self.d}, K={c.K}, M={c.M}, L={c.L}, de={c.de}, dh={c.dh}, "
             f"A={c.A}, B={c.B}, params={self.num_params:,})")
+
+
+def check_state_values(state: nnx.State, where: str):
+  """Raises ValueError when an array of a codec state is not finite or data_std is not
+  positive (such a codec would decode to NaN or divide by zero), naming the cause."""
+  for key, a in checkpoint._flat(nnx.to_pure_dict(state)).items():
+    a = np.asarray(a)
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+      raise ValueError(f"{where}: array {key!r} holds NaN or inf values")
+  std = float(np.asarray(state["data_std"][...]))
+  if not std > 0:
+    raise ValueError(f"{where}: data_std must be > 0 (the normalisation scale), got {std:g}")
 
 
 def _check_centroids(c, ivf_K: int, d: int) -> np.ndarray:
@@ -361,5 +383,6 @@ def load(path: str | os.PathLike) -> Codec:
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"checkpoint {str(path)!r} has invalid metadata: {e}") from None
   abstract = nnx.state(abstract_model(cfg, d))
-  state = checkpoint.load_state(path, abstract)
+  state = checkpoint.load_state(path, abstract, meta.get("checksums"))
+  check_state_values(state, f"checkpoint {str(path)!r}")
   return Codec(cfg, d, state, meta.get("info"))

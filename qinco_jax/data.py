@@ -21,6 +21,7 @@ SUPPORTED_EXTENSIONS = (".fvecs", ".bvecs", ".ivecs", ".npy")
 _VECS_DTYPES = {".fvecs": np.dtype("<f4"), ".ivecs": np.dtype("<i4"), ".bvecs": np.dtype("u1")}
 _MAX_DIM = 1_000_000
 _WRITE_CHUNK = 1 << 16
+_HEADER_CHUNK = 1 << 20  # records whose headers are checked at a time
 
 
 def _extension(path: str) -> str:
@@ -52,12 +53,24 @@ def read_vecs(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
   """
   path = os.fspath(path)
   ext = _extension(path)
+  if os.path.isdir(path):
+    raise ValueError(f"'{path}' is a directory, not a vector file")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"vector file not found: '{path}'")
   if ext == ".npy":
-    x = np.load(path, mmap_mode="r" if mmap else None)
+    if os.path.getsize(path) == 0:
+      raise ValueError(f"npy file '{path}' is empty (0 bytes): expected a 2-D (n, d) array")
+    try:
+      x = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+      raise ValueError(
+          f"'{path}' is not a valid .npy file ({e.__class__.__name__}: "
+          f"{str(e).splitlines()[0][:120]}); if it holds .fvecs/.bvecs/.ivecs records, "
+          "give it that extension") from None
     if x.ndim != 2:
       raise ValueError(f"npy file '{path}' must hold a 2-D (n, d) array, got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+      raise ValueError(f"npy file '{path}' holds no vectors (shape {x.shape})")
     return x
   return _read_vecs_file(path, ext, mmap)
 
@@ -81,24 +94,24 @@ def _read_vecs_file(path: str, ext: str, mmap: bool) -> np.ndarray:
   shape = (n, record // raw_dtype.itemsize)
   raw = (np.memmap(path, dtype=raw_dtype, mode="r", shape=shape) if mmap
          else np.fromfile(path, dtype=raw_dtype).reshape(shape))
-  rows = np.unique(np.linspace(0, n - 1, num=min(n, 9)).astype(np.int64))
-  if ext == ".bvecs":
-    headers = np.ascontiguousarray(raw[rows, :4]).view("<i4")[:, 0]
-    values = raw[:, 4:]
-  else:
-    headers = np.asarray(raw[rows, 0])
-    values = raw[:, 1:].view(value_dtype)
-  bad = np.flatnonzero(headers != d)
-  if bad.size:
-    r = int(rows[bad[0]])
-    raise ValueError(f"{fmt} file '{path}' is malformed: record {r} has dimension header "
-                     f"{int(headers[bad[0]])}, expected {d} (from record 0)")
-  return values
+  # Every record's header, in one strided pass over the map (chunked: bounded memory).
+  for start in range(0, n, _HEADER_CHUNK):
+    block = raw[start:start + _HEADER_CHUNK]
+    headers = (np.ascontiguousarray(block[:, :4]).view("<i4")[:, 0] if ext == ".bvecs"
+               else np.asarray(block[:, 0]))
+    bad = np.flatnonzero(headers != d)
+    if bad.size:
+      r = start + int(bad[0])
+      raise ValueError(f"{fmt} file '{path}' is malformed: record {r} has dimension "
+                       f"header {int(headers[bad[0]])}, expected {d} (from record 0)")
+  return raw[:, 4:] if ext == ".bvecs" else raw[:, 1:].view(value_dtype)
 
 
 def atomic_write(path: str, write: Callable) -> None:
   """Calls `write(fileobj)` on a temp file in the target directory, then renames it."""
   directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"cannot write '{path}': directory '{directory}' does not exist")
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
   try:
     with os.fdopen(fd, "wb") as f:
@@ -159,15 +172,23 @@ def write_vecs(path: str | os.PathLike, x: np.ndarray) -> None:
       chunk = x[start:start + _WRITE_CHUNK]
       rec = np.empty(len(chunk), dtype=record_dtype)
       rec["d"] = d
-      rec["v"] = chunk.astype(value_dtype) if ext == ".fvecs" else _cast_exact(
-          chunk, value_dtype, ext[1:])
+      if ext == ".fvecs":
+        with np.errstate(over="ignore", invalid="ignore"):
+          rec["v"] = chunk.astype(value_dtype)
+        bad = np.isfinite(chunk) & ~np.isfinite(rec["v"])
+        if bad.any():
+          row = start + int(np.flatnonzero(bad.any(axis=1))[0])
+          raise ValueError(f"fvecs stores float32: row {row} holds values beyond its range "
+                           f"(|x| > {np.finfo(np.float32).max:.3g}), which would become inf")
+      else:
+        rec["v"] = _cast_exact(chunk, value_dtype, ext[1:])
       rec.tofile(f)
 
   atomic_write(path, write)
 
 
 def as_float32(x: np.ndarray, d: Optional[int] = None, name: str = "x",
-               allow_empty: bool = True) -> np.ndarray:
+               allow_empty: bool = True, row_offset: int = 0) -> np.ndarray:
   """Validates a batch of vectors and returns it as a C-contiguous float32 array.
 
   Cheap on valid input (one `isfinite` pass; the bad row is only located on failure),
@@ -178,6 +199,7 @@ def as_float32(x: np.ndarray, d: Optional[int] = None, name: str = "x",
     d: expected dimension, or None to accept any.
     name: name of the argument, used in error messages.
     allow_empty: accept n == 0.
+    row_offset: index of x's first row in the caller's array (for the error message).
 
   Returns:
     (n, d) float32, C-contiguous (no copy when x already is).
@@ -197,7 +219,7 @@ def as_float32(x: np.ndarray, d: Optional[int] = None, name: str = "x",
   with np.errstate(over="ignore", invalid="ignore"):
     out = np.ascontiguousarray(x, dtype=np.float32)
   if x.dtype.kind == "f" and not np.isfinite(out).all():
-    row = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
+    row = row_offset + int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
     raise ValueError(f"{name}: contains NaN or inf (after casting to float32); "
                      f"first bad row is {row}")
   return out
@@ -333,7 +355,14 @@ def data_stats(train: np.ndarray, n: int = 100_000) -> tuple[np.ndarray, float]:
   mean = col_sum / x.shape[0]
   mu = mean.mean()
   sq = sum(np.square(c - mu).sum() for c in chunks())
-  return mean.astype(np.float32), float(np.sqrt(sq / x.size))
+  std = float(np.sqrt(sq / x.size))
+  if not np.isfinite(std) or std <= 0 or not np.isfinite(mean).all():
+    raise ValueError(
+        f"cannot normalise: the first {x.shape[0]} training vectors (the rows the "
+        f"normalisation statistics come from) have std {std:g}"
+        + (" (every entry is the same value)" if std == 0 else "")
+        + "; train on varied data, or shuffle the file so its first rows are varied")
+  return mean.astype(np.float32), std
 
 
 def default_cache_dir() -> str:

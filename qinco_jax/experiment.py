@@ -104,3 +104,60 @@ def format_summary(s: dict[str, Any]) -> str:
     rec = [f"{r[k]:7.4f}" if k in r else "      -" for k in ("R@1", "R@10", "R@100")]
     lines.append(f"{name:32s} {r['mse']:10.5g} " + " ".join(rec))
   return "\n".join(lines)
+
+
+def define_config_flag(default_path: str):
+  """`--config=FILE` (ml_collections, locked) for the scripts. Overrides naming a field
+  the config lacks end with one line, `_exit_on_unknown_field`, not a traceback
+  (ml_collections applies them to the default file as soon as the flag is defined)."""
+  import sys
+
+  from ml_collections import config_flags
+  try:
+    config_flags.DEFINE_config_file("config", default_path, "experiment config",
+                                    lock_config=True)
+  except (AttributeError, KeyError) as e:
+    _exit_on_unknown_field(sys.argv, _config_path(sys.argv, default_path), e)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing for the scripts (`app.run(main, flags_parser=parse_flags)`),
+  with `define_config_flag`'s one-line errors for unknown `--config.*` fields."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    default = flags.FLAGS["config"].default_as_str
+    _exit_on_unknown_field(argv, _config_path(argv, (default or "").strip("'\"")), e)
+
+
+def _config_path(argv, default: str) -> str:
+  return next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), default)
+
+
+def _exit_on_unknown_field(argv, path: str, err: Exception):
+  """Prints `error: --config.a.b: config.a has no field 'b'; did you mean ...` and exits
+  2 when an override names an unknown field; re-raises `err` otherwise."""
+  import difflib
+  import sys
+
+  try:
+    from ml_collections.config_flags import config_flags
+    config = config_flags._ConfigFileParser(name="config").parse(path)
+  except Exception:
+    raise err from None
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    parts = arg[len("--config."):].split("=", 1)[0].split(".")
+    node, seen = config, []
+    for part in parts:
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        near = difflib.get_close_matches(part, keys, n=3, cutoff=0.3)
+        hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+        print(f"error: {arg.split('=')[0]}: {'.'.join(['config'] + seen)} has no field "
+              f"{part!r}{hint} (its fields: {', '.join(sorted(keys))})", file=sys.stderr)
+        sys.exit(2)
+      node, seen = node[part], seen + [part]
+  raise err from None

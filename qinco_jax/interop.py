@@ -49,6 +49,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -56,7 +57,7 @@ import numpy as np
 from flax import nnx
 
 from qinco_jax import data
-from qinco_jax.codec import Codec
+from qinco_jax.codec import Codec, check_state_values
 from qinco_jax.config import QincoConfig
 from qinco_jax.model import Qinco
 
@@ -340,7 +341,9 @@ def from_state_dict(sd: Mapping[str, Any], parameters: Mapping[str, Any],
   if not (math.isfinite(std) and std > 0):
     raise ValueError(f"state dict entry 'data_std' must be a positive finite number, "
                      f"got {std}")
-  return Codec(cfg, d, _state_from_pure(cfg, d, pure), {"imported_from": "torch"})
+  state = _state_from_pure(cfg, d, pure)
+  check_state_values(state, "state dict")
+  return Codec(cfg, d, state, {"imported_from": "torch"})
 
 
 def from_torch(path: str | os.PathLike) -> Codec:
@@ -623,8 +626,12 @@ def load_npz(path: str | os.PathLike) -> Codec:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no npz file at {path!r}")
-  with np.load(path, allow_pickle=False) as z:
-    files = {k: z[k] for k in z.files}
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      files = {k: z[k] for k in z.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path!r} is not a readable .npz file (garbage or truncated: "
+                     f"{e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
   if str(files.get("__format__", "")) != NPZ_FORMAT:
     raise ValueError(f"{path!r} is not a qinco-jax npz (no '__format__' = "
                      f"{NPZ_FORMAT!r} entry)")
@@ -649,5 +656,6 @@ def load_npz(path: str | os.PathLike) -> Codec:
       raise ValueError(f"{path!r}: array {name!r} has shape {a.shape}, expected "
                        f"{fresh[key].shape}")
     flat[key] = a.astype(fresh[key].dtype)
-  return Codec(cfg, d, _state_from_pure(cfg, d, _unflatten(flat)),
-               info if isinstance(info, dict) else {})
+  state = _state_from_pure(cfg, d, _unflatten(flat))
+  check_state_values(state, f"npz file {path!r}")
+  return Codec(cfg, d, state, info if isinstance(info, dict) else {})

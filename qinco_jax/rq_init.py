@@ -55,8 +55,12 @@ def assign(x: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, float]:
   return ids, total
 
 
-def kmeans(x: np.ndarray, K: int, n_iter: int = 10, seed: int = 0) -> np.ndarray:
-  """Lloyd K-means. x: (n, D) float32 with n >= K. Returns (K, D) float32 centroids."""
+def kmeans(x: np.ndarray, K: int, n_iter: int = 10, seed: int = 0,
+           on_iteration=None) -> np.ndarray:
+  """Lloyd K-means. x: (n, D) float32 with n >= K. Returns (K, D) float32 centroids.
+
+  on_iteration: called after each Lloyd iteration (progress reporting).
+  """
   n = len(x)
   if n < K:
     raise ValueError(f"K-means needs at least K={K} training vectors, got {n}")
@@ -74,12 +78,20 @@ def kmeans(x: np.ndarray, K: int, n_iter: int = 10, seed: int = 0) -> np.ndarray
     C = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
     if empty.any():  # re-seed empty clusters with random data points
       C[empty] = x[rng.choice(n, int(empty.sum()), replace=False)]
+    if on_iteration is not None:
+      on_iteration()
   return C
 
 
 def train_rq(x: np.ndarray, K: int, M: int, n_iter: int = 10, seed: int = 0,
              verbose: bool = False) -> tuple[list[np.ndarray], list[float]]:
   """Greedy residual quantiser in the units of x.
+
+  Cost: M stages of `n_iter` Lloyd iterations, each about 2 n K D flops (the
+  distances), so 2 M n_iter n K D in all: linear in K. For 1M vectors of D=128 that
+  is 2.6 TFLOP at K=256, M=8 (seconds on a GPU, a few minutes on a 2-core CPU) and
+  about 670 TFLOP at K=65536 (hours on that CPU). `verbose` shows a progress bar
+  over all M x n_iter iterations, with the time left.
 
   Args:
     x: (n, D) float32 training vectors.
@@ -90,10 +102,13 @@ def train_rq(x: np.ndarray, K: int, M: int, n_iter: int = 10, seed: int = 0,
   """
   residual = np.array(x, dtype=np.float32, copy=True)
   codebooks, mses = [], []
-  for m in tqdm(range(M), desc="RQ init", disable=not verbose, leave=False):
-    C = kmeans(residual, K, n_iter=n_iter, seed=seed + m)
-    ids, err = assign(residual, C)
-    residual -= C[ids]
-    codebooks.append(C)
-    mses.append(err / len(x))
+  with tqdm(total=M * n_iter, desc=f"RQ init (K={K}, M={M})", unit="iter",
+            disable=not verbose, leave=False) as bar:
+    for m in range(M):
+      bar.set_postfix(stage=m)
+      C = kmeans(residual, K, n_iter=n_iter, seed=seed + m, on_iteration=bar.update)
+      ids, err = assign(residual, C)
+      residual -= C[ids]
+      codebooks.append(C)
+      mses.append(err / len(x))
   return codebooks, mses

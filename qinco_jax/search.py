@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 
 import numpy as np
 
@@ -36,6 +37,29 @@ def _coarse_ef_search(ivf, ef_search: int):
     yield
   finally:
     hnsw.efSearch = before
+
+
+MAX_SHORTLIST = 8000  # candidates the IVF/AQ stage returns per query at most
+
+
+class FewerResultsWarning(UserWarning):
+  """Some queries got fewer than min(k, ntotal) results (their probed lists hold fewer)."""
+
+
+def _check_search_args(k, p: "SearchParams", batch):
+  def positive(name, v, hi=None):
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1 or (
+        hi is not None and v > hi):
+      rng = f"an int in [1, {hi}]" if hi else "an int >= 1"
+      raise ValueError(f"{name} must be {rng}, got {v!r}")
+  positive("k", k, MAX_SHORTLIST)
+  positive("batch", batch)
+  if not isinstance(p, SearchParams):
+    raise ValueError(f"params must be a SearchParams, got {type(p).__name__}")
+  positive("nprobe", p.nprobe)
+  positive("ef_search", p.ef_search)
+  positive("nshort", p.nshort, MAX_SHORTLIST)
+  positive("nmid_short", p.nmid_short)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +97,16 @@ class Searcher:
     One call at a time per Searcher: `params.ef_search` is set on the shared coarse
     quantiser for the duration of the call (`_coarse_ef_search`).
 
+    The QINCo2 re-rank decodes max(nshort, k) candidates, so k results come back
+    whenever the probed lists hold k vectors; when they hold fewer the rows are padded
+    with id -1 and distance inf, with a warning saying how many queries that hit.
+    Every argument is checked first (ValueError naming it).
+
     Returns:
       D (nq, k) float32 squared distances, I (nq, k) int64 database ids (-1 when
       fewer results), and the seconds spent per stage.
     """
+    _check_search_args(k, params, batch)
     q_all = as_float32(np.asarray(queries), d=self.centroids.shape[1], name="queries")
     nq = len(q_all)
     out_D = np.full((nq, k), np.inf, np.float32)
@@ -87,6 +117,12 @@ class Searcher:
       out_D[s:s + batch], out_I[s:s + batch] = Db, Ib
       for key in times:
         times[key] += tb[key]
+    short = int((out_I[:, min(k, self.index.ntotal) - 1] < 0).sum()) if self.index.ntotal else 0
+    if short:
+      warnings.warn(f"{short} of {nq} queries got fewer than min(k={k}, ntotal="
+                    f"{self.index.ntotal}) results: the {params.nprobe} inverted lists "
+                    "probed for them hold fewer vectors; raise nprobe", FewerResultsWarning,
+                    stacklevel=2)
     return out_D, out_I, times
 
   def _search_batch(self, q: np.ndarray, k: int, p: SearchParams):
@@ -95,8 +131,9 @@ class Searcher:
     ivf = index_lib.ivf_of(self.index)
     M = ivf.rq.M
     nb = index_lib.list_id_bytes(ivf.nlist)
-    final = p.nshort if p.use_qinco else k
-    n1 = min(max(p.nmid_short * p.nshort, p.nshort, final), 8000)
+    nshort = max(p.nshort, k)  # the re-ranked shortlist holds at least k candidates
+    final = nshort if p.use_qinco else k
+    n1 = min(max(p.nmid_short * nshort, nshort, final), MAX_SHORTLIST)
     params = faiss.SearchParametersIVF(nprobe=p.nprobe)
     t0 = time.perf_counter()
     with _coarse_ef_search(ivf, p.ef_search):
@@ -106,21 +143,21 @@ class Searcher:
     lists = np.clip(index_lib.unpack_list_ids(C1[:, :, :nb]), 0, ivf.nlist - 1)
     codes = C1[:, :, nb:nb + M].astype(np.int32)  # (nq, n1, M)
     ids = I1
-    if p.use_pairwise and self.pairwise is not None and n1 > p.nshort:
+    if p.use_pairwise and self.pairwise is not None and n1 > nshort:
       t0 = time.perf_counter()
       ext = np.concatenate([codes, self.extra_codes[lists]], axis=2)
       approx = (self.pairwise.decode(ext.reshape(-1, ext.shape[2]))
                 + self.centroids[lists.ravel()]).reshape(len(q), n1, -1)
       dist = ((approx - q[:, None, :]) ** 2).sum(-1)
       dist[ids < 0] = np.inf
-      keep = np.argsort(dist, axis=1, kind="stable")[:, :p.nshort]
+      keep = np.argsort(dist, axis=1, kind="stable")[:, :nshort]
       codes, lists, ids = (np.take_along_axis(a, keep[..., None] if a.ndim == 3 else keep, 1)
                            for a in (codes, lists, ids))
       D1 = np.take_along_axis(dist, keep, 1)
       times["pairwise"] = time.perf_counter() - t0
     else:
       codes, lists, ids, D1 = codes[:, :final], lists[:, :final], ids[:, :final], D1[:, :final]
-    if p.use_qinco and p.nshort > 1:
+    if p.use_qinco and nshort > 1:
       t0 = time.perf_counter()
       full = np.concatenate([lists[..., None], codes], axis=2).reshape(-1, M + 1)
       x_hat = self.codec.decode(full, verbose=False).reshape(len(q), -1, q.shape[1])

@@ -17,11 +17,13 @@ decides (docs/design.md, "Several processes").
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +69,17 @@ class BatchOrder:
 
 def _read_rows(x, idx: np.ndarray) -> np.ndarray:
   order = np.argsort(idx, kind="stable")
+  rows = np.asarray(x[idx[order]])
   out = np.empty((len(idx), x.shape[1]), np.float32)
-  out[order] = data.as_float32(np.asarray(x[idx[order]]), name="training batch")
+  try:
+    out[order] = data.as_float32(rows, name="training batch")
+  except ValueError:
+    with np.errstate(over="ignore", invalid="ignore"):
+      bad = ~np.isfinite(rows.astype(np.float32)).all(axis=1)
+    if not bad.any():
+      raise
+    raise ValueError(f"training vector {int(idx[order][np.flatnonzero(bad)[0]])} (a row of "
+                     "the training set) contains NaN or inf; clean the data") from None
   return out
 
 
@@ -93,15 +104,45 @@ class MetricWriter:
         pass
 
   def write(self, record: dict[str, Any]):
+    """Appends one record as one whole line: a failed write (a full disk) is cut back
+    to the end of the previous record, so the file never holds a torn line."""
     if not dist.is_main():
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      start = os.fstat(fd).st_size
+      try:
+        done = 0
+        while done < len(line):
+          done += os.write(fd, line[done:])
+      except OSError:
+        os.ftruncate(fd, start)
+        raise
+    finally:
+      os.close(fd)
     if self.tb is not None:
       step = record.get("step", 0)
       for k, v in record.items():
         if isinstance(v, (int, float)) and k != "step":
           self.tb.add_scalar(k, v, step)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl file (a workdir's, or the file itself); a torn last
+  line (a writer killed mid-line) is skipped."""
+  path = Path(path)
+  if path.is_dir():
+    path = path / "metrics.jsonl"
+  lines = path.read_text().splitlines()
+  out = []
+  for i, line in enumerate(lines):
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise ValueError(f"{str(path)!r}: line {i + 1} is not a JSON record") from None
+  return out
 
 
 def _save(ckpts: checkpoint.TrainCheckpoints, epoch: int, state: train.TrainState,
@@ -110,16 +151,40 @@ def _save(ckpts: checkpoint.TrainCheckpoints, epoch: int, state: train.TrainStat
   ckpts.save(epoch, dist.host(state), meta)
 
 
-def _start(workdir: Path, ckpts, resume: bool) -> dict[str, Any]:
+# Model fields that do not change the model (a resume may change them freely).
+_FREE_MODEL_FIELDS = ("enc_max_bs",)
+
+
+def _start(workdir: Path, ckpts, resume: bool, model_cfg: QincoConfig,
+           train_cfg: train.TrainConfig, n_train: int) -> dict[str, Any]:
   """Process 0's view of the workdir: {"step": latest checkpoint or None, "meta":
-  ckpt_meta.json} or {"error": message}."""
+  ckpt_meta.json, "changed": training settings that differ from the checkpoint's} or
+  {"error": message}."""
   step = ckpts.latest_step()
   if step is None:
     return {"step": None}
   if not resume:
     return {"error": f"{str(workdir)!r} already holds a training checkpoint; pass "
                      "resume=True (--config.resume=True) or use another workdir"}
-  return {"step": step, "meta": json.loads((workdir / "ckpt_meta.json").read_text())}
+  meta = json.loads((workdir / "ckpt_meta.json").read_text())
+  saved = QincoConfig.from_dict(meta["model"]).to_dict()
+  asked = model_cfg.to_dict()
+  diff = {k: (saved[k], asked[k]) for k in saved
+          if saved[k] != asked[k] and k not in _FREE_MODEL_FIELDS}
+  if diff:
+    listed = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} asked" for k, (a, b) in
+                       sorted(diff.items()))
+    return {"error": f"cannot resume {str(workdir)!r} with another model ({listed}); "
+                     "resume with the checkpoint's model config, or train the new model "
+                     "in another workdir"}
+  changed = {}
+  if "train" in meta:
+    now = dataclasses.asdict(train_cfg)
+    changed = {k: [meta["train"].get(k), v] for k, v in now.items()
+               if meta["train"].get(k) != v}
+  if meta.get("n_train", n_train) != n_train:
+    changed["n_train"] = [meta["n_train"], n_train]
+  return {"step": step, "meta": meta, "changed": changed}
 
 
 def validate(codec: Codec, val: np.ndarray, A: int, B: int, mse_scale: float):
@@ -134,7 +199,8 @@ def validate(codec: Codec, val: np.ndarray, A: int, B: int, mse_scale: float):
 def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
                        ds: data.Dataset, workdir: str | os.PathLike, *,
                        resume: bool = False, verbose: bool = True,
-                       ivf_centroids=None) -> Codec:
+                       ivf_centroids=None,
+                       clock: Callable[[], float] = time.perf_counter) -> Codec:
   """Trains a codec on ds.train (validating on ds.val) and returns the best one.
 
   Args:
@@ -145,8 +211,17 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
     resume: continue from the latest checkpoint in workdir.
     ivf_centroids: (ivf_K, d) raw IVF centroids when model_cfg.ivf_K > 0 (frozen
       step 0; spec 4.1).
+    clock: seconds, for the time budget and the reported rates (injectable so that
+      tests run on scripted time).
+
+  Raises:
+    RuntimeError: another training holds the workdir (its lock names it).
+    ValueError: a checkpoint exists and resume is False; a resume asks for another
+      model than the checkpoint's (the differing fields are listed); invalid data.
+  A resume with other training settings (lr, epochs, data size, ...) applies them
+  with a warning, also recorded in metrics.jsonl.
   """
-  t_call = time.perf_counter()
+  t_call = clock()
   workdir = Path(workdir).absolute()  # Orbax wants absolute paths
   main = dist.is_main()  # process 0 reads and writes the workdir; the others never do
   verbose = verbose and main
@@ -162,13 +237,37 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
                      "lower batch_per_device or provide more training vectors")
   order = BatchOrder(n, S, G, train_cfg.seed)
   tx = train.make_optimizer(train_cfg, steps)
-  ckpts = None
+  data.as_float32(ds.val, d=ds.d, name="validation vectors (the val split)",
+                  allow_empty=False)
+  ckpts = lock = None
+  start = None
   if main:
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpts = checkpoint.TrainCheckpoints(workdir / "ckpt")
-  start = dist.broadcast_json(_start(workdir, ckpts, resume) if main else None)
-  if "error" in start:
-    raise ValueError(start["error"])
+    try:
+      lock = checkpoint.WorkdirLock(workdir)
+    except RuntimeError as e:
+      start = {"error": str(e), "busy": True}
+    if start is None:
+      ckpts = checkpoint.TrainCheckpoints(workdir / "ckpt")
+      start = _start(workdir, ckpts, resume, model_cfg, train_cfg, n)
+  start = dist.broadcast_json(start)
+  try:
+    if "error" in start:
+      raise (RuntimeError if start.get("busy") else ValueError)(start["error"])
+    return _train(model_cfg, train_cfg, ds, workdir, start, ckpts, verbose=verbose,
+                  ivf_centroids=ivf_centroids, clock=clock, t_call=t_call, mesh=mesh,
+                  G=G, n=n, S=S, steps=steps, order=order, tx=tx)
+  finally:
+    if ckpts is not None:
+      ckpts.close()
+    if lock is not None:
+      lock.release()
+
+
+def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_centroids,
+           clock, t_call, mesh, G, n, S, steps, order, tx) -> Codec:
+  """The body of `train_and_evaluate`, once the workdir is locked and read."""
+  main = dist.is_main()
   resuming = start["step"] is not None
   if resuming:
     m = start["meta"]
@@ -181,8 +280,9 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
     # bit-identical even across hosts whose floating point differs.
     codec = codec.replace_state(jax.tree.map(jnp.asarray, dist.broadcast(codec.state)))
     if main:
-      data.atomic_write(str(workdir / "ckpt_meta.json"), lambda f: f.write(
-          json.dumps({"model": model_cfg.to_dict(), "d": codec.d}).encode()))
+      data.atomic_write(str(workdir / "ckpt_meta.json"), lambda f: f.write(json.dumps({
+          "model": model_cfg.to_dict(), "d": codec.d,
+          "train": dataclasses.asdict(train_cfg), "n_train": n}).encode()))
   graphdef = codec.graphdef
   state = train.init_state(graphdef, codec.state, tx)
   replicated = NamedSharding(mesh, P())
@@ -203,6 +303,12 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
   writer = MetricWriter(workdir)
   if meta["best_val"] is None and main and writer.path.exists():
     writer.path.unlink()  # a fresh run: drop the log of a run whose checkpoints are gone
+  if start.get("changed"):
+    note = ("resumed with training settings that differ from the checkpoint's (applied): "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in start["changed"].items()))
+    if main:
+      warnings.warn(note, stacklevel=2)
+    writer.write({"epoch": meta["epoch"], "warning": note, "changed": start["changed"]})
   A, B = codec.cfg.A, codec.cfg.B
 
   def current_codec():
@@ -216,9 +322,9 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
 
   val_s = 0.0  # one validation's wall time (the budget guard keeps it in reserve)
   if meta["best_val"] is None:  # validation before training (spec 9.6)
-    t_val = time.perf_counter()
+    t_val = clock()
     v = validation(current_codec())
-    val_s = time.perf_counter() - t_val
+    val_s = clock() - t_val
     meta["best_val"] = v["val_mse"]
     writer.write({"epoch": -1, "step": 0, **v})
     if main:
@@ -228,12 +334,12 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
   if budget is not None and train_cfg.max_epochs is None:
     n_epochs = 1 << 30  # the time budget (or early stopping) ends the run
   gstep = int(dist.host(state.step))  # updates done (host copy of state.step)
-  t_loop, step_loop, first_epoch = time.perf_counter(), gstep, meta["epoch"]
+  t_loop, step_loop, first_epoch = clock(), gstep, meta["epoch"]
   mark, seed_plan = None, meta["plan_steps"]  # budget guard of the first epoch
   for epoch in range(meta["epoch"], n_epochs):
     if budget is not None and gstep >= meta["plan_steps"]:
       break
-    t0 = time.perf_counter()
+    t0 = clock()
     bar = tqdm(range(steps), desc=f"epoch {epoch}", unit="batch", disable=not verbose,
                leave=False)
     done = 0
@@ -250,16 +356,16 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
         state, m = step_fn(state, batch)
       if budget is not None and epoch == first_epoch:
         mark = _guard_first_epoch(meta, m, j, gstep, mark, seed_plan, t_start,
-                                  budget - val_s, train_cfg.log_every)
+                                  budget - val_s, train_cfg.log_every, clock)
       last = j + 1 == steps or (budget is not None and gstep >= meta["plan_steps"])
       if (j + 1) % train_cfg.log_every == 0 or last:
         with dist.peer_guard(f"training step {gstep} (epoch {epoch})"):
           m = {k: float(v) for k, v in dist.host(m).items()}
         _check_finite(m, epoch, j)
-        rate = (j + 1) * G / (time.perf_counter() - t0)
+        rate = (j + 1) * G / max(clock() - t0, 1e-9)
         bar.set_postfix(loss=f"{m['loss']:.4g}", samples_s=f"{rate:.0f}")
         writer.write({"epoch": epoch, "step": gstep, "samples_s": rate, **m})
-    train_s = time.perf_counter() - t0
+    train_s = clock() - t0
     cur = current_codec()
     v = validation(cur)
     hist = dist.host(state.usage)  # (M, K) codes chosen this epoch, all processes summed
@@ -281,7 +387,7 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
         meta["bad_epochs"] % train_cfg.plateau_patience == 0):
       state = _scale_lr(state, 0.1, train_cfg)
     meta["epoch"] = epoch + 1
-    now = time.perf_counter()
+    now = clock()
     meta["elapsed_s"] = now - t_start
     if budget is not None and gstep < meta["plan_steps"]:
       # Re-plan from the time per update so far (validation included). Once the plan
@@ -295,7 +401,7 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
       _save(ckpts, epoch + 1, state, meta)
     dist.barrier(f"epoch-{epoch}")  # the others wait while process 0 writes
     record = {"epoch": epoch, "step": gstep, "train_s": train_s,
-              "samples": done * G, "samples_s": done * G / train_s,
+              "samples": done * G, "samples_s": done * G / max(train_s, 1e-9),
               "unused_codes": n_unused,
               "train_entropy": _entropy_bits(hist),
               "resets": n_unused if train_cfg.reset_dead_codes else [0] * codec.M,
@@ -308,8 +414,6 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
             flush=True)
     if meta["bad_epochs"] > train_cfg.stop_patience:
       break
-  if main:
-    ckpts.close()
   return _best_codec(workdir, codec)
 
 
@@ -317,7 +421,8 @@ _EARLY_GUARDS = (2, 4, 8, 16, 32)  # 0-based updates of the first epoch (then lo
 
 
 def _guard_first_epoch(meta: dict, m, j: int, gstep: int, mark, seed_plan: int,
-                       t_start: float, budget: float, log_every: int):
+                       t_start: float, budget: float, log_every: int,
+                       clock: Callable[[], float] = time.perf_counter):
   """Keeps a time budget inside the first epoch of a call, before any measured plan.
 
   The seed plan is in epochs, and one epoch can outlast the whole budget (10M samples
@@ -338,7 +443,7 @@ def _guard_first_epoch(meta: dict, m, j: int, gstep: int, mark, seed_plan: int,
   if j != 0 and not is_guard(j):
     return mark
   jax.block_until_ready(m)
-  now = time.perf_counter()
+  now = clock()
   if mark is None:
     return now, gstep, float("inf")
   per_step = min(mark[2], (now - mark[0]) / max(gstep - mark[1], 1))

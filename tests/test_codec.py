@@ -260,3 +260,77 @@ def test_load_errors(tmp_path, trained):
   (tmp_path / "c" / "qinco_jax.json").write_text('{"format": "qinco-jax/codec", "ver')
   with pytest.raises(ValueError, match="JSON"):
     qj.load(tmp_path / "c")
+
+
+def test_save_refuses_a_directory_that_is_not_a_codec(trained, tmp_path):
+  codec = trained[0]
+  mine = tmp_path / "my_files"
+  mine.mkdir()
+  (mine / "thesis.tex").write_text("years of work")
+  with pytest.raises(ValueError, match="not a qinco-jax codec checkpoint") as e:
+    codec.save(mine)
+  assert str(mine) in str(e.value)
+  assert sorted(os.listdir(mine)) == ["thesis.tex"]  # nothing touched
+  assert sorted(os.listdir(tmp_path)) == ["my_files"]  # no temporary left either
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  codec.save(empty)  # an empty directory holds nothing to lose
+  codec.save(empty)  # and a codec checkpoint is replaced
+  assert qj.load(empty).d == codec.d
+
+
+def _parked_copies(tmp_path):
+  return sorted(n for n in os.listdir(tmp_path) if n.startswith("."))
+
+
+def test_load_restores_a_copy_left_by_a_save_killed_between_its_renames(trained, tmp_path):
+  """A save killed after parking the old copy and before moving the new one in leaves
+  nothing at the path: load must restore the newest complete copy, and the next save
+  must clear the leftovers."""
+  codec, train = trained
+  path = tmp_path / "c"
+  codec.save(path)
+  other = reference.randomize(codec, scale=0.5, seed=9)
+  other.save(tmp_path / "new")
+  os.replace(tmp_path / "new", tmp_path / ".c.tmp-0000dead")  # written in full...
+  os.replace(path, tmp_path / ".c.old-0000beef")  # ...and the old one parked: killed here
+  with pytest.warns(UserWarning, match="restored the complete copy '.c.tmp-0000dead'"):
+    back = qj.load(path)
+  np.testing.assert_array_equal(back.encode(train[:20], verbose=False),
+                                other.encode(train[:20], verbose=False))
+  assert _parked_copies(tmp_path) == [".c.old-0000beef"]
+  (tmp_path / ".c.tmp-1111dead").mkdir()  # a save killed while writing: incomplete
+  codec.save(path)
+  assert _parked_copies(tmp_path) == []  # leftovers removed by the next save
+
+
+def test_load_detects_corrupted_array_bytes(tmp_path):
+  rng = np.random.default_rng(0)  # tables large enough that the data files hold them
+  codec = qj.Codec.create(qj.QincoConfig(K=256, M=3, L=1, de=None, dh=8, A=3, B=2),
+                          rng.standard_normal((3000, 32)).astype(np.float32),
+                          verbose=False)
+  codec.save(tmp_path / "c")
+  files = [p for p in (tmp_path / "c" / "state").rglob("*")
+           if p.is_file() and p.parent.name == "d" and "ocdbt" in p.parent.parent.name]
+  data_file = max(files, key=lambda p: p.stat().st_size)  # the array bytes
+  raw = bytearray(data_file.read_bytes())
+  mid = len(raw) // 2
+  raw[mid:mid + 16] = bytes(255 - b for b in raw[mid:mid + 16])
+  data_file.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match="corrupt|cannot read"):
+    qj.load(tmp_path / "c")
+
+
+def test_create_accepts_a_list_of_vectors():
+  rng = np.random.default_rng(0)
+  rows = rng.standard_normal((200, D)).tolist()
+  codec = qj.Codec.create(qj.QincoConfig(K=4, M=2, A=0, B=1), rows, verbose=False)
+  assert codec.d == D
+
+
+def test_rq_initialisation_reports_progress_per_kmeans_iteration(capsys):
+  rng = np.random.default_rng(0)
+  qj.Codec.create(qj.QincoConfig(K=4, M=3, A=0, B=1), rng.standard_normal((300, D)),
+                  verbose=True)
+  err = capsys.readouterr().err
+  assert "RQ init (K=4, M=3)" in err and "/30 [" in err  # 3 stages x 10 iterations

@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 
+import qinco_jax as qj
 from qinco_jax import data
 
 
@@ -264,3 +265,50 @@ def test_load_glove_from_a_copy_without_ground_truth(glove, tmp_path, monkeypatc
   np.save(path, emb[:1000])
   with pytest.raises(ValueError, match="expected shape"):
     data.load_glove(path=str(path), with_gt=False)
+
+
+def test_every_record_header_is_checked(tmp_path):
+  """A record of d+1 followed by one of d-1 keeps the file size a multiple of the
+  record size: only a check of every header finds it (9 sampled ones did not)."""
+  d, n = 4, 100
+  rec = [np.concatenate([[d], np.arange(d)]).astype("<i4") for _ in range(n)]
+  rec[41] = np.concatenate([[d + 1], np.arange(d)]).astype("<i4")  # lies about d
+  raw = np.concatenate(rec).copy()
+  path = tmp_path / "x.ivecs"
+  raw.tofile(path)
+  with pytest.raises(ValueError, match="record 41 has dimension header 5, expected 4"):
+    qj.data.read_vecs(path)
+
+
+def test_clear_errors_for_misnamed_and_empty_files(tmp_path):
+  (tmp_path / "dir.fvecs").mkdir()
+  with pytest.raises(ValueError, match="is a directory"):
+    qj.data.read_vecs(tmp_path / "dir.fvecs")
+  (tmp_path / "empty.npy").write_bytes(b"")
+  with pytest.raises(ValueError, match="empty"):
+    qj.data.read_vecs(tmp_path / "empty.npy")
+  np.save(tmp_path / "none.npy", np.zeros((0, 3), np.float32))
+  with pytest.raises(ValueError, match="no vectors"):
+    qj.data.read_vecs(tmp_path / "none.npy")
+  qj.data.write_vecs(str(tmp_path / "a.fvecs"), np.ones((3, 2), np.float32))
+  os.replace(tmp_path / "a.fvecs", tmp_path / "a.npy")  # fvecs bytes, wrong name
+  with pytest.raises(ValueError, match="not a valid .npy file.*give it that extension"):
+    qj.data.read_vecs(tmp_path / "a.npy")
+  with pytest.raises(FileNotFoundError, match="directory .*missing.* does not exist"):
+    qj.data.write_vecs(str(tmp_path / "missing" / "x.fvecs"), np.ones((2, 2)))
+  assert not list((tmp_path).glob(".tmp_*"))
+
+
+def test_write_vecs_refuses_values_float32_cannot_hold(tmp_path):
+  x = np.array([[1.0, 2.0], [1e39, 0.0]])
+  with pytest.raises(ValueError, match="row 1 .*inf"):
+    qj.data.write_vecs(str(tmp_path / "x.fvecs"), x)
+  assert not (tmp_path / "x.fvecs").exists()
+
+
+def test_constant_training_data_cannot_be_normalised():
+  x = np.full((500, 4), 3.0, np.float32)
+  with pytest.raises(ValueError, match="std 0 .*same value"):
+    qj.data.data_stats(x)
+  with pytest.raises(ValueError, match="cannot normalise"):
+    qj.Codec.create(qj.QincoConfig(K=4, M=2, A=0, B=1), x, verbose=False)

@@ -144,8 +144,24 @@ def test_search_script_stages_on_a_deep1b_layout(tmp_path):
 
   for name in ("ivf", "train", "encode", "build"):
     stage(name)
+  # The learn file's last 10k rows are the validation set, held out once: 11,500
+  # training vectors remain of 21,500.
+  assert json.loads((work / "train" / "ckpt_meta.json").read_text())["n_train"] == 11_500
   qj.data.write_vecs(str(root / "deep1B_groundtruth.ivecs"), ds.gt.astype(np.int32))
   out = stage("search")
   assert "Pareto front of" in out and (work / "sweep.png").exists()
   best = max(json.loads(l)["R@10"] for l in open(work / "sweep.jsonl"))
   assert best > 0.3  # chance is 10 / 2000
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.model.Q=3", "config.model has no field 'Q' (its fields: A, B, K"),
+    ("--config.trian.lr=3", "config has no field 'trian'; did you mean 'train'?")])
+def test_unknown_config_field_is_one_line(flag, message):
+  import subprocess
+  for config in ([], [f"--config={os.path.join(EXPERIMENTS, 'configs', 'synthetic_tiny.py')}"]):
+    r = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "train_bigann.py"),
+                        *config, flag, "--print_config"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not r.stdout

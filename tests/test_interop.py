@@ -340,3 +340,24 @@ def test_from_torch_without_torch_or_file(tmp_path, monkeypatch):
   monkeypatch.setattr(builtins, "__import__", no_torch)
   with pytest.raises(ImportError, match=r"pip install"):
     interop.from_torch(tmp_path / "model.pt")
+
+
+def test_npz_with_bad_values_or_bytes_is_refused(codec2, tmp_path):
+  interop.export_npz(codec2, tmp_path / "c.npz")
+  with np.load(tmp_path / "c.npz") as z:
+    arrays = {k: z[k] for k in z.files}
+  np.savez(tmp_path / "std0.npz", **{**arrays, "data_std": np.float32(0.0)})
+  with pytest.raises(ValueError, match="data_std must be > 0"):
+    interop.load_npz(tmp_path / "std0.npz")
+  bad = arrays["codebooks"].copy()
+  bad[0, 0, 0] = np.nan
+  np.savez(tmp_path / "nan.npz", **{**arrays, "codebooks": bad})
+  with pytest.raises(ValueError, match="'codebooks' holds NaN"):
+    interop.load_npz(tmp_path / "nan.npz")
+  raw = (tmp_path / "c.npz").read_bytes()
+  (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+  with pytest.raises(ValueError, match="not a readable .npz"):
+    interop.load_npz(tmp_path / "cut.npz")
+  (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
+  with pytest.raises(ValueError, match="not a readable .npz"):
+    interop.load_npz(tmp_path / "junk.npz")

@@ -93,6 +93,8 @@ def two_process_run(tmp_path_factory):
   res = _launch(TRAIN, [TINY, f"--workdir={work}"], 2)
   for rc, out, err, _ in res:
     assert rc == 0, err[-3000:]
+    # A clean exit: no tracebacks from checkpointers closed too late.
+    assert "Traceback" not in err and "Event loop is closed" not in err, err[-3000:]
   return work, res
 
 

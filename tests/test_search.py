@@ -27,6 +27,36 @@ def test_list_id_packing_for_2_20_lists():
   assert index_lib.list_id_bytes(1024) == 2 and index_lib.list_id_bytes(256) == 1
 
 
+def test_stale_missing_and_mixed_shards_are_refused(tmp_path):
+  """Shards record the database they came from: a shard of an older 2,000-row version
+  of a 3,000-row database, a missing shard, shards of two splits, or a shard outside
+  its split must not be joined into an index."""
+  rng = np.random.default_rng(0)
+  old_db = rng.standard_normal((2000, 4)).astype(np.float32)
+  db = np.concatenate([old_db, rng.standard_normal((1000, 4)).astype(np.float32)])
+  codec = qj.Codec.create(qj.QincoConfig(K=4, M=2, A=0, B=1), db, verbose=False)
+  pipeline.encode_shard(codec, old_db, tmp_path, 0, 2)  # stale: the old version
+  pipeline.encode_shard(codec, db, tmp_path, 1, 2)
+  with pytest.raises(ValueError, match="encoded from another database \\(2000 rows"):
+    pipeline.load_shards(tmp_path, db=db)
+  pipeline.encode_shard(codec, db, tmp_path, 0, 2)
+  assert pipeline.load_shards(tmp_path, db=db).shape == (3000, 2)
+  # Another database of the same size: the fingerprint tells them apart.
+  with pytest.raises(ValueError, match="another database"):
+    pipeline.load_shards(tmp_path, db=db[::-1].copy())
+  os.remove(tmp_path / "codes_db.0001of0002.npy")
+  with pytest.raises(ValueError, match=r"shards \[1\] of 2 are missing"):
+    pipeline.load_shards(tmp_path, db=db)
+  pipeline.encode_shard(codec, db, tmp_path, 1, 2)
+  pipeline.encode_shard(codec, db, tmp_path, 2, 3)
+  with pytest.raises(ValueError, match="2 different splits \\(2 of 2, 1 of 3\\)"):
+    pipeline.load_shards(tmp_path, db=db)
+  os.remove(tmp_path / "codes_db.0002of0003.npy")
+  np.save(tmp_path / "codes_db.0002of0002.npy", np.zeros((5, 2), np.int32))
+  with pytest.raises(ValueError, match=r"shards \[2\] do not exist in a split of 2"):
+    pipeline.load_shards(tmp_path, db=db)
+
+
 def test_shard_ranges_cover_everything_once():
   parts = [pipeline.shard_range(10, i, 3) for i in range(3)]
   assert parts == [(0, 3), (3, 6), (6, 10)]
@@ -45,7 +75,7 @@ def built(tmp_path_factory):
                                      ivf_centroids=cents)
   for i in range(2):
     pipeline.encode_shard(codec, ds.db, out, i, 2)
-  db_codes = pipeline.load_shards(out)
+  db_codes = pipeline.load_shards(out, db=ds.db)
   searcher = pipeline.build(codec, ds.train, db_codes, out, verbose=False)
   return out, ds, codec, db_codes, searcher
 
@@ -128,6 +158,30 @@ def test_search_equals_exhaustive_search_over_the_full_decoding(built):
   got = ((q[:, None, :] - full[I_s]) ** 2).sum(-1)
   np.testing.assert_allclose(D_s, got, rtol=1e-4, atol=1e-3)
   assert (I_s[:, 0] == want_I[:, 0]).mean() > top1_aq
+
+
+def test_search_arguments_are_checked_and_k_results_come_back(built):
+  _, ds, _, _, searcher = built
+  q = ds.queries[:5]
+  for bad, match in [(dict(k=0), "k must be"), (dict(k=2.5), "k must be"),
+                     (dict(params=SearchParams(ef_search=0)), "ef_search must be"),
+                     (dict(params=SearchParams(nprobe=0)), "nprobe must be"),
+                     (dict(params=SearchParams(nshort=0)), "nshort must be"),
+                     (dict(params=SearchParams(nmid_short=0)), "nmid_short must be"),
+                     (dict(batch=0), "batch must be"), (dict(k=10**6), "k must be")]:
+    with pytest.raises(ValueError, match=match):
+      searcher.search(q, **{"k": 10, **bad})
+  # k above the shortlist length: the shortlist grows to k (no -1 padding).
+  D, I, _ = searcher.search(q, k=50, params=SearchParams(nprobe=16, nshort=10))
+  assert (I >= 0).all() and np.isfinite(D).all()
+  assert (np.diff(D, axis=1) >= 0).all()
+  # Probing one list (~190 vectors on average) for k=500: fewer results for most
+  # queries, and a warning says how many and why.
+  n_short = None
+  with pytest.warns(UserWarning, match="of 5 queries got fewer than min\\(k=500") as w:
+    _, I, _ = searcher.search(q, k=500, params=SearchParams(nprobe=1, nshort=500))
+  n_short = int(str(w[0].message).split()[0])
+  assert n_short == (I[:, -1] == -1).sum() >= 1
 
 
 def test_reload_in_a_fresh_process(built):

@@ -190,23 +190,53 @@ def test_budget_lr_matches_spec_values_in_steps():
     train.TrainConfig(time_budget_s=10, schedule="plateau")
 
 
-def _train_log(cfg, tc, ds, tmp_path):
+class _ScriptedTime:
+  """A clock for the trainer in which time passes only when it works: each update
+  costs `step_s` and each validation `val_s` seconds, whatever the machine's speed."""
+
+  def __init__(self, monkeypatch, step_s, val_s):
+    self.now = 0.0
+    make_step, validate = train.make_train_step, trainer.validate
+
+    def make_train_step(*a, **k):
+      step = make_step(*a, **k)
+
+      def timed(state, batch):
+        self.now += step_s
+        return step(state, batch)
+      return timed
+
+    def timed_validate(*a, **k):
+      self.now += val_s
+      return validate(*a, **k)
+
+    monkeypatch.setattr(train, "make_train_step", make_train_step)
+    monkeypatch.setattr(trainer, "validate", timed_validate)
+
+  def __call__(self):
+    return self.now
+
+
+def _train_log(cfg, tc, ds, tmp_path, clock):
   """Trains into tmp_path/run; returns its metrics log and the end-of-epoch records."""
-  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
-  log = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False, clock=clock)
+  log = trainer.read_metrics(tmp_path / "run")
   return log, [r for r in log if "train_s" in r]
 
 
-def test_time_budget_ends_the_run_and_anneals_the_lr(tmp_path):
+def test_time_budget_ends_the_run_and_anneals_the_lr(tmp_path, monkeypatch):
   ds = qj.data.load_synthetic(n_train=2048, n_db=100, n_queries=10, d=8, n_val=200)
   cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
   # The seed plan (1 + 1000 epochs) is far too long: the re-plan must cut it to the
   # budget, and the lr must reach the floor at the end of the (re-planned) run.
   tc = train.TrainConfig(epochs=1000, warmup_epochs=1, batch_per_device=128,
                          stop_patience=10**6, time_budget_s=10.0, log_every=1)
-  log, epochs = _train_log(cfg, tc, ds, tmp_path)
+  clock = _ScriptedTime(monkeypatch, step_s=0.02, val_s=0.5)  # 8 updates per epoch
+  log, epochs = _train_log(cfg, tc, ds, tmp_path, clock)
   assert 2 <= len(epochs) < 1000
-  assert epochs[-1]["elapsed_s"] < 10.0 * 1.5
+  # used the budget; the plan, re-made from the time per update, may overrun it by
+  # less than one epoch's validation (0.5 s)
+  assert 9.0 < epochs[-1]["elapsed_s"] < 10.0 + 0.5
   assert epochs[-1]["step"] == epochs[-2]["plan_steps"]  # stopped where planned
   assert epochs[-1]["plan_steps"] == epochs[-1]["step"]  # and no re-plan after it
   assert epochs[-2]["step"] < epochs[-2]["plan_steps"]  # (no sliver epoch at the end)
@@ -215,18 +245,19 @@ def test_time_budget_ends_the_run_and_anneals_the_lr(tmp_path):
   assert lrs[-1] < 0.05 * tc.lr  # annealed, not cut off at full lr
 
 
-def test_time_budget_holds_inside_a_long_first_epoch(tmp_path):
-  """One epoch far longer than the budget (here >= 60k updates): the run must stop
-  inside it, near the budget, not at the epoch's end."""
+def test_time_budget_holds_inside_a_long_first_epoch(tmp_path, monkeypatch):
+  """One epoch far longer than the budget (31,250 updates of 10 ms): the run must
+  stop inside it, at the budget, not at the epoch's end."""
   rng = np.random.default_rng(0)
   train_x = rng.standard_normal((2_000_000, 4)).astype(np.float32)
   ds = qj.data.Dataset("big", train_x, train_x[:200], None, None, None, 1.0)
   cfg = qj.QincoConfig(K=4, M=2, L=1, de=None, dh=4, A=2, B=2)
   tc = train.TrainConfig(epochs=10, warmup_epochs=0.001, batch_per_device=32,
                          stop_patience=10**6, time_budget_s=8.0, log_every=200)
-  log, epochs = _train_log(cfg, tc, ds, tmp_path)
+  clock = _ScriptedTime(monkeypatch, step_s=0.01, val_s=0.2)
+  log, epochs = _train_log(cfg, tc, ds, tmp_path, clock)
   assert len(epochs) == 1 and epochs[0]["samples"] < len(train_x) // 2
-  assert epochs[0]["elapsed_s"] < 8.0 * 1.5
+  assert 7.0 < epochs[0]["elapsed_s"] <= 8.0
   assert epochs[0]["step"] == epochs[0]["plan_steps"]
 
 
@@ -284,3 +315,89 @@ def test_plateau_schedule_divides_the_lr_by_10_after_patience_bad_epochs(tmp_pat
   lr = [[r["lr"] for r in log if r.get("epoch") == e and "lr" in r][-1] for e in range(7)]
   # bad epochs 1, 2 (-> x0.1), 3, 4 (-> x0.1 = the floor 1e-6), 5, 6 (floor), 7
   np.testing.assert_allclose(lr, [1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6, 1e-6], rtol=1e-5)
+
+
+def _tiny_run(tmp_path, **tc_kw):
+  ds = qj.data.load_synthetic(n_train=1024, n_db=100, n_queries=10, d=8, n_val=200)
+  cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
+  tc = train.TrainConfig(**{**dict(epochs=1, warmup_epochs=0, max_epochs=1,
+                                   batch_per_device=256), **tc_kw})
+  return ds, cfg, tc
+
+
+def test_resume_refuses_another_model_and_warns_about_other_settings(tmp_path):
+  ds, cfg, tc = _tiny_run(tmp_path)
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  with pytest.raises(ValueError, match=r"another model \(M: 2 in the checkpoint, 4 asked"):
+    trainer.train_and_evaluate(cfg.replace(M=4), tc, ds, tmp_path / "run", resume=True,
+                               verbose=False)
+  with pytest.raises(ValueError, match=r"L: 1 in the checkpoint, 2 asked.*dh: 8 in"):
+    trainer.train_and_evaluate(cfg.replace(L=2, dh=16), tc, ds, tmp_path / "run",
+                               resume=True, verbose=False)
+  more = tc.replace(lr=1e-3, max_epochs=2)
+  with pytest.warns(UserWarning, match=r"lr 0.0008 -> 0.001.*max_epochs 1 -> 2"):
+    trainer.train_and_evaluate(cfg, more, ds, tmp_path / "run", resume=True,
+                               verbose=False)
+  log = trainer.read_metrics(tmp_path / "run")
+  notes = [r for r in log if "warning" in r]
+  assert len(notes) == 1 and notes[0]["changed"]["lr"] == [8e-4, 1e-3]
+  assert max(r["epoch"] for r in log if "train_s" in r) == 1  # the new setting applied
+
+
+def test_a_second_training_in_a_busy_workdir_is_refused(tmp_path):
+  import socket
+  ds, cfg, tc = _tiny_run(tmp_path)
+  work = tmp_path / "run"
+  work.mkdir()
+  holder = {"host": socket.gethostname(), "pid": os.getppid(), "since": "earlier"}
+  (work / ".lock").write_text(json.dumps(holder))
+  with pytest.raises(RuntimeError, match=f"in use by another training \\(process "
+                                         f"{os.getppid()} on host"):
+    trainer.train_and_evaluate(cfg, tc, ds, work, verbose=False)
+  assert json.loads((work / ".lock").read_text()) == holder  # not taken over
+  assert not (work / "ckpt").exists()
+  # A lock whose process is gone (killed) is taken over, and released at the end.
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  (work / ".lock").write_text(json.dumps({**holder, "pid": int(dead)}))
+  with pytest.warns(UserWarning, match="taking over the lock"):
+    trainer.train_and_evaluate(cfg, tc, ds, work, verbose=False)
+  assert not (work / ".lock").exists()
+
+
+def test_metrics_never_hold_a_torn_line(tmp_path, monkeypatch):
+  w = trainer.MetricWriter(tmp_path)
+  w.write({"epoch": 0, "val_mse": 1.5})
+  real_write = os.write
+
+  def disk_full(fd, b):  # writes a few bytes, then the disk is full
+    real_write(fd, b[:7])
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(trainer.os, "write", disk_full)
+  with pytest.raises(OSError, match="No space"):
+    w.write({"epoch": 1, "val_mse": 1.25})
+  monkeypatch.setattr(trainer.os, "write", real_write)
+  assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 0, "val_mse": 1.5}\n'
+  # A file torn by a killed writer (an older version, another tool): readers skip it.
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"epoch": 1, "val_m')
+  assert trainer.read_metrics(tmp_path) == [{"epoch": 0, "val_mse": 1.5}]
+
+
+def test_bad_values_in_the_data_are_named_with_their_rows(tmp_path):
+  ds, cfg, tc = _tiny_run(tmp_path)
+  val = np.array(ds.val)
+  val[7, 3] = np.nan
+  bad_val = qj.data.Dataset(ds.name, ds.train, val, None, None, None)
+  with pytest.raises(ValueError, match="validation vectors.*first bad row is 7"):
+    trainer.train_and_evaluate(cfg, tc, bad_val, tmp_path / "a", verbose=False)
+  x = np.array(ds.train)
+  x[900, 0] = np.inf
+  bad_train = qj.data.Dataset(ds.name, x, ds.val, None, None, None)
+  with pytest.raises(ValueError, match="train_x.*first bad row is 900"):
+    trainer.train_and_evaluate(cfg, tc, bad_train, tmp_path / "b", verbose=False)
+  # Rows beyond those the RQ initialisation reads (1M) are checked as batches read
+  # them, and named by their row in the training set.
+  with pytest.raises(ValueError, match="training vector 900 "):
+    trainer._read_rows(x, np.array([3, 900, 1]))
