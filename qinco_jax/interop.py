@@ -187,8 +187,9 @@ def _layout(cfg: QincoConfig, d: int) -> list[_Entry]:
                           (E, d)))
         out.append(_Entry(p + "out_proj.weight", ("steps", "out_proj", "kernel"), s, True,
                           (d, E)))
-    out.append(_Entry(p + "xtarget_mean", ("xtarget_mean",), i, False, (d,)))
-    out.append(_Entry(p + "xtarget_var", ("xtarget_std",), i, False, (d,)))
+    if i >= n_ivf:  # the IVF step has no running statistics in the reference's files
+      out.append(_Entry(p + "xtarget_mean", ("xtarget_mean",), i, False, (d,)))
+      out.append(_Entry(p + "xtarget_var", ("xtarget_std",), i, False, (d,)))
   return out
 
 

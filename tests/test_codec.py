@@ -260,6 +260,9 @@ def test_load_errors(tmp_path, trained):
   (tmp_path / "c" / "qinco_jax.json").write_text('{"format": "qinco-jax/codec", "ver')
   with pytest.raises(ValueError, match="JSON"):
     qj.load(tmp_path / "c")
+  (tmp_path / "c" / "qinco_jax.json").write_text('["a", "list"]')
+  with pytest.raises(ValueError, match="must hold a JSON object.*got a list"):
+    qj.load(tmp_path / "c")
 
 
 def test_save_refuses_a_directory_that_is_not_a_codec(trained, tmp_path):

@@ -220,9 +220,49 @@ def test_ivf_round_trip():
   assert "steps.0.codebook.weight" not in sd
   assert sd["steps.2.codebook.weight"].shape == (8, D)
   assert sd["steps.2.xtarget_var"].shape == (D,)
+  # The reference's IVF step holds its centroids and nothing else (spec 15).
+  assert sorted(k for k in sd if k.startswith("steps.0.")) == ["steps.0.ivf_centroids.weight"]
   back = interop.from_state_dict(sd, interop.torch_parameters(codec), D)
   assert back.cfg == cfg.replace(init="reference")
-  assert_same_state(back, codec)
+  # Every array comes back, but the IVF step's (unused) running statistics, which
+  # the reference does not store: they restart at mean 0, std 1.
+  m = back.model()
+  np.testing.assert_array_equal(m.xtarget_mean[...][0], 0)
+  np.testing.assert_array_equal(m.xtarget_std[...][0], 1)
+  ref = codec.model()
+  np.testing.assert_array_equal(m.xtarget_mean[...][1:], ref.xtarget_mean[...][1:])
+  np.testing.assert_array_equal(m.ivf_centroids[...], ref.ivf_centroids[...])
+  x = np.random.default_rng(0).normal(size=(32, D)).astype(np.float32)
+  np.testing.assert_array_equal(back.encode(x, verbose=False), codec.encode(x, verbose=False))
+
+
+def test_hand_built_ivf_state_dict_in_the_reference_layout():
+  """A reference IVF checkpoint (spec 15: step 0 = centroids only) with networks that
+  compute f(c, x_hat) = 2c (E = D, zero concat and down projections): decoding is
+  std * (centroid + 2 C_1[k1] + 2 C_2[k2]) + mean, computed here by hand."""
+  rng = np.random.default_rng(4)
+  Kv, K, d, H = 5, 4, 3, 2
+  cents = rng.normal(size=(Kv, d)).astype(np.float32)
+  C = rng.normal(size=(2, K, d)).astype(np.float32)
+  mean, std = np.array([1.0, -2.0, 0.5], np.float32), np.float32(3.0)
+  sd = {"data_mean": mean, "data_std": std, "steps.0.ivf_centroids.weight": cents}
+  for i in (1, 2):
+    p = f"steps.{i}."
+    sd[p + "codebook.weight"] = C[i - 1]
+    sd[p + "concat.mlp.weight"] = np.zeros((d, 2 * d), np.float32)
+    sd[p + "concat.mlp.bias"] = np.zeros(d, np.float32)
+    sd[p + "residual_blocks.0.up_proj.weight"] = rng.normal(size=(H, d)).astype(np.float32)
+    sd[p + "residual_blocks.0.down_proj.weight"] = np.zeros((d, H), np.float32)
+    sd[p + "xtarget_mean"] = np.zeros(d, np.float32)
+    sd[p + "xtarget_var"] = np.ones(d, np.float32)
+  params = {"K": K, "M": 2, "L": 1, "dh": H, "A": 0, "B": 1, "ivf_in_use": True,
+            "ivf_K": Kv}
+  codec = interop.from_state_dict(sd, params, d)
+  assert (codec.cfg.ivf_K, codec.cfg.M, codec.cfg.de) == (Kv, 2, None)
+  codes = np.array([[0, 1, 3], [4, 0, 0], [2, 3, 1]])
+  want = std * (cents[codes[:, 0]] + 2 * C[0][codes[:, 1]] + 2 * C[1][codes[:, 2]]) + mean
+  np.testing.assert_allclose(codec.decode(codes, verbose=False), want, rtol=1e-5, atol=1e-5)
+  assert set(interop.to_torch_state_dict(codec)) == set(sd)  # written back the same way
 
 
 # --------------------------------------------------------------- (d) faiss

@@ -32,9 +32,26 @@ def test_stored_without_outputs_and_in_sync(path):
   assert nb.metadata.get("jupytext", {}).get("formats") == "ipynb,md"
 
 
+def _repository() -> str:
+  import tomllib
+  with open(pathlib.Path(__file__).parent.parent / "pyproject.toml", "rb") as f:
+    return tomllib.load(f)["project"]["urls"]["Repository"]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_colab_badge_and_guarded_install(path):
+def test_colab_badge_and_install_follow_the_repository_url(path):
+  repo = _repository()  # https://github.com/OWNER/NAME
+  assert repo.startswith("https://github.com/") and repo.count("/") == 4
   text = path.with_suffix(".md").read_text()
-  assert ("https://colab.research.google.com/github/qinco-jax/qinco-jax/blob/main/"
-          f"notebooks/{path.name}") in text
+  badge = (f"https://colab.research.google.com/github/{repo[len('https://github.com/'):]}"
+           f"/blob/main/notebooks/{path.name}")
+  assert badge in text
   assert '"google.colab" in sys.modules' in text
+  assert f'os.environ.get("QINCO_JAX_REPO", "{repo}")' in text  # forks override it
+  assert "git+{repo}" in text
+  assert text.count("github.com/") == 1  # no other address to drift
+
+
+def test_readme_install_line_follows_the_repository_url():
+  readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+  assert f'@ git+{_repository()}"' in readme
