@@ -62,7 +62,8 @@ FILES = {
 def load_data(need_gt: bool):
   """(train, val, database, queries, gt) for the chosen dataset; gt is None unless
   need_gt (only the search stage needs it: the other stages run without faiss). The
-  BigANN/Deep1B learn file's last 10k rows are the validation set, held out once."""
+  BigANN/Deep1B learn file's last 10k rows (a tenth of a smaller file) are the
+  validation set, held out once."""
   if F.data == "glove":
     ds = qj.data.load_glove(with_gt=False)
     db = np.concatenate([np.asarray(ds.db), np.asarray(ds.train)])
@@ -72,7 +73,8 @@ def load_data(need_gt: bool):
     raise app.UsageError(f"--data={F.data} needs --root")
   paths = [os.path.join(F.root, p) for p in FILES[F.data]]
   learn, db, queries = (qj.data.read_vecs(p) for p in paths[:3])
-  train_x, val = qj.data.split_train_val(learn, 10_000)
+  # 10k validation rows (the spec's), fewer for a small learn file (a tenth of it).
+  train_x, val = qj.data.split_train_val(learn, min(10_000, len(learn) // 10))
   gt = qj.data.read_vecs(paths[3]) if need_gt else None
   return train_x, val, db, queries, gt
 

@@ -13,5 +13,7 @@ from qinco_jax.config import PRESETS, QincoConfig, preset
 
 __version__ = "0.1.0"
 
-__all__ = ["Codec", "load", "preset", "PRESETS", "QincoConfig", "data", "distributed", "metrics"]
+__all__ = ["Codec", "Index", "load", "load_index", "preset", "PRESETS", "QincoConfig",
+           "data", "distributed", "metrics"]
 from qinco_jax import interop, plots  # noqa: E402,F401  (reference checkpoints, faiss, npz; plots)
+from qinco_jax.ann import Index, load_index  # noqa: E402  (faiss-style search index)

@@ -259,6 +259,49 @@ class Codec:
       collect(pending)
     return (codes, x_hat) if return_x_hat else codes
 
+  # ------------------------------------------------- faiss-style byte codes
+  def _field_bytes(self) -> list[int]:
+    ivf = [max(1, ((self.cfg.ivf_K - 1).bit_length() + 7) // 8)] if self.cfg.ivf_K else []
+    return ivf + [1 if self.K <= 256 else 2] * self.M
+
+  @property
+  def code_size(self) -> int:
+    """Bytes per vector of `sa_encode`: the IVF list id (if any) in as few bytes as
+    ivf_K needs, then M codes of 1 byte (K <= 256) or 2 bytes, little-endian."""
+    return sum(self._field_bytes())
+
+  def pack_codes(self, codes) -> np.ndarray:
+    """(n, n_codes) integer codes -> (n, code_size) uint8 (the `sa_encode` layout)."""
+    codes = self._check_codes(codes)
+    if codes.shape[1] != self.n_codes:
+      raise ValueError(f"pack_codes needs all {self.n_codes} code columns, got "
+                       f"{codes.shape[1]}")
+    c = codes.astype(np.int64)
+    cols = [(c[:, j:j + 1] >> (8 * np.arange(nb))) & 0xFF
+            for j, nb in enumerate(self._field_bytes())]
+    return np.concatenate(cols, axis=1).astype(np.uint8)
+
+  def unpack_codes(self, b) -> np.ndarray:
+    """(n, code_size) uint8 -> (n, n_codes) codes, as `encode` returns them."""
+    b = np.asarray(b)
+    if b.ndim != 2 or b.dtype != np.uint8 or b.shape[1] != self.code_size:
+      raise ValueError(f"expected (n, {self.code_size}) uint8 codes (sa_encode), got "
+                       f"shape {b.shape} dtype {b.dtype}")
+    out = np.empty((len(b), self.n_codes), self.code_dtype)
+    pos = 0
+    for j, nb in enumerate(self._field_bytes()):
+      out[:, j] = (b[:, pos:pos + nb].astype(np.int64) << (8 * np.arange(nb))).sum(1)
+      pos += nb
+    return out
+
+  def sa_encode(self, x, A: int | None = None, B: int | None = None, **kw) -> np.ndarray:
+    """Like faiss's standalone codecs: (n, d) vectors -> (n, code_size) uint8."""
+    return self.pack_codes(self.encode(x, A=A, B=B, **kw))
+
+  def sa_decode(self, b, **kw) -> np.ndarray:
+    """(n, code_size) uint8 from `sa_encode` -> (n, d) float32 reconstructions."""
+    return self.decode(self.unpack_codes(b), **kw)
+
   # ---------------------------------------------------------------- decode
   def decode(self, codes, *, chunk_size: int = DECODE_CHUNK,
              verbose: bool = True) -> np.ndarray:

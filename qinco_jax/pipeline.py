@@ -12,6 +12,7 @@ and the index reloads in a fresh process.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -125,42 +126,32 @@ def extra_codes_K(ivf_K: int, K: int = 256) -> int:
   return int(min(K, max(16, ivf_K // 64)))
 
 
-def build(codec, train_x, db_codes: np.ndarray, out_dir: str | os.PathLike, *,
-          A: int | None = None, B: int | None = None, n_aq_train: int = N_AQ_TRAIN,
-          n_pairwise_codebooks: int = 2, pairwise_mode: str = "aq_refine",
-          pairwise_shrink: float | tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0),
-          pairwise_target: str = "decoded", extra_K: int | None = None,
-          verbose: bool = True, train_codes=None):
-  """Fits the AQ and pairwise decoders on encoded training vectors and builds the index.
+@dataclasses.dataclass
+class Decoders:
+  """What `fit_decoders` fits: raw IVF centroids (K_IVF, D), least-squares AQ tables
+  (M, K, D), the pairwise decoder and the IVF-derived extra codes (K_IVF, 5), plus
+  the training codes (n, M + 1) they were fitted on (the index's norm quantiser
+  trains on them)."""
+  centroids: np.ndarray
+  tables: np.ndarray
+  pairwise: pairwise.PairwiseDecoder
+  extra: np.ndarray
+  train_codes: np.ndarray
 
-  Args:
-    codec: IVF-QINCo2 codec (cfg.ivf_K > 0).
-    train_x: (n, D) raw training vectors (the first n_aq_train are encoded).
-    db_codes: (n_db, M + 1) database codes.
-    train_codes: optional codes of train_x (rows in the same order), e.g. a slice of
-      db_codes when the database contains the training set: skips re-encoding.
-    pairwise_mode: "aq_refine" (default): up to 2M pair tables fitted on the residual
-      of the AQ decoder, with shrunk group means (`pairwise_shrink`) and pairs chosen
-      and stopped on held-out training rows, so the decoder is never worse than AQ on
-      unseen vectors; "spec": the plain greedy fit of spec 12.2 (over-fits unless the
-      training set is much larger than K^2 = 65,536 per table).
-    pairwise_shrink: "aq_refine" only: shrinkage of the group means; with several
-      values each table takes the one best on held-out training rows.
-    pairwise_target: "decoded" (default, ours): the pair tables approximate the full
-      QINCo2 decoding of the training codes, which is what the shortlist is re-ranked
-      by, and a target without the quantisation noise over-fits far less; "raw": the
-      training vectors themselves (the spec).
-    extra_K: codewords per stage of the 5 IVF-derived extra codes (default
-      `extra_codes_K(ivf_K, K)`: the spec's 256 for 2^20 lists, 16 for 1024).
-  """
+
+def fit_decoders(codec, train_x, *, A: int | None = None, B: int | None = None,
+                 n_aq_train: int = N_AQ_TRAIN, n_pairwise_codebooks: int = 2,
+                 pairwise_mode: str = "aq_refine",
+                 pairwise_shrink: float | tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0),
+                 pairwise_target: str = "decoded", extra_K: int | None = None,
+                 verbose: bool = True, train_codes=None) -> Decoders:
+  """Fits the AQ and pairwise decoders on encoded training vectors (see `build`)."""
   if pairwise_mode not in ("aq_refine", "spec"):
     raise ValueError(f"pairwise_mode must be 'aq_refine' or 'spec', got {pairwise_mode!r}")
   if pairwise_target not in ("decoded", "raw"):
     raise ValueError(f"pairwise_target must be 'decoded' or 'raw', got {pairwise_target!r}")
   if not codec.cfg.ivf_K:
     raise ValueError("the search pipeline needs an IVF-QINCo2 codec (cfg.ivf_K > 0)")
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
   m = codec.model()
   std, mean = float(m.data_std[...]), np.asarray(m.data_mean[...])
   centroids = np.asarray(m.ivf_centroids[...]) * std + mean  # raw units
@@ -188,9 +179,43 @@ def build(codec, train_x, db_codes: np.ndarray, out_dir: str | os.PathLike, *,
                                n_tables, verbose=verbose, shrink=pairwise_shrink,
                                holdout=max(1, min(100_000, len(x) // 5)))
     pw.base_tables = tables
-  index = index_lib.build_index(centroids, tables, codes, np.asarray(db_codes))
-  _save(out, codec, index, centroids, tables, extra, pw)
-  return Searcher(codec, index, centroids, pw, extra)
+  return Decoders(centroids, tables, pw, extra, codes)
+
+
+def build(codec, train_x, db_codes: np.ndarray, out_dir: str | os.PathLike, *,
+          verbose: bool = True, **fit_kw):
+  """Fits the AQ and pairwise decoders on encoded training vectors and builds the index.
+
+  Args:
+    codec: IVF-QINCo2 codec (cfg.ivf_K > 0).
+    train_x: (n, D) raw training vectors (the first n_aq_train are encoded).
+    db_codes: (n_db, M + 1) database codes.
+    out_dir: where the searchable directory is written (`load` reads it).
+    **fit_kw: `fit_decoders` options:
+      A, B: encoding beam of the training vectors.
+      train_codes: optional codes of train_x (rows in the same order), e.g. a slice of
+        db_codes when the database contains the training set: skips re-encoding.
+      pairwise_mode: "aq_refine" (default): up to 2M pair tables fitted on the residual
+        of the AQ decoder, with shrunk group means (`pairwise_shrink`) and pairs chosen
+        and stopped on held-out training rows, so the decoder is never worse than AQ on
+        unseen vectors; "spec": the plain greedy fit of spec 12.2 (over-fits unless the
+        training set is much larger than K^2 = 65,536 per table).
+      pairwise_shrink: "aq_refine" only: shrinkage of the group means; with several
+        values each table takes the one best on held-out training rows.
+      pairwise_target: "decoded" (default, ours): the pair tables approximate the full
+        QINCo2 decoding of the training codes, which is what the shortlist is re-ranked
+        by, and a target without the quantisation noise over-fits far less; "raw": the
+        training vectors themselves (the spec).
+      extra_K: codewords per stage of the 5 IVF-derived extra codes (default
+        `extra_codes_K(ivf_K, K)`: the spec's 256 for 2^20 lists, 16 for 1024).
+  """
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  dec = fit_decoders(codec, train_x, verbose=verbose, **fit_kw)
+  index = index_lib.build_index(dec.centroids, dec.tables, dec.train_codes,
+                                np.asarray(db_codes))
+  _save(out, codec, index, dec.centroids, dec.tables, dec.extra, dec.pairwise)
+  return Searcher(codec, index, dec.centroids, dec.pairwise, dec.extra)
 
 
 def _save(out: Path, codec, index, centroids, tables, extra, pw):

@@ -64,6 +64,13 @@ def _log_y(ax):
   ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
 
 
+def _sorted_lines(ax, res: dict[str, list[tuple[float, float]]]):
+  """One line with markers per label, its points sorted by x."""
+  for label, pts in res.items():
+    xs, ys = zip(*sorted(pts))
+    ax.plot(xs, ys, marker="o", label=label)
+
+
 def _finish(fig, ax, title: str | None, path: str | os.PathLike | None):
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()
@@ -92,9 +99,7 @@ def rate_distortion(results: Mapping[str, Sequence[tuple[float, float]]],
   """
   res = _check_results(results, "rate_distortion", ("rate", "mse"))
   fig, ax = _figure(ax, path)
-  for label, pts in res.items():
-    xs, ys = zip(*sorted(pts))
-    ax.plot(xs, ys, marker="o", label=label)
+  _sorted_lines(ax, res)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   if logy:
@@ -149,9 +154,7 @@ def budget_curve(results: Mapping[str, Sequence[tuple[float, float]]],
   """
   res = _check_results(results, "budget_curve", ("minutes", "mse"))
   fig, ax = _figure(ax, path)
-  for label, pts in res.items():
-    xs, ys = zip(*sorted(pts))
-    ax.plot(xs, ys, marker="o", label=label)
+  _sorted_lines(ax, res)
   for i, (label, v) in enumerate((baselines or {}).items()):
     ax.axhline(float(v), ls="--", lw=1, color=f"C{len(res) + i}", label=label)
   ax.set_xscale("log")

@@ -1,0 +1,198 @@
+"""`Index`: an IVF-QINCo2 nearest-neighbour index with faiss's interface.
+
+    index = qj.Index(codec)              # an IVF-QINCo2 codec (cfg.ivf_K > 0)
+    index.train(xt)                      # AQ and pairwise decoders, on encoded xt
+    index.add(xb)                        # encode and store (call again to add more)
+    D, I = index.search(xq, 10, nprobe=16)
+    index.remove_ids(np.array([3, 7]))
+    index.save("my_index"); index = qj.load_index("my_index")
+
+It wraps the stages of `pipeline` (decoders, the faiss IVF index with injected
+codes) and the query path of `search.Searcher` (IVF/AQ -> pairwise shortlist ->
+QINCo2 re-rank). Metrics: "l2" (squared Euclidean distances, smallest first) and
+"cosine" (vectors and queries are normalised to unit length, then searched in L2;
+D holds ||q - x||^2 = 2 - 2 cos(q, x) for the normalised vectors, smallest first). A
+cosine index codes unit vectors, so build its codec (and IVF centroids) from
+normalised training vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from qinco_jax import data, index as index_lib, pipeline
+from qinco_jax.search import SearchParams, Searcher
+
+Metric = Literal["l2", "cosine"]
+META_FILE = "qinco_jax_index.json"
+
+
+class Index:
+  """A searchable collection of QINCo2-coded vectors (see the module docstring).
+
+  Args:
+    codec: an IVF-QINCo2 codec (`QincoConfig(ivf_K=...)`), trained or RQ-initialised.
+    metric: "l2" or "cosine".
+    A, B: encoding beam of `train` and `add` (default: the codec's training A, B).
+    **fit_kw: options of `pipeline.fit_decoders` (pairwise decoder).
+  """
+
+  def __init__(self, codec, metric: Metric = "l2", *, A: int | None = None,
+               B: int | None = None, **fit_kw):
+    if not getattr(codec, "cfg", None) or not codec.cfg.ivf_K:
+      raise ValueError("Index needs an IVF-QINCo2 codec (QincoConfig(ivf_K=...) > 0), "
+                       f"got {codec!r}")
+    if metric not in ("l2", "cosine"):
+      raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r} (inner-product "
+                       "search: normalise to get 'cosine', or see docs/design.md)")
+    self.codec, self.metric, self.A, self.B = codec, metric, A, B
+    self.fit_kw = fit_kw
+    self._dec: pipeline.Decoders | None = None
+    self._faiss = None
+
+  # -------------------------------------------------------------- state
+  @property
+  def is_trained(self) -> bool:
+    return self._faiss is not None
+
+  @property
+  def ntotal(self) -> int:
+    return 0 if self._faiss is None else int(self._faiss.ntotal)
+
+  @property
+  def d(self) -> int:
+    return self.codec.d
+
+  def _vectors(self, x, name: str) -> np.ndarray:
+    x = data.as_float32(np.asarray(x), d=self.d, name=name)
+    if self.metric == "cosine":
+      norms = np.linalg.norm(x, axis=1, keepdims=True)
+      if (norms == 0).any():
+        raise ValueError(f"{name}: row {int(np.flatnonzero(norms == 0)[0])} is all zeros, "
+                         "which has no direction (metric='cosine')")
+      x = x / norms
+    return x
+
+  def _require_trained(self, what: str):
+    if not self.is_trained:
+      raise RuntimeError(f"{what} needs a trained index: call index.train(x) first")
+
+  def _searcher(self) -> Searcher:
+    d = self._dec
+    return Searcher(self.codec, self._faiss, d.centroids, d.pairwise, d.extra)
+
+  # -------------------------------------------------------------- faiss verbs
+  def train(self, x, *, codes=None, verbose: bool = False):
+    """Fits the AQ and pairwise decoders on (up to 1M of) these vectors, (n, d) raw
+    units; `codes` are their codes if already encoded. Replaces an earlier training
+    and empties the index."""
+    x = self._vectors(x, "training vectors")
+    self._dec = pipeline.fit_decoders(self.codec, x, A=self.A, B=self.B,
+                                      train_codes=codes, verbose=verbose, **self.fit_kw)
+    M = self.codec.M
+    self._faiss = index_lib.build_index(self._dec.centroids, self._dec.tables,
+                                        self._dec.train_codes,
+                                        np.zeros((0, M + 1), np.int32))
+
+  def add(self, x, ids=None, *, verbose: bool = False) -> np.ndarray:
+    """Encodes (n, d) vectors and stores their codes; ids (n,) int64 default to
+    ntotal, ntotal + 1, ... Returns the codes (n, M + 1)."""
+    self._require_trained("add")
+    x = self._vectors(x, "vectors")
+    codes = self.codec.encode(x, A=self.A, B=self.B, verbose=verbose)
+    self.add_codes(codes, ids)
+    return codes
+
+  def add_codes(self, codes, ids=None):
+    """Stores precomputed codes (n, M + 1) (column 0: list id) under ids (n,)."""
+    self._require_trained("add_codes")
+    codes = data.check_int_matrix(codes, "codes")
+    if codes.shape[1] != self.codec.n_codes:
+      raise ValueError(f"codes: expected {self.codec.n_codes} columns (list id + M), got "
+                       f"{codes.shape[1]}")
+    self.codec._check_codes(codes)
+    if ids is not None:
+      ids = np.asarray(ids)
+      if ids.shape != (len(codes),) or ids.dtype.kind not in "iu" or (
+          len(ids) and ids.min() < 0):
+        raise ValueError(f"ids must be ({len(codes)},) non-negative integers, got "
+                         f"shape {ids.shape} dtype {ids.dtype}")
+    index_lib.add_codes(self._faiss, self._dec.tables, codes, ids)
+
+  def search(self, queries, k: int, *, nprobe: int = 16, ef_search: int = 64,
+             nshort: int = 100, nmid_short: int = 4, batch: int = 1024
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest stored vectors of each query.
+
+    Args:
+      queries: (nq, d) raw units.
+      k: results per query.
+      nprobe, ef_search: inverted lists visited, HNSW efSearch of the coarse quantiser.
+      nshort: candidates re-ranked by the full QINCo2 decoding (at least k are).
+      nmid_short: the pairwise shortlist is nmid_short * nshort long.
+    Returns:
+      D (nq, k) float32 squared distances (see the module docstring for "cosine"),
+      smallest first, and I (nq, k) int64 ids; -1 (with D = inf) only where the
+      probed lists hold fewer than k vectors (a warning says how often).
+    """
+    self._require_trained("search")
+    q = self._vectors(queries, "queries")
+    p = SearchParams(nprobe=nprobe, ef_search=ef_search, nshort=nshort,
+                     nmid_short=nmid_short)
+    D, I, _ = self._searcher().search(q, k=k, params=p, batch=batch)
+    return D, I
+
+  def remove_ids(self, ids) -> int:
+    """Removes the vectors with these ids; returns how many were removed."""
+    self._require_trained("remove_ids")
+    import faiss
+    ids = np.ascontiguousarray(np.asarray(ids, np.int64).ravel())
+    return int(self._faiss.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+
+  # -------------------------------------------------------------- files
+  def save(self, path: str | os.PathLike):
+    """Writes the index to directory `path` (created; an existing index directory is
+    updated, any other non-empty directory refused). `load_index` reads it."""
+    self._require_trained("save")
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not (path / META_FILE).exists():
+      raise ValueError(f"cannot save the index to {str(path)!r}: a non-empty directory "
+                       "that is not a qinco-jax index")
+    path.mkdir(parents=True, exist_ok=True)
+    d = self._dec
+    pipeline._save(path, self.codec, self._faiss, d.centroids, d.tables, d.extra,
+                   d.pairwise)
+    meta = {"metric": self.metric, "A": self.A, "B": self.B}
+    data.atomic_write(str(path / META_FILE), lambda f: f.write(json.dumps(meta).encode()))
+
+  def __repr__(self) -> str:
+    return (f"Index(ntotal={self.ntotal}, metric={self.metric!r}, d={self.d}, "
+            f"ivf_K={self.codec.cfg.ivf_K}, M={self.codec.M})")
+
+
+def load_index(path: str | os.PathLike) -> Index:
+  """Reads an index written by `Index.save` (in any process)."""
+  path = Path(path)
+  meta_path = path / META_FILE
+  if not meta_path.exists():
+    raise FileNotFoundError(f"no qinco-jax index at {str(path)!r} ({META_FILE} missing)")
+  meta = json.loads(meta_path.read_text())
+  s = pipeline.load(path)
+  index = Index(s.codec, meta["metric"], A=meta.get("A"), B=meta.get("B"))
+  index._faiss = s.index
+  index._dec = pipeline.Decoders(s.centroids, _aq_tables(s), s.pairwise,
+                                 s.extra_codes, np.zeros((0, s.codec.n_codes), np.int32))
+  return index
+
+
+def _aq_tables(s: Searcher) -> np.ndarray:
+  """The AQ tables stored in a built directory's faiss index."""
+  import faiss
+  ivf = index_lib.ivf_of(s.index)
+  rq = ivf.rq
+  return faiss.vector_to_array(rq.codebooks).reshape(rq.M, -1, s.centroids.shape[1])

@@ -1,0 +1,159 @@
+"""`qj.Index` (faiss-style IVF-QINCo2 index) and `Codec.sa_encode/sa_decode`, against
+the pipeline's own searcher, exhaustive search over the full decoding, exact cosine
+search, and NumPy byte packing."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qinco_jax as qj
+from qinco_jax import ivf, pipeline
+from qinco_jax.search import SearchParams
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  ds = qj.data.load_synthetic(n_train=4000, n_db=2000, n_queries=60, d=16, n_val=200)
+  cents = ivf.train_centroids(ds.train, 8, niter=10)
+  cfg = qj.QincoConfig(K=256, M=4, L=1, de=8, dh=16, A=4, B=4, ivf_K=8)
+  codec = qj.Codec.create(cfg, ds.train, verbose=False, ivf_centroids=cents)
+  index = qj.Index(codec)
+  index.train(ds.train)
+  index.add(ds.db)
+  return ds, codec, index
+
+
+def test_index_search_equals_the_pipeline_and_nears_exhaustive_search(setup, tmp_path):
+  ds, codec, index = setup
+  assert index.ntotal == 2000 and index.is_trained
+  D, I = index.search(ds.queries, 10, nprobe=4, nshort=50)
+  assert D.shape == I.shape == (60, 10) and D.dtype == np.float32 and I.dtype == np.int64
+  # The pipeline's stages on the same codes give the same answer.
+  db_codes = codec.encode(ds.db, verbose=False)
+  searcher = pipeline.build(codec, ds.train, db_codes, tmp_path, verbose=False)
+  D2, I2, _ = searcher.search(ds.queries, k=10, params=SearchParams(nprobe=4, nshort=50))
+  np.testing.assert_array_equal(I, I2)
+  np.testing.assert_allclose(D, D2, rtol=1e-6)
+  # R@1 within a few points of an exact search among the full decodings.
+  full = codec.decode(db_codes, verbose=False)
+  exact = qj.metrics.knn(np.asarray(ds.queries, np.float32), full, k=1)[:, 0]
+  truth = np.asarray(ds.gt)[:, :1]
+  r_index = qj.metrics.recall_at(I, truth, ks=(1,))["R@1"]
+  r_exact = qj.metrics.recall_at(exact[:, None], truth, ks=(1,))["R@1"]
+  assert r_index >= r_exact - 0.05, (r_index, r_exact)
+
+
+def test_incremental_adds_equal_one_add_and_ids_are_kept(setup):
+  ds, codec, _ = setup
+  a = qj.Index(codec)
+  a.train(ds.train)
+  ids = np.arange(2000, dtype=np.int64) * 10 + 7  # the caller's own ids
+  a.add(ds.db[:700], ids=ids[:700])
+  a.add(ds.db[700:], ids=ids[700:])
+  b = qj.Index(codec)
+  b.train(ds.train)
+  b.add(ds.db, ids=ids)
+  Da, Ia = a.search(ds.queries, 5, nprobe=8)
+  Db, Ib = b.search(ds.queries, 5, nprobe=8)
+  np.testing.assert_array_equal(Ia, Ib)
+  np.testing.assert_array_equal(Da, Db)
+  assert set(np.unique(Ia)) <= set(ids)
+
+
+def test_remove_ids(setup):
+  ds, codec, _ = setup
+  index = qj.Index(codec)
+  index.train(ds.train)
+  index.add(ds.db)
+  _, I = index.search(ds.queries, 3, nprobe=8)
+  gone = np.unique(I[:, 0])
+  assert index.remove_ids(gone) == len(gone)
+  assert index.ntotal == 2000 - len(gone)
+  _, I2 = index.search(ds.queries, 3, nprobe=8)
+  assert not np.isin(I2, gone).any()
+
+
+def test_save_and_load_in_a_new_process(setup, tmp_path):
+  ds, _, index = setup
+  index.save(tmp_path / "idx")
+  D, I = index.search(ds.queries[:10], 5, nprobe=4)
+  np.save(tmp_path / "q.npy", np.asarray(ds.queries[:10]))
+  code = (f"import numpy as np, qinco_jax as qj; ix = qj.load_index({str(tmp_path / 'idx')!r}); "
+          f"D, I = ix.search(np.load({str(tmp_path / 'q.npy')!r}), 5, nprobe=4); "
+          f"np.save({str(tmp_path / 'I.npy')!r}, I); np.save({str(tmp_path / 'D.npy')!r}, D); "
+          f"ix.add(np.load({str(tmp_path / 'q.npy')!r})); print(ix.ntotal)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                     env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  np.testing.assert_array_equal(np.load(tmp_path / "I.npy"), I)
+  np.testing.assert_allclose(np.load(tmp_path / "D.npy"), D, rtol=1e-6)
+  assert r.stdout.strip().endswith(str(index.ntotal + 10))  # adds work after a reload
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("x")
+  with pytest.raises(ValueError, match="not a qinco-jax index"):
+    index.save(mine)
+
+
+def test_cosine_metric_ranks_by_cosine_similarity(setup):
+  ds, _, _ = setup
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  # A cosine index's codec is built on unit vectors (the vectors it will code).
+  xt = unit(np.asarray(ds.train, np.float32))
+  cfg = qj.QincoConfig(K=256, M=4, L=1, de=8, dh=16, A=4, B=4, ivf_K=8)
+  codec = qj.Codec.create(cfg, xt, verbose=False,
+                          ivf_centroids=ivf.train_centroids(xt, 8, niter=10))
+  index = qj.Index(codec, metric="cosine")
+  index.train(ds.train)  # normalised by the index
+  index.add(ds.db)
+  D, I = index.search(ds.queries, 10, nprobe=8, nshort=200)
+  q, x = unit(np.asarray(ds.queries, np.float64)), unit(np.asarray(ds.db, np.float64))
+  true = np.argsort(-(q @ x.T), axis=1)[:, :10]  # exact cosine neighbours
+  r10 = np.mean([true[i, 0] in I[i] for i in range(len(q))])
+  assert r10 > 0.8, r10
+  # D is the squared distance between the normalised query and the decoded vector.
+  dec = codec.decode(codec.encode(x.astype(np.float32), verbose=False), verbose=False)
+  got = ((q[:, None, :] - dec[I]) ** 2).sum(-1)
+  np.testing.assert_allclose(D, got, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="all zeros"):
+    index.search(np.zeros((1, 16)), 3)
+
+
+def test_index_errors(setup):
+  ds, codec, _ = setup
+  with pytest.raises(ValueError, match="IVF-QINCo2 codec"):
+    qj.Index(qj.Codec.create(qj.QincoConfig(K=4, M=2, A=0, B=1), ds.train, verbose=False))
+  with pytest.raises(ValueError, match="metric"):
+    qj.Index(codec, metric="hamming")
+  with pytest.raises(RuntimeError, match="train"):
+    qj.Index(codec).add(ds.db[:5])
+
+
+@pytest.mark.parametrize("K, ivf_K", [(256, 0), (300, 0), (16, 1000)])
+def test_sa_encode_packs_codes_into_bytes(K, ivf_K):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2000, 6)).astype(np.float32)
+  cfg = qj.QincoConfig(K=K, M=3, L=1, de=None, dh=4, A=0, B=1, ivf_K=ivf_K)
+  codec = qj.Codec.create(cfg, x, verbose=False,
+                          ivf_centroids=x[:ivf_K] if ivf_K else None)
+  want_size = (2 if ivf_K else 0) + 3 * (1 if K <= 256 else 2)
+  assert codec.code_size == want_size
+  codes = codec.encode(x[:50], verbose=False)
+  b = codec.sa_encode(x[:50])
+  assert b.dtype == np.uint8 and b.shape == (50, want_size)
+  # Little-endian fields, by hand.
+  c = codes.astype(np.int64)
+  if ivf_K:
+    np.testing.assert_array_equal(b[:, 0] + 256 * b[:, 1].astype(np.int64), c[:, 0])
+  if K > 256:
+    np.testing.assert_array_equal(b[:, 0] + 256 * b[:, 1].astype(np.int64), c[:, 0])
+  np.testing.assert_array_equal(codec.unpack_codes(b), codes)
+  np.testing.assert_array_equal(codec.sa_decode(b), codec.decode(codes, verbose=False))
+  with pytest.raises(ValueError, match="uint8"):
+    codec.sa_decode(b.astype(np.int32))
