@@ -34,7 +34,7 @@ def run_layout(procs: int, devices: int) -> dict:
   if os.path.exists(work):
     raise SystemExit(f"{work} exists (an earlier run): remove it or pass --workdir")
   argv = [sys.executable, os.path.join(HERE, "train_bigann.py"),
-          f"--config={os.path.join(HERE, 'configs', 'glove_small.py')}",
+          "--config=glove_small",
           f"--workdir={work}", f"--config.ds.loop={F.loop}",
           f"--config.train.max_epochs={F.epochs}", "--config.train.stop_patience=100",
           "--config.eval.rq_baseline=False", "--config.ds.db=1000"]

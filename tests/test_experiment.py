@@ -15,11 +15,7 @@ EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 def _config(name):
-  sys.path.insert(0, EXPERIMENTS)
-  try:
-    return importlib.import_module(f"configs.{name}").get_config()
-  finally:
-    sys.path.remove(EXPERIMENTS)
+  return importlib.import_module(f"qinco_jax.configs.{name}").get_config()
 
 
 def test_synthetic_run_trains_evaluates_and_beats_its_initialisation(tmp_path, capsys):
@@ -100,7 +96,7 @@ def test_command_line_overrides_parse_and_apply(name):
   import subprocess
   r = subprocess.run(
       [sys.executable, os.path.join(EXPERIMENTS, "train_bigann.py"),
-       f"--config={os.path.join(EXPERIMENTS, 'configs', name + '.py')}",
+       f"--config={name}",
        "--config.model.M=16", "--config.model.A=4", "--config.model.de=32",
        "--config.train.lr=0.002", "--config.train.time_budget_s=90",
        "--config.train.max_epochs=7", "--config.eval.B=64", "--config.ds.loop=5000",
@@ -159,7 +155,7 @@ def test_search_script_stages_on_a_deep1b_layout(tmp_path):
     ("--config.trian.lr=3", "config has no field 'trian'; did you mean 'train'?")])
 def test_unknown_config_field_is_one_line(flag, message):
   import subprocess
-  for config in ([], [f"--config={os.path.join(EXPERIMENTS, 'configs', 'synthetic_tiny.py')}"]):
+  for config in ([], ["--config=synthetic_tiny"]):
     r = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "train_bigann.py"),
                         *config, flag, "--print_config"], capture_output=True, text=True,
                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})

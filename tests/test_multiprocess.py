@@ -24,7 +24,7 @@ from qinco_jax import distributed, pipeline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 TRAIN = os.path.join(EXPERIMENTS, "train_bigann.py")
-TINY = f"--config={os.path.join(EXPERIMENTS, 'configs', 'synthetic_tiny.py')}"
+TINY = "--config=synthetic_tiny"
 
 # Runs a script; with QINCO_TEST_DIE_AFTER=i:name, process i kills itself (SIGKILL)
 # right after passing barrier `name`: a kill -9 at a known point of the run.

@@ -1,6 +1,6 @@
 """Small QINCo2 on GloVe 6B 50-d, 8 bytes: the README's main job, CPU-sized.
 
-  python experiments/train_bigann.py --config=experiments/configs/glove_small.py \
+  qinco-train --config=glove_small \
       --workdir=runs/glove
 
 Measured on a 2-core CPU shared with other jobs: about 10 minutes in all (RQ init
@@ -10,7 +10,7 @@ baseline: 3.4 min). Result: test MSE 2.68, R@1/10/100 = 0.359/0.825/0.992, next 
 faiss RQ 8x8 (beam 8, 50k training vectors): MSE 2.89, 0.345/0.797/0.988.
 """
 
-from configs import common
+from qinco_jax.configs import common
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The paper's qinco2-S recipe on BigANN1M (spec section 10), 8 bytes.
 
-  python experiments/train_bigann.py --config=experiments/configs/qinco2_s.py \
+  qinco-train --config=qinco2_s \
       --workdir=runs/qinco2_s --config.data.root=/path/to/bigann
 
 Full recipe: 10M-sample epochs, up to 71 epochs, batch 1024 per device. This needs
@@ -9,7 +9,7 @@ training throughput). Override e.g. --config.model.M=16 --config.ds.loop=1000000
 Expected result: no reproduction of the paper's numbers has been measured yet.
 """
 
-from configs import common
+from qinco_jax.configs import common
 
 
 def get_config():

@@ -1,10 +1,10 @@
 """Seconds-long smoke run on a small synthetic set (used by the tests).
 
-  python experiments/train_bigann.py --config=experiments/configs/synthetic_tiny.py \
+  qinco-train --config=synthetic_tiny \
       --workdir=runs/tiny
 """
 
-from configs import common
+from qinco_jax.configs import common
 
 
 def get_config():

@@ -1,0 +1,163 @@
+"""The large-scale search job (spec 12): stages ivf, train, encode, build, search over
+one work directory, on GloVe or the BigANN1B / Deep1B file layouts.
+
+`run(SearchJob(...))` is the body of `qinco-search` (`experiments/search_bigann.py`).
+Every stage reads what the previous ones wrote under `workdir`, so each can run in its
+own process or host. In a multi-process JAX job (`distributed.initialize` first)
+train trains data-parallel over all processes, encode splits the database by
+process (process i writes shard i of N, the files N `shard=(i, N)` jobs write), and
+ivf, build and search run on process 0 while the others wait; the workdir must then be
+on a filesystem every process sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+from qinco_jax import data, distributed, ivf, pipeline, plots, sweep, train, trainer
+from qinco_jax.codec import load
+from qinco_jax.config import preset
+
+STAGES = ("ivf", "train", "encode", "build", "search")
+# File names of each layout under its root: learn, base, queries, ground truth.
+FILES = {
+    "bigann1b": ("bigann_learn.bvecs", "bigann_base.bvecs", "bigann_query.bvecs",
+                 "gnd/idx_1000M.ivecs"),
+    "deep1b": ("learn.fvecs", "base.fvecs", "deep1B_queries.fvecs",
+               "deep1B_groundtruth.ivecs"),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchJob:
+  """One run of the search job (the fields are `qinco-search`'s flags)."""
+
+  workdir: str = "runs/search_glove"
+  stage: str = "all"  # one of STAGES, or "all"
+  data: str = "glove"  # "glove" | "bigann1b" | "deep1b"
+  root: str = ""  # directory of the BigANN/Deep1B files
+  ivf_K: int = 1024  # IVF lists (2**20 for 1B databases)
+  M: int = 8  # QINCo codes per vector (bytes)
+  L: int = 2  # train stage: residual blocks per step network
+  de: int = 64  # train stage: embedding width E
+  dh: int = 128  # train stage: hidden width H
+  epochs: int = 5  # train stage: cosine length in epochs
+  train_min: float = 0.0  # train stage: wall-time budget in minutes (0: use epochs)
+  stop_patience: int = 3  # train stage: epochs without improvement before stopping
+  A: int = 4  # training beam (and encoding beam by default)
+  B: int = 4
+  enc_A: int = -1  # encode/build beam (-1: A, B)
+  enc_B: int = -1
+  shard: tuple[int, int] = (0, 1)  # encode stage: shard i of n of the database
+  max_experiments: int = 24  # search stage: settings measured at most
+  command: str = ""  # recorded in command.{stage}.txt (what built the workdir)
+
+  def __post_init__(self):
+    if self.stage not in STAGES + ("all",):
+      raise ValueError(f"stage must be one of {STAGES + ('all',)}, got {self.stage!r}")
+    if self.data not in ("glove",) + tuple(FILES):
+      raise ValueError(f"data must be glove, bigann1b or deep1b, got {self.data!r}")
+    if self.data != "glove" and not self.root:
+      raise ValueError(f"data={self.data!r} needs root (the directory of its files)")
+    i, n = self.shard
+    if not 0 <= i < n:
+      raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+
+
+def load_data(job: SearchJob, need_gt: bool):
+  """(train, val, database, queries, gt); gt is None unless need_gt (only the search
+  stage needs it: the other stages run without faiss). The BigANN/Deep1B learn
+  file's last 10k rows (a tenth of a smaller file) are the validation set, held out
+  once. GloVe's database is its 90k database plus the 290k training vectors."""
+  if job.data == "glove":
+    ds = data.load_glove(with_gt=False)
+    db = np.concatenate([np.asarray(ds.db), np.asarray(ds.train)])
+    gt = data.cached_gt(db, ds.queries, 100, tag="glove_search_db") if need_gt else None
+    return ds.train, ds.val, db, ds.queries, gt
+  paths = [os.path.join(job.root, p) for p in FILES[job.data]]
+  learn, db, queries = (data.read_vecs(p) for p in paths[:3])
+  train_x, val = data.split_train_val(learn, min(10_000, len(learn) // 10))
+  gt = data.read_vecs(paths[3]) if need_gt else None
+  return train_x, val, db, queries, gt
+
+
+def where_it_ran() -> str:
+  dev = jax.devices()[0]
+  kind = "CPU" if dev.platform == "cpu" else dev.device_kind
+  return f"on {kind} x{jax.device_count()}, {os.cpu_count()} CPUs, jax {jax.__version__}"
+
+
+def run(job: SearchJob):
+  """Runs the job's stage(s) (see the module docstring)."""
+  main_process = distributed.is_main()
+  if main_process:  # what built this workdir (bench_search quotes it)
+    os.makedirs(job.workdir, exist_ok=True)
+    with open(os.path.join(job.workdir, f"command.{job.stage}.txt"), "w") as f:
+      f.write(f"{job.command}  # {where_it_ran()}\n")
+  stages = STAGES if job.stage == "all" else (job.stage,)
+  train_x, val, db, queries, gt = load_data(job, "search" in stages and main_process)
+  cents_path = os.path.join(job.workdir, "centroids_ivf.npy")
+  if "ivf" in stages and main_process:
+    pipeline.train_ivf(train_x, job.ivf_K, job.workdir, max_points=256 * job.ivf_K)
+  distributed.barrier("ivf")
+  if "train" in stages:
+    _train(job, train_x, val, cents_path)
+  codec = load(os.path.join(job.workdir, "train")) if (
+      set(stages) & {"encode", "build"}) else None
+  enc_A = job.A if job.enc_A < 0 else job.enc_A
+  enc_B = job.B if job.enc_B < 0 else job.enc_B
+  if "encode" in stages:
+    i, n = job.shard
+    if jax.process_count() > 1:
+      if (i, n) != (0, 1):
+        raise ValueError("shard splits the database between independent jobs; a "
+                         "multi-process run splits it by process already")
+      i, n = jax.process_index(), jax.process_count()
+    pipeline.encode_shard(codec, db, job.workdir, i, n, A=enc_A, B=enc_B)
+  distributed.barrier("encode")
+  if not main_process:
+    return  # build and search: process 0
+  if "build" in stages:
+    db_codes = pipeline.load_shards(job.workdir, db=db)
+    # GloVe: the database ends with the training set, whose codes the build reuses.
+    train_codes = db_codes[len(db) - len(train_x):] if job.data == "glove" else None
+    pipeline.build(codec, train_x, db_codes, job.workdir, A=enc_A, B=enc_B,
+                   train_codes=train_codes)
+  if "search" in stages:
+    _search(job, queries, gt)
+
+
+def _train(job: SearchJob, train_x, val, cents_path: str):
+  cfg = preset("qinco2-S", M=job.M, L=job.L, de=job.de, dh=job.dh, A=job.A, B=job.B,
+               ivf_K=job.ivf_K)
+  budget = job.train_min * 60 if job.train_min > 0 else None
+  tc = train.TrainConfig(epochs=job.epochs, warmup_epochs=1,
+                         stop_patience=job.stop_patience,
+                         max_epochs=None if budget else job.epochs + 1,
+                         loop=min(len(train_x), 10_000_000), time_budget_s=budget)
+  ds = data.Dataset("train", train_x, val, None, None, None, 1.0)
+  trainer.train_and_evaluate(cfg, tc, ds, os.path.join(job.workdir, "train"),
+                             resume=True, ivf_centroids=ivf.load_centroids(cents_path))
+
+
+def _search(job: SearchJob, queries, gt):
+  searcher = pipeline.load(job.workdir)
+  log = os.path.join(job.workdir, "sweep.jsonl")
+  front = sweep.run_sweep(searcher, queries, gt, log, max_experiments=job.max_experiments)
+  front.sort(key=lambda r: r["ms_per_query"]["total"])
+  n_run = sum(1 for _ in open(log))
+  png = os.path.join(job.workdir, "sweep.png")
+  plots.speed_recall(
+      {"Pareto front": [(1e3 / r["ms_per_query"]["total"], r["R@1"]) for r in front]},
+      path=png, title=f"IVF-QINCo2 search sweep ({n_run} settings measured)")
+  print(f"Pareto front of {n_run} settings measured (all in {log}; plot {png}):")
+  for r in front:
+    print(f"  {json.dumps(r['params'])}: R@1 {r['R@1']:.4f} R@10 {r['R@10']:.4f} "
+          f"{r['ms_per_query']['total']:.3f} ms/query")
+  sys.stdout.flush()

@@ -1,0 +1,207 @@
+"""Command-line programs: `qinco-train`, `qinco-search`, `qinco-eval` (installed with the
+package; `experiments/train_bigann.py`, `search_bigann.py` and `eval.py` call the same
+functions). Each is flags -> a config -> one library call:
+
+  qinco-train --config=glove_small --workdir=runs/glove        # experiment.run
+  qinco-search --workdir=runs/search_glove --stage=all         # bigann.run
+  qinco-eval --model=runs/glove --A=16 --B=32                  # evaluate.evaluate
+
+`--config` takes a config by name (the files in `qinco_jax/configs/`) or any config
+file by path; `--config.train.lr=...` and the like override its fields (`--help`
+lists them with their defaults).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from importlib import resources
+
+CONFIG_NAMES = ("glove_small", "synthetic_tiny", "qinco2_s", "qinco2_m", "qinco2_l",
+                "qinco1")
+
+
+def config_path(name_or_path: str) -> str:
+  """A packaged config's file by name ("glove_small"), or a path as given."""
+  if name_or_path in CONFIG_NAMES:
+    return str(resources.files("qinco_jax.configs").joinpath(f"{name_or_path}.py"))
+  return name_or_path
+
+
+def _argv(argv) -> list[str]:
+  argv = list(sys.argv if argv is None else argv)
+  out = []
+  for a in argv:  # --config=NAME -> the packaged file (ml_collections wants a path)
+    if a.startswith("--config="):
+      a = "--config=" + config_path(a[len("--config="):])
+    out.append(a)
+  return out
+
+
+def _key_flags(argv: list[str]):
+  """Lists this module's flags in the program's `--help` (absl shows the flags of the
+  main module, i.e. of argv[0], only)."""
+  from absl import flags
+  sys.argv[0] = argv[0]
+  for module, fl in flags.FLAGS.flags_by_module_dict().items():
+    if module.endswith(("qinco_jax.cli", "qinco_jax.distributed", "qinco_jax.experiment",
+                        "cli.py", "distributed.py", "experiment.py")):
+      for f in fl:
+        flags.FLAGS.register_key_flag_for_module(argv[0], f)
+
+
+def _run(main, argv: list[str], **kw):
+  """absl's app.run, but `--help` exits with status 0 (absl uses 1)."""
+  from absl import app
+  try:
+    app.run(main, argv=argv, **kw)
+  except SystemExit as e:
+    if e.code == 1 and any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?")
+                           for a in argv[1:]):
+      raise SystemExit(0) from None
+    raise
+
+
+def _command(prog: str, argv: list[str]) -> str:
+  return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
+
+
+# ----------------------------------------------------------------------- train
+def train(argv: list[str] | None = None):
+  """`qinco-train`: trains a codec on a config, evaluates it, prints the table."""
+  from absl import app, flags, logging
+
+  from qinco_jax import distributed, experiment
+  argv = _argv(argv)
+  sys.argv = argv  # ml_collections applies --config.* overrides when the flag is defined
+  experiment.define_config_flag(config_path("glove_small"))
+  flags.DEFINE_string("workdir", "runs/glove", "checkpoints, metrics and eval output")
+  flags.DEFINE_bool("print_config", False,
+                    "print the model and training configs the flags resolve to, and exit")
+  distributed.define_flags()
+  flags.FLAGS["config"].help = ("experiment config: a name (" + ", ".join(CONFIG_NAMES)
+                                + ") or a file. Its fields, overridable as "
+                                "--config.FIELD=VALUE (None = the preset's value):\n"
+                                + _config_help())
+  _key_flags(argv)
+
+  def main(args):
+    del args
+    logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save info lines out
+    c = flags.FLAGS.config
+    if flags.FLAGS.print_config:
+      print(experiment.describe(c))
+      return
+    distributed.initialize_from_flags()
+    with distributed.exit_on_error():
+      experiment.run(c, flags.FLAGS.workdir)
+
+  _run(main, argv, flags_parser=experiment.parse_flags)
+
+
+def _config_help() -> str:
+  try:
+    from qinco_jax.configs import common
+    c = common.base()
+  except Exception:  # ml_collections missing: --help still works
+    return ""
+  lines = []
+  for section in ("model", "train", "data", "ds", "eval"):
+    fields = ", ".join(f"{k}={v!r}" for k, v in c[section].items())
+    lines.append(f"  {section}: {fields}")
+  lines.append("  model: QincoConfig fields; train: TrainConfig fields (docs: "
+               "help(qinco_jax.config.QincoConfig), help(qinco_jax.train.TrainConfig))")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------- search
+def search(argv: list[str] | None = None):
+  """`qinco-search`: the large-scale IVF-QINCo2 job, one stage or all (`bigann.run`)."""
+  from absl import app, flags, logging
+
+  from qinco_jax import bigann, distributed
+  argv = _argv(argv)
+  d = bigann.SearchJob()
+  F = flags.FLAGS
+  flags.DEFINE_string("workdir", d.workdir, "all stages read and write here")
+  flags.DEFINE_enum("stage", d.stage, bigann.STAGES + ("all",), "stage to run")
+  flags.DEFINE_enum("data", d.data, ["glove"] + list(bigann.FILES), "dataset")
+  flags.DEFINE_string("root", d.root, "directory of the BigANN/Deep1B files")
+  flags.DEFINE_integer("ivf_K", d.ivf_K, "IVF lists (2**20 for 1B databases)")
+  flags.DEFINE_integer("M", d.M, "QINCo codes per vector (bytes)")
+  flags.DEFINE_integer("L", d.L, "residual blocks per step network (train stage)")
+  flags.DEFINE_integer("de", d.de, "embedding width E (train stage)")
+  flags.DEFINE_integer("dh", d.dh, "hidden width H (train stage)")
+  flags.DEFINE_integer("epochs", d.epochs, "training epochs (cosine length)")
+  flags.DEFINE_float("train_min", d.train_min, "training wall-time budget in minutes "
+                     "(0: use --epochs); the cosine then ends with the budget")
+  flags.DEFINE_integer("stop_patience", d.stop_patience, "train stage: stop after more "
+                       "than this many epochs without a validation improvement (raise "
+                       "it for short epochs)")
+  flags.DEFINE_integer("A", d.A, "candidates per beam for training (and encoding by "
+                       "default)")
+  flags.DEFINE_integer("B", d.B, "beam size for training (and encoding by default)")
+  flags.DEFINE_integer("enc_A", d.enc_A, "encode/build stages: candidates per beam "
+                       "(-1: --A)")
+  flags.DEFINE_integer("enc_B", d.enc_B, "encode/build stages: beam size (-1: --B)")
+  flags.DEFINE_string("shard", "0/1", "encode stage: shard i/n of the database")
+  flags.DEFINE_integer("max_experiments", d.max_experiments,
+                       "search stage: settings measured at most")
+  distributed.define_flags()
+  _key_flags(argv)
+
+  def main(args):
+    del args
+    logging.set_verbosity(logging.WARNING)
+    try:
+      i, n = (int(v) for v in F.shard.split("/"))
+    except ValueError:
+      raise app.UsageError(f"--shard must be i/n (e.g. 0/4), got {F.shard!r}") from None
+    env = os.environ.get("QINCO_GLOVE_NPY")
+    command = (f"QINCO_GLOVE_NPY={env} " if env and F.data == "glove" else "") + \
+        _command("python experiments/search_bigann.py", argv)
+    try:
+      job = bigann.SearchJob(
+          workdir=F.workdir, stage=F.stage, data=F.data, root=F.root, ivf_K=F.ivf_K,
+          M=F.M, L=F.L, de=F.de, dh=F.dh, epochs=F.epochs, train_min=F.train_min,
+          stop_patience=F.stop_patience, A=F.A, B=F.B, enc_A=F.enc_A, enc_B=F.enc_B,
+          shard=(i, n), max_experiments=F.max_experiments, command=command)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    distributed.initialize_from_flags()
+    with distributed.exit_on_error():
+      bigann.run(job)
+      distributed.barrier("search done")  # the others wait for process 0's stages
+
+  _run(main, argv)
+
+
+# ----------------------------------------------------------------------- eval
+def evaluate(argv: list[str] | None = None):
+  """`qinco-eval`: MSE, per-step MSE, R@1/10/100 and code usage of a trained codec."""
+  from absl import app, flags, logging
+
+  argv = _argv(argv)
+  F = flags.FLAGS
+  flags.DEFINE_string("model", None, "codec directory (or a training workdir)",
+                      required=True)
+  flags.DEFINE_integer("A", None, "candidates per beam (default: the model's)")
+  flags.DEFINE_integer("B", None, "beam size (default: the model's)")
+  flags.DEFINE_string("data", "glove", "glove | synthetic")
+  flags.DEFINE_integer("n_db", None, "evaluate on the first n_db database vectors only "
+                       "(MSE and usage; recall needs the whole database)")
+  _key_flags(argv)
+
+  def main(args):
+    del args
+    logging.set_verbosity(logging.WARNING)
+    import qinco_jax as qj
+    from qinco_jax.evaluate import evaluate as run_eval
+    codec = qj.load(F.model)
+    ds = qj.data.load_glove() if F.data == "glove" else qj.data.load_synthetic()
+    out = run_eval(codec, ds, A=F.A, B=F.B, n_db=F.n_db, verbose=False)
+    print(json.dumps(out, indent=2))
+
+  _run(main, argv)
