@@ -176,6 +176,16 @@ class Codec:
     """A codec with the same config and new arrays (e.g. after training)."""
     return Codec(self.cfg, self.d, state, self.info)
 
+  def with_dtype(self, dtype: str | None) -> "Codec":
+    """This codec computing its step networks' matmuls in `dtype` ("float32" or
+    "bfloat16"); the same arrays (parameters stay float32)."""
+    if dtype is None or dtype == self.cfg.dtype:
+      return self
+    variants = self.__dict__.setdefault("_dtype_variants", {})
+    if dtype not in variants or variants[dtype].state is not self.state:
+      variants[dtype] = Codec(self.cfg.replace(dtype=dtype), self.d, self.state, self.info)
+    return variants[dtype]
+
   def _device_state(self):
     if self._placed is None or self._placed[1] is not self.state:
       mesh = _local_mesh()
@@ -216,7 +226,7 @@ class Codec:
 
   def encode(self, x, A: int | None = None, B: int | None = None, *,
              chunk_size: int | None = None, verbose: bool = True,
-             return_x_hat: bool = False):
+             return_x_hat: bool = False, dtype: str | None = None):
     """Encodes vectors with beam search.
 
     Args:
@@ -227,10 +237,15 @@ class Codec:
         cfg.enc_max_bs, capped on CPU).
       verbose: show a progress bar on long inputs.
       return_x_hat: also return the encoder's reconstruction (n, d) float32.
+      dtype: compute dtype of the step networks for this call ("float32",
+        "bfloat16"; default cfg.dtype). Scores, top-k and outputs stay float32.
     Returns:
       codes (n, M) uint8 when K <= 256 else uint16; with an IVF step (n, M + 1)
       int32 whose column 0 is the IVF list id (and x_hat if requested).
     """
+    if dtype not in (None, self.cfg.dtype):
+      return self.with_dtype(dtype).encode(x, A, B, chunk_size=chunk_size,
+                                           verbose=verbose, return_x_hat=return_x_hat)
     A, B = self._check_AB(A, B)
     n = self._check_vectors(x)
     chunk = chunk_size or self.chunk_size(A, B)
@@ -304,15 +319,18 @@ class Codec:
 
   # ---------------------------------------------------------------- decode
   def decode(self, codes, *, chunk_size: int = DECODE_CHUNK,
-             verbose: bool = True) -> np.ndarray:
+             verbose: bool = True, dtype: str | None = None) -> np.ndarray:
     """Decodes codes to raw-unit vectors.
 
     Args:
       codes: (n, m) integer codes, 1 <= m <= M; m < M decodes the first m steps
         (dynamic rate).
+      dtype: compute dtype of the step networks for this call (see `encode`).
     Returns:
       (n, d) float32.
     """
+    if dtype not in (None, self.cfg.dtype):
+      return self.with_dtype(dtype).decode(codes, chunk_size=chunk_size, verbose=verbose)
     codes = self._check_codes(codes)
     n, m = codes.shape
     out = np.empty((n, self.d), np.float32)

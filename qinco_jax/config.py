@@ -39,6 +39,10 @@ class QincoConfig:
   init: str | None = None
   codebook_noise_init: float = 0.1  # relative noise added to the RQ-initialised codebooks
   enc_max_bs: int = 65536  # encoder chunk: chunk * B * (A or K) <= enc_max_bs
+  # Compute dtype of the step networks' matmuls: "float32" or "bfloat16" (spec 9.9).
+  # Parameters, optimiser state, codebook look-ups, scores, top-k, losses and the
+  # returned reconstructions stay float32 either way.
+  dtype: str = "float32"
   ivf_K: int = 0  # IVF lists of a frozen IVF step 0 (spec 4.1); 0 = no IVF step
 
   def __post_init__(self):
@@ -71,6 +75,8 @@ class QincoConfig:
     check(self.codebook_noise_init >= 0, "codebook_noise_init must be >= 0",
           self.codebook_noise_init)
     check(self.enc_max_bs >= 1, "enc_max_bs must be >= 1", self.enc_max_bs)
+    check(self.dtype in ("float32", "bfloat16"),
+          "dtype must be 'float32' or 'bfloat16'", self.dtype)
     check(self.ivf_K == 0 or 2 <= self.ivf_K <= 2**31 - 1,
           "ivf_K must be 0 (no IVF) or in [2, 2**31 - 1]", self.ivf_K)
 

@@ -38,10 +38,21 @@ class Stat(nnx.Variable):
   """A stored, never-trained array (data normalisation)."""
 
 
-class ResidualBlock(nnx.Module):
-  """h + V relu(U h), no biases (spec 4.2)."""
+def _mm(x: Array, w: Array, dtype) -> Array:
+  """x @ w with both operands in `dtype` (the compute dtype), result float32."""
+  if dtype == jnp.float32:
+    return x @ w
+  return jnp.matmul(x.astype(dtype), w.astype(dtype),
+                    preferred_element_type=jnp.float32)
 
-  def __init__(self, E: int, H: int, *, qinco1_mode: bool, rngs: nnx.Rngs):
+
+class ResidualBlock(nnx.Module):
+  """h + V relu(U h), no biases (spec 4.2). The matmuls run in `dtype`; the residual
+  stream h stays float32."""
+
+  def __init__(self, E: int, H: int, *, qinco1_mode: bool, rngs: nnx.Rngs,
+               dtype=jnp.float32):
+    self.dtype = jnp.dtype(dtype)
     self.up_proj = nnx.Linear(
         E, H, use_bias=False, rngs=rngs,
         kernel_init=_torch_uniform if qinco1_mode else _he_uniform)
@@ -50,7 +61,8 @@ class ResidualBlock(nnx.Module):
         kernel_init=_torch_uniform if qinco1_mode else _zeros)
 
   def __call__(self, h: Array) -> Array:
-    return h + self.down_proj(jax.nn.relu(self.up_proj(h)))
+    u = jax.nn.relu(_mm(h, self.up_proj.kernel[...], self.dtype))
+    return h + _mm(u, self.down_proj.kernel[...], self.dtype)
 
 
 class StepNet(nnx.Module):
@@ -67,9 +79,10 @@ class StepNet(nnx.Module):
   """
 
   def __init__(self, d: int, E: int, H: int, L: int, *, qinco1_mode: bool = False,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, dtype=jnp.float32):
     self.d, self.E, self.H, self.L = d, E, H, L
     self.qinco1_mode = qinco1_mode
+    self.dtype = jnp.dtype(dtype)  # compute dtype of the matmuls (spec 9.9)
     w_init = _torch_uniform if qinco1_mode else _he_uniform
     if E != d:
       self.in_proj = nnx.Linear(d, E, use_bias=False, kernel_init=w_init, rngs=rngs)
@@ -83,41 +96,44 @@ class StepNet(nnx.Module):
         kernel_init=_torch_uniform if qinco1_mode else _zeros,
         bias_init=_torch_bias_init(E + d) if qinco1_mode else _zeros)
     self.blocks = nnx.List(
-        [ResidualBlock(E, H, qinco1_mode=qinco1_mode, rngs=rngs) for _ in range(L)])
+        [ResidualBlock(E, H, qinco1_mode=qinco1_mode, rngs=rngs, dtype=dtype)
+         for _ in range(L)])
 
   def embed(self, c: Array) -> Array:
     """e = P_in c: (..., D) -> (..., E)."""
-    return c if self.in_proj is None else self.in_proj(c)
+    return c if self.in_proj is None else _mm(c, self.in_proj.kernel[...], self.dtype)
 
   def code_table(self, c: Array) -> Array:
     """Codeword-only part of h0, e + W_e e: (..., D) -> (..., E)."""
     e = self.embed(c)
-    return e + e @ self.concat.kernel[...][: self.E]
+    return e + _mm(e, self.concat.kernel[...][: self.E], self.dtype)
 
   def beam_term(self, x_hat: Array) -> Array:
     """Reconstruction-only part of h0, W_x x_hat + b: (..., D) -> (..., E)."""
-    return x_hat @ self.concat.kernel[...][self.E:] + self.concat.bias[...]
+    return _mm(x_hat, self.concat.kernel[...][self.E:], self.dtype) + self.concat.bias[...]
 
   def tail(self, h0: Array, c: Array) -> Array:
     """Residual blocks, output projection and outer residual: -> (..., D)."""
     h = h0
     for block in self.blocks:
       h = block(h)
-    out = h if self.out_proj is None else self.out_proj(h)
+    out = h if self.out_proj is None else _mm(h, self.out_proj.kernel[...], self.dtype)
     return out if self.qinco1_mode else c + out
 
   def __call__(self, c: Array, x_hat: Array) -> Array:
     e = self.embed(c)
     c, x_hat = jnp.broadcast_arrays(c, x_hat)
     e = jnp.broadcast_to(e, c.shape[:-1] + e.shape[-1:])
-    h0 = e + self.concat(jnp.concatenate([e, x_hat], axis=-1))
+    h0 = e + _mm(jnp.concatenate([e, x_hat], axis=-1), self.concat.kernel[...],
+                 self.dtype) + self.concat.bias[...]
     return self.tail(h0, c)
 
 
 def _stacked_stepnets(n: int, d: int, E: int, H: int, L: int, qinco1_mode: bool,
-                      rngs: nnx.Rngs) -> StepNet:
+                      rngs: nnx.Rngs, dtype=jnp.float32) -> StepNet:
   """n independent StepNets whose parameters are stacked along a leading axis."""
-  nets = [StepNet(d, E, H, L, qinco1_mode=qinco1_mode, rngs=rngs) for _ in range(n)]
+  nets = [StepNet(d, E, H, L, qinco1_mode=qinco1_mode, rngs=rngs, dtype=dtype)
+          for _ in range(n)]
   graphdef, _ = nnx.split(nets[0])
   states = [nnx.split(net)[1] for net in nets]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
@@ -155,14 +171,15 @@ class Qinco(nnx.Module):
     n = cfg.n_net
     if n > 0:
       self.codebooks = nnx.Param(jnp.zeros((n, K, d), jnp.float32))
-      self.steps = _stacked_stepnets(n, d, E, cfg.dh, cfg.L, cfg.qinco1_mode, rngs)
+      self.steps = _stacked_stepnets(n, d, E, cfg.dh, cfg.L, cfg.qinco1_mode, rngs,
+                                     cfg.dtype)
     else:
       self.codebooks = None
       self.steps = None
     if n > 0 and cfg.A > 0:
       self.pre_codebooks = nnx.Param(jnp.zeros((n, K, d), jnp.float32))
       self.pre_steps = (
-          _stacked_stepnets(n, d, E, cfg.dh_pre, cfg.Ls, cfg.qinco1_mode, rngs)
+          _stacked_stepnets(n, d, E, cfg.dh_pre, cfg.Ls, cfg.qinco1_mode, rngs, cfg.dtype)
           if cfg.Ls > 0 else None)
     else:
       self.pre_codebooks = None

@@ -46,6 +46,10 @@ class TrainConfig:
   reset_dead_codes: bool = True  # spec 9.7 (QINCo2 recipe)
   seed: int = 0
   log_every: int = 50  # steps between metric reads (each read syncs the host)
+  # Gradient accumulation: one optimiser update every `accumulate` batches, with
+  # their mean gradient (optax.MultiSteps), exactly as one batch `accumulate` times
+  # larger. Epochs, plans and `log_every` count batches.
+  accumulate: int = 1
   # Wall-time budget in seconds for the whole train_and_evaluate call (None = off).
   # The warm-up stays in epochs; the quarter cosine is planned in steps so that it
   # ends when the budget does, and re-planned after every epoch from the measured
@@ -57,7 +61,7 @@ class TrainConfig:
       raise ValueError(f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
     if self.schedule not in ("cosine", "plateau"):
       raise ValueError(f"schedule must be 'cosine' or 'plateau', got {self.schedule!r}")
-    for name in ("lr", "batch_per_device", "loop", "epochs"):
+    for name in ("lr", "batch_per_device", "loop", "epochs", "accumulate"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
     if self.time_budget_s is not None:
@@ -123,9 +127,10 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
   With cfg.time_budget_s the lr is a plain hyperparameter that the trainer sets
   before every update (`budget_lr`).
   """
+  updates_per_epoch = steps_per_epoch / cfg.accumulate
   if cfg.schedule == "cosine" and cfg.time_budget_s is None:
     def lr(count):  # count = updates done so far; t is updated before each batch
-      return cfg.lr * lr_factor((count + 1) / steps_per_epoch, cfg)
+      return cfg.lr * lr_factor((count + 1) / updates_per_epoch, cfg)
   else:
     lr = cfg.lr  # "plateau" or time budget: the trainer sets it
   if cfg.optimizer == "adamw":
@@ -135,11 +140,22 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
     opt = optax.inject_hyperparams(optax.adam)(learning_rate=lr, b1=0.9, b2=0.999,
                                                eps=1e-8)
   parts = [optax.clip(cfg.grad_clip)] if cfg.grad_clip else []
-  return optax.chain(*parts, opt)
+  tx = optax.chain(*parts, opt)
+  if cfg.accumulate > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulate)
+  return tx
+
+
+def hyperparams(opt_state) -> dict:
+  """The injected hyperparameters (learning_rate, ...) of a `make_optimizer` state; a
+  mutable dict (the trainer sets the lr of a time budget through it)."""
+  if isinstance(opt_state, optax.MultiStepsState):
+    opt_state = opt_state.inner_opt_state
+  return opt_state[-1].hyperparams
 
 
 def current_lr(opt_state) -> Array:
-  return opt_state[-1].hyperparams["learning_rate"]
+  return hyperparams(opt_state)["learning_rate"]
 
 
 class TrainState(NamedTuple):

@@ -152,7 +152,7 @@ def _save(ckpts: checkpoint.TrainCheckpoints, epoch: int, state: train.TrainStat
 
 
 # Model fields that do not change the model (a resume may change them freely).
-_FREE_MODEL_FIELDS = ("enc_max_bs",)
+_FREE_MODEL_FIELDS = ("enc_max_bs", "dtype")
 
 
 def _start(workdir: Path, ckpts, resume: bool, model_cfg: QincoConfig,
@@ -482,7 +482,7 @@ def _check_finite(m: dict[str, float], epoch: int, step: int):
 
 
 def _set_lr(state: train.TrainState, lr: float, sharding) -> train.TrainState:
-  hp = state.opt[-1].hyperparams
+  hp = train.hyperparams(state.opt)
   # Every process passes the same value (the plan is agreed), as multi-host needs.
   hp["learning_rate"] = jax.make_array_from_process_local_data(
       sharding, np.asarray(lr, hp["learning_rate"].dtype), ())
@@ -490,6 +490,6 @@ def _set_lr(state: train.TrainState, lr: float, sharding) -> train.TrainState:
 
 
 def _scale_lr(state: train.TrainState, factor: float, cfg: train.TrainConfig):
-  hp = state.opt[-1].hyperparams
+  hp = train.hyperparams(state.opt)
   hp["learning_rate"] = jnp.maximum(hp["learning_rate"] * factor, cfg.lr * 1e-2)
   return state

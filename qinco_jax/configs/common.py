@@ -24,11 +24,12 @@ def base(preset: str = "qinco2-S") -> ml_collections.ConfigDict:
   # Model overrides on top of the preset (None = the preset's value).
   c.model = ml_collections.ConfigDict(dict(
       K=_int(), M=_int(), L=_int(), de=_int(), dh=_int(), A=_int(), B=_int(), Ls=_int(),
-      init=placeholder(str)))  # "rq" (QINCo2 default: start at the RQ) or "reference"
+      init=placeholder(str),  # "rq" (QINCo2 default: start at the RQ) or "reference"
+      dtype=placeholder(str)))  # matmul dtype of the step networks: float32 | bfloat16
   c.model.de_is_D = False  # set True for de = data dimension (no projections)
   c.train = ml_collections.ConfigDict(dict(
       lr=_float(), epochs=_int(), warmup_epochs=_float(), stop_patience=_int(),
-      max_epochs=_int(), batch_per_device=_int(), seed=0, log_every=50,
+      max_epochs=_int(), batch_per_device=_int(), accumulate=_int(), seed=0, log_every=50,
       time_budget_s=_float()))  # seconds of wall time; the cosine ends with the budget
   # Data: "glove" (default), "synthetic", "bigann" (files under data.root), or files.
   c.data = ml_collections.ConfigDict(dict(

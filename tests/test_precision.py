@@ -1,0 +1,99 @@
+"""Reduced precision (bfloat16 matmuls in the step networks, spec 9.9) and gradient
+accumulation, against float32 and against one large batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import qinco_jax as qj
+from qinco_jax import train, trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  ds = qj.data.load_synthetic(n_train=4000, n_db=2000, n_queries=10, d=16, n_val=500)
+  cfg = qj.QincoConfig(K=64, M=4, L=2, de=16, dh=32, A=4, B=4)
+  tc = train.TrainConfig(lr=4e-3, epochs=3, warmup_epochs=0.5, max_epochs=3,
+                         batch_per_device=256)
+  codec = trainer.train_and_evaluate(cfg, tc, ds, tmp_path_factory.mktemp("p") / "f32",
+                                     verbose=False)
+  return ds, cfg, tc, codec
+
+
+def test_bfloat16_encoding_is_within_1_percent_of_float32(trained):
+  ds, _, _, codec = trained
+  x = np.asarray(ds.db)
+  c32 = codec.encode(x, A=4, B=8, verbose=False)
+  c16 = codec.encode(x, A=4, B=8, verbose=False, dtype="bfloat16")
+  mse32 = qj.metrics.mse(x, codec.decode(c32, verbose=False))
+  mse16 = qj.metrics.mse(x, codec.decode(c16, verbose=False, dtype="bfloat16"))
+  same = (c32 == c16).all(axis=1).mean()
+  assert abs(mse16 / mse32 - 1) < 0.01, (mse16, mse32)
+  assert same >= 0.95, same
+  assert codec.decode(c16, verbose=False, dtype="bfloat16").dtype == np.float32
+
+
+def test_bfloat16_runs_the_matmuls_in_bfloat16(trained):
+  """The dtype must reach the step networks' dot products (and only them)."""
+  _, _, _, codec = trained
+  m16 = codec.with_dtype("bfloat16").model()
+  g, st = nnx.split(m16.steps)
+  net = nnx.merge(g, jax.tree.map(lambda a: a[0], st))
+  c = jnp.ones((3, 16), jnp.float32)
+
+  def dot_operand_dtypes(f):
+    eqns = jax.make_jaxpr(f)(c).jaxpr.eqns
+    return [{str(v.aval.dtype) for v in e.invars} for e in eqns
+            if e.primitive.name == "dot_general"]
+
+  dots = dot_operand_dtypes(lambda c: net(c, c))
+  # E = D here: the concat layer and 2 blocks x (up, down), all in bfloat16
+  assert len(dots) == 5 and all(d == {"bfloat16"} for d in dots), dots
+  assert net(c, c).dtype == jnp.float32  # outputs (and the residual stream) float32
+  m32 = codec.model()
+  g, st = nnx.split(m32.steps)
+  net32 = nnx.merge(g, jax.tree.map(lambda a: a[0], st))
+  assert all(d == {"float32"} for d in dot_operand_dtypes(lambda c: net32(c, c)))
+
+
+def test_short_bfloat16_training_is_within_2_percent_of_float32(trained, tmp_path):
+  ds, cfg, tc, codec = trained
+  bf = trainer.train_and_evaluate(cfg.replace(dtype="bfloat16"), tc, ds, tmp_path / "bf16",
+                                  verbose=False)
+  assert bf.cfg.dtype == "bfloat16"
+  val = {}
+  for name, c in (("f32", codec), ("bf16", bf)):
+    val[name] = qj.metrics.mse(np.asarray(ds.val), c.decode(c.encode(ds.val, verbose=False),
+                                                           verbose=False))
+  assert abs(val["bf16"] / val["f32"] - 1) < 0.02, val
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal((1024, 8)) * 2).astype(np.float32)
+  cfg = qj.QincoConfig(K=8, M=3, L=1, de=6, dh=8, A=3, B=2)
+  codec = qj.Codec.create(cfg, x, verbose=False)
+
+  def run(accumulate, batches):
+    tc = train.TrainConfig(lr=1e-2, accumulate=accumulate, warmup_epochs=0)
+    tx = train.make_optimizer(tc, steps_per_epoch=8)
+    state = train.init_state(codec.graphdef, codec.state, tx)
+    step = train.make_train_step(codec.graphdef, tx, 3, 2)
+    for b in batches:
+      state, m = step(state, jnp.asarray(b))
+    return jax.tree.map(np.asarray, state.params), np.asarray(state.usage), m
+
+  p_big, u_big, _ = run(1, [x])
+  p_acc, u_acc, m = run(2, [x[:512], x[512:]])
+  for a, b in zip(jax.tree.leaves(p_big), jax.tree.leaves(p_acc)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  np.testing.assert_array_equal(u_big, u_acc)  # codes counted over both halves
+  # After only the first half nothing has been applied yet.
+  p_half, _, _ = run(2, [x[:512]])
+  init = jax.tree.map(np.asarray, codec.state.filter(nnx.Param))
+  for a, b in zip(jax.tree.leaves(p_half), jax.tree.leaves(init)):
+    np.testing.assert_array_equal(a, b)
+  # The lr the inner optimiser reports (warm-up 0: the cosine's first value).
+  assert float(m["lr"]) == pytest.approx(1e-2 * np.cos(np.pi / 2 * (1 / 4) / 60), rel=1e-5)
