@@ -189,7 +189,11 @@ def evaluate(argv: list[str] | None = None):
                       required=True)
   flags.DEFINE_integer("A", None, "candidates per beam (default: the model's)")
   flags.DEFINE_integer("B", None, "beam size (default: the model's)")
-  flags.DEFINE_string("data", "glove", "glove | synthetic")
+  flags.DEFINE_string("data", "glove", "glove | synthetic | files (--db, --queries, --gt)")
+  flags.DEFINE_string("db", None, "database file (.fvecs/.bvecs/.npy): evaluate on it")
+  flags.DEFINE_string("queries", None, "query file (with --db; for recall)")
+  flags.DEFINE_string("gt", None, "ground-truth ids of the queries in --db (.ivecs/.npy)")
+  flags.DEFINE_float("mse_scale", 1.0, "factor of the reported MSE (1e-4 for BigANN)")
   flags.DEFINE_integer("n_db", None, "evaluate on the first n_db database vectors only "
                        "(MSE and usage; recall needs the whole database)")
   _key_flags(argv)
@@ -200,8 +204,18 @@ def evaluate(argv: list[str] | None = None):
     import qinco_jax as qj
     from qinco_jax.evaluate import evaluate as run_eval
     codec = qj.load(F.model)
-    ds = qj.data.load_glove() if F.data == "glove" else qj.data.load_synthetic()
-    out = run_eval(codec, ds, A=F.A, B=F.B, n_db=F.n_db, verbose=False)
+    if F.db:
+      ds = qj.data.load_files(None, F.db, F.queries, F.gt, mse_scale=F.mse_scale)
+    elif F.data == "glove":
+      ds = qj.data.load_glove()
+    elif F.data == "synthetic":
+      ds = qj.data.load_synthetic()
+    else:
+      raise app.UsageError(f"--data={F.data!r}: use glove, synthetic, or give --db")
+    n = min(F.n_db or len(ds.db), len(ds.db))
+    print(f"evaluating {F.model} on {n:,} database vectors of {ds.name}", file=sys.stderr,
+          flush=True)
+    out = run_eval(codec, ds, A=F.A, B=F.B, n_db=F.n_db, verbose=True)
     print(json.dumps(out, indent=2))
 
   _run(main, argv)

@@ -10,6 +10,7 @@ import hashlib
 import importlib.resources
 import importlib.util
 import os
+import sys
 import tempfile
 import warnings
 from typing import Callable, Iterator, Optional
@@ -383,6 +384,8 @@ def cached_gt(db: np.ndarray, queries: np.ndarray, k: int, tag: str,
     gt = np.load(path)
     if gt.shape == (len(queries), k) and gt.dtype == np.int64:
       return gt
+  print(f"computing the exact top-{k} neighbours of {len(queries):,} queries among "
+        f"{len(db):,} vectors (once; cached in {cache_dir})", file=sys.stderr, flush=True)
   gt = compute_gt(db, queries, k)
   try:
     os.makedirs(cache_dir, exist_ok=True)
@@ -451,7 +454,7 @@ def load_synthetic(n_train: int = 20_000, n_db: int = 5_000, n_queries: int = 50
   return Dataset(f"synthetic-{d}d", train, val, db, queries, gt, 1.0)
 
 
-def load_files(trainset: str, db: Optional[str] = None, queries: Optional[str] = None,
+def load_files(trainset: Optional[str], db: Optional[str] = None, queries: Optional[str] = None,
                gt: Optional[str] = None, valset: int = 10_000, n_train: Optional[int] = None,
                n_db: Optional[int] = None, mse_scale: float = 1.0,
                name: Optional[str] = None) -> Dataset:
@@ -459,7 +462,8 @@ def load_files(trainset: str, db: Optional[str] = None, queries: Optional[str] =
 
   Args:
     trainset: training file; its last `valset` rows are the validation set and
-      `n_train` optionally keeps only the first rows of the remainder.
+      `n_train` optionally keeps only the first rows of the remainder. None: no
+      training vectors (an evaluation-only dataset; db is then required).
     db: database file (`n_db` keeps its first rows), or None.
     queries: query file, or None.
     gt: ground-truth ids (n_q, >=1) into db; needs db and queries. Column 0 must
@@ -467,8 +471,13 @@ def load_files(trainset: str, db: Optional[str] = None, queries: Optional[str] =
     mse_scale: factor for reported MSEs (1e-4 for BigANN and FB-ssnpp).
     name: dataset name (default: the training file's base name).
   """
-  train, val = split_train_val(read_vecs(trainset), valset, n_train)
   db_x, q_x, gt_x = (None if p is None else read_vecs(p) for p in (db, queries, gt))
+  if trainset is None:  # evaluation only: no training vectors
+    if db_x is None:
+      raise ValueError("load_files needs a training file or a database file")
+    train = val = db_x[:0]
+  else:
+    train, val = split_train_val(read_vecs(trainset), valset, n_train)
   for x, p in ((db_x, db), (q_x, queries)):
     if x is not None and x.shape[1] != train.shape[1]:
       raise ValueError(f"'{p}': expected vectors of dimension {train.shape[1]} "
@@ -489,5 +498,5 @@ def load_files(trainset: str, db: Optional[str] = None, queries: Optional[str] =
       raise ValueError(f"ground truth '{gt}': nearest-neighbour ids must be in "
                        f"0..{len(db_x) - 1} (database size), got range "
                        f"{nn.min()}..{nn.max()}; recompute it with compute_gt")
-  name = name or os.path.splitext(os.path.basename(trainset))[0]
+  name = name or os.path.splitext(os.path.basename(trainset or db))[0]
   return Dataset(name, train, val, db_x, q_x, gt_x, float(mse_scale))

@@ -76,5 +76,14 @@ def faiss_rq_baseline(ds: Dataset, M: int, nbits: int = 8, beam: int = 32,
   out = {"method": f"faiss RQ {M}x{nbits} beam {beam}", "train_s": t1 - t0,
          "n_train": len(train), "encode_us": 1e6 * (t2 - t1) / len(db),
          "decode_us": 1e6 * (t3 - t2) / len(db), "mse": metrics.mse(db, x_hat, ds.mse_scale)}
+  # MSE of the first m codes (RQ codes are prefix-decodable too): sums of codewords.
+  books = faiss.vector_to_array(rq.codebooks).reshape(M, 1 << nbits, -1)
+  bits = np.unpackbits(codes, axis=1, bitorder="little")[:, :M * nbits]
+  idx = (bits.reshape(len(db), M, nbits).astype(np.int64) << np.arange(nbits)).sum(-1)
+  partial = np.zeros_like(db)
+  out["per_step_mse"] = []
+  for m in range(M):
+    partial += books[m][idx[:, m]]
+    out["per_step_mse"].append(metrics.mse(db, partial, ds.mse_scale))
   out.update(_recalls(ds, x_hat, None))
   return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any
 
 from qinco_jax import data, distributed, train, trainer
@@ -71,28 +72,63 @@ def dataset(c) -> data.Dataset:
 def run(c, workdir: str) -> dict[str, Any]:
   """Trains, evaluates on the database, prints and returns a JSON-able summary.
 
-  In a multi-process run (call `distributed.initialize` first) every process trains;
-  process 0 evaluates, writes eval.json and prints, while the others wait for it.
+  Process 0 says what each long step does, writes eval.json and a rate-distortion
+  plot (rate_distortion.png: MSE per number of codes, QINCo2 and faiss RQ) into the
+  workdir, and prints a table with the ratio to faiss RQ and the total time. In a
+  multi-process run (call `distributed.initialize` first) every process trains;
+  process 0 evaluates while the others wait for it.
   """
+  t0 = time.perf_counter()
   distributed.initialize()  # no-op unless the environment describes several processes
+  main = distributed.is_main()
+  say = (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)) if main \
+      else (lambda msg: None)
+  say(f"loading data ({c.data.name if not c.data.trainset else c.data.trainset})")
   ds = dataset(c)
   if c.ds.trainset and c.data.name in ("glove",):
     ds = data.Dataset(ds.name, ds.train[: c.ds.trainset], ds.val, ds.db, ds.queries,
                       ds.gt, ds.mse_scale)
   mcfg, tcfg = model_config(c, ds.d), train_config(c)
+  say(f"training on {len(ds.train):,} vectors (validation: {len(ds.val):,}) in {workdir}")
   codec = trainer.train_and_evaluate(mcfg, tcfg, ds, workdir, resume=c.resume)
-  summary: dict[str, Any] = {"model": repr(codec), "train_A": mcfg.A, "train_B": mcfg.B}
-  if ds.db is not None and distributed.is_main():
-    summary["qinco"] = evaluate(codec, ds, A=c.eval.A, B=c.eval.B, n_db=c.ds.db or None)
+  t_train = time.perf_counter() - t0
+  summary: dict[str, Any] = {"model": repr(codec), "train_A": mcfg.A, "train_B": mcfg.B,
+                             "train_s": t_train}
+  if ds.db is not None and main:
+    ev = ds
+    if c.ds.db and c.ds.db < len(ds.db):  # a prefix: no recall (ground truth is for all)
+      ev = data.Dataset(ds.name, ds.train, ds.val, ds.db[: c.ds.db], None, None,
+                        ds.mse_scale)
+    A = codec.cfg.A if c.eval.A is None else c.eval.A
+    B = codec.cfg.B if c.eval.B is None else c.eval.B
+    say(f"encoding the {len(ev.db):,} database vectors at A={A}, B={B}")
+    summary["qinco"] = evaluate(codec, ev, A=A, B=B)
     if c.eval.rq_baseline:
+      n_rq = min(c.eval.rq_train, len(ds.train))
+      say(f"faiss RQ baseline: beam {c.eval.rq_beam}, trained on {n_rq:,} vectors")
       summary["faiss_rq"] = faiss_rq_baseline(
-          ds, mcfg.M, nbits=(mcfg.K - 1).bit_length(), beam=c.eval.rq_beam,
+          ev, mcfg.M, nbits=(mcfg.K - 1).bit_length(), beam=c.eval.rq_beam,
           n_train=c.eval.rq_train)
+    summary["total_s"] = time.perf_counter() - t0
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(summary, f, indent=2)
+    _plot(summary, os.path.join(workdir, "rate_distortion.png"), ds.name)
     print(format_summary(summary), flush=True)
   distributed.barrier("evaluated")  # the others exit once process 0 is done
   return summary
+
+
+def _plot(s: dict[str, Any], path: str, name: str):
+  try:
+    from qinco_jax import plots
+    res = {f"QINCo2 (A={s['qinco']['A']}, B={s['qinco']['B']})":
+           list(enumerate(s["qinco"]["per_step_mse"], 1))}
+    if "faiss_rq" in s and "per_step_mse" in s["faiss_rq"]:
+      res[s["faiss_rq"]["method"]] = list(enumerate(s["faiss_rq"]["per_step_mse"], 1))
+    plots.rate_distortion(res, path=path, xlabel="codes (bytes when K = 256)",
+                          title=f"{name}: database MSE per number of codes")
+  except ImportError:
+    pass  # matplotlib missing: the numbers are in eval.json
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -103,6 +139,19 @@ def format_summary(s: dict[str, Any]) -> str:
   for name, r in rows:
     rec = [f"{r[k]:7.4f}" if k in r else "      -" for k in ("R@1", "R@10", "R@100")]
     lines.append(f"{name:32s} {r['mse']:10.5g} " + " ".join(rec))
+  if "faiss_rq" in s:
+    q, f = s["qinco"], s["faiss_rq"]
+    ratio = f"QINCo2 / faiss RQ: MSE {q['mse'] / f['mse']:.3f}x"
+    if "R@1" in q and "R@1" in f and f["R@1"] > 0:
+      ratio += f", R@1 {q['R@1'] / f['R@1']:.3f}x"
+    lines.append(ratio)
+  lines += [
+      f"MSE: squared error summed over the dimensions, mean over the {s['qinco']['n']:,} "
+      "database vectors (times mse_scale). R@k: share of queries whose true nearest "
+      "neighbour is among the first k of an exact search of the decoded database.",
+      f"time: {s.get('total_s', s['train_s']) / 60:.1f} min in all, "
+      f"{s['train_s'] / 60:.1f} min of it training (RQ initialisation and validation "
+      "included)."]
   return "\n".join(lines)
 
 

@@ -48,20 +48,29 @@ def _figure(ax, path):
   if path is not None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(5.5, 4.0), layout="constrained")
+    fig = Figure(figsize=(7.5, 4.0), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5.5, 4.0), layout="constrained")
+  fig, ax = plt.subplots(figsize=(7.5, 4.0), layout="constrained")
   return fig, ax
 
 
 def _log_y(ax):
-  """Log-scale y axis with plain-number tick labels (minor ones on short ranges)."""
-  from matplotlib.ticker import LogFormatter
+  """Log-scale y axis whose tick labels are all plain numbers in one format ("2000",
+  "5000", "10000", never "10^4" beside "2x10^3"); minor ticks are labelled only on
+  ranges too short to have two major ones."""
+  from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
   ax.set_yscale("log")
-  ax.yaxis.set_major_formatter(LogFormatter())
-  ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
+  plain = FuncFormatter(lambda v, _: f"{v:g}")
+  ax.yaxis.set_major_formatter(plain)
+  lo, hi = ax.get_ylim()
+  majors = math.floor(math.log10(hi)) - math.ceil(math.log10(max(lo, 1e-300))) + 1
+  if majors < 2:  # at most one power of ten in view: label 2x and 5x too
+    ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(plain)
+  else:
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _sorted_lines(ax, res: dict[str, list[tuple[float, float]]]):
@@ -73,7 +82,9 @@ def _sorted_lines(ax, res: dict[str, list[tuple[float, float]]]):
 
 def _finish(fig, ax, title: str | None, path: str | os.PathLike | None):
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend()
+  # Outside the axes, on the right: a legend never covers data.
+  ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+            fontsize="small")
   if title:
     ax.set_title(title)
   if path is not None:

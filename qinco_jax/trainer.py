@@ -321,7 +321,13 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
     return dist.broadcast_json(v)
 
   val_s = 0.0  # one validation's wall time (the budget guard keeps it in reserve)
+  if verbose and S < train_cfg.loop:
+    print(f"an epoch is one pass over the {n:,} training vectors (loop="
+          f"{train_cfg.loop:,} is larger): {steps} batches of {G}", flush=True)
   if meta["best_val"] is None:  # validation before training (spec 9.6)
+    if verbose:
+      print(f"validating the initial (RQ-initialised) model on {len(ds.val):,} vectors",
+            flush=True)
     t_val = clock()
     v = validation(current_codec())
     val_s = clock() - t_val

@@ -53,6 +53,9 @@ def test_faiss_rq_baseline_matches_its_own_codebooks():
       codes_unpacked(codes, 4, 2)[:, 1]]
   mse = ((np.asarray(ds.db, np.float64) - x_hat) ** 2).sum(1).mean()
   assert out["mse"] == pytest.approx(mse, rel=1e-4)
+  first = books[0][codes_unpacked(codes, 4, 2)[:, 0]]  # the 1-code prefix, by hand
+  assert out["per_step_mse"] == pytest.approx(
+      [((np.asarray(ds.db, np.float64) - first) ** 2).sum(1).mean(), mse], rel=1e-4)
   assert out["n_train"] == 2_000 and out["method"] == "faiss RQ 2x4 beam 2"
 
 

@@ -23,6 +23,10 @@ def test_synthetic_run_trains_evaluates_and_beats_its_initialisation(tmp_path, c
   summary = experiment.run(c, str(tmp_path / "run"))
   out = capsys.readouterr().out
   assert "faiss RQ" in out and "QINCo2" in out
+  # The table explains itself and compares; each long step said what it was doing.
+  assert "QINCo2 / faiss RQ: MSE" in out and "R@k: share of queries" in out
+  assert "min in all" in out and "encoding the 1,000 database vectors at A=4, B=8" in out
+  assert (tmp_path / "run" / "rate_distortion.png").stat().st_size > 1000
   q = summary["qinco"]
   assert len(q["per_step_mse"]) == 3 and q["per_step_mse"][-1] == q["mse"]
   assert 0 <= q["R@1"] <= q["R@10"] <= q["R@100"] <= 1
@@ -161,3 +165,27 @@ def test_unknown_config_field_is_one_line(flag, message):
                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not r.stdout
+
+
+def test_eval_program_reads_any_data_files(tmp_path):
+  import subprocess
+
+  import numpy as np
+  ds = qj.data.load_synthetic(n_train=1_000, n_db=300, n_queries=20, d=8, n_val=200)
+  codec = qj.Codec.create(qj.QincoConfig(K=8, M=2, A=0, B=1), ds.train, verbose=False)
+  codec.save(tmp_path / "codec")
+  qj.data.write_vecs(str(tmp_path / "db.fvecs"), np.asarray(ds.db))
+  qj.data.write_vecs(str(tmp_path / "q.fvecs"), np.asarray(ds.queries))
+  qj.data.write_vecs(str(tmp_path / "gt.ivecs"), ds.gt.astype(np.int32))
+  r = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "eval.py"),
+                      f"--model={tmp_path / 'codec'}", f"--db={tmp_path / 'db.fvecs'}",
+                      f"--queries={tmp_path / 'q.fvecs'}", f"--gt={tmp_path / 'gt.ivecs'}"],
+                     capture_output=True, text=True, timeout=300,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = json.loads(r.stdout)
+  want = qj.metrics.mse(ds.db, codec.decode(codec.encode(ds.db, verbose=False),
+                                            verbose=False))
+  assert out["n"] == 300 and out["mse"] == pytest.approx(want, rel=1e-5)
+  assert 0 < out["R@100"] <= 1 and "evaluating" in r.stderr
+  assert "INFO" not in r.stderr  # no Orbax chatter

@@ -50,3 +50,18 @@ def test_budget_curve_lines_and_baselines(tmp_path):
   assert list(lines[0].get_xdata()) == [1, 3, 10] and ax.get_xscale() == "log"
   assert list(lines[1].get_ydata()) == [3.4, 3.4]  # a horizontal line at the baseline
   assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_log_axis_labels_are_uniform_and_the_legend_is_outside(tmp_path):
+  fig = plots.speed_recall({"a": [(5000, 0.3), (1000, 0.4), (200, 0.46)],
+                            "b": [(6000, 0.2), (170, 0.39)]}, path=tmp_path / "s.png",
+                           title="t")
+  ax = fig.axes[0]
+  fig.canvas.draw()
+  labels = [t.get_text() for t in ax.get_yticklabels(minor=False) +
+            ax.get_yticklabels(minor=True) if t.get_text()]
+  assert {"200", "500", "1000", "2000", "5000"} <= set(labels)
+  assert all(l.replace(".", "").isdigit() for l in labels), labels  # no 10^x mixed in
+  legend = ax.get_legend()
+  box = legend.get_window_extent()
+  assert box.x0 >= ax.get_window_extent().x1  # right of the axes: covers no data
