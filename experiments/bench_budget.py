@@ -159,6 +159,19 @@ def report(rows):
         f"{r['epochs']} | {r['samples']:,} | {r['mse']:.4f} | "
         f"{r['mse'] / f1['mse']:.3f} | {r['mse'] / f32['mse']:.3f} | "
         f"{r.get('R@1', float('nan')):.4f} |".replace("nan", "-"))
+  commands = {}
+  for r in q:
+    commands.setdefault(r["tag"], set()).add(r.get("command", ""))
+  lines += ["", "Commands (`python experiments/bench_budget.py ...`):", ""]
+  lines += [f"- {tag}: " + "; ".join(f"`{c}`" for c in sorted(cs)) for tag, cs in
+            sorted(commands.items())]
+  worst = {}
+  for r in q:
+    f1 = faiss.get((r["M"], r["n_db"], 1))
+    if f1:
+      worst[r["init"]] = max(worst.get(r["init"], 0), r["mse"] / f1["mse"])
+  lines += [""] + [f"Worst MSE ratio to faiss greedy RQ (beam 1) over every budget, init "
+                   f"{k}: {v:.3f}" for k, v in sorted(worst.items())]
   lines += ["", "| faiss RQ | bytes | db | MSE | R@1 |", "|---|---|---|---|---|"]
   for (M, n_db, beam), r in sorted(faiss.items()):
     lines.append(f"| beam {beam} | {M} | {n_db or '90k'} | {r['mse']:.4f} | "

@@ -3,11 +3,12 @@
   qinco-train --config=glove_small \
       --workdir=runs/glove
 
-Measured on a 2-core CPU shared with other jobs: about 10 minutes in all (RQ init
-~1 min; 6 epochs of the 290k training vectors at A=4, B=4: 228 s of training at
-6-10k samples/s; evaluation at A=8, B=16 on the 90k database plus the faiss RQ
-baseline: 3.4 min). Result: test MSE 2.68, R@1/10/100 = 0.359/0.825/0.992, next to
-faiss RQ 8x8 (beam 8, 50k training vectors): MSE 2.89, 0.345/0.797/0.988.
+Measured on a 2-core CPU: about 10 minutes in all when the machine is otherwise idle
+(RQ initialisation ~40 s; 6 epochs of the 290k training vectors at A=4, B=4;
+evaluation at A=8, B=16 on the 90k database plus the faiss RQ baseline). Last run
+(18 min, sharing the CPU with the test suite): test MSE 2.576, R@1/10/100 =
+0.377/0.835/0.995, next to faiss RQ 8x8 (beam 8, 50k training vectors): MSE 2.892,
+0.344/0.807/0.990.
 """
 
 from qinco_jax.configs import common

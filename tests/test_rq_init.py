@@ -1,0 +1,163 @@
+"""The RQ initialisation (rq_init) against NumPy: Lloyd, cluster splitting, beam RQ
+encoding, the joint least-squares refit, k-means++ seeding."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from qinco_jax import data, rq_init
+
+
+def _blobs(n=3000, d=6, k=12, seed=0):
+  rng = np.random.default_rng(seed)
+  centers = 4.0 * rng.standard_normal((k, d))
+  return (centers[rng.integers(0, k, n)] + rng.standard_normal((n, d))).astype(np.float32)
+
+
+def test_kmeans_without_splitting_is_lloyd():
+  """split_iters=0 on data with no empty cluster: plain Lloyd from K random points,
+  replayed in float64 NumPy from the same seeds."""
+  x = _blobs()
+  K, seed = 16, 3
+  C = x[np.sort(np.random.default_rng(seed).choice(len(x), K, replace=False))].astype(np.float64)
+  for _ in range(7):
+    a = ((x[:, None, :] - C[None]) ** 2).sum(-1).argmin(1)
+    assert np.bincount(a, minlength=K).min() > 0  # the test's premise
+    C = np.stack([x[a == k].mean(0) for k in range(K)])
+  ours = rq_init.kmeans(x, K, n_iter=7, seed=seed, split_iters=0)
+  np.testing.assert_allclose(ours, C, atol=1e-4)
+
+
+def test_split_moves_small_clusters_next_to_large_ones():
+  """By hand, e = (+1, -1, +1) / 1024. Counts (0, 10, 1) with below=0: only cluster 1
+  can give, so C0 = c1 (1 + e), C1 = c1 (1 - e), C2 untouched. Counts (1, 10, 0) with
+  below=1: cluster 0 takes half of cluster 1 as before, then cluster 2 takes half of
+  cluster 0 or 1 (5 points each): one of two outcomes."""
+  c1, c2 = np.array([4.0, 5.0, 6.0]), np.array([1.0, 2.0, 3.0])
+  e = np.array([1.0, -1.0, 1.0]) / 1024
+  C = np.stack([np.zeros(3), c1, c2]).astype(np.float32)
+  rq_init._split_empty(C, np.array([0.0, 10.0, 1.0]), np.random.default_rng(0))
+  np.testing.assert_allclose(C, np.stack([c1 * (1 + e), c1 * (1 - e), c2]), rtol=1e-6)
+  outcomes = [np.stack([c1 * (1 + e) * (1 - e), c1 * (1 - e), c1 * (1 + e) ** 2]),
+              np.stack([c1 * (1 + e), c1 * (1 - e) ** 2, c1 * (1 - e) * (1 + e)])]
+  for seed in range(6):
+    C = np.stack([np.zeros(3), c1, c2]).astype(np.float32)
+    rq_init._split_empty(C, np.array([1.0, 10.0, 0.0]), np.random.default_rng(seed), below=1)
+    assert any(np.allclose(C, o, rtol=1e-6) for o in outcomes), C
+
+
+def test_split_rescues_a_hub_seed():
+  """Residual-like data: a shell of vectors of norm ~3 plus a few exact zeros (the
+  residuals of singleton clusters). A zero seed is nearest to every vector of the
+  shell, so Lloyd from random points keeps one giant cluster; splitting small
+  clusters in the first iterations gives a lower objective and no giant cluster."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((4000, 16)).astype(np.float32)
+  x[:40] = 0.0
+  K = 64
+  seed = next(s for s in range(100)  # a seed whose random init holds a zero vector
+              if (np.random.default_rng(s).choice(len(x), K, replace=False) < 40).any())
+  results = {}
+  for split in (0, 3):
+    C = rq_init.kmeans(x, K, n_iter=5, seed=seed, split_iters=split)
+    ids, err = rq_init.assign(x, C)
+    results[split] = (err / len(x), np.bincount(ids, minlength=K).max())
+  assert results[3][0] < results[0][0]
+  assert results[3][1] < results[0][1]
+
+
+def _tables(M=3, K=16, d=8, seed=0):
+  x = _blobs(2000, d, 20, seed)
+  return x, np.stack(rq_init.train_rq(x, K, M, seed=seed)[0])
+
+
+def test_rq_encode_greedy_equals_numpy_and_full_beam_is_exhaustive():
+  x, T = _tables()
+  M, K, _ = T.shape
+  r, codes = x.astype(np.float64), np.zeros((len(x), M), np.int64)
+  for m in range(M):
+    codes[:, m] = ((r[:, None, :] - T[m][None]) ** 2).sum(-1).argmin(1)
+    r -= T[m][codes[:, m]]
+  np.testing.assert_array_equal(rq_init.rq_encode(x, T, B=1), codes)
+  # A beam of K^(M-1) keeps every prefix: the exact optimum over all K^M codes.
+  q = x[:100]
+  combos = np.array(list(itertools.product(range(K), repeat=M)))
+  rec = sum(T[m][combos[:, m]] for m in range(M))
+  best = ((q[:, None, :].astype(np.float64) - rec[None]) ** 2).sum(-1).min(1)
+  c = rq_init.rq_encode(q, T, B=K ** (M - 1))
+  err = ((q - sum(T[m][c[:, m]] for m in range(M))) ** 2).sum(1)
+  np.testing.assert_allclose(err, best, rtol=1e-4, atol=1e-4)
+
+
+def test_refit_tables_is_least_squares():
+  """The joint refit reaches NumPy lstsq's error on the one-hot design matrix."""
+  x, T = _tables()
+  M, K, _ = T.shape
+  codes = rq_init.rq_encode(x, T, B=4)
+  A = np.zeros((len(x), M * K))
+  for m in range(M):
+    A[np.arange(len(x)), m * K + codes[:, m]] = 1.0
+  sol = np.linalg.lstsq(A, x.astype(np.float64), rcond=None)[0]
+  best = np.mean(np.sum((x - A @ sol) ** 2, 1))
+  T2 = rq_init.refit_tables(x, codes, K)
+  ours = np.mean(np.sum((x - sum(T2[m][codes[:, m]] for m in range(M))) ** 2, 1))
+  before = np.mean(np.sum((x - sum(T[m][codes[:, m]] for m in range(M))) ** 2, 1))
+  assert ours < before
+  assert ours == pytest.approx(best, rel=1e-4)
+
+
+def test_kmeanspp_seeds_are_distinct_data_points():
+  x = _blobs(500, 4, 8)
+  C = np.asarray(rq_init._kmeanspp(x, jax.random.key(0), 8))
+  assert len({tuple(c) for c in C}) == 8
+  assert all((np.abs(x - c).sum(1) == 0).any() for c in C)
+  with pytest.raises(ValueError, match="init must be 'random'"):
+    rq_init.kmeans(x, 8, init="forgy")
+
+
+def test_embedding_mixture_is_unit_norm_and_reproducible():
+  a = data.load_embedding_mixture(n_train=300, n_db=50, n_val=20, d=64)
+  b = data.load_embedding_mixture(n_train=300, n_db=50, n_val=20, d=64)
+  assert a.train.shape == (300, 64) and a.val.shape == (20, 64) and a.db.shape == (50, 64)
+  np.testing.assert_allclose(np.linalg.norm(a.db, axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(a.train, b.train)
+
+
+@pytest.mark.parametrize("points", [None, 64])
+def test_progressive_kmeans_replayed_in_numpy(monkeypatch, points):
+  """init="progressive" without splitting: Lloyd in the first d^(i/10) principal axes
+  (1-d first, from K random points), each stage started from the last one's centroids
+  padded with zeros, PROGRESSIVE_ITERS iterations per stage and n_iter in the full
+  space; the stages before the last on a random subset of PROGRESSIVE_POINTS * K rows
+  when there are more (points=64: 512 of 2,000), the last on all. Replayed in float64
+  NumPy (eigh of the covariance)."""
+  if points:
+    monkeypatch.setattr(rq_init, "PROGRESSIVE_POINTS", points)
+  x = _blobs(2000, 8, 10, seed=2)
+  K, n_iter, seed = 8, 6, 1
+  xc = x - x.mean(0)
+  w, V = np.linalg.eigh(xc.T.astype(np.float64) @ xc / len(x))
+  y = xc @ V[:, ::-1]
+  sub = y
+  if rq_init.PROGRESSIVE_POINTS * K < len(y):
+    rng = np.random.default_rng(seed)
+    sub = y[np.sort(rng.choice(len(y), rq_init.PROGRESSIVE_POINTS * K, replace=False))]
+  C = None
+  for i in range(rq_init.PROGRESSIVE_STEPS):
+    di = max(int(8 ** ((1 + i) / rq_init.PROGRESSIVE_STEPS)), 1)
+    last = i == rq_init.PROGRESSIVE_STEPS - 1
+    z = y if last else sub
+    if C is None:
+      rng = np.random.default_rng(seed)
+      C = z[np.sort(rng.choice(len(z), K, replace=False)), :di]
+    else:
+      C = np.pad(C, ((0, 0), (0, di - C.shape[1])))
+    for _ in range(n_iter if last else rq_init.PROGRESSIVE_ITERS):
+      a = ((z[:, None, :di] - C[None]) ** 2).sum(-1).argmin(1)
+      assert np.bincount(a, minlength=K).min() > 0  # the test's premise
+      C = np.stack([z[a == k, :di].mean(0) for k in range(K)])
+  expected = C @ V[:, ::-1].T + x.mean(0)
+  ours = rq_init.kmeans(x, K, n_iter=n_iter, seed=seed, init="progressive", split_iters=0)
+  np.testing.assert_allclose(ours, expected, atol=2e-3)
