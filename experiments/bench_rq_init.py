@@ -22,7 +22,7 @@ from absl import app, flags, logging
 
 import qinco_jax as qj
 from bench_common import write_section
-from qinco_jax import data, rq_init, train, trainer
+from qinco_jax import aq, data, rq_init, train, trainer
 from qinco_jax.evaluate import evaluate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,9 +59,8 @@ def load(name):
 
 
 def mse(x, tables, B):
-  codes = rq_init.rq_encode(x, tables, B)
-  x_hat = sum(tables[m][codes[:, m]] for m in range(len(tables)))
-  return float(np.mean(np.sum((x - x_hat) ** 2, 1)))
+  x_hat = aq.aq_decode(tables, rq_init.rq_encode(x, tables, B))
+  return qj.metrics.mse(x, x_hat)
 
 
 def init_rows(name):

@@ -455,8 +455,8 @@ def load_synthetic(n_train: int = 20_000, n_db: int = 5_000, n_queries: int = 50
 
 
 def load_embedding_mixture(n_train: int = 18_000, n_db: int = 5_000, d: int = 384,
-                           latent: int = 128, clusters: int = 100, spread: float = 1.5, seed: int = 0,
-                           n_val: int = 1_000) -> Dataset:
+                           latent: int = 128, clusters: int = 100, spread: float = 1.5,
+                           seed: int = 0, n_val: int = 1_000) -> Dataset:
   """A high-dimensional set shaped like sentence embeddings, not Gaussian noise.
 
   Latent points z from a `clusters`-component Gaussian mixture in `latent` dimensions

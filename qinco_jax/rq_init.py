@@ -1,10 +1,11 @@
 """Residual-quantiser initialisation of the codebooks (spec section 8.1).
 
-A greedy RQ with M stages, each a K-means of 10 Lloyd iterations on the current
-residuals, in raw units. Our K-means (JAX, chunked, float32) starts from K distinct
-random data points; in its first iterations it splits large clusters to replace
-nearly empty ones (a hub seed otherwise draws in most residuals of the later
-stages), afterwards only empty ones: the spec allows any reasonable K-means here
+A greedy RQ with M stages, each a K-means on the current residuals, in raw units.
+Our K-means (JAX, chunked, float32) grows its seeds through progressive principal
+dimensions (as faiss's RQ training does), ending with 10 Lloyd iterations in the full
+space; in the first iterations of each stage it splits large clusters to replace
+nearly empty ones (a hub seed otherwise draws in most residuals of the later RQ
+steps), afterwards only empty ones: the spec allows any reasonable K-means here
 since it only initialises training. Options measured in docs/benchmarks.md
 ("RQ initialisation"): k-means++ seeding, more iterations, and a joint least-squares
 refit of all tables after a beam encoding (`refine`, as faiss's codebook refinement).
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from qinco_jax import aq
 from qinco_jax.encode import sq_dists
 
 _CHUNK = 16384
@@ -163,6 +165,8 @@ def kmeans(x: np.ndarray, K: int, n_iter: int = 10, seed: int = 0,
     x = x[np.sort(rng.choice(n, max_points * K, replace=False))]
     n = len(x)
   if isinstance(init, np.ndarray):
+    if init.shape != (K, x.shape[1]):
+      raise ValueError(f"init centroids: expected shape ({K}, {x.shape[1]}), got {init.shape}")
     C = np.array(init, np.float32, copy=True)
   elif init == "progressive":
     return _progressive_kmeans(x, K, n_iter, seed, on_iteration, split_iters)
@@ -246,42 +250,6 @@ def rq_encode(x: np.ndarray, tables: np.ndarray, B: int = 1) -> np.ndarray:
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("K",))
-def _normal_eq_chunk(codes: jax.Array, x: jax.Array, w: jax.Array, K: int):
-  """Code co-occurrence counts G (M*K, M*K) and A^T x (M*K, D) of one chunk, where A is
-  the one-hot design matrix (one column per codeword of every table)."""
-  n, M = codes.shape
-  flat = codes + K * jnp.arange(M)  # (n, M): column of each code in A
-  pair = (flat[:, :, None] * (M * K) + flat[:, None, :]).reshape(-1)  # (n * M * M,)
-  G = jax.ops.segment_sum(jnp.repeat(w, M * M), pair, num_segments=(M * K) ** 2)
-  R = jax.ops.segment_sum(jnp.repeat(x * w[:, None], M, axis=0), flat.reshape(-1),
-                          num_segments=M * K)
-  return G.reshape(M * K, M * K), R
-
-
-def refit_tables(x: np.ndarray, codes: np.ndarray, K: int) -> np.ndarray:
-  """All M tables fitted jointly by least squares to the codes (n, M): (M, K, D).
-
-  The normal equations (code co-occurrence counts and code sums, accumulated in JAX)
-  are singular along shifts between tables, so a small ridge (1e-4 of the mean
-  count, like faiss's rcond) picks the smallest tables; the (M K)^2 system is solved
-  in float64 (in float32 the solve lost all accuracy on 290k GloVe vectors)."""
-  n, M = codes.shape
-  G = np.zeros((M * K, M * K), np.float64)
-  R = np.zeros((M * K, x.shape[1]), np.float64)
-  cj = np.zeros((_CHUNK, M), np.int32)
-  for s, e in _chunks(n):
-    xc, w = _padded(x, s, e)
-    cj[:] = 0
-    cj[: e - s] = codes[s:e]
-    g, r = _normal_eq_chunk(jnp.asarray(cj), jnp.asarray(xc), jnp.asarray(w), K=K)
-    G += np.asarray(g)
-    R += np.asarray(r)
-  lam = 1e-4 * max(float(np.mean(np.diag(G))), 1.0)
-  T = np.linalg.solve(G + lam * np.eye(M * K), R)
-  return T.astype(np.float32).reshape(M, K, -1)
-
-
 def train_rq(x: np.ndarray, K: int, M: int, n_iter: int = 10, seed: int = 0,
              verbose: bool = False, init: str | None = None, refine: int = 0,
              refine_beam: int = 1, split_iters: int | None = None,
@@ -303,7 +271,7 @@ def train_rq(x: np.ndarray, K: int, M: int, n_iter: int = 10, seed: int = 0,
     split_iters: see `kmeans` (None: SPLIT_ITERS).
     refine: rounds of joint refinement after the greedy stages: encode with a beam of
       `refine_beam`, then refit all M tables together by least squares
-      (`refit_tables`), as faiss's codebook refinement does.
+      (`aq.fit_aq`, minimum-norm), as faiss's codebook refinement does.
   Returns:
     M codebooks (K, D) float32 and the training MSE (sum over dims, mean over
     vectors) after each stage (of the greedy pass).
@@ -324,7 +292,7 @@ def train_rq(x: np.ndarray, K: int, M: int, n_iter: int = 10, seed: int = 0,
     xf = np.asarray(x, np.float32)
     for _ in range(refine):
       bar.set_postfix(stage="refine")
-      tables = refit_tables(xf, rq_encode(xf, np.stack(codebooks), refine_beam), K)
+      tables = aq.fit_aq(rq_encode(xf, np.stack(codebooks), refine_beam), xf, K)
       codebooks = list(tables)
       bar.update()
   return codebooks, mses

@@ -1,5 +1,6 @@
-"""The RQ initialisation (rq_init) against NumPy: Lloyd, cluster splitting, beam RQ
-encoding, the joint least-squares refit, k-means++ seeding."""
+"""The RQ initialisation (rq_init) against NumPy: Lloyd, progressive stages, cluster
+splitting, beam RQ encoding, k-means++ seeding. (The joint refit is `aq.fit_aq`,
+tested against lstsq in test_aq.py.)"""
 
 import itertools
 
@@ -91,23 +92,6 @@ def test_rq_encode_greedy_equals_numpy_and_full_beam_is_exhaustive():
   np.testing.assert_allclose(err, best, rtol=1e-4, atol=1e-4)
 
 
-def test_refit_tables_is_least_squares():
-  """The joint refit reaches NumPy lstsq's error on the one-hot design matrix."""
-  x, T = _tables()
-  M, K, _ = T.shape
-  codes = rq_init.rq_encode(x, T, B=4)
-  A = np.zeros((len(x), M * K))
-  for m in range(M):
-    A[np.arange(len(x)), m * K + codes[:, m]] = 1.0
-  sol = np.linalg.lstsq(A, x.astype(np.float64), rcond=None)[0]
-  best = np.mean(np.sum((x - A @ sol) ** 2, 1))
-  T2 = rq_init.refit_tables(x, codes, K)
-  ours = np.mean(np.sum((x - sum(T2[m][codes[:, m]] for m in range(M))) ** 2, 1))
-  before = np.mean(np.sum((x - sum(T[m][codes[:, m]] for m in range(M))) ** 2, 1))
-  assert ours < before
-  assert ours == pytest.approx(best, rel=1e-4)
-
-
 def test_kmeanspp_seeds_are_distinct_data_points():
   x = _blobs(500, 4, 8)
   C = np.asarray(rq_init._kmeanspp(x, jax.random.key(0), 8))
@@ -115,6 +99,8 @@ def test_kmeanspp_seeds_are_distinct_data_points():
   assert all((np.abs(x - c).sum(1) == 0).any() for c in C)
   with pytest.raises(ValueError, match="init must be 'random'"):
     rq_init.kmeans(x, 8, init="forgy")
+  with pytest.raises(ValueError, match=r"expected shape \(8, 4\), got \(3, 4\)"):
+    rq_init.kmeans(x, 8, init=np.zeros((3, 4), np.float32))
 
 
 def test_embedding_mixture_is_unit_norm_and_reproducible():
