@@ -36,7 +36,7 @@ def run_layout(procs: int, devices: int) -> dict:
   argv = [sys.executable, os.path.join(HERE, "train_bigann.py"),
           "--config=glove_small",
           f"--workdir={work}", f"--config.ds.loop={F.loop}",
-          f"--config.train.max_epochs={F.epochs}", "--config.train.stop_patience=100",
+          f"--config.train.epochs={F.epochs}", "--config.train.stop_patience=100",
           "--config.eval.rq_baseline=False", "--config.ds.db=1000"]
   ps = distributed.launch_local(argv, procs, devices_per_process=devices)
   rcs = [p.wait() for p in ps]

@@ -26,7 +26,7 @@ import numpy as np
 
 import qinco_jax as qj
 from bench_common import write_section
-from qinco_jax import pipeline, plots, sweep
+from qinco_jax import ann, bigann, pipeline, plots, sweep
 from qinco_jax.search import SearchParams
 
 START, END = "<!-- bench_search:start -->", "<!-- bench_search:end -->"
@@ -142,7 +142,7 @@ def main():
   db = np.concatenate([np.asarray(ds.db), np.asarray(ds.train)])
   gt = qj.data.cached_gt(db, ds.queries, 100, tag="glove_search_db")[: args.nq]
   queries = np.ascontiguousarray(ds.queries[: args.nq], np.float32)
-  searcher = pipeline.load(args.workdir)
+  searcher = ann.load_index(bigann.index_dir(args.workdir)).searcher()
   K_ivf = searcher.centroids.shape[0]
   nprobes = [1, 2, 4, 8, 16, 32]
   curves = {}

@@ -7,13 +7,19 @@
     index.remove_ids(np.array([3, 7]))
     index.save("my_index"); index = qj.load_index("my_index")
 
-It wraps the stages of `pipeline` (decoders, the faiss IVF index with injected
-codes) and the query path of `search.Searcher` (IVF/AQ -> pairwise shortlist ->
-QINCo2 re-rank). Metrics: "l2" (squared Euclidean distances, smallest first) and
-"cosine" (vectors and queries are normalised to unit length, then searched in L2;
-D holds ||q - x||^2 = 2 - 2 cos(q, x) for the normalised vectors, smallest first). A
-cosine index codes unit vectors, so build its codec (and IVF centroids) from
-normalised training vectors.
+It is the build and search stages of the search job (`bigann`): it wraps the
+decoders of `pipeline.fit_decoders`, the faiss IVF index with injected codes
+(`index.build_index`) and the query path of `search.Searcher` (IVF/AQ -> pairwise
+shortlist -> QINCo2 re-rank). Metrics:
+
+  "l2"      squared Euclidean distances, smallest first.
+  "ip"      inner products <q, x>, largest first: the lists are probed by <q, c_IVF>
+            and every shortlist and the final re-rank score <q, reconstruction> (as
+            faiss's METRIC_INNER_PRODUCT indexes do). The codec still codes x in L2.
+  "cosine"  vectors and queries are normalised to unit length, then searched in L2;
+            D holds ||q - x||^2 = 2 - 2 cos(q, x) for the normalised vectors, smallest
+            first. A cosine index codes unit vectors, so build its codec (and IVF
+            centroids) from normalised training vectors.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from typing import Literal
 import numpy as np
 
 from qinco_jax import data, index as index_lib, pipeline
+from qinco_jax.codec import load as load_codec
+from qinco_jax.pairwise import PairwiseDecoder
 from qinco_jax.search import SearchParams, Searcher
 
-Metric = Literal["l2", "cosine"]
+Metric = Literal["l2", "ip", "cosine"]
 META_FILE = "qinco_jax_index.json"
 
 
@@ -37,7 +45,7 @@ class Index:
 
   Args:
     codec: an IVF-QINCo2 codec (`QincoConfig(ivf_K=...)`), trained or RQ-initialised.
-    metric: "l2" or "cosine".
+    metric: "l2", "ip" or "cosine" (see the module docstring).
     A, B: encoding beam of `train` and `add` (default: the codec's training A, B).
     **fit_kw: options of `pipeline.fit_decoders` (pairwise decoder).
   """
@@ -47,9 +55,8 @@ class Index:
     if not getattr(codec, "cfg", None) or not codec.cfg.ivf_K:
       raise ValueError("Index needs an IVF-QINCo2 codec (QincoConfig(ivf_K=...) > 0), "
                        f"got {codec!r}")
-    if metric not in ("l2", "cosine"):
-      raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r} (inner-product "
-                       "search: normalise to get 'cosine', or see docs/design.md)")
+    if metric not in ("l2", "ip", "cosine"):
+      raise ValueError(f"metric must be 'l2', 'ip' or 'cosine', got {metric!r}")
     self.codec, self.metric, self.A, self.B = codec, metric, A, B
     self.fit_kw = fit_kw
     self._dec: pipeline.Decoders | None = None
@@ -82,7 +89,10 @@ class Index:
     if not self.is_trained:
       raise RuntimeError(f"{what} needs a trained index: call index.train(x) first")
 
-  def _searcher(self) -> Searcher:
+  def searcher(self) -> Searcher:
+    """The query path behind `search` (`search.Searcher`): its `search` also returns
+    the seconds spent per stage, and `sweep.run_sweep` tunes its settings."""
+    self._require_trained("searcher")
     d = self._dec
     return Searcher(self.codec, self._faiss, d.centroids, d.pairwise, d.extra)
 
@@ -91,13 +101,15 @@ class Index:
     """Fits the AQ and pairwise decoders on (up to 1M of) these vectors, (n, d) raw
     units; `codes` are their codes if already encoded. Replaces an earlier training
     and empties the index."""
-    x = self._vectors(x, "training vectors")
+    x = self._vectors(x[:self.fit_kw.get("n_aq_train", pipeline.N_AQ_TRAIN)],
+                      "training vectors")
     self._dec = pipeline.fit_decoders(self.codec, x, A=self.A, B=self.B,
                                       train_codes=codes, verbose=verbose, **self.fit_kw)
     M = self.codec.M
     self._faiss = index_lib.build_index(self._dec.centroids, self._dec.tables,
                                         self._dec.train_codes,
-                                        np.zeros((0, M + 1), np.int32))
+                                        np.zeros((0, M + 1), np.int32),
+                                        metric="ip" if self.metric == "ip" else "l2")
 
   def add(self, x, ids=None, *, verbose: bool = False) -> np.ndarray:
     """Encodes (n, d) vectors and stores their codes; ids (n,) int64 default to
@@ -136,15 +148,16 @@ class Index:
       nshort: candidates re-ranked by the full QINCo2 decoding (at least k are).
       nmid_short: the pairwise shortlist is nmid_short * nshort long.
     Returns:
-      D (nq, k) float32 squared distances (see the module docstring for "cosine"),
-      smallest first, and I (nq, k) int64 ids; -1 (with D = inf) only where the
-      probed lists hold fewer than k vectors (a warning says how often).
+      D (nq, k) float32 squared distances, smallest first (inner products, largest
+      first, for "ip"; see the module docstring for "cosine"), and I (nq, k) int64
+      ids; -1 (with D = inf, or -inf for "ip") only where the probed lists hold fewer
+      than k vectors (a warning says how often).
     """
     self._require_trained("search")
     q = self._vectors(queries, "queries")
     p = SearchParams(nprobe=nprobe, ef_search=ef_search, nshort=nshort,
                      nmid_short=nmid_short)
-    D, I, _ = self._searcher().search(q, k=k, params=p, batch=batch)
+    D, I, _ = self.searcher().search(q, k=k, params=p, batch=batch)
     return D, I
 
   def remove_ids(self, ids) -> int:
@@ -164,9 +177,17 @@ class Index:
       raise ValueError(f"cannot save the index to {str(path)!r}: a non-empty directory "
                        "that is not a qinco-jax index")
     path.mkdir(parents=True, exist_ok=True)
+    import faiss
+
     d = self._dec
-    pipeline._save(path, self.codec, self._faiss, d.centroids, d.tables, d.extra,
-                   d.pairwise)
+    self.codec.save(path / "model")  # every file is written atomically
+    for name, arr in (("centroids", d.centroids), ("aq_tables", d.tables),
+                      ("extra_codes", d.extra)):
+      data.atomic_write(str(path / f"{name}.npy"),
+                        lambda f, a=arr: np.save(f, a, allow_pickle=False))
+    d.pairwise.save(path / "pairwise.npz")
+    data.atomic_write(str(path / "index.faiss"),
+                      lambda f: f.write(faiss.serialize_index(self._faiss).tobytes()))
     meta = {"metric": self.metric, "A": self.A, "B": self.B}
     data.atomic_write(str(path / META_FILE), lambda f: f.write(json.dumps(meta).encode()))
 
@@ -177,22 +198,18 @@ class Index:
 
 def load_index(path: str | os.PathLike) -> Index:
   """Reads an index written by `Index.save` (in any process)."""
+  import faiss
+
   path = Path(path)
   meta_path = path / META_FILE
   if not meta_path.exists():
     raise FileNotFoundError(f"no qinco-jax index at {str(path)!r} ({META_FILE} missing)")
   meta = json.loads(meta_path.read_text())
-  s = pipeline.load(path)
-  index = Index(s.codec, meta["metric"], A=meta.get("A"), B=meta.get("B"))
-  index._faiss = s.index
-  index._dec = pipeline.Decoders(s.centroids, _aq_tables(s), s.pairwise,
-                                 s.extra_codes, np.zeros((0, s.codec.n_codes), np.int32))
+  index = Index(load_codec(path / "model"), meta["metric"], A=meta.get("A"),
+                B=meta.get("B"))
+  index._faiss = faiss.read_index(str(path / "index.faiss"))
+  index._dec = pipeline.Decoders(
+      np.load(path / "centroids.npy"), np.load(path / "aq_tables.npy"),
+      PairwiseDecoder.load(path / "pairwise.npz"), np.load(path / "extra_codes.npy"),
+      np.zeros((0, index.codec.n_codes), np.int32))
   return index
-
-
-def _aq_tables(s: Searcher) -> np.ndarray:
-  """The AQ tables stored in a built directory's faiss index."""
-  import faiss
-  ivf = index_lib.ivf_of(s.index)
-  rq = ivf.rq
-  return faiss.vector_to_array(rq.codebooks).reshape(rq.M, -1, s.centroids.shape[1])

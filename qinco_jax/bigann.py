@@ -20,7 +20,7 @@ import sys
 import jax
 import numpy as np
 
-from qinco_jax import data, distributed, ivf, pipeline, plots, sweep, train, trainer
+from qinco_jax import ann, data, distributed, ivf, pipeline, plots, sweep, train, trainer
 from qinco_jax.codec import load
 from qinco_jax.config import preset
 
@@ -47,7 +47,7 @@ class SearchJob:
   L: int = 2  # train stage: residual blocks per step network
   de: int = 64  # train stage: embedding width E
   dh: int = 128  # train stage: hidden width H
-  epochs: int = 5  # train stage: cosine length in epochs
+  epochs: int = 6  # train stage: epochs trained (1 warm-up + a 5-epoch cosine)
   train_min: float = 0.0  # train stage: wall-time budget in minutes (0: use epochs)
   stop_patience: int = 3  # train stage: epochs without improvement before stopping
   A: int = 4  # training beam (and encoding beam by default)
@@ -85,6 +85,11 @@ def load_data(job: SearchJob, need_gt: bool):
   train_x, val = data.split_train_val(learn, min(10_000, len(learn) // 10))
   gt = data.read_vecs(paths[3]) if need_gt else None
   return train_x, val, db, queries, gt
+
+
+def index_dir(workdir: str) -> str:
+  """Where the build stage saves the `ann.Index` (`ann.load_index` reads it)."""
+  return os.path.join(workdir, "index")
 
 
 def where_it_ran() -> str:
@@ -127,8 +132,11 @@ def run(job: SearchJob):
     db_codes = pipeline.load_shards(job.workdir, db=db)
     # GloVe: the database ends with the training set, whose codes the build reuses.
     train_codes = db_codes[len(db) - len(train_x):] if job.data == "glove" else None
-    pipeline.build(codec, train_x, db_codes, job.workdir, A=enc_A, B=enc_B,
-                   train_codes=train_codes)
+    index = ann.Index(codec, A=enc_A, B=enc_B)
+    index.train(train_x, codes=train_codes, verbose=True)
+    index.add_codes(db_codes)
+    index.save(index_dir(job.workdir))
+    print(f"built {index} in {index_dir(job.workdir)}", flush=True)
   if "search" in stages:
     _search(job, queries, gt)
 
@@ -139,7 +147,6 @@ def _train(job: SearchJob, train_x, val, cents_path: str):
   budget = job.train_min * 60 if job.train_min > 0 else None
   tc = train.TrainConfig(epochs=job.epochs, warmup_epochs=1,
                          stop_patience=job.stop_patience,
-                         max_epochs=None if budget else job.epochs + 1,
                          loop=min(len(train_x), 10_000_000), time_budget_s=budget)
   ds = data.Dataset("train", train_x, val, None, None, None, 1.0)
   trainer.train_and_evaluate(cfg, tc, ds, os.path.join(job.workdir, "train"),
@@ -147,7 +154,7 @@ def _train(job: SearchJob, train_x, val, cents_path: str):
 
 
 def _search(job: SearchJob, queries, gt):
-  searcher = pipeline.load(job.workdir)
+  searcher = ann.load_index(index_dir(job.workdir)).searcher()
   log = os.path.join(job.workdir, "sweep.jsonl")
   front = sweep.run_sweep(searcher, queries, gt, log, max_experiments=job.max_experiments)
   front.sort(key=lambda r: r["ms_per_query"]["total"])

@@ -134,7 +134,7 @@ def search(argv: list[str] | None = None):
   flags.DEFINE_integer("L", d.L, "residual blocks per step network (train stage)")
   flags.DEFINE_integer("de", d.de, "embedding width E (train stage)")
   flags.DEFINE_integer("dh", d.dh, "hidden width H (train stage)")
-  flags.DEFINE_integer("epochs", d.epochs, "training epochs (cosine length)")
+  flags.DEFINE_integer("epochs", d.epochs, "training epochs, the warm-up epoch included")
   flags.DEFINE_float("train_min", d.train_min, "training wall-time budget in minutes "
                      "(0: use --epochs); the cosine then ends with the budget")
   flags.DEFINE_integer("stop_patience", d.stop_patience, "train stage: stop after more "

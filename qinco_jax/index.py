@@ -5,7 +5,9 @@ quantiser with the raw IVF centroids, overwrites the RQ codebooks with the
 least-squares AQ tables (no faiss training of the RQ), trains the 8-bit norm quantiser
 on ||r_hat||^2 of training reconstructions, and appends the database codes directly to
 the inverted lists: faiss never re-encodes anything. Distances it computes are then
-||q - c_IVF - sum_m T_m[i_m]||^2 in raw units.
+||q - c_IVF - sum_m T_m[i_m]||^2 in raw units; with metric="ip" the index is built
+for inner products (coarse quantiser and lists score <q, c_IVF + sum_m T_m[i_m]>,
+largest first; the stored norms are then unused).
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from qinco_jax import aq
 def _faiss():
   import faiss
   return faiss
+
+
+METRICS = {"l2": lambda: _faiss().METRIC_L2, "ip": lambda: _faiss().METRIC_INNER_PRODUCT}
+
+
+def metric_of(index) -> str:
+  """The metric a faiss index was built for: "l2" or "ip"."""
+  return "ip" if index.metric_type == _faiss().METRIC_INNER_PRODUCT else "l2"
 
 
 def ivf_of(index):
@@ -45,7 +55,7 @@ def unpack_list_ids(b: np.ndarray) -> np.ndarray:
 
 def build_index(centroids: np.ndarray, tables: np.ndarray, train_codes: np.ndarray,
                 db_codes: np.ndarray, db_ids: np.ndarray | None = None,
-                ef_construction: int = 20):
+                ef_construction: int = 20, metric: str = "l2"):
   """Builds the searchable faiss index from precomputed codes.
 
   Args:
@@ -54,6 +64,7 @@ def build_index(centroids: np.ndarray, tables: np.ndarray, train_codes: np.ndarr
     train_codes: (n_t, M + 1) codes of training vectors (to train the norm quantiser).
     db_codes: (n, M + 1) int codes of the database; column 0 = IVF list id.
     db_ids: (n,) int64 database ids (default 0..n-1).
+    metric: "l2" (squared distances) or "ip" (inner products).
   Returns:
     the faiss index (ntotal = n).
   """
@@ -65,7 +76,9 @@ def build_index(centroids: np.ndarray, tables: np.ndarray, train_codes: np.ndarr
   for name, c in (("train_codes", train_codes), ("db_codes", db_codes)):
     if c.ndim != 2 or c.shape[1] != M + 1:
       raise ValueError(f"{name} must be (n, {M + 1}) (IVF id + M codes), got {c.shape}")
-  index = faiss.index_factory(D, f"IVF{K_ivf}_HNSW32,RQ{M}x8_Nqint8")
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
+  index = faiss.index_factory(D, f"IVF{K_ivf}_HNSW32,RQ{M}x8_Nqint8", METRICS[metric]())
   ivf = ivf_of(index)
   quantizer = faiss.downcast_index(ivf.quantizer)
   quantizer.hnsw.efConstruction = ef_construction

@@ -1,13 +1,14 @@
 """Offline stages of the large-scale search pipeline (spec 12.1), one function each.
 
-  ivf     -> centroids.npy            faiss K-means (100 iterations) on training vectors
-  train   -> model/ (IVF-QINCo2)      `trainer.train_and_evaluate` with ivf_centroids
-  encode  -> codes_db.{i}.npy         the database in shards (`--shard i/n` style)
-  build   -> aq_tables.npy, extra_codes.npy, pairwise.npz, index.faiss
-  search  -> `Searcher` (see search.py)
+  ivf     -> centroids_ivf.npy               faiss K-means on training vectors
+  train   -> train/ (IVF-QINCo2)             `trainer.train_and_evaluate`, ivf_centroids
+  encode  -> codes_db.{i:04d}of{n:04d}.npy   the database in shards (`encode_shard`)
+  build   -> index/                          `ann.Index`: `fit_decoders` (AQ tables,
+                                             pairwise decoder) + the codes injected
+  search  -> `ann.load_index(...).searcher()` (see search.py, sweep.py)
 
 Everything lives in one directory so each stage can run in its own process (or host)
-and the index reloads in a fresh process.
+and the index reloads in a fresh process (`bigann.run` strings the stages together).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qinco_jax import aq, data, index as index_lib, ivf, pairwise
-from qinco_jax.search import Searcher
+from qinco_jax import aq, data, ivf, pairwise
 
 N_AQ_TRAIN = 1_000_000  # aq_training_samples (spec 10)
 
@@ -145,7 +145,29 @@ def fit_decoders(codec, train_x, *, A: int | None = None, B: int | None = None,
                  pairwise_shrink: float | tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0),
                  pairwise_target: str = "decoded", extra_K: int | None = None,
                  verbose: bool = True, train_codes=None) -> Decoders:
-  """Fits the AQ and pairwise decoders on encoded training vectors (see `build`)."""
+  """Fits the AQ and pairwise decoders on encoded training vectors (`ann.Index.train`).
+
+  Args:
+    codec: IVF-QINCo2 codec (cfg.ivf_K > 0).
+    train_x: (n, D) raw training vectors (the first n_aq_train are encoded).
+    A, B: encoding beam of the training vectors.
+    train_codes: optional codes of train_x (rows in the same order), e.g. a slice of
+      the database codes when the database contains the training set: skips
+      re-encoding.
+    pairwise_mode: "aq_refine" (default): up to 2M pair tables fitted on the residual
+      of the AQ decoder, with shrunk group means (`pairwise_shrink`) and pairs chosen
+      and stopped on held-out training rows, so the decoder is never worse than AQ on
+      unseen vectors; "spec": the plain greedy fit of spec 12.2 (over-fits unless the
+      training set is much larger than K^2 = 65,536 per table).
+    pairwise_shrink: "aq_refine" only: shrinkage of the group means; with several
+      values each table takes the one best on held-out training rows.
+    pairwise_target: "decoded" (default, ours): the pair tables approximate the full
+      QINCo2 decoding of the training codes, which is what the shortlist is re-ranked
+      by, and a target without the quantisation noise over-fits far less; "raw": the
+      training vectors themselves (the spec).
+    extra_K: codewords per stage of the 5 IVF-derived extra codes (default
+      `extra_codes_K(ivf_K, K)`: the spec's 256 for 2^20 lists, 16 for 1024).
+  """
   if pairwise_mode not in ("aq_refine", "spec"):
     raise ValueError(f"pairwise_mode must be 'aq_refine' or 'spec', got {pairwise_mode!r}")
   if pairwise_target not in ("decoded", "raw"):
@@ -180,70 +202,6 @@ def fit_decoders(codec, train_x, *, A: int | None = None, B: int | None = None,
                                holdout=max(1, min(100_000, len(x) // 5)))
     pw.base_tables = tables
   return Decoders(centroids, tables, pw, extra, codes)
-
-
-def build(codec, train_x, db_codes: np.ndarray, out_dir: str | os.PathLike, *,
-          verbose: bool = True, **fit_kw):
-  """Fits the AQ and pairwise decoders on encoded training vectors and builds the index.
-
-  Args:
-    codec: IVF-QINCo2 codec (cfg.ivf_K > 0).
-    train_x: (n, D) raw training vectors (the first n_aq_train are encoded).
-    db_codes: (n_db, M + 1) database codes.
-    out_dir: where the searchable directory is written (`load` reads it).
-    **fit_kw: `fit_decoders` options:
-      A, B: encoding beam of the training vectors.
-      train_codes: optional codes of train_x (rows in the same order), e.g. a slice of
-        db_codes when the database contains the training set: skips re-encoding.
-      pairwise_mode: "aq_refine" (default): up to 2M pair tables fitted on the residual
-        of the AQ decoder, with shrunk group means (`pairwise_shrink`) and pairs chosen
-        and stopped on held-out training rows, so the decoder is never worse than AQ on
-        unseen vectors; "spec": the plain greedy fit of spec 12.2 (over-fits unless the
-        training set is much larger than K^2 = 65,536 per table).
-      pairwise_shrink: "aq_refine" only: shrinkage of the group means; with several
-        values each table takes the one best on held-out training rows.
-      pairwise_target: "decoded" (default, ours): the pair tables approximate the full
-        QINCo2 decoding of the training codes, which is what the shortlist is re-ranked
-        by, and a target without the quantisation noise over-fits far less; "raw": the
-        training vectors themselves (the spec).
-      extra_K: codewords per stage of the 5 IVF-derived extra codes (default
-        `extra_codes_K(ivf_K, K)`: the spec's 256 for 2^20 lists, 16 for 1024).
-  """
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  dec = fit_decoders(codec, train_x, verbose=verbose, **fit_kw)
-  index = index_lib.build_index(dec.centroids, dec.tables, dec.train_codes,
-                                np.asarray(db_codes))
-  _save(out, codec, index, dec.centroids, dec.tables, dec.extra, dec.pairwise)
-  return Searcher(codec, index, dec.centroids, dec.pairwise, dec.extra)
-
-
-def _save(out: Path, codec, index, centroids, tables, extra, pw):
-  """Every file is written atomically (a killed build never leaves a torn file)."""
-  import faiss
-
-  codec.save(out / "model")
-  for name, arr in (("centroids", centroids), ("aq_tables", tables),
-                    ("extra_codes", extra)):
-    data.atomic_write(str(out / f"{name}.npy"),
-                      lambda f, a=arr: np.save(f, a, allow_pickle=False))
-  pw.save(out / "pairwise.npz")
-  data.atomic_write(str(out / "index.faiss"),
-                    lambda f: f.write(faiss.serialize_index(index).tobytes()))
-
-
-def load(out_dir: str | os.PathLike) -> Searcher:
-  """Reloads a built search directory (in any process)."""
-  import faiss
-  from qinco_jax.codec import load as load_codec
-
-  out = Path(out_dir)
-  if not (out / "index.faiss").exists():
-    raise FileNotFoundError(f"{str(out)!r} has no index.faiss: run the build stage")
-  return Searcher(load_codec(out / "model"), faiss.read_index(str(out / "index.faiss")),
-                  np.load(out / "centroids.npy"),
-                  pairwise.PairwiseDecoder.load(out / "pairwise.npz"),
-                  np.load(out / "extra_codes.npy"))
 
 
 def train_ivf(train_x, ivf_K: int, out_dir: str | os.PathLike, niter: int = 100,

@@ -2,7 +2,9 @@
 
 Every distance is in raw units: the faiss index scores ||q - c_IVF - AQ(codes)||^2,
 the pairwise decoder approximates c_IVF + pairwise(codes), and the final re-rank uses
-the full QINCo2 decode (de-normalised by the codec).
+the full QINCo2 decode (de-normalised by the codec). An index built for inner products
+(`index.build_index(metric="ip")`) scores <q, .> of the same reconstructions at every
+stage instead, largest first.
 """
 
 from __future__ import annotations
@@ -103,17 +105,19 @@ class Searcher:
     Every argument is checked first (ValueError naming it).
 
     Returns:
-      D (nq, k) float32 squared distances, I (nq, k) int64 database ids (-1 when
-      fewer results), and the seconds spent per stage.
+      D (nq, k) float32 squared distances, smallest first (inner products, largest
+      first, for an "ip" index), I (nq, k) int64 database ids (-1, with D = inf or
+      -inf for "ip", when fewer results), and the seconds spent per stage.
     """
     _check_search_args(k, params, batch)
     q_all = as_float32(np.asarray(queries), d=self.centroids.shape[1], name="queries")
     nq = len(q_all)
-    out_D = np.full((nq, k), np.inf, np.float32)
+    ip = index_lib.metric_of(self.index) == "ip"
+    out_D = np.full((nq, k), -np.inf if ip else np.inf, np.float32)
     out_I = np.full((nq, k), -1, np.int64)
     times = {"ivf_aq": 0.0, "pairwise": 0.0, "decode": 0.0}
     for s in range(0, nq, batch):
-      Db, Ib, tb = self._search_batch(q_all[s:s + batch], k, params)
+      Db, Ib, tb = self._search_batch(q_all[s:s + batch], k, params, ip)
       out_D[s:s + batch], out_I[s:s + batch] = Db, Ib
       for key in times:
         times[key] += tb[key]
@@ -125,8 +129,15 @@ class Searcher:
                     stacklevel=2)
     return out_D, out_I, times
 
-  def _search_batch(self, q: np.ndarray, k: int, p: SearchParams):
+  def _search_batch(self, q: np.ndarray, k: int, p: SearchParams, ip: bool):
+    """Scores are kept as a key where smaller is better: the squared distance, or the
+    negated inner product when `ip`."""
     import faiss
+
+    def key(x_hat):  # (nq, n, D) reconstructions -> (nq, n)
+      if ip:
+        return -np.einsum("qnd,qd->qn", x_hat, q)
+      return ((x_hat - q[:, None, :]) ** 2).sum(-1)
 
     ivf = index_lib.ivf_of(self.index)
     M = ivf.rq.M
@@ -140,6 +151,8 @@ class Searcher:
       D1, I1, C1 = self.index.search_and_return_codes(q, n1, include_listnos=True,
                                                       params=params)
     times = {"ivf_aq": time.perf_counter() - t0, "pairwise": 0.0, "decode": 0.0}
+    D1 = -D1 if ip else D1
+    D1[I1 < 0] = np.inf
     lists = np.clip(index_lib.unpack_list_ids(C1[:, :, :nb]), 0, ivf.nlist - 1)
     codes = C1[:, :, nb:nb + M].astype(np.int32)  # (nq, n1, M)
     ids = I1
@@ -148,7 +161,7 @@ class Searcher:
       ext = np.concatenate([codes, self.extra_codes[lists]], axis=2)
       approx = (self.pairwise.decode(ext.reshape(-1, ext.shape[2]))
                 + self.centroids[lists.ravel()]).reshape(len(q), n1, -1)
-      dist = ((approx - q[:, None, :]) ** 2).sum(-1)
+      dist = key(approx)
       dist[ids < 0] = np.inf
       keep = np.argsort(dist, axis=1, kind="stable")[:, :nshort]
       codes, lists, ids = (np.take_along_axis(a, keep[..., None] if a.ndim == 3 else keep, 1)
@@ -161,14 +174,15 @@ class Searcher:
       t0 = time.perf_counter()
       full = np.concatenate([lists[..., None], codes], axis=2).reshape(-1, M + 1)
       x_hat = self.codec.decode(full, verbose=False).reshape(len(q), -1, q.shape[1])
-      D1 = ((x_hat - q[:, None, :]) ** 2).sum(-1)
+      D1 = key(x_hat)
       D1[ids < 0] = np.inf
       times["decode"] = time.perf_counter() - t0
     order = np.argsort(D1, axis=1, kind="stable")[:, :k]
     Dk = np.take_along_axis(D1, order, 1).astype(np.float32)
+    Dk = -Dk if ip else Dk
     Ik = np.take_along_axis(ids, order, 1)
     if Dk.shape[1] < k:
       pad = k - Dk.shape[1]
-      Dk = np.pad(Dk, ((0, 0), (0, pad)), constant_values=np.inf)
+      Dk = np.pad(Dk, ((0, 0), (0, pad)), constant_values=-np.inf if ip else np.inf)
       Ik = np.pad(Ik, ((0, 0), (0, pad)), constant_values=-1)
     return Dk, Ik, times

@@ -297,7 +297,7 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
   state = jax.device_put(state, replicated)
   budget = train_cfg.time_budget_s
   t_start = t_call - meta.get("elapsed_s", 0.0)  # the budget counts earlier sessions
-  meta.setdefault("plan_steps", int((train_cfg.warmup_epochs + train_cfg.epochs) * steps))
+  meta.setdefault("plan_steps", int(train_cfg.epochs * steps))
   step_fn = train.make_train_step(graphdef, tx, codec.cfg.A, codec.cfg.B)
   batch_sharding = NamedSharding(mesh, P("data"))
   writer = MetricWriter(workdir)
@@ -336,9 +336,8 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
     if main:
       current_codec().save(workdir / "best")
     dist.barrier("initial-best")
-  n_epochs = train_cfg.total_epochs
-  if budget is not None and train_cfg.max_epochs is None:
-    n_epochs = 1 << 30  # the time budget (or early stopping) ends the run
+  # The time budget (or early stopping) ends a budgeted run; otherwise `epochs` does.
+  n_epochs = train_cfg.epochs if budget is None else 1 << 30
   gstep = int(dist.host(state.step))  # updates done (host copy of state.step)
   t_loop, step_loop, first_epoch = clock(), gstep, meta["epoch"]
   mark, seed_plan = None, meta["plan_steps"]  # budget guard of the first epoch

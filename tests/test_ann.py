@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import ivf, pipeline
-from qinco_jax.search import SearchParams
+from qinco_jax import index as index_lib, ivf, pipeline
+from qinco_jax.search import SearchParams, Searcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,14 +28,17 @@ def setup():
   return ds, codec, index
 
 
-def test_index_search_equals_the_pipeline_and_nears_exhaustive_search(setup, tmp_path):
+def test_index_search_equals_the_pipeline_and_nears_exhaustive_search(setup):
   ds, codec, index = setup
   assert index.ntotal == 2000 and index.is_trained
   D, I = index.search(ds.queries, 10, nprobe=4, nshort=50)
   assert D.shape == I.shape == (60, 10) and D.dtype == np.float32 and I.dtype == np.int64
-  # The pipeline's stages on the same codes give the same answer.
+  # The pipeline's stages on the same codes, strung together by hand (the database
+  # injected in one go at build time), give the same answer.
   db_codes = codec.encode(ds.db, verbose=False)
-  searcher = pipeline.build(codec, ds.train, db_codes, tmp_path, verbose=False)
+  dec = pipeline.fit_decoders(codec, ds.train, verbose=False)
+  faiss_index = index_lib.build_index(dec.centroids, dec.tables, dec.train_codes, db_codes)
+  searcher = Searcher(codec, faiss_index, dec.centroids, dec.pairwise, dec.extra)
   D2, I2, _ = searcher.search(ds.queries, k=10, params=SearchParams(nprobe=4, nshort=50))
   np.testing.assert_array_equal(I, I2)
   np.testing.assert_allclose(D, D2, rtol=1e-6)
@@ -123,6 +126,40 @@ def test_cosine_metric_ranks_by_cosine_similarity(setup):
   np.testing.assert_allclose(D, got, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="all zeros"):
     index.search(np.zeros((1, 16)), 3)
+
+
+def test_inner_product_metric_equals_exhaustive_search_over_the_decoding(setup, tmp_path):
+  """With every list probed and a shortlist as long as the index, an "ip" index must
+  return exactly the top-k of <q, decode(codes)> over the whole database, largest
+  first; with the default settings it stays close to exact inner-product search."""
+  ds, codec, _ = setup
+  index = qj.Index(codec, metric="ip")
+  index.train(ds.train)
+  codes = index.add(ds.db)
+  q = np.asarray(ds.queries, np.float32)
+  dec = codec.decode(codes, verbose=False)
+  ip = q.astype(np.float64) @ dec.T.astype(np.float64)
+  D, I = index.search(q, 10, nprobe=8, nshort=2000)
+  np.testing.assert_array_equal(I, np.argsort(-ip, axis=1, kind="stable")[:, :10])
+  np.testing.assert_allclose(D, np.take_along_axis(ip, I, 1), rtol=1e-5, atol=1e-4)
+  assert (np.diff(D, axis=1) <= 0).all()
+  # Inner-product neighbours are not L2 neighbours here (so the metric matters).
+  exact_l2 = qj.metrics.knn(q, dec, k=1)[:, 0]
+  assert (exact_l2 != I[:, 0]).mean() > 0.2
+  # Default settings against exact inner-product search on the raw vectors.
+  D, I = index.search(q, 10, nprobe=4)
+  true = np.argmax(q @ np.asarray(ds.db, np.float32).T, axis=1)
+  assert np.mean([true[i] in I[i] for i in range(len(q))]) > 0.8
+  index.save(tmp_path / "ip")
+  D2, I2 = qj.load_index(tmp_path / "ip").search(q, 10, nprobe=4)
+  np.testing.assert_array_equal(I2, I)
+  np.testing.assert_array_equal(D2, D)
+  # Padding for missing results is -inf (the worst inner product).
+  small = qj.Index(codec, metric="ip")
+  small.train(ds.train)
+  small.add(ds.db[:3])
+  D, I = small.search(q[:2], 5, nprobe=8)  # k > ntotal: padded, no warning
+  assert (I[:, :3] >= 0).all() and (I[:, 3:] == -1).all() and np.isneginf(D[:, 3:]).all()
 
 
 def test_index_errors(setup):

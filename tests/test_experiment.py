@@ -40,26 +40,28 @@ def test_synthetic_run_trains_evaluates_and_beats_its_initialisation(tmp_path, c
 # each config file's docstring and the paper's presets (spec section 10) state them.
 EXPECTED = {
     "glove_small": (dict(K=256, M=8, L=2, de=64, dh=128, A=4, B=4, init="rq"),
-                    dict(lr=8e-4, epochs=5, warmup_epochs=1.0, max_epochs=6,
+                    dict(lr=8e-4, epochs=6, warmup_epochs=1.0, cosine_epochs=None,
                          stop_patience=3, batch_per_device=1024, loop=290_000),
                     dict(name="glove", eval_AB=(8, 16), rq_beam=8, db=0)),
     "synthetic_tiny": (dict(K=16, M=3, L=1, de=16, dh=16, A=4, B=4, init="rq"),
-                       dict(epochs=2, warmup_epochs=1.0, max_epochs=3, stop_patience=2,
+                       dict(epochs=3, warmup_epochs=1.0, stop_patience=2,
                             batch_per_device=128, loop=1_000),
                        dict(name="synthetic", eval_AB=(4, 8), rq_beam=32, db=1_000)),
     "qinco2_s": (dict(K=256, M=8, L=2, de=128, dh=256, A=16, B=32, init="rq"),
-                 dict(lr=8e-4, epochs=60, warmup_epochs=3.0, max_epochs=None,
+                 dict(lr=8e-4, epochs=71, warmup_epochs=3.0, cosine_epochs=60.0,
                       stop_patience=10, batch_per_device=1024, loop=10_000_000,
                       weight_decay=0.1, grad_clip=0.1, schedule="cosine"),
                  dict(name="bigann", eval_AB=(32, 64), rq_beam=32, db=1_000_000)),
     "qinco2_m": (dict(K=256, M=8, L=4, de=384, dh=384, A=16, B=32),
-                 dict(lr=8e-4, epochs=60), dict(name="bigann", eval_AB=(32, 64))),
+                 dict(lr=8e-4, epochs=71, cosine_epochs=60.0),
+                 dict(name="bigann", eval_AB=(32, 64))),
     "qinco2_l": (dict(K=256, M=8, L=16, de=384, dh=384, A=16, B=32),
-                 dict(lr=8e-4, epochs=60), dict(name="bigann", eval_AB=(32, 64))),
+                 dict(lr=8e-4, epochs=71, cosine_epochs=60.0),
+                 dict(name="bigann", eval_AB=(32, 64))),
     "qinco1": (dict(K=256, M=8, L=16, de=None, dh=256, A=0, B=1, qinco1_mode=True,
                     init="reference", codebook_noise_init=1.0),
                dict(lr=1e-4, optimizer="adam", schedule="plateau", weight_decay=0.0,
-                    grad_clip=None, stop_patience=20, reset_dead_codes=False),
+                    grad_clip=None, stop_patience=20, reset_dead_codes=False, epochs=71),
                dict(name="bigann", eval_AB=(0, 1), db=1_000_000)),
 }
 
@@ -103,14 +105,14 @@ def test_command_line_overrides_parse_and_apply(name):
        f"--config={name}",
        "--config.model.M=16", "--config.model.A=4", "--config.model.de=32",
        "--config.train.lr=0.002", "--config.train.time_budget_s=90",
-       "--config.train.max_epochs=7", "--config.eval.B=64", "--config.ds.loop=5000",
+       "--config.train.epochs=7", "--config.eval.B=64", "--config.ds.loop=5000",
        "--print_config"], capture_output=True, text=True, timeout=120,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0, r.stderr[-2000:]
   c = json.loads(r.stdout)
   assert (c["model"]["M"], c["model"]["A"], c["model"]["de"]) == (16, 4, 32)
   t = c["train"]
-  assert (t["lr"], t["time_budget_s"], t["max_epochs"], t["loop"]) == (0.002, 90.0, 7, 5000)
+  assert (t["lr"], t["time_budget_s"], t["epochs"], t["loop"]) == (0.002, 90.0, 7, 5000)
   assert c["eval"]["B"] == 64
 
 

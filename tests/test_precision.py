@@ -15,7 +15,7 @@ from qinco_jax import train, trainer
 def trained(tmp_path_factory):
   ds = qj.data.load_synthetic(n_train=4000, n_db=2000, n_queries=10, d=16, n_val=500)
   cfg = qj.QincoConfig(K=64, M=4, L=2, de=16, dh=32, A=4, B=4)
-  tc = train.TrainConfig(lr=4e-3, epochs=3, warmup_epochs=0.5, max_epochs=3,
+  tc = train.TrainConfig(lr=4e-3, epochs=3, warmup_epochs=0.5,
                          batch_per_device=256)
   codec = trainer.train_and_evaluate(cfg, tc, ds, tmp_path_factory.mktemp("p") / "f32",
                                      verbose=False)

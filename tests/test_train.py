@@ -19,15 +19,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_lr_schedule_matches_spec():
-  cfg = train.TrainConfig()  # warm-up 3, quarter cosine 60, floor 1e-3
+  # warm-up 3, quarter cosine 60 (ending with the 63 epochs trained), floor 1e-3
   t = jnp.array([0.0, 1.5, 3.0, 33.0, 63.0, 80.0])
   expected = [1e-3, 0.5, 1.0, np.cos(np.pi / 4), 1e-3, 1e-3]
-  np.testing.assert_allclose(train.lr_factor(t, cfg), expected, rtol=1e-5, atol=1e-7)
-  assert cfg.total_epochs == 71  # epoch indices 0..70
+  for cfg in (train.TrainConfig(), train.TrainConfig(epochs=71, cosine_epochs=60)):
+    np.testing.assert_allclose(train.lr_factor(t, cfg), expected, rtol=1e-5, atol=1e-7)
+  assert train.TrainConfig().epochs == 63
+  # `epochs` is what is trained: the cosine of a 20-epoch run ends at epoch 20.
+  short = train.TrainConfig(epochs=20, warmup_epochs=2)
+  np.testing.assert_allclose(train.lr_factor(jnp.array([11.0, 20.0]), short),
+                             [np.cos(np.pi / 4), 1e-3], rtol=1e-5)
+  with pytest.raises(ValueError, match="epochs \\(2\\) must exceed warmup_epochs"):
+    train.TrainConfig(epochs=2, warmup_epochs=3)
 
 
 def test_optimizer_lr_follows_fractional_epochs():
-  cfg = train.TrainConfig(lr=1.0, warmup_epochs=1, epochs=2)
+  cfg = train.TrainConfig(lr=1.0, warmup_epochs=1, epochs=3)  # a 2-epoch cosine
   tx = train.make_optimizer(cfg, steps_per_epoch=4)
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
@@ -116,7 +123,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_best(tmp_path):
 def test_existing_workdir_needs_resume(tmp_path):
   ds = qj.data.load_synthetic(n_train=1024, n_db=100, n_queries=10, d=8, n_val=200)
   cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
-  tc = train.TrainConfig(epochs=1, warmup_epochs=0, max_epochs=1, batch_per_device=256)
+  tc = train.TrainConfig(epochs=1, warmup_epochs=0, batch_per_device=256)
   trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
   with pytest.raises(ValueError, match="resume"):
     trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
@@ -139,7 +146,7 @@ _CHILD = textwrap.dedent("""
     # K=256 on 1,536 vectors leaves codes unused: the resumed run must replay the
     # dead-codeword resets (same rows, same key) as the uninterrupted one.
     cfg = qj.QincoConfig(K=256, M=3, L=1, de=None, dh=8, A=2, B=2)
-    tc = train.TrainConfig(epochs=2, warmup_epochs=1, max_epochs=3, stop_patience=5,
+    tc = train.TrainConfig(epochs=3, warmup_epochs=1, stop_patience=5,
                            batch_per_device=128, log_every=2)
     codec = trainer.train_and_evaluate(cfg, tc, ds, workdir, resume=(mode == "resume"),
                                        verbose=False)
@@ -309,7 +316,7 @@ def test_plateau_schedule_divides_the_lr_by_10_after_patience_bad_epochs(tmp_pat
                                                                         monkeypatch):
   """The qinco1 recipe: lr x 0.1 after every `plateau_patience` epochs without a
   validation improvement, never below lr x 1e-2 (hand-computed from scripted values)."""
-  tc = train.train_preset("qinco1", plateau_patience=2, max_epochs=7)
+  tc = train.train_preset("qinco1", plateau_patience=2, epochs=7)
   _, _, epochs, log = _scripted_run(tmp_path, monkeypatch, [5.0] + [6.0] * 7, 100, tc)
   assert len(epochs) == 7
   lr = [[r["lr"] for r in log if r.get("epoch") == e and "lr" in r][-1] for e in range(7)]
@@ -320,7 +327,7 @@ def test_plateau_schedule_divides_the_lr_by_10_after_patience_bad_epochs(tmp_pat
 def _tiny_run(tmp_path, **tc_kw):
   ds = qj.data.load_synthetic(n_train=1024, n_db=100, n_queries=10, d=8, n_val=200)
   cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
-  tc = train.TrainConfig(**{**dict(epochs=1, warmup_epochs=0, max_epochs=1,
+  tc = train.TrainConfig(**{**dict(epochs=1, warmup_epochs=0,
                                    batch_per_device=256), **tc_kw})
   return ds, cfg, tc
 
@@ -334,8 +341,8 @@ def test_resume_refuses_another_model_and_warns_about_other_settings(tmp_path):
   with pytest.raises(ValueError, match=r"L: 1 in the checkpoint, 2 asked.*dh: 8 in"):
     trainer.train_and_evaluate(cfg.replace(L=2, dh=16), tc, ds, tmp_path / "run",
                                resume=True, verbose=False)
-  more = tc.replace(lr=1e-3, max_epochs=2)
-  with pytest.warns(UserWarning, match=r"lr 0.0008 -> 0.001.*max_epochs 1 -> 2"):
+  more = tc.replace(lr=1e-3, epochs=2)
+  with pytest.warns(UserWarning, match=r"lr 0.0008 -> 0.001.*epochs 1 -> 2"):
     trainer.train_and_evaluate(cfg, more, ds, tmp_path / "run", resume=True,
                                verbose=False)
   log = trainer.read_metrics(tmp_path / "run")

@@ -29,7 +29,7 @@ def base(preset: str = "qinco2-S") -> ml_collections.ConfigDict:
   c.model.de_is_D = False  # set True for de = data dimension (no projections)
   c.train = ml_collections.ConfigDict(dict(
       lr=_float(), epochs=_int(), warmup_epochs=_float(), stop_patience=_int(),
-      max_epochs=_int(), batch_per_device=_int(), accumulate=_int(), seed=0, log_every=50,
+      cosine_epochs=_float(), batch_per_device=_int(), accumulate=_int(), seed=0, log_every=50,
       time_budget_s=_float()))  # seconds of wall time; the cosine ends with the budget
   # Data: "glove" (default), "synthetic", "bigann" (files under data.root), or files.
   c.data = ml_collections.ConfigDict(dict(

@@ -17,7 +17,7 @@ from qinco_jax.configs import common
 def get_config():
   c = common.base("qinco2-S")
   c.model.update(M=8, L=2, de=64, dh=128, A=4, B=4)
-  c.train.update(epochs=5, warmup_epochs=1, stop_patience=3, max_epochs=6,
+  c.train.update(epochs=6, warmup_epochs=1, stop_patience=3,
                  batch_per_device=1024)
   c.ds.loop = 290_000  # one epoch = one pass over the 290k training vectors
   c.eval.update(A=8, B=16, rq_beam=8, rq_train=50_000)  # beam 32 RQ: bench_quantizers
