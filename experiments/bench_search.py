@@ -126,6 +126,10 @@ def build_commands(workdir):
   return cmds or [f"python experiments/search_bigann.py --workdir={workdir}"]
 
 
+def plot_title(n_db: int, nq: int) -> str:
+  return f"GloVe, {n_db:,} vectors in 8 bytes\n{nq:,} queries, 2-core CPU"
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", default="runs/search_glove")
@@ -176,7 +180,7 @@ def main():
   os.makedirs(os.path.dirname(args.doc) or ".", exist_ok=True)
   png = os.path.join(os.path.dirname(args.doc), "speed_recall.png")
   plots.speed_recall({k: [(r["qps"], r["R@1"]) for r in v] for k, v in curves.items()},
-                     path=png)
+                     path=png, title=plot_title(len(db), len(queries)))
   with open(os.path.join(args.workdir, "bench_search.json"), "w") as f:
     json.dump({"curves": curves, "table4": table4, "build_s": build,
                "equal_qps": equal_qps_ratios(curves), "ceiling": ceiling}, f, indent=1)
