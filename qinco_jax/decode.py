@@ -48,11 +48,6 @@ def decode_steps(model: Qinco, codes: Array) -> tuple[Array, Array]:
   return x_hat_last, jnp.concatenate([x_hat[None], partials])
 
 
-def decode(model: Qinco, codes: Array) -> Array:
-  """Decodes (N, m) codes to (N, D) float32 in normalised space."""
-  return decode_steps(model, codes)[0]
-
-
 def normalize(model: Qinco, x: Array) -> Array:
   """Raw (N, D) -> normalised: (x - data_mean) / data_std."""
   return (x - model.data_mean[...]) / model.data_std[...]

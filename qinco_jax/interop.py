@@ -43,7 +43,6 @@ readable with nothing but NumPy.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -69,11 +68,6 @@ _FAISS_HINT = "faiss is needed for this: pip install faiss-cpu"
 
 
 # --------------------------------------------------------------------- helpers
-def _ivf_supported() -> bool:
-  """Whether this version of the library models an IVF step 0 (`QincoConfig.ivf_K`)."""
-  return any(f.name == "ivf_K" for f in dataclasses.fields(QincoConfig))
-
-
 def _n_ivf(cfg: QincoConfig) -> int:
   return 1 if getattr(cfg, "ivf_K", 0) else 0
 
@@ -232,8 +226,6 @@ def _config_from_parameters(parameters: Mapping[str, Any], sd: Mapping[str, Any]
                      f"got {type(parameters).__name__}")
   p = {k: v for k, v in parameters.items() if v is not None}
   ivf = bool(p.get("ivf_in_use", False)) or "steps.0.ivf_centroids.weight" in sd
-  if ivf and not _ivf_supported():
-    raise NotImplementedError("IVF checkpoints: not supported yet")
   qinco1 = bool(p.get("qinco1_mode", False))
   steps = {int(m.group(1)) for m in map(_STEP_KEY.match, sd) if m}
   n_steps = max(steps) + 1 if steps else 0
@@ -317,9 +309,6 @@ def from_state_dict(sd: Mapping[str, Any], parameters: Mapping[str, Any],
                      f"with D={d}: {missing[:5]}{more}")
   unexpected = sorted(set(sd) - expected)
   if unexpected:
-    if any(k.startswith("steps.0.ivf_centroids") for k in unexpected):
-      raise NotImplementedError("IVF checkpoints: not supported yet (the state dict has "
-                                "IVF centroids but parameters say ivf_in_use is false)")
     more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
     raise ValueError(f"state dict has {len(unexpected)} unexpected key(s) for {cfg} with "
                      f"D={d}: {unexpected[:5]}{more}")

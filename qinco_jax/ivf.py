@@ -29,19 +29,6 @@ def train_centroids(x, ivf_K: int, niter: int = 100, seed: int = 0,
   return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, chunk: int = 65536) -> np.ndarray:
-  """Nearest centroid id (n,) int64 of every row, exact L2 (faiss flat index)."""
-  import faiss
-
-  index = faiss.IndexFlatL2(centroids.shape[1])
-  index.add(data.as_float32(np.asarray(centroids), name="centroids"))
-  out = np.empty(len(x), np.int64)
-  for s in range(0, len(x), chunk):
-    _, I = index.search(data.as_float32(np.asarray(x[s:s + chunk]), name="x"), 1)
-    out[s:s + chunk] = I[:, 0]
-  return out
-
-
 def save_centroids(path: str | os.PathLike, centroids: np.ndarray):
   data.write_vecs(str(path), np.asarray(centroids, np.float32))
 

@@ -43,21 +43,6 @@ def mse(x: np.ndarray, x_hat: np.ndarray, mse_scale: float = 1.0) -> float:
   return float(mse_scale) * total / x.shape[0]
 
 
-def per_step_mse(x: np.ndarray, recons: Sequence[np.ndarray] | np.ndarray,
-                 mse_scale: float = 1.0) -> list[float]:
-  """MSE of each partial reconstruction x̂_1..x̂_M (see `mse`).
-
-  Args:
-    x: (n, d) original vectors.
-    recons: sequence of M arrays (n, d), or an (M, n, d) array.
-    mse_scale: reporting factor.
-
-  Returns:
-    list of M floats, one per step.
-  """
-  return [mse(x, r, mse_scale) for r in recons]
-
-
 def knn(queries: np.ndarray, db: np.ndarray, k: int = 100,
         db_chunk: int = 1 << 20) -> np.ndarray:
   """Exact L2 k-nearest neighbours (faiss flat search, merged over db chunks).

@@ -196,3 +196,28 @@ def np_exhaustive(p: dict, x: np.ndarray):
     if best is None or err < best[0]:
       best = (err, list(codes))
   return best[1], np_decode(p, best[1])
+
+
+def normalised(codec, x):
+  """(NumPy params of the codec, x in its normalised space as float64)."""
+  p = np_params(codec)
+  return p, (x.astype(np.float64) - p["mean"]) / p["std"]
+
+
+def code_errors(p: dict, x: np.ndarray, codes) -> np.ndarray:
+  """Squared error of each code sequence, decoded by the reference."""
+  return np.array([((xi - np_decode(p, c)) ** 2).sum() for xi, c in zip(x, codes)])
+
+
+def assert_same_codes(p: dict, z: np.ndarray, ours, ref, min_exact: float = 0.95):
+  """Codes agree exactly, except where two paths tie within float32 rounding."""
+  exact = np.all(ours == ref, axis=1)
+  assert exact.mean() >= min_exact, f"only {exact.mean():.2%} identical code rows"
+  np.testing.assert_allclose(code_errors(p, z, ours), code_errors(p, z, ref),
+                             rtol=1e-4, atol=1e-5)
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+  """Index (n,) of the nearest centroid of every row, exact float64 L2."""
+  x, c = np.asarray(x, np.float64), np.asarray(centroids, np.float64)
+  return (((x[:, None, :] - c[None]) ** 2).sum(-1)).argmin(1)

@@ -18,71 +18,53 @@ def _codec(K=4, M=3, A=2, B=3, L=2, de=None, seed=0, qinco1_mode=False):
   return reference.randomize(codec, seed=seed), rng
 
 
-def _errors(p, x, codes):
-  """Squared error of each code sequence, decoded by the reference."""
-  return np.array([((xi - reference.np_decode(p, c)) ** 2).sum() for xi, c in zip(x, codes)])
-
-
-def _assert_same_codes(p, z, ours, ref, min_exact=0.95):
-  """Codes agree exactly, except where two paths tie within float32 rounding."""
-  exact = np.all(ours == ref, axis=1)
-  assert exact.mean() >= min_exact, f"only {exact.mean():.2%} identical code rows"
-  e_ours, e_ref = _errors(p, z, ours), _errors(p, z, ref)
-  np.testing.assert_allclose(e_ours, e_ref, rtol=1e-4, atol=1e-5)
-
-
-def _normalised(codec, x):
-  p = reference.np_params(codec)
-  return p, (x.astype(np.float64) - p["mean"]) / p["std"]
-
-
 def test_greedy_B1_A0_equals_stepwise_greedy():
   codec, rng = _codec(K=6, M=4, A=0, B=1)
   x = rng.standard_normal((60, D)).astype(np.float32) * 2
-  p, z = _normalised(codec, x)
+  p, z = reference.normalised(codec, x)
   ref = np.array([reference.np_greedy(p, zi)[0] for zi in z])
   ours = codec.encode(x, A=0, B=1, verbose=False)
-  _assert_same_codes(p, z, ours, ref)
+  reference.assert_same_codes(p, z, ours, ref)
 
 
 def test_full_beam_finds_exhaustive_optimum():
   K, M = 4, 3
   codec, rng = _codec(K=K, M=M, A=0, B=1)
   x = rng.standard_normal((40, D)).astype(np.float32) * 2
-  p, z = _normalised(codec, x)
+  p, z = reference.normalised(codec, x)
   ref = np.array([reference.np_exhaustive(p, zi)[0] for zi in z])
   ours = codec.encode(x, A=0, B=K ** (M - 1), verbose=False)
-  _assert_same_codes(p, z, ours, ref)
+  reference.assert_same_codes(p, z, ours, ref)
   # ... and greedy is strictly worse on some vectors (the test can tell them apart).
   greedy = codec.encode(x, A=0, B=1, verbose=False)
-  assert (_errors(p, z, greedy) > _errors(p, z, ref) + 1e-6).any()
+  assert (reference.code_errors(p, z, greedy) > reference.code_errors(p, z, ref) + 1e-6).any()
 
 
 @pytest.mark.parametrize("A,B", [(2, 3), (3, 1), (1, 5), (4, 8)])
 def test_beam_with_preselection_matches_reference(A, B):
   codec, rng = _codec(K=6, M=4, A=3, B=3, de=7)
   x = rng.standard_normal((40, D)).astype(np.float32) * 2
-  p, z = _normalised(codec, x)
+  p, z = reference.normalised(codec, x)
   ref = np.array([reference.np_beam(p, zi, A, B)[0] for zi in z])
   ours = codec.encode(x, A=A, B=B, verbose=False)
-  _assert_same_codes(p, z, ours, ref)
+  reference.assert_same_codes(p, z, ours, ref)
 
 
 def test_A_equal_K_equals_no_preselection():
   codec, rng = _codec(K=6, M=4, A=3, B=3)
   x = rng.standard_normal((50, D)).astype(np.float32) * 2
-  p, z = _normalised(codec, x)
+  p, z = reference.normalised(codec, x)
   full = codec.encode(x, A=6, B=4, verbose=False)
   none = codec.encode(x, A=0, B=4, verbose=False)
-  _assert_same_codes(p, z, full, none, min_exact=0.98)
+  reference.assert_same_codes(p, z, full, none, min_exact=0.98)
 
 
 def test_qinco1_mode_greedy_matches_reference():
   codec, rng = _codec(K=5, M=3, A=0, B=1, qinco1_mode=True)
   x = rng.standard_normal((30, D)).astype(np.float32)
-  p, z = _normalised(codec, x)
+  p, z = reference.normalised(codec, x)
   ref = np.array([reference.np_greedy(p, zi)[0] for zi in z])
-  _assert_same_codes(p, z, codec.encode(x, verbose=False), ref)
+  reference.assert_same_codes(p, z, codec.encode(x, verbose=False), ref)
 
 
 def test_larger_beam_is_never_worse_on_average():
@@ -99,7 +81,7 @@ def test_larger_beam_is_never_worse_on_average():
 def test_encoder_reconstruction_matches_reference_decode():
   codec, rng = _codec(K=6, M=4, A=3, B=3, de=7)
   x = rng.standard_normal((20, D)).astype(np.float32)
-  p, _ = _normalised(codec, x)
+  p, _ = reference.normalised(codec, x)
   codes, x_hat = codec.encode(x, verbose=False, return_x_hat=True)
   ref = np.stack([reference.np_decode(p, c) for c in codes]) * p["std"] + p["mean"]
   np.testing.assert_allclose(x_hat, ref, rtol=1e-4, atol=1e-4)
@@ -115,13 +97,13 @@ def test_preselection_network_Ls_option():
   codec = reference.randomize(codec, seed=3)
   assert codec.model().pre_steps is not None
   x = rng.standard_normal((40, D)).astype(np.float32)
-  p, z = _normalised(codec, x)
-  _assert_same_codes(p, z, codec.encode(x, A=6, B=3, verbose=False),
+  p, z = reference.normalised(codec, x)
+  reference.assert_same_codes(p, z, codec.encode(x, A=6, B=3, verbose=False),
                      codec.encode(x, A=0, B=3, verbose=False), min_exact=0.98)
   # With A < K: the candidates g_m picks, ||x - x_hat - g(C'[k], x_hat)||^2 scored in
   # NumPy (spec 5.2), give the same codes; plain C' scoring would give others.
   got = codec.encode(x, A=2, B=2, verbose=False)
-  _assert_same_codes(p, z, got, np.array([reference.np_beam(p, zi, 2, 2)[0] for zi in z]),
+  reference.assert_same_codes(p, z, got, np.array([reference.np_beam(p, zi, 2, 2)[0] for zi in z]),
                      min_exact=0.98)
   plain = {**p, "steps": [{**st, "g": None} for st in p["steps"]]}
   assert not np.array_equal(got, [reference.np_beam(plain, zi, 2, 2)[0] for zi in z])

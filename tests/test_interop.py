@@ -202,17 +202,11 @@ def test_missing_and_unexpected_keys(codec2):
 def test_ivf_checkpoints(codec2):
   sd = interop.to_torch_state_dict(codec2)
   params = {**interop.torch_parameters(codec2), "ivf_in_use": True, "ivf_K": 32}
-  if not interop._ivf_supported():
-    with pytest.raises(NotImplementedError, match="IVF checkpoints: not supported yet"):
-      interop.from_state_dict(sd, params, D)
-    return
   with pytest.raises(ValueError, match=r"missing.*ivf_centroids"):
     interop.from_state_dict(sd, params, D)
 
 
 def test_ivf_round_trip():
-  if not interop._ivf_supported():
-    pytest.skip("this version has no IVF step")
   cfg = qj.QincoConfig(K=8, M=2, L=1, de=6, dh=5, A=2, B=2, ivf_K=16)
   codec = make_codec(cfg, D)
   sd = interop.to_torch_state_dict(codec)

@@ -10,7 +10,6 @@ import pytest
 import qinco_jax as qj
 from qinco_jax import ivf, train
 from tests import reference
-from tests.test_encode import _assert_same_codes, _normalised
 
 D = 5
 
@@ -41,12 +40,12 @@ def test_ivf_centroids_are_frozen_and_not_counted():
 def test_ivf_beam_search_matches_reference(A, B):
   codec, _, _, rng = _ivf_codec()
   x = (rng.standard_normal((40, D)) * 2 + 1).astype(np.float32)
-  p, z = _normalised(codec, x)
+  p, z = reference.normalised(codec, x)
   ref = np.array([reference.np_beam(p, zi, A, B)[0] for zi in z])
   codes = codec.encode(x, A=A, B=B, verbose=False)
   assert codes.shape == (40, 4) and codes.dtype == np.int32
-  np.testing.assert_array_equal(codes[:, 0], ivf.assign(x, codec_centroids_raw(codec)))
-  _assert_same_codes(p, z, codes, ref)
+  np.testing.assert_array_equal(codes[:, 0], reference.nearest(x, codec_centroids_raw(codec)))
+  reference.assert_same_codes(p, z, codes, ref)
   np.testing.assert_allclose(
       codec.decode(codes, verbose=False),
       np.stack([reference.np_decode(p, c) for c in codes]) * p["std"] + p["mean"],

@@ -26,13 +26,6 @@ def test_mse_shape_errors():
     metrics.mse(np.zeros((0, 2)), np.zeros((0, 2)))
 
 
-def test_per_step_mse():
-  x = np.zeros((2, 3))
-  recons = np.stack([np.full((2, 3), 2.0), np.full((2, 3), 1.0), np.zeros((2, 3))])
-  assert metrics.per_step_mse(x, recons) == pytest.approx([12.0, 3.0, 0.0], abs=1e-12)
-  assert metrics.per_step_mse(x, list(recons), 0.5) == pytest.approx([6.0, 1.5, 0.0], abs=1e-12)
-
-
 def test_knn():
   db = np.array([[0.0], [10.0], [3.0], [7.0]], np.float32)
   q = np.array([[2.0], [9.0]], np.float32)
