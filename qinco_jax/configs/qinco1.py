@@ -13,10 +13,4 @@ from qinco_jax.configs import common
 
 
 def get_config():
-  c = common.base("qinco1")
-  c.data.name = "bigann"
-  c.data.mse_scale = 1e-4
-  c.ds.db = 1_000_000
-  c.eval.update(A=0, B=1)  # QINCo1: greedy exhaustive
-  c.train.epochs = 71  # the reference's cap (spec 9.6); the plateau schedule decays
-  return c
+  return common.paper("qinco1")

@@ -13,11 +13,4 @@ from qinco_jax.configs import common
 
 
 def get_config():
-  c = common.base("qinco2-L")
-  c.data.name = "bigann"
-  c.data.mse_scale = 1e-4
-  c.ds.db = 1_000_000
-  c.eval.update(A=32, B=64)
-  # The paper's length: 3 warm-up + 60 cosine epochs, then 8 at lr ~ 0 (spec 9.6).
-  c.train.update(epochs=71, cosine_epochs=60.0)
-  return c
+  return common.paper("qinco2-L")
