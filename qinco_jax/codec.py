@@ -359,28 +359,15 @@ class Codec:
     return int(shape[0])
 
   def _check_codes(self, codes) -> np.ndarray:
-    codes = np.asarray(codes) if not isinstance(codes, np.ndarray) else codes
-    if codes.ndim != 2:
-      raise ValueError(f"codes must be a 2-D (n, m) array, got shape {codes.shape}")
-    if not np.issubdtype(codes.dtype, np.integer):
-      raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
+    codes = data.check_int_matrix(codes, "codes")
     if not 1 <= codes.shape[1] <= self.n_codes:
       raise ValueError(f"codes must have between 1 and {self.n_codes} columns "
                        f"(M={self.M}{' + IVF' if self.cfg.ivf_K else ''}), got "
                        f"{codes.shape[1]}")
-    if codes.size:
-      n_ivf = self.cfg.n_ivf
-      if n_ivf:
-        lo, hi = int(codes[:, 0].min()), int(codes[:, 0].max())
-        if lo < 0 or hi >= self.cfg.ivf_K:
-          raise ValueError(f"IVF ids (column 0) must be in [0, ivf_K={self.cfg.ivf_K}),"
-                           f" got values in [{lo}, {hi}]")
-      if codes.shape[1] > n_ivf:
-        rest = codes[:, n_ivf:]
-        lo, hi = int(rest.min()), int(rest.max())
-        if lo < 0 or hi >= self.K:
-          raise ValueError(f"codes must be in [0, K={self.K}), got values in "
-                           f"[{lo}, {hi}]")
+    n_ivf = self.cfg.n_ivf
+    if n_ivf:
+      data.check_int_matrix(codes[:, :n_ivf], "IVF ids (column 0)", self.cfg.ivf_K)
+    data.check_int_matrix(codes[:, n_ivf:], "codes", self.K)
     return codes
 
   # ------------------------------------------------------------------ I/O

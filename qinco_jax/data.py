@@ -237,9 +237,8 @@ def check_int_matrix(codes, name: str, upper: Optional[int] = None) -> np.ndarra
     lo = int(codes.min())
     hi = int(codes.max())
     if lo < 0 or (upper is not None and hi >= upper):
-      bound = "" if upper is None else f"0..{upper - 1}"
-      raise ValueError(f"{name}: codes must lie in {bound or 'non-negative values'}, "
-                       f"got range {lo}..{hi}")
+      bound = "be non-negative" if upper is None else f"lie in 0..{upper - 1}"
+      raise ValueError(f"{name}: codes must {bound}, got range {lo}..{hi}")
   return codes
 
 

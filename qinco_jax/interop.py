@@ -546,14 +546,9 @@ def faiss_encode(q, x) -> np.ndarray:
 def faiss_decode(q, codes) -> np.ndarray:
   """Decodes (n, M) integer codes with a faiss.QINCo: returns (n, d) float32."""
   faiss = _import_faiss()
-  codes = np.asarray(codes)
-  if codes.ndim != 2 or codes.shape[1] != q.M:
+  codes = data.check_int_matrix(codes, "codes", q.K)
+  if codes.shape[1] != q.M:
     raise ValueError(f"codes must be an (n, M={q.M}) array, got shape {codes.shape}")
-  if not np.issubdtype(codes.dtype, np.integer):
-    raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
-  if codes.size and (codes.min() < 0 or codes.max() >= q.K):
-    raise ValueError(f"codes must be in [0, K={q.K}), got values in "
-                     f"[{codes.min()}, {codes.max()}]")
   if len(codes) == 0:
     return np.zeros((0, q.d), np.float32)
   return q.decode(faiss.Int32Tensor2D(np.ascontiguousarray(codes, np.int32))).numpy()

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from qinco_jax.data import compute_gt, iter_chunks
+from qinco_jax.data import check_int_matrix, compute_gt, iter_chunks
 
 _CHUNK = 1 << 16
 
@@ -107,16 +107,11 @@ def codebook_usage(codes: np.ndarray, K: int) -> dict:
     "unused_frac" (list of M fractions of codewords never chosen), "mean_entropy",
     "min_entropy" and "mean_unused_frac" (floats).
   """
-  codes = np.asarray(codes)
-  if codes.ndim != 2 or codes.shape[0] == 0:
-    raise ValueError(f"codes: expected a non-empty 2-D array (n, M), got shape {codes.shape}")
-  if codes.dtype.kind not in "iu":
-    raise ValueError(f"codes: expected an integer dtype, got {codes.dtype}")
   if K < 1:
     raise ValueError(f"K must be >= 1, got {K}")
-  lo, hi = int(codes.min()), int(codes.max())
-  if lo < 0 or hi >= K:
-    raise ValueError(f"codes: expected values in 0..{K - 1}, got range {lo}..{hi}")
+  codes = check_int_matrix(codes, "codes", K)
+  if codes.shape[0] == 0:
+    raise ValueError("codes: expected at least one row, got none")
   entropy, unused = [], []
   for m in range(codes.shape[1]):
     counts = np.bincount(codes[:, m].astype(np.int64), minlength=K)
