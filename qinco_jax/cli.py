@@ -107,12 +107,21 @@ def _config_help() -> str:
     c = common.base()
   except Exception:  # ml_collections missing: --help still works
     return ""
+  import dataclasses
+
+  from qinco_jax.config import QincoConfig
+  from qinco_jax.train import TrainConfig
+  defaults = {name: {f.name: f.default for f in dataclasses.fields(cls)}
+              for name, cls in (("model", QincoConfig), ("train", TrainConfig))}
   lines = []
   for section in ("model", "train", "data", "ds", "eval"):
-    fields = ", ".join(f"{k}={v!r}" for k, v in c[section].items())
+    d = defaults.get(section, {})
+    fields = ", ".join(f"{k}={d.get(k, v)!r}" for k, v in c[section].items())
     lines.append(f"  {section}: {fields}")
-  lines.append("  model: QincoConfig fields; train: TrainConfig fields (docs: "
-               "help(qinco_jax.config.QincoConfig), help(qinco_jax.train.TrainConfig))")
+  lines.append("  model: every QincoConfig field, shown with the dataclass default (a "
+               "config's preset may set others); train: every TrainConfig field but loop "
+               "(= ds.loop). Meanings: help(qinco_jax.config.QincoConfig), "
+               "help(qinco_jax.train.TrainConfig)")
   return "\n".join(lines)
 
 

@@ -25,8 +25,7 @@ def _set(d: dict) -> dict[str, Any]:
 
 
 def model_config(c, d: int) -> QincoConfig:
-  over = _set({k: c.model.get(k) for k in ("K", "M", "L", "de", "dh", "A", "B", "Ls",
-                                           "init", "dtype")})
+  over = _set({k: v for k, v in c.model.items() if k != "de_is_D"})
   if c.model.get("de_is_D", False):
     over["de"] = None
   return preset(c.preset, **over)

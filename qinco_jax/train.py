@@ -41,7 +41,8 @@ class TrainConfig:
   # all, spec 9.6): `epochs=71, cosine_epochs=60` reproduces that.
   epochs: int = 63
   # Length of the quarter cosine after the warm-up, in epochs; None: it ends with the
-  # last epoch (epochs - warmup_epochs).
+  # last epoch. The warm-up takes at most half of `epochs` (as under a time budget),
+  # so a run shorter than two warm-ups still anneals.
   cosine_epochs: float | None = None
   lr_min_fact: float = 1e-3  # lr floor = lr * lr_min_fact (8e-7 by default)
   stop_patience: int = 10  # stop after more than this many epochs without improvement
@@ -72,11 +73,7 @@ class TrainConfig:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
     if self.cosine_epochs is not None and not self.cosine_epochs > 0:
       raise ValueError(f"cosine_epochs must be > 0 or None, got {self.cosine_epochs!r}")
-    if self.cosine_epochs is None and self.schedule == "cosine" and (
-        self.time_budget_s is None and not self.epochs > self.warmup_epochs):
-      raise ValueError(f"epochs ({self.epochs}) must exceed warmup_epochs "
-                       f"({self.warmup_epochs:g}) to leave room for the cosine (or set "
-                       "cosine_epochs)")
+
     if self.time_budget_s is not None:
       if not self.time_budget_s > 0:
         raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s!r}")
@@ -85,11 +82,16 @@ class TrainConfig:
                          f"{self.schedule!r}")
 
   @property
+  def warmup_length(self) -> float:
+    """Warm-up epochs used: `warmup_epochs`, at most half of `epochs`."""
+    return min(self.warmup_epochs, self.epochs / 2)
+
+  @property
   def cosine_length(self) -> float:
     """Epochs of the quarter cosine after the warm-up."""
     if self.cosine_epochs is not None:
       return self.cosine_epochs
-    return max(self.epochs - self.warmup_epochs, 1e-9)
+    return self.epochs - self.warmup_length
 
   def replace(self, **kw) -> "TrainConfig":
     return dataclasses.replace(self, **kw)
@@ -111,10 +113,10 @@ def lr_factor(t, cfg: TrainConfig, cosine_epochs: float | None = None, xp=jnp,
   """lambda(t) of spec 9.5 at fractional epoch t: warm-up then quarter cosine.
 
   cosine_epochs: length of the quarter cosine (default cfg.cosine_length). warmup_epochs:
-  length of the warm-up (default cfg.warmup_epochs). xp: jnp (traced, inside the
+  length of the warm-up (default cfg.warmup_length). xp: jnp (traced, inside the
   optimiser) or np (host floats, for the time-budget schedule).
   """
-  w = cfg.warmup_epochs if warmup_epochs is None else warmup_epochs
+  w = cfg.warmup_length if warmup_epochs is None else warmup_epochs
   length = cfg.cosine_length if cosine_epochs is None else cosine_epochs
   warm = xp.minimum(t / w, 1.0) if w > 0 else xp.ones_like(t)
   cos = xp.cos(xp.minimum((t - w) / length, 1.0) * xp.pi / 2)

@@ -1,20 +1,39 @@
 """Shared config skeleton: every experiment config starts from `base()`.
 
-Fields: `model` (QincoConfig fields; A and B are the *training* beam), `train`
-(TrainConfig fields), `data` (files or the GloVe default), `ds` (size limits), `eval`
-(evaluation beam and database size), `preset`, `resume`.
+Fields: `model` (every QincoConfig field; A and B are the *training* beam), `train`
+(every TrainConfig field but `loop`, which is `ds.loop`), `data` (files or the GloVe
+default), `ds` (size limits), `eval` (evaluation beam and database size), `preset`,
+`resume`. The model and train sections are generated from the dataclasses, so a new
+field is settable from the command line without being listed here; their values are
+None (= the preset's or the dataclass's default) until a config or a flag sets them.
 """
+
+import dataclasses
+import re
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from qinco_jax.config import QincoConfig
+from qinco_jax.train import TrainConfig
 
-def _int():
-  return placeholder(int)  # None (= the preset's value) but overridable from flags
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _float():
-  return placeholder(float)
+def _field_type(f: dataclasses.Field) -> type:
+  """The scalar type of a dataclass field ("int | None" -> int), for the placeholder."""
+  names = re.findall(r"[A-Za-z_]+", f.type if isinstance(f.type, str) else f.type.__name__)
+  found = [_TYPES[n] for n in names if n in _TYPES]
+  if not found:
+    raise TypeError(f"{f.name}: no command-line type for annotation {f.type!r}")
+  return found[0]
+
+
+def section(cls, skip=()) -> ml_collections.ConfigDict:
+  """One None placeholder per field of dataclass `cls` (but `skip`), typed after it."""
+  return ml_collections.ConfigDict({
+      f.name: placeholder(_field_type(f)) for f in dataclasses.fields(cls)
+      if f.name not in skip})
 
 
 def base(preset: str = "qinco2-S") -> ml_collections.ConfigDict:
@@ -22,21 +41,17 @@ def base(preset: str = "qinco2-S") -> ml_collections.ConfigDict:
   c.preset = preset
   c.resume = False
   # Model overrides on top of the preset (None = the preset's value).
-  c.model = ml_collections.ConfigDict(dict(
-      K=_int(), M=_int(), L=_int(), de=_int(), dh=_int(), A=_int(), B=_int(), Ls=_int(),
-      init=placeholder(str),  # "rq" (QINCo2 default: start at the RQ) or "reference"
-      dtype=placeholder(str)))  # matmul dtype of the step networks: float32 | bfloat16
+  c.model = section(QincoConfig)
   c.model.de_is_D = False  # set True for de = data dimension (no projections)
-  c.train = ml_collections.ConfigDict(dict(
-      lr=_float(), epochs=_int(), warmup_epochs=_float(), stop_patience=_int(),
-      cosine_epochs=_float(), batch_per_device=_int(), accumulate=_int(), seed=0, log_every=50,
-      time_budget_s=_float()))  # seconds of wall time; the cosine ends with the budget
+  # Training recipe overrides (None = the dataclass default or the preset's recipe).
+  c.train = section(TrainConfig, skip=("loop",))
   # Data: "glove" (default), "synthetic", "bigann" (files under data.root), or files.
   c.data = ml_collections.ConfigDict(dict(
       name="glove", root="", trainset="", db="", queries="", gt="", mse_scale=1.0))
   c.ds = ml_collections.ConfigDict(dict(trainset=0, valset=10_000, db=0, loop=10_000_000))
   # Evaluation beam (None = training A/B) and the faiss RQ baseline printed beside it.
-  c.eval = ml_collections.ConfigDict(dict(A=_int(), B=_int(), rq_baseline=True, rq_beam=32,
+  c.eval = ml_collections.ConfigDict(dict(A=placeholder(int), B=placeholder(int),
+                                          rq_baseline=True, rq_beam=32,
                                           rq_train=100_000))
   return c
 
