@@ -26,7 +26,7 @@ import numpy as np
 
 import qinco_jax as qj
 from bench_common import write_section
-from qinco_jax import ann, bigann, pipeline, plots, sweep
+from qinco_jax import ann, pipeline, plots, sweep
 from qinco_jax.search import SearchParams
 
 START, END = "<!-- bench_search:start -->", "<!-- bench_search:end -->"
@@ -120,7 +120,7 @@ def build_commands(workdir):
   """The search_bigann.py command lines that built the workdir (saved per stage)."""
   cmds = []
   for stage in ("all", "ivf", "train", "encode", "build", "search"):
-    p = os.path.join(workdir, f"command.{stage}.txt")
+    p = pipeline.SearchWorkdir(workdir).command(stage)
     if os.path.exists(p):
       cmds.append(open(p).read().strip())
   return cmds or [f"python experiments/search_bigann.py --workdir={workdir}"]
@@ -146,7 +146,8 @@ def main():
   db = np.concatenate([np.asarray(ds.db), np.asarray(ds.train)])
   gt = qj.data.cached_gt(db, ds.queries, 100, tag="glove_search_db")[: args.nq]
   queries = np.ascontiguousarray(ds.queries[: args.nq], np.float32)
-  searcher = ann.load_index(bigann.index_dir(args.workdir)).searcher()
+  wd = pipeline.SearchWorkdir(args.workdir)
+  searcher = ann.load_index(wd.index).searcher()
   K_ivf = searcher.centroids.shape[0]
   nprobes = [1, 2, 4, 8, 16, 32]
   curves = {}
@@ -163,7 +164,7 @@ def main():
                                                    nshort=20, nmid_short=4)
   tune_q = np.ascontiguousarray(ds.val[: args.n_tune], np.float32)
   tuned = tuned_curve(searcher, db, tune_q, queries, gt,
-                      os.path.join(args.workdir, "sweep_tune.jsonl"), args.resume_tune)
+                      wd.tune_log, args.resume_tune)
   curves["ours (tuned)"] = tuned
   table4 = {}
   for S in (1, 10, 100):
@@ -181,7 +182,7 @@ def main():
   png = os.path.join(os.path.dirname(args.doc), "speed_recall.png")
   plots.speed_recall({k: [(r["qps"], r["R@1"]) for r in v] for k, v in curves.items()},
                      path=png, title=plot_title(len(db), len(queries)))
-  with open(os.path.join(args.workdir, "bench_search.json"), "w") as f:
+  with open(wd.bench, "w") as f:
     json.dump({"curves": curves, "table4": table4, "build_s": build,
                "equal_qps": equal_qps_ratios(curves), "ceiling": ceiling}, f, indent=1)
   write_doc(args, curves, table4, K_ivf, len(db), ceiling)
@@ -205,7 +206,7 @@ def write_doc(args, curves, table4, K_ivf, n_db, ceiling):
           f"{r['R@1']:.3f} / {r['R@10']:.3f} @ {r['qps']:,.0f} qps" for r in rows) + " |")
   tuned = curves.get("ours (tuned)", [])
   if tuned:
-    n_run = sum(1 for _ in open(os.path.join(args.workdir, "sweep_tune.jsonl")))
+    n_run = sum(1 for _ in open(pipeline.SearchWorkdir(args.workdir).tune_log))
     n_grid = int(np.prod([len(v) for v in TUNE_RANGES.values()]))
     lines += ["", "(b): nshort=100 AQ results; (c): pairwise re-rank of 400 AQ results; "
               "(d): pairwise 80 -> QINCo2 re-rank of 20 (efSearch = max(32, 2 nprobe)).",

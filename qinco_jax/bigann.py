@@ -87,11 +87,6 @@ def load_data(job: SearchJob, need_gt: bool):
   return train_x, val, db, queries, gt
 
 
-def index_dir(workdir: str) -> str:
-  """Where the build stage saves the `ann.Index` (`ann.load_index` reads it)."""
-  return os.path.join(workdir, "index")
-
-
 def where_it_ran() -> str:
   dev = jax.devices()[0]
   kind = "CPU" if dev.platform == "cpu" else dev.device_kind
@@ -101,19 +96,19 @@ def where_it_ran() -> str:
 def run(job: SearchJob):
   """Runs the job's stage(s) (see the module docstring)."""
   main_process = distributed.is_main()
+  wd = pipeline.SearchWorkdir(job.workdir)
   if main_process:  # what built this workdir (bench_search quotes it)
     os.makedirs(job.workdir, exist_ok=True)
-    with open(os.path.join(job.workdir, f"command.{job.stage}.txt"), "w") as f:
+    with open(wd.command(job.stage), "w") as f:
       f.write(f"{job.command}  # {where_it_ran()}\n")
   stages = STAGES if job.stage == "all" else (job.stage,)
   train_x, val, db, queries, gt = load_data(job, "search" in stages and main_process)
-  cents_path = os.path.join(job.workdir, "centroids_ivf.npy")
   if "ivf" in stages and main_process:
     pipeline.train_ivf(train_x, job.ivf_K, job.workdir, max_points=256 * job.ivf_K)
   distributed.barrier("ivf")
   if "train" in stages:
-    _train(job, train_x, val, cents_path)
-  codec = load(os.path.join(job.workdir, "train")) if (
+    _train(job, train_x, val, wd)
+  codec = load(wd.model) if (
       set(stages) & {"encode", "build"}) else None
   enc_A = job.A if job.enc_A < 0 else job.enc_A
   enc_B = job.B if job.enc_B < 0 else job.enc_B
@@ -135,13 +130,13 @@ def run(job: SearchJob):
     index = ann.Index(codec, A=enc_A, B=enc_B)
     index.train(train_x, codes=train_codes, verbose=True)
     index.add_codes(db_codes)
-    index.save(index_dir(job.workdir))
-    print(f"built {index} in {index_dir(job.workdir)}", flush=True)
+    index.save(wd.index)
+    print(f"built {index} in {wd.index}", flush=True)
   if "search" in stages:
-    _search(job, queries, gt)
+    _search(job, queries, gt, wd)
 
 
-def _train(job: SearchJob, train_x, val, cents_path: str):
+def _train(job: SearchJob, train_x, val, wd: pipeline.SearchWorkdir):
   cfg = preset("qinco2-S", M=job.M, L=job.L, de=job.de, dh=job.dh, A=job.A, B=job.B,
                ivf_K=job.ivf_K)
   budget = job.train_min * 60 if job.train_min > 0 else None
@@ -149,17 +144,17 @@ def _train(job: SearchJob, train_x, val, cents_path: str):
                          stop_patience=job.stop_patience,
                          loop=min(len(train_x), 10_000_000), time_budget_s=budget)
   ds = data.Dataset("train", train_x, val, None, None, None, 1.0)
-  trainer.train_and_evaluate(cfg, tc, ds, os.path.join(job.workdir, "train"),
-                             resume=True, ivf_centroids=ivf.load_centroids(cents_path))
+  trainer.train_and_evaluate(cfg, tc, ds, wd.model, resume=True,
+                             ivf_centroids=ivf.load_centroids(wd.centroids))
 
 
-def _search(job: SearchJob, queries, gt):
-  searcher = ann.load_index(index_dir(job.workdir)).searcher()
-  log = os.path.join(job.workdir, "sweep.jsonl")
+def _search(job: SearchJob, queries, gt, wd: pipeline.SearchWorkdir):
+  searcher = ann.load_index(wd.index).searcher()
+  log = wd.sweep_log
   front = sweep.run_sweep(searcher, queries, gt, log, max_experiments=job.max_experiments)
   front.sort(key=lambda r: r["ms_per_query"]["total"])
   n_run = sum(1 for _ in open(log))
-  png = os.path.join(job.workdir, "sweep.png")
+  png = wd.sweep_plot
   plots.speed_recall(
       {"Pareto front": [(1e3 / r["ms_per_query"]["total"], r["R@1"]) for r in front]},
       path=png, title=f"IVF-QINCo2 search sweep ({n_run} settings measured)")

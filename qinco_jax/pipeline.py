@@ -1,11 +1,14 @@
-"""Offline stages of the large-scale search pipeline (spec 12.1), one function each.
+"""Offline stages of the large-scale search pipeline (spec 12.1), one function each,
+and `SearchWorkdir`, the one place that names the files of a search work directory:
 
   ivf     -> centroids_ivf.npy               faiss K-means on training vectors
   train   -> train/ (IVF-QINCo2)             `trainer.train_and_evaluate`, ivf_centroids
-  encode  -> codes_db.{i:04d}of{n:04d}.npy   the database in shards (`encode_shard`)
+  encode  -> codes_db.{i:04d}of{n:04d}.npy   the database in shards (`encode_shard`),
+             (+ .json: the database each came from)
   build   -> index/                          `ann.Index`: `fit_decoders` (AQ tables,
                                              pairwise decoder) + the codes injected
-  search  -> `ann.load_index(...).searcher()` (see search.py, sweep.py)
+  search  -> sweep.jsonl, sweep.png          `ann.load_index(...).searcher()` swept
+  every stage -> command.{stage}.txt         the command line that ran it
 
 Everything lives in one directory so each stage can run in its own process (or host)
 and the index reloads in a fresh process (`bigann.run` strings the stages together).
@@ -24,6 +27,28 @@ import numpy as np
 from qinco_jax import aq, data, ivf, pairwise
 
 N_AQ_TRAIN = 1_000_000  # aq_training_samples (spec 10)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchWorkdir:
+  """The files of a search job's work directory (see the module docstring)."""
+
+  root: Path
+
+  def __init__(self, root: str | os.PathLike):
+    object.__setattr__(self, "root", Path(root))
+
+  centroids = property(lambda self: self.root / "centroids_ivf.npy")
+  model = property(lambda self: self.root / "train")  # the trainer's workdir
+  codes = "codes_db"  # shard name prefix (`encode_shard`, `load_shards`)
+  index = property(lambda self: self.root / "index")  # `ann.Index.save`
+  sweep_log = property(lambda self: self.root / "sweep.jsonl")
+  sweep_plot = property(lambda self: self.root / "sweep.png")
+  tune_log = property(lambda self: self.root / "sweep_tune.jsonl")  # bench_search
+  bench = property(lambda self: self.root / "bench_search.json")  # bench_search
+
+  def command(self, stage: str) -> Path:
+    return self.root / f"command.{stage}.txt"
 
 
 def shard_range(n: int, shard: int, n_shards: int) -> tuple[int, int]:
@@ -51,7 +76,7 @@ def _shard_path(out_dir, name: str, shard: int, n_shards: int) -> Path:
 
 def encode_shard(codec, x, out_dir: str | os.PathLike, shard: int = 0,
                  n_shards: int = 1, A: int | None = None, B: int | None = None,
-                 name: str = "codes_db") -> Path:
+                 name: str = SearchWorkdir.codes) -> Path:
   """Encodes rows of shard `shard` of x and writes `{name}.{shard:04d}of{n:04d}.npy`,
   with a `.json` beside it recording the database it came from (rows, fingerprint)."""
   s, e = shard_range(len(x), shard, n_shards)
@@ -65,7 +90,7 @@ def encode_shard(codec, x, out_dir: str | os.PathLike, shard: int = 0,
   return path
 
 
-def load_shards(out_dir: str | os.PathLike, name: str = "codes_db",
+def load_shards(out_dir: str | os.PathLike, name: str = SearchWorkdir.codes,
                 db=None) -> np.ndarray:
   """Concatenates the shards written by `encode_shard` (each memory-mapped).
 
@@ -206,8 +231,8 @@ def fit_decoders(codec, train_x, *, A: int | None = None, B: int | None = None,
 
 def train_ivf(train_x, ivf_K: int, out_dir: str | os.PathLike, niter: int = 100,
               seed: int = 0, max_points: int | None = None) -> np.ndarray:
-  """IVF stage: centroids saved to out_dir/centroids_ivf.npy."""
+  """IVF stage: centroids saved to `SearchWorkdir(out_dir).centroids`."""
   c = ivf.train_centroids(train_x, ivf_K, niter=niter, seed=seed, max_points=max_points)
   Path(out_dir).mkdir(parents=True, exist_ok=True)
-  ivf.save_centroids(Path(out_dir) / "centroids_ivf.npy", c)
+  ivf.save_centroids(SearchWorkdir(out_dir).centroids, c)
   return c

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import experiment
+from qinco_jax import experiment, pipeline
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "experiments")
@@ -154,6 +154,13 @@ def test_search_script_stages_on_a_deep1b_layout(tmp_path):
   assert "Pareto front of" in out and (work / "sweep.png").exists()
   best = max(json.loads(l)["R@10"] for l in open(work / "sweep.jsonl"))
   assert best > 0.3  # chance is 10 / 2000
+  # Every file the stages wrote is where the layout type says (and nothing else).
+  wd = pipeline.SearchWorkdir(work)
+  named = {wd.centroids, wd.model, wd.index, wd.sweep_log, wd.sweep_plot,
+           *(wd.command(s) for s in ("ivf", "train", "encode", "build", "search"))}
+  shards = set(work.glob(f"{wd.codes}.*of*.*"))
+  assert set(work.iterdir()) == named | shards and len(shards) == 2
+  assert qj.load_index(wd.index).ntotal == 2000
 
 
 @pytest.mark.parametrize("flag, message", [
