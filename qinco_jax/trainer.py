@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from flax import nnx
 
-from qinco_jax import checkpoint, data, distributed as dist, metrics, train
+from qinco_jax import budget, checkpoint, data, distributed as dist, metrics, train
 from qinco_jax.codec import Codec, load
 from qinco_jax.config import QincoConfig
 from qinco_jax.model import Qinco
@@ -264,9 +264,10 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
       lock.release()
 
 
-def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_centroids,
-           clock, t_call, mesh, G, n, S, steps, order, tx) -> Codec:
-  """The body of `train_and_evaluate`, once the workdir is locked and read."""
+def _initial_state(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose,
+                   ivf_centroids, n, tx, replicated):
+  """(codec, train state on the devices, meta): a new RQ-initialised codec, or the
+  checkpoint `start` names (read by process 0, sent to the others)."""
   main = dist.is_main()
   resuming = start["step"] is not None
   if resuming:
@@ -283,9 +284,7 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
       data.atomic_write(str(workdir / "ckpt_meta.json"), lambda f: f.write(json.dumps({
           "model": model_cfg.to_dict(), "d": codec.d,
           "train": dataclasses.asdict(train_cfg), "n_train": n}).encode()))
-  graphdef = codec.graphdef
-  state = train.init_state(graphdef, codec.state, tx)
-  replicated = NamedSharding(mesh, P())
+  state = train.init_state(codec.graphdef, codec.state, tx)
   if resuming:
     host_state = dist.host(state)
     meta = None
@@ -294,11 +293,19 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
     state, meta = dist.broadcast(host_state), dist.broadcast_json(meta)
   else:
     meta = {"epoch": 0, "best_val": None, "bad_epochs": 0, "lr_scale": 1.0}
-  state = jax.device_put(state, replicated)
-  budget = train_cfg.time_budget_s
-  t_start = t_call - meta.get("elapsed_s", 0.0)  # the budget counts earlier sessions
-  meta.setdefault("plan_steps", int(train_cfg.epochs * steps))
-  step_fn = train.make_train_step(graphdef, tx, codec.cfg.A, codec.cfg.B)
+  return codec, jax.device_put(state, replicated), meta
+
+
+def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_centroids,
+           clock, t_call, mesh, G, n, S, steps, order, tx) -> Codec:
+  """The body of `train_and_evaluate`, once the workdir is locked and read."""
+  main = dist.is_main()
+  replicated = NamedSharding(mesh, P())
+  codec, state, meta = _initial_state(model_cfg, train_cfg, ds, workdir, start, ckpts,
+                                      verbose=verbose, ivf_centroids=ivf_centroids, n=n,
+                                      tx=tx, replicated=replicated)
+  plan = budget.Planner(train_cfg, steps, meta, t_call, clock)
+  step_fn = train.make_train_step(codec.graphdef, tx, codec.cfg.A, codec.cfg.B)
   batch_sharding = NamedSharding(mesh, P("data"))
   writer = MetricWriter(workdir)
   if meta["best_val"] is None and main and writer.path.exists():
@@ -320,7 +327,6 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
     v = validate(cur, ds.val, A, B, ds.mse_scale) if main else None
     return dist.broadcast_json(v)
 
-  val_s = 0.0  # one validation's wall time (the budget guard keeps it in reserve)
   if verbose and S < train_cfg.loop:
     print(f"an epoch is one pass over the {n:,} training vectors (loop="
           f"{train_cfg.loop:,} is larger): {steps} batches of {G}", flush=True)
@@ -330,39 +336,33 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
             flush=True)
     t_val = clock()
     v = validation(current_codec())
-    val_s = clock() - t_val
+    plan.reserve = clock() - t_val  # the first-epoch guard keeps one validation back
     meta["best_val"] = v["val_mse"]
     writer.write({"epoch": -1, "step": 0, **v})
     if main:
       current_codec().save(workdir / "best")
     dist.barrier("initial-best")
-  # The time budget (or early stopping) ends a budgeted run; otherwise `epochs` does.
-  n_epochs = train_cfg.epochs if budget is None else 1 << 30
   gstep = int(dist.host(state.step))  # updates done (host copy of state.step)
-  t_loop, step_loop, first_epoch = clock(), gstep, meta["epoch"]
-  mark, seed_plan = None, meta["plan_steps"]  # budget guard of the first epoch
-  for epoch in range(meta["epoch"], n_epochs):
-    if budget is not None and gstep >= meta["plan_steps"]:
+  plan.start(meta["epoch"], gstep)
+  for epoch in range(meta["epoch"], plan.epochs):
+    if plan.done(gstep):
       break
     t0 = clock()
     bar = tqdm(range(steps), desc=f"epoch {epoch}", unit="batch", disable=not verbose,
                leave=False)
     done = 0
     for j in bar:
-      if budget is not None:
-        if gstep >= meta["plan_steps"]:
-          break  # the budget ends inside this epoch
-        state = _set_lr(state, train.budget_lr(gstep, steps, meta["plan_steps"],
-                                               train_cfg), replicated)
+      if plan.done(gstep):
+        break  # the budget ends inside this epoch
+      if (lr := plan.lr(gstep)) is not None:
+        state = _set_lr(state, lr, replicated)
       gstep += 1
       done = j + 1
       batch = _global_batch(ds.train, order.indices(epoch, j), batch_sharding)
       with dist.peer_guard(f"training step {gstep} (epoch {epoch})"):
         state, m = step_fn(state, batch)
-      if budget is not None and epoch == first_epoch:
-        mark = _guard_first_epoch(meta, m, j, gstep, mark, seed_plan, t_start,
-                                  budget - val_s, train_cfg.log_every, clock)
-      last = j + 1 == steps or (budget is not None and gstep >= meta["plan_steps"])
+      plan.after_update(epoch, j, gstep, m)
+      last = j + 1 == steps or plan.done(gstep)
       if (j + 1) % train_cfg.log_every == 0 or last:
         with dist.peer_guard(f"training step {gstep} (epoch {epoch})"):
           m = {k: float(v) for k, v in dist.host(m).items()}
@@ -382,26 +382,9 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
         cur.save(workdir / "best")
     else:
       meta["bad_epochs"] += 1
-    if train_cfg.reset_dead_codes:
-      key = jax.random.fold_in(jax.random.key(train_cfg.seed), epoch)
-      state, _ = train.reset_dead_codes(state, key, codec.cfg.codebook_noise_init,
-                                        *train.reset_scales(codec.cfg, codec.d))
-    else:
-      state = state._replace(usage=jnp.zeros_like(state.usage))
-    if train_cfg.schedule == "plateau" and meta["bad_epochs"] and (
-        meta["bad_epochs"] % train_cfg.plateau_patience == 0):
-      state = _scale_lr(state, 0.1, train_cfg)
+    state = _between_epochs(state, train_cfg, codec, epoch, meta["bad_epochs"])
     meta["epoch"] = epoch + 1
-    now = clock()
-    meta["elapsed_s"] = now - t_start
-    if budget is not None and gstep < meta["plan_steps"]:
-      # Re-plan from the time per update so far (validation included). Once the plan
-      # is reached the run is over: no re-plan, or a last sliver epoch would follow.
-      per_step = (now - t_loop) / max(gstep - step_loop, 1)
-      left = int((budget - meta["elapsed_s"]) / per_step)
-      meta["plan_steps"] = dist.agree(gstep + max(left, 0))
-      if epoch == first_epoch:  # later plans leave out the compile-heavy first epoch
-        t_loop, step_loop = now, gstep
+    plan.end_epoch(epoch, gstep)  # elapsed time; a budget re-plans from it
     if main:
       _save(ckpts, epoch + 1, state, meta)
     dist.barrier(f"epoch-{epoch}")  # the others wait while process 0 writes
@@ -422,42 +405,20 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
   return _best_codec(workdir, codec)
 
 
-_EARLY_GUARDS = (2, 4, 8, 16, 32)  # 0-based updates of the first epoch (then log points)
-
-
-def _guard_first_epoch(meta: dict, m, j: int, gstep: int, mark, seed_plan: int,
-                       t_start: float, budget: float, log_every: int,
-                       clock: Callable[[], float] = time.perf_counter):
-  """Keeps a time budget inside the first epoch of a call, before any measured plan.
-
-  The seed plan is in epochs, and one epoch can outlast the whole budget (10M samples
-  at a large beam on a CPU). After the first, compiling update this marks the time;
-  at guard points (updates 3, 5, 9, 17, 33 of the epoch, then every log point) it
-  predicts the updates left from the fastest time per update seen between guard
-  points (`budget` here already leaves out the validation that ends the epoch). The
-  plan becomes the smaller of that and the plan the call started with; until update
-  33 it does not end before the next guard point unless the budget is already spent,
-  so one slow, noisy window of a few updates cannot stop the run: the next estimate,
-  from more updates, can lengthen the plan again (the end-of-epoch re-plan may
-  lengthen it further). Every process takes process 0's value. Returns
-  the mark: (time, update, fastest seconds per update).
-  """
-  def is_guard(i):
-    return i in _EARLY_GUARDS or (i > _EARLY_GUARDS[-1] and (i + 1) % log_every == 0)
-
-  if j != 0 and not is_guard(j):
-    return mark
-  jax.block_until_ready(m)
-  now = clock()
-  if mark is None:
-    return now, gstep, float("inf")
-  per_step = min(mark[2], (now - mark[0]) / max(gstep - mark[1], 1))
-  left = int((budget - (now - t_start)) / per_step)
-  if 0 < left and j < _EARLY_GUARDS[-1]:  # early, noisy estimate: go on to the next
-    left = max(left, next(i for i in _EARLY_GUARDS if i > j) - j)
-  plan = dist.agree(gstep + max(left, 0))
-  meta["plan_steps"] = min(seed_plan, plan)
-  return now, gstep, per_step
+def _between_epochs(state: train.TrainState, train_cfg: train.TrainConfig, codec: Codec,
+                    epoch: int, bad_epochs: int) -> train.TrainState:
+  """Dead-codeword reset (spec 9.7; else the usage counts restart) and the plateau
+  schedule's lr cut after `plateau_patience` epochs without improvement."""
+  if train_cfg.reset_dead_codes:
+    key = jax.random.fold_in(jax.random.key(train_cfg.seed), epoch)
+    state, _ = train.reset_dead_codes(state, key, codec.cfg.codebook_noise_init,
+                                      *train.reset_scales(codec.cfg, codec.d))
+  else:
+    state = state._replace(usage=jnp.zeros_like(state.usage))
+  if train_cfg.schedule == "plateau" and bad_epochs and (
+      bad_epochs % train_cfg.plateau_patience == 0):
+    state = _scale_lr(state, 0.1, train_cfg)
+  return state
 
 
 def _best_codec(workdir: Path, like: Codec) -> Codec:
