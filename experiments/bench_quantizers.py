@@ -37,6 +37,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -55,6 +56,7 @@ import qinco_jax as qj
 from bench_codec import decode_flops, encode_flops, matmul_peak
 from bench_common import write_section
 from qinco_jax import data, train, trainer
+from qinco_jax.baselines import FaissQuantizer
 from qinco_jax.evaluate import evaluate
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,72 +82,18 @@ def quick_dataset(ds: data.Dataset) -> data.Dataset:
                       queries, gt, ds.mse_scale)
 
 
-def recalls(ds: data.Dataset, x_hat: np.ndarray) -> dict[str, float]:
-  I = qj.metrics.knn(np.asarray(ds.queries, np.float32), x_hat, k=100)
-  return qj.metrics.recall_at(I, ds.gt)
-
-
 # ------------------------------------------------------------------ faiss baselines
-def _pad(x: np.ndarray, dp: int) -> np.ndarray:
-  x = np.ascontiguousarray(x, np.float32)
-  if x.shape[1] == dp:
-    return x
-  return np.ascontiguousarray(np.pad(x, ((0, 0), (0, dp - x.shape[1]))))
-
-
-class FaissCodec:
-  """train / encode / decode around a faiss quantizer (codes as uint8 arrays)."""
-
-  def __init__(self, kind: str, d: int, M: int, beam: int = 1, lsq_iters: int = 25,
-               opq_iters: int = 50):
-    import faiss
-    self.kind, self.d, self.M = kind, d, M
-    self.dp = -(-d // M) * M if kind in ("PQ", "OPQ") else d
-    if kind == "PQ":
-      self.q = faiss.index_factory(self.dp, f"PQ{M}")
-    elif kind == "OPQ":
-      self.q = faiss.index_factory(self.dp, f"OPQ{M},PQ{M}")
-      faiss.downcast_VectorTransform(self.q.chain.at(0)).niter = opq_iters
-    elif kind == "RQ":
-      self.q = faiss.ResidualQuantizer(d, M, 8)
-      self.q.max_beam_size = beam
-    elif kind == "LSQ":
-      self.q = faiss.LocalSearchQuantizer(d, M, 8)
-      self.q.train_iters = lsq_iters
-    else:
-      raise ValueError(f"unknown baseline kind {kind!r}")
-
-  def train(self, x: np.ndarray):
-    self.q.train(_pad(x, self.dp))
-
-  def encode(self, x: np.ndarray) -> np.ndarray:
-    if self.kind in ("PQ", "OPQ"):
-      return self.q.sa_encode(_pad(x, self.dp))
-    return self.q.compute_codes(_pad(x, self.dp))
-
-  def decode(self, codes: np.ndarray) -> np.ndarray:
-    if self.kind in ("PQ", "OPQ"):
-      return self.q.sa_decode(codes)[:, :self.d]
-    return self.q.decode(codes)
-
-
-def run_baseline(name: str, fc: FaissCodec, ds: data.Dataset, n_train: int,
+def run_baseline(name: str, q: FaissQuantizer, ds: data.Dataset, n_train: int,
                  with_recall: bool = True) -> dict[str, Any]:
-  xt = np.asarray(ds.train[:n_train], np.float32)
-  db = np.asarray(ds.db, np.float32)
   t0 = time.perf_counter()
-  fc.train(xt)
-  t1 = time.perf_counter()
-  codes = fc.encode(db)
-  t2 = time.perf_counter()
-  x_hat = fc.decode(codes)
-  t3 = time.perf_counter()
-  out = {"method": name, "bytes": fc.M, "n_train": len(xt), "train_s": t1 - t0,
-         "encode_us": 1e6 * (t2 - t1) / len(db), "decode_us": 1e6 * (t3 - t2) / len(db),
-         "mse": qj.metrics.mse(db, x_hat, ds.mse_scale)}
-  if with_recall:
-    out.update(recalls(ds, x_hat))
-  log(f"{name} {fc.M} bytes: MSE {out['mse']:.4f}, train {out['train_s']:.1f} s"
+  q.train(ds.train[:n_train])
+  train_s = time.perf_counter() - t0
+  ev = evaluate(q, ds if with_recall else dataclasses.replace(ds, queries=None, gt=None),
+                verbose=False)
+  out = {"method": name, "bytes": q.M, "n_train": min(n_train, len(ds.train)),
+         "train_s": train_s, **{k: ev[k] for k in ("encode_us", "decode_us", "mse")},
+         **{k: ev[k] for k in ("R@1", "R@10", "R@100") if k in ev}}
+  log(f"{name} {q.M} bytes: MSE {out['mse']:.4f}, train {out['train_s']:.1f} s"
       + (f", R@1 {out['R@1']:.4f}" if "R@1" in out else ""))
   return out
 
@@ -153,13 +101,14 @@ def run_baseline(name: str, fc: FaissCodec, ds: data.Dataset, n_train: int,
 def baselines(ds: data.Dataset, M: int, args) -> list[dict[str, Any]]:
   """All baselines at M bytes (with recall)."""
   d = ds.d
-  specs: list[tuple[str, Callable[[], FaissCodec], int]] = [
-      ("PQ", lambda: FaissCodec("PQ", d, M), args.faiss_train),
-      ("OPQ", lambda: FaissCodec("OPQ", d, M, opq_iters=args.opq_iters), args.faiss_train)]
+  specs: list[tuple[str, Callable[[], FaissQuantizer], int]] = [
+      ("PQ", lambda: FaissQuantizer("PQ", d, M), args.faiss_train),
+      ("OPQ", lambda: FaissQuantizer("OPQ", d, M, opq_iters=args.opq_iters),
+       args.faiss_train)]
   for b in RQ_BEAMS:
-    specs.append((f"RQ beam {b}", lambda b=b: FaissCodec("RQ", d, M, beam=b),
+    specs.append((f"RQ beam {b}", lambda b=b: FaissQuantizer("RQ", d, M, beam=b),
                   args.faiss_train))
-  specs.append(("LSQ", lambda: FaissCodec("LSQ", d, M, lsq_iters=args.lsq_iters),
+  specs.append(("LSQ", lambda: FaissQuantizer("LSQ", d, M, lsq_iters=args.lsq_iters),
                 args.lsq_train))
   return [run_baseline(name, make(), ds, n) for name, make, n in specs]
 
@@ -170,7 +119,7 @@ def rd_baselines(ds: data.Dataset, sizes: list[int], args) -> list[dict[str, Any
   for M in sizes:
     for name in RD_METHODS:
       kind, beam = ("PQ", 1) if name == "PQ" else ("RQ", int(name.split()[-1]))
-      out.append(run_baseline(name, FaissCodec(kind, ds.d, M, beam=beam), ds,
+      out.append(run_baseline(name, FaissQuantizer(kind, ds.d, M, beam=beam), ds,
                               args.faiss_train, with_recall=False))
   return out
 

@@ -7,13 +7,23 @@
     x_hat = codec.decode(codes)
 """
 
-from qinco_jax import data, distributed, metrics
-from qinco_jax.codec import Codec, load
-from qinco_jax.config import PRESETS, QincoConfig, preset
-
 __version__ = "0.1.0"
 
-__all__ = ["Codec", "Index", "load", "load_index", "preset", "PRESETS", "QincoConfig",
-           "data", "distributed", "metrics"]
-from qinco_jax import interop, plots  # noqa: E402,F401  (reference checkpoints, faiss, npz; plots)
-from qinco_jax.ann import Index, load_index  # noqa: E402  (faiss-style search index)
+from qinco_jax import baselines, data, distributed, interop, metrics, plots  # noqa: E402
+from qinco_jax.ann import Index, load_index  # noqa: E402
+from qinco_jax.codec import Codec, load  # noqa: E402
+from qinco_jax.config import PRESETS, QincoConfig, preset  # noqa: E402
+from qinco_jax.train import TrainConfig  # noqa: E402
+from qinco_jax.trainer import train_and_evaluate  # noqa: E402
+
+__all__ = [
+    # the codec
+    "Codec", "QincoConfig", "preset", "PRESETS", "load",
+    # training
+    "TrainConfig", "train_and_evaluate",
+    # search
+    "Index", "load_index",
+    # modules: data sets and files, metrics, faiss baselines, plots, reference
+    # checkpoints and faiss export, several processes
+    "data", "metrics", "baselines", "plots", "interop", "distributed",
+]
