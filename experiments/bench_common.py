@@ -1,8 +1,25 @@
-"""Shared by the benchmark scripts: writing a script's own section of docs/benchmarks.md."""
+"""Shared by the benchmark scripts: the FLOP model of the step networks, the timing
+harness (wall times that wait for JAX, matmul peak, adaptive repeat counts) and
+writing a script's own section of docs/benchmarks.md. Scripts import this module,
+never each other."""
+
+from __future__ import annotations
 
 import os
+import statistics
+import time
+from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import qinco_jax as qj
 from qinco_jax.data import atomic_write
+
+LONG_CALL = 4  # a call this many times over the target time is not repeated
+
+
 
 
 def write_section(path: str, block: str, start: str, end: str) -> None:
@@ -18,3 +35,140 @@ def write_section(path: str, block: str, start: str, end: str) -> None:
     text = text.rstrip("\n") + "\n\n" + block + "\n"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# ------------------------------------------------------------------ FLOP counts
+def _dims(cfg: qj.QincoConfig, d: int) -> tuple[int, int, bool]:
+  """(E, H, has_proj) of the step networks for data dimension d."""
+  E = cfg.embed_dim(d)
+  return E, cfg.dh, E != d
+
+
+def candidate_flops(cfg: qj.QincoConfig, d: int) -> int:
+  """FLOPs to evaluate and score one candidate: L blocks, P_out, ||r - f||^2."""
+  E, H, proj = _dims(cfg, d)
+  return cfg.L * 2 * (2 * E * H) + proj * 2 * E * d + 3 * d
+
+
+def encode_flops(cfg: qj.QincoConfig, d: int, A: int, B: int, chunk: int) -> float:
+  """FLOPs per encoded vector of the beam search in `qinco_jax.encode`.
+
+  step 0: 2KD (distances to the K codewords). Each of the M-1 network steps keeps B
+  beam slots and evaluates A_eff = (A or K) candidates per slot:
+    pre-selection (A > 0, Ls = 0)  2BKD
+    per candidate (B * A_eff)      L * 2(2EH) + [E != D] 2ED + 3D
+    per beam slot (B)              2DE (the x_hat half of the first layer)
+    codeword table, per chunk      K([E != D] 2DE + 2E^2), divided by the chunk size
+  With a pre-selection network (Ls > 0) the 2BKD distances become B*K evaluations
+  of its tail (Ls blocks of width dh_pre, P_out, score) plus its own beam term and
+  codeword table.
+  """
+  K, M = cfg.K, cfg.M
+  E, H, proj = _dims(cfg, d)
+  a_eff = A if A > 0 else K
+  table = K * (proj * 2 * d * E + 2 * E * E) / chunk
+  step = B * a_eff * candidate_flops(cfg, d) + B * 2 * d * E + table
+  if A > 0 and cfg.Ls == 0:
+    step += B * K * 2 * d
+  elif A > 0:
+    pre = cfg.Ls * 4 * E * cfg.dh_pre + proj * 2 * E * d + 3 * d
+    step += B * K * pre + B * 2 * d * E + table
+  return 2 * K * d + (M - 1) * step
+
+
+def decode_flops(cfg: qj.QincoConfig, d: int) -> float:
+  """FLOPs per decoded vector: per network step P_in, concat layer, L blocks, P_out."""
+  E, H, proj = _dims(cfg, d)
+  step = proj * 2 * d * E + 2 * (E + d) * E + cfg.L * 2 * (2 * E * H) + proj * 2 * E * d
+  return (cfg.M - 1) * step
+
+
+def tail_flops(cfg: qj.QincoConfig, d: int, rows: int) -> float:
+  """FLOPs of `StepNet.tail` (L blocks + P_out) on `rows` candidates."""
+  E, H, proj = _dims(cfg, d)
+  return rows * (cfg.L * 4 * E * H + proj * 2 * E * d)
+
+
+# ------------------------------------------------------------------ timing
+_T0 = time.perf_counter()
+
+
+def log(msg: str):
+  """Progress line with the seconds elapsed since start."""
+  print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
+
+
+def timed(fn: Callable[[], object]) -> float:
+  """Wall time of fn() in seconds, waiting for any JAX result."""
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+  """Median wall time of `repeats` calls of fn, after one warm-up call."""
+  timed(fn)
+  return statistics.median(timed(fn) for _ in range(repeats))
+
+
+def page_faults(fn: Callable[[], object]) -> int | None:
+  """Minor page faults (fresh memory touched) of this process during fn()."""
+  try:
+    import resource
+  except ImportError:  # not on this platform
+    return None
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  jax.block_until_ready(fn())
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]],
+                      repeats: int) -> dict[str, float]:
+  """Median wall time of each fn, timed round-robin so that load changes hit all."""
+  for fn in fns.values():
+    timed(fn)  # compile + warm-up
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      times[k].append(timed(fn))
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_peak(n: int, repeats: int) -> float:
+  """Float32 GFLOP/s of a jitted (n, n) @ (n, n), median of `repeats` timings."""
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.float32)
+  b = jax.random.normal(kb, (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  t = median_time(lambda: dot(a, b), repeats)
+  return 2 * n**3 / t / 1e9
+
+
+def bracketed(fn: Callable[[], object], n: int) -> tuple[object, float]:
+  """Runs fn() between two matmul-peak measurements: (fn(), mean peak GFLOP/s).
+
+  On a shared machine the load changes over time; measuring the peak on both sides
+  makes "% of peak" compare numbers taken under the same conditions.
+  """
+  before = matmul_peak(n, 3)
+  out = fn()
+  return out, 0.5 * (before + matmul_peak(n, 3))
+
+
+def adaptive_rate(run_chunks: Callable[[int], object], chunk: int, target_s: float,
+              max_n: int, repeats: int) -> tuple[float, int]:
+  """Times run_chunks(n) on n vectors, n a multiple of chunk sized to ~target_s.
+
+  The first call compiles; one chunk is then timed to size n. A single chunk that
+  takes over LONG_CALL x target_s is timed once only. Returns (median vectors/s, n).
+  """
+  timed(lambda: run_chunks(chunk))  # compile + warm-up
+  t1 = timed(lambda: run_chunks(chunk))
+  n_chunks = int(np.clip(round(target_s / max(t1, 1e-9)), 1, max(1, max_n // chunk)))
+  n = n_chunks * chunk
+  times = [t1] if n_chunks == 1 else []
+  if t1 > LONG_CALL * target_s:
+    repeats = 1
+  while len(times) < repeats:
+    times.append(timed(lambda: run_chunks(n)))
+  return n / statistics.median(times), n

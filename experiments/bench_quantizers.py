@@ -46,15 +46,15 @@ import shlex
 import shutil
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import qinco_jax as qj
-from bench_codec import decode_flops, encode_flops, matmul_peak
-from bench_common import write_section
+from bench_common import decode_flops, encode_flops, matmul_peak, write_section
 from qinco_jax import data, train, trainer
 from qinco_jax.baselines import FaissQuantizer
 from qinco_jax.evaluate import evaluate

@@ -31,10 +31,11 @@ from typing import Literal
 
 import numpy as np
 
-from qinco_jax import data, index as index_lib, pipeline
+from qinco_jax import data, pipeline
+from qinco_jax import index as index_lib
 from qinco_jax.codec import load as load_codec
 from qinco_jax.pairwise import PairwiseDecoder
-from qinco_jax.search import SearchParams, Searcher
+from qinco_jax.search import Searcher, SearchParams
 
 Metric = Literal["l2", "ip", "cosine"]
 META_FILE = "qinco_jax_index.json"

@@ -104,7 +104,7 @@ class FaissQuantizer:
       x = np.pad(x, ((0, 0), (0, self.dp - self.d)))
     return np.ascontiguousarray(x)
 
-  def train(self, x) -> "FaissQuantizer":
+  def train(self, x) -> FaissQuantizer:
     """Trains on (n, d) vectors; returns self."""
     self.faiss.train(self._vectors(x, "training vectors"))
     return self

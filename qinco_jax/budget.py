@@ -17,7 +17,8 @@ The plan and the time spent live in the checkpoint's meta (`plan_steps`,
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

@@ -73,7 +73,8 @@ def verify_checksums(tree, expected: dict[str, str] | None, where: str):
   got = checksums(tree)
   bad = sorted(k for k in expected if got.get(k) != expected[k])
   if bad or set(got) != set(expected):
-    raise ValueError(f"{where} is corrupt: the stored arrays {bad[:5] or sorted(set(got) ^ set(expected))[:5]} "
+    names = bad[:5] or sorted(set(got) ^ set(expected))[:5]
+    raise ValueError(f"{where} is corrupt: the stored arrays {names} "
                      "do not match the checksums saved with them (a damaged or "
                      "partly overwritten file); restore it from a copy")
 

@@ -71,7 +71,7 @@ def _command(prog: str, argv: list[str]) -> str:
 # ----------------------------------------------------------------------- train
 def train(argv: list[str] | None = None):
   """`qinco-train`: trains a codec on a config, evaluates it, prints the table."""
-  from absl import app, flags, logging
+  from absl import flags, logging
 
   from qinco_jax import distributed, experiment
   argv = _argv(argv)

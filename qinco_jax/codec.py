@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from qinco_jax import checkpoint, data, rq_init
@@ -79,7 +80,7 @@ class Codec:
   # ----------------------------------------------------------------- creation
   @classmethod
   def create(cls, cfg: QincoConfig, train_x, seed: int = 0, verbose: bool = True,
-             ivf_centroids=None) -> "Codec":
+             ivf_centroids=None) -> Codec:
     """Builds an untrained codec from training vectors.
 
     Normalisation statistics come from the first 100k vectors (spec 3.1), codebooks
@@ -172,11 +173,11 @@ class Codec:
     """A live `Qinco` module sharing this codec's arrays."""
     return nnx.merge(self.graphdef, self.state)
 
-  def replace_state(self, state: nnx.State) -> "Codec":
+  def replace_state(self, state: nnx.State) -> Codec:
     """A codec with the same config and new arrays (e.g. after training)."""
     return Codec(self.cfg, self.d, state, self.info)
 
-  def with_dtype(self, dtype: str | None) -> "Codec":
+  def with_dtype(self, dtype: str | None) -> Codec:
     """This codec computing its step networks' matmuls in `dtype` ("float32" or
     "bfloat16"); the same arrays (parameters stay float32)."""
     if dtype is None or dtype == self.cfg.dtype:

@@ -80,7 +80,7 @@ class QincoConfig:
     check(self.ivf_K == 0 or 2 <= self.ivf_K <= 2**31 - 1,
           "ivf_K must be 0 (no IVF) or in [2, 2**31 - 1]", self.ivf_K)
 
-  def replace(self, **overrides) -> "QincoConfig":
+  def replace(self, **overrides) -> QincoConfig:
     """Returns a copy with some fields changed (unknown names raise)."""
     _check_names(overrides)
     return dataclasses.replace(self, **overrides)
@@ -89,7 +89,7 @@ class QincoConfig:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "QincoConfig":
+  def from_dict(cls, d: dict[str, Any]) -> QincoConfig:
     """From `to_dict` output. Configs saved before `init` existed were created with
     the reference initialisation, and say so."""
     _check_names(d)

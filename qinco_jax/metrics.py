@@ -5,7 +5,7 @@ may be memory-mapped; reductions are accumulated in float64 chunk by chunk.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -37,7 +36,7 @@ _CAST_CHUNK = 1 << 16
 
 
 def _segment_sum(ids: np.ndarray, values: np.ndarray, n_groups: int,
-                 weights: Optional[np.ndarray] = None,
+                 weights: np.ndarray | None = None,
                  dtype: np.dtype = np.float32) -> np.ndarray:
   """out[g] = sum_{i: ids[i] == g} weights[i] * values[i].
 
@@ -266,7 +265,7 @@ class PairwiseDecoder:
   K: int
   pairs: list[tuple[int, int]]
   tables: np.ndarray
-  base_tables: Optional[np.ndarray] = None
+  base_tables: np.ndarray | None = None
 
   def __post_init__(self):
     self.K = int(self.K)
@@ -331,7 +330,7 @@ class PairwiseDecoder:
     })
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> "PairwiseDecoder":
+  def load(cls, path: str | os.PathLike) -> PairwiseDecoder:
     """Loads a decoder written by `save`.
 
     Raises:

@@ -48,7 +48,7 @@ class FewerResultsWarning(UserWarning):
   """Some queries got fewer than min(k, ntotal) results (their probed lists hold fewer)."""
 
 
-def _check_search_args(k, p: "SearchParams", batch):
+def _check_search_args(k, p: SearchParams, batch):
   def positive(name, v, hi=None):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1 or (
         hi is not None and v > hi):

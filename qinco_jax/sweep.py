@@ -19,12 +19,12 @@ import json
 import os
 import time
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from qinco_jax import metrics
-from qinco_jax.search import FewerResultsWarning, SearchParams, Searcher
+from qinco_jax.search import FewerResultsWarning, Searcher, SearchParams
 
 DEFAULT_RANGES = {
     "nprobe": [1, 2, 4, 8, 16, 32, 64, 128],

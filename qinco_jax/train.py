@@ -21,7 +21,6 @@ from flax import nnx
 
 from qinco_jax.decode import decode_steps, normalize
 from qinco_jax.encode import beam_search
-from qinco_jax.model import Qinco
 
 Array = jax.Array
 
@@ -93,7 +92,7 @@ class TrainConfig:
       return self.cosine_epochs
     return self.epochs - self.warmup_length
 
-  def replace(self, **kw) -> "TrainConfig":
+  def replace(self, **kw) -> TrainConfig:
     return dataclasses.replace(self, **kw)
 
 

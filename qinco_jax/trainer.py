@@ -22,22 +22,23 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from flax import nnx
-
-from qinco_jax import budget, checkpoint, data, distributed as dist, metrics, train
+from qinco_jax import budget, checkpoint, data, metrics, train
+from qinco_jax import distributed as dist
 from qinco_jax.codec import Codec, load
 from qinco_jax.config import QincoConfig
 from qinco_jax.model import Qinco
-
 
 
 class BatchOrder:

@@ -88,7 +88,6 @@ def np_beam(p: dict, x: np.ndarray, A: int, B: int):
     A_m = min(max(A, B), K) if (p["ivf"] and m == 0 and A > 0) else A
     cands = []
     for codes, x_hat in beams:
-      r = x - x_hat
       if A_m > 0:
         s = np_pre_scores(step, x, x_hat, p["qinco1"])
         ks = np.argsort(s, kind="stable")[:A_m]

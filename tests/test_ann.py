@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import index as index_lib, ivf, pipeline
-from qinco_jax.search import SearchParams, Searcher
+from qinco_jax import index as index_lib
+from qinco_jax import ivf, pipeline
+from qinco_jax.search import Searcher, SearchParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

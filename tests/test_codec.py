@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import encode as encode_mod, rq_init
+from qinco_jax import encode as encode_mod
+from qinco_jax import rq_init
 from tests import reference
 
 D = 6
@@ -212,7 +213,8 @@ def test_model_without_preselection_refuses_A():
 
 
 @pytest.mark.parametrize("codes,match", [
-    (np.full((2, 3), 8), r"0\.\.7, got range 8\.\.8"), (np.full((2, 3), -1), "non-negative, got range -1"),
+    (np.full((2, 3), 8), r"0\.\.7, got range 8\.\.8"),
+    (np.full((2, 3), -1), "non-negative, got range -1"),
     (np.zeros((2, 4), np.int64), "columns"), (np.zeros((2, 0), np.int64), "columns"),
     (np.zeros((2, 3), np.float32), "integer"), (np.zeros(3, np.int64), "2-D")])
 def test_decode_rejects_bad_codes(trained, codes, match):

@@ -114,6 +114,7 @@ def test_preselection_network_scores_match_numpy():
   several beams, against NumPy; they depend on the reconstruction x_hat."""
   import jax.numpy as jnp
   from flax import nnx
+
   from qinco_jax import encode as enc
   rng = np.random.default_rng(4)
   cfg = qj.QincoConfig(K=6, M=2, L=1, de=3, dh=8, A=2, B=2, Ls=2, dh_pre=4)

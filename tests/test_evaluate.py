@@ -72,6 +72,7 @@ def test_faiss_quantizers_share_the_codec_verbs(kind, nbits):
   integer per step; an additive quantizer's prefix is the sum of its first codewords;
   `evaluate` reports the MSE and exhaustive-search recall of the reconstruction."""
   import faiss
+
   from qinco_jax import baselines
   ds = qj.data.load_synthetic(n_train=3_000, n_db=400, n_queries=30, d=6, n_val=200)
   q = baselines.FaissQuantizer(kind, 6, 4, nbits=nbits, lsq_iters=2, opq_iters=2)

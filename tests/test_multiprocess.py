@@ -91,7 +91,7 @@ def two_process_run(tmp_path_factory):
   """The tiny synthetic config trained by 2 processes x 1 device, uninterrupted."""
   work = tmp_path_factory.mktemp("mp") / "two"
   res = _launch(TRAIN, [TINY, f"--workdir={work}"], 2)
-  for rc, out, err, _ in res:
+  for rc, _, err, _ in res:
     assert rc == 0, err[-3000:]
     # A clean exit: no tracebacks from checkpointers closed too late.
     assert "Traceback" not in err and "Event loop is closed" not in err, err[-3000:]

@@ -4,15 +4,13 @@ faiss index, reloaded in a fresh process, searched with AQ, pairwise and full re
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import index as index_lib
 from qinco_jax import aq, ivf, pairwise, pipeline, sweep, train, trainer
+from qinco_jax import index as index_lib
 from qinco_jax.search import SearchParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,6 +237,7 @@ def test_aq_stage_honours_ef_search():
   ef_search said. The AQ stage must return what `index.search` does with the same
   nprobe and efSearch, and leave the index's own efSearch as it was."""
   import faiss
+
   from qinco_jax.search import Searcher
 
   rng = np.random.default_rng(0)

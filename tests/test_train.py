@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import qinco_jax as qj
 from qinco_jax import train, trainer
@@ -100,10 +101,12 @@ def test_dead_code_reset_replaces_only_unused_rows():
   state = state._replace(usage=jnp.asarray(usage))
   new, n_reset = train.reset_dead_codes(state, jax.random.key(0), 0.1)
   np.testing.assert_array_equal(n_reset, [1, 1, 1])
-  old_c0, new_c0 = np.asarray(state.params["codebook0"][...]), np.asarray(new.params["codebook0"][...])
+  old_c0 = np.asarray(state.params["codebook0"][...])
+  new_c0 = np.asarray(new.params["codebook0"][...])
   changed = np.any(old_c0 != new_c0, axis=1)
   np.testing.assert_array_equal(changed, usage[0] == 0)
-  old_c, new_c = np.asarray(state.params["codebooks"][...]), np.asarray(new.params["codebooks"][...])
+  old_c = np.asarray(state.params["codebooks"][...])
+  new_c = np.asarray(new.params["codebooks"][...])
   np.testing.assert_array_equal(np.any(old_c != new_c, axis=2), usage[1:] == 0)
   new_p = np.asarray(new.params["pre_codebooks"][...])
   # C' row = the new C row plus small noise (0.025 x the table's std).
