@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from qinco_jax import data, pipeline
+from qinco_jax import checkpoint, data, pipeline
 from qinco_jax import index as index_lib
 from qinco_jax.codec import load as load_codec
 from qinco_jax.pairwise import PairwiseDecoder
@@ -171,26 +173,34 @@ class Index:
   # -------------------------------------------------------------- files
   def save(self, path: str | os.PathLike):
     """Writes the index to directory `path` (created; an existing index directory is
-    updated, any other non-empty directory refused). `load_index` reads it."""
+    replaced as a whole, any other non-empty directory refused). The files go to a
+    temporary sibling first, so an interrupted save leaves the earlier index intact.
+    `load_index` reads it."""
     self._require_trained("save")
-    path = Path(path)
-    if path.is_dir() and any(path.iterdir()) and not (path / META_FILE).exists():
-      raise ValueError(f"cannot save the index to {str(path)!r}: a non-empty directory "
-                       "that is not a qinco-jax index")
-    path.mkdir(parents=True, exist_ok=True)
     import faiss
 
-    d = self._dec
-    self.codec.save(path / "model")  # every file is written atomically
-    for name, arr in (("centroids", d.centroids), ("aq_tables", d.tables),
-                      ("extra_codes", d.extra)):
-      data.atomic_write(str(path / f"{name}.npy"),
-                        lambda f, a=arr: np.save(f, a, allow_pickle=False))
-    d.pairwise.save(path / "pairwise.npz")
-    data.atomic_write(str(path / "index.faiss"),
-                      lambda f: f.write(faiss.serialize_index(self._faiss).tobytes()))
-    meta = {"metric": self.metric, "A": self.A, "B": self.B}
-    data.atomic_write(str(path / META_FILE), lambda f: f.write(json.dumps(meta).encode()))
+    path = Path(path).absolute()
+    if path.exists() and not (path.is_dir() and (
+        not any(path.iterdir()) or (path / META_FILE).exists())):
+      raise ValueError(f"cannot save the index to {str(path)!r}: it exists and is "
+                       "not a qinco-jax index (nor an empty directory)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+      tmp.mkdir()
+      d = self._dec
+      self.codec.save(tmp / "model")
+      for name, arr in (("centroids", d.centroids), ("aq_tables", d.tables),
+                        ("extra_codes", d.extra)):
+        np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+      d.pairwise.save(tmp / "pairwise.npz")
+      (tmp / "index.faiss").write_bytes(faiss.serialize_index(self._faiss).tobytes())
+      meta = {"metric": self.metric, "A": self.A, "B": self.B}
+      (tmp / META_FILE).write_text(json.dumps(meta))
+      checkpoint.atomic_replace_dir(tmp, path)
+    finally:
+      if tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
 
   def __repr__(self) -> str:
     return (f"Index(ntotal={self.ntotal}, metric={self.metric!r}, d={self.d}, "

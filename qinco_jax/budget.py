@@ -52,7 +52,7 @@ class Planner:
     self._first_epoch = None
     self._loop = None  # (time, update) from which the per-update time is measured
     self._mark = None  # first-epoch guard: (time, update, fastest s per update)
-    self._seed = meta["plan_steps"]
+    self._seed = None  # the plan this call started from (set by `start`)
 
   @property
   def epochs(self) -> int:

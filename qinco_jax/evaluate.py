@@ -35,7 +35,8 @@ def evaluate(codec, ds: Dataset, A: int | None = None, B: int | None = None,
   db = ds.db if n_db is None else ds.db[:n_db]
   if isinstance(codec, FaissQuantizer):
     A = B = None
-    encode, decode = codec.encode, codec.decode
+    encode = lambda x, verbose=False: codec.encode(x)  # noqa: E731
+    decode = codec.decode
     prefix = codec.prefix_decode if codec.additive else None
     n_codes, n_ivf, K = codec.M, 0, codec.K
     db = as_float32(np.asarray(db), name="db")
@@ -48,7 +49,7 @@ def evaluate(codec, ds: Dataset, A: int | None = None, B: int | None = None,
     n_codes, n_ivf, K = codec.n_codes, codec.cfg.n_ivf, codec.K
     decode(encode(db[:8], verbose=False))  # compile before timing
   t0 = time.perf_counter()
-  codes = encode(db, verbose=verbose) if A is not None else encode(db)
+  codes = encode(db, verbose=verbose)
   t1 = time.perf_counter()
   x_hat = decode(codes)
   t2 = time.perf_counter()

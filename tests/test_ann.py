@@ -195,3 +195,28 @@ def test_sa_encode_packs_codes_into_bytes(K, ivf_K):
   np.testing.assert_array_equal(codec.sa_decode(b), codec.decode(codes, verbose=False))
   with pytest.raises(ValueError, match="uint8"):
     codec.sa_decode(b.astype(np.int32))
+
+
+def test_an_interrupted_save_keeps_the_earlier_index(setup, tmp_path, monkeypatch):
+  """Saving over an index writes a temporary sibling and swaps it in: a save that
+  fails half way leaves the earlier index whole (and no temporary behind)."""
+  import faiss
+  ds, _, index = setup
+  index.save(tmp_path / "idx")
+  D, I = qj.load_index(tmp_path / "idx").search(ds.queries[:10], 5, nprobe=4)
+
+  def broken(_):
+    raise OSError("disk full")
+  tables = np.load(tmp_path / "idx" / "aq_tables.npy")
+  other = qj.Index(index.codec)  # other decoders (fitted on fewer vectors)
+  other.train(ds.train[:1500])
+  assert not np.allclose(other._dec.tables, tables)
+  monkeypatch.setattr(faiss, "serialize_index", broken)
+  with pytest.raises(OSError, match="disk full"):
+    other.save(tmp_path / "idx")
+  monkeypatch.undo()
+  np.testing.assert_array_equal(np.load(tmp_path / "idx" / "aq_tables.npy"), tables)
+  D2, I2 = qj.load_index(tmp_path / "idx").search(ds.queries[:10], 5, nprobe=4)
+  np.testing.assert_array_equal(I2, I)
+  np.testing.assert_array_equal(D2, D)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
