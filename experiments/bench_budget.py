@@ -137,6 +137,12 @@ def main(argv):
   report(list(done.values()))
 
 
+def shown_command(command: str) -> str:
+  """The flags that chose a run, without those that only say where outputs go."""
+  where = ("--workdir=", "--doc=", "--plot=")
+  return " ".join(a for a in command.split() if not a.startswith(where))
+
+
 def report(rows):
   faiss = {(r["M"], r["n_db"], r["beam"]): r for r in rows if r.get("tag") == "faiss"}
   q = sorted((r for r in rows if r.get("method") == "QINCo2"),
@@ -165,7 +171,7 @@ def report(rows):
             "(random seeds, no splitting; see \"RQ initialisation\")."]
   commands = {}
   for r in q:
-    commands.setdefault(r["tag"], set()).add(r.get("command", ""))
+    commands.setdefault(r["tag"], set()).add(shown_command(r.get("command", "")))
   lines += ["", "Commands (`python experiments/bench_budget.py ...`):", ""]
   lines += [f"- {tag}: " + "; ".join(f"`{c}`" for c in sorted(cs)) for tag, cs in
             sorted(commands.items())]
