@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from qinco_jax import checkpoint, data, rq_init
-from qinco_jax.config import QincoConfig
+from qinco_jax.config import Dtype, QincoConfig
 from qinco_jax.decode import decode_steps, denormalize, normalize
 from qinco_jax.encode import beam_search
 from qinco_jax.model import Qinco, abstract_model, count_params
@@ -177,7 +177,7 @@ class Codec:
     """A codec with the same config and new arrays (e.g. after training)."""
     return Codec(self.cfg, self.d, state, self.info)
 
-  def with_dtype(self, dtype: str | None) -> Codec:
+  def with_dtype(self, dtype: Dtype | None) -> Codec:
     """This codec computing its step networks' matmuls in `dtype` ("float32" or
     "bfloat16"); the same arrays (parameters stay float32)."""
     if dtype is None or dtype == self.cfg.dtype:
@@ -227,7 +227,7 @@ class Codec:
 
   def encode(self, x, A: int | None = None, B: int | None = None, *,
              chunk_size: int | None = None, verbose: bool = True,
-             return_x_hat: bool = False, dtype: str | None = None):
+             return_x_hat: bool = False, dtype: Dtype | None = None):
     """Encodes vectors with beam search.
 
     Args:
@@ -320,7 +320,7 @@ class Codec:
 
   # ---------------------------------------------------------------- decode
   def decode(self, codes, *, chunk_size: int = DECODE_CHUNK,
-             verbose: bool = True, dtype: str | None = None) -> np.ndarray:
+             verbose: bool = True, dtype: Dtype | None = None) -> np.ndarray:
     """Decodes codes to raw-unit vectors.
 
     Args:

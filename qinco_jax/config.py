@@ -9,8 +9,9 @@ pre-selection, every one of the K codes is scored), B beam size (1 = greedy).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
+Dtype = Literal["float32", "bfloat16"]  # compute dtype of the step networks
 MAX_K = 65536  # codes are stored as uint16 at most
 MAX_B = 65536
 
@@ -36,13 +37,13 @@ class QincoConfig:
   # Initialisation of a new model (spec 4.2): "rq" starts exactly at the RQ solution
   # (f(c, x_hat) = c at init); "reference" is the paper's (f = c + P_out P_in c, 2c when
   # de = D). None: "rq" in QINCo2 mode, "reference" in qinco1_mode.
-  init: str | None = None
+  init: Literal["rq", "reference"] | None = None
   codebook_noise_init: float = 0.1  # relative noise added to the RQ-initialised codebooks
   enc_max_bs: int = 65536  # encoder chunk: chunk * B * (A or K) <= enc_max_bs
   # Compute dtype of the step networks' matmuls: "float32" or "bfloat16" (spec 9.9).
   # Parameters, optimiser state, codebook look-ups, scores, top-k, losses and the
   # returned reconstructions stay float32 either way.
-  dtype: str = "float32"
+  dtype: Literal["float32", "bfloat16"] = "float32"
   ivf_K: int = 0  # IVF lists of a frozen IVF step 0 (spec 4.1); 0 = no IVF step
 
   def __post_init__(self):

@@ -85,20 +85,37 @@ def first_step(x: Array, codebook0: Array, B: int) -> tuple[Array, Array, Array]
   return idx, codebook0[idx], valid
 
 
+def pre_predict(pre_net: StepNet | None, Cp: Array, x_hat: Array) -> Array:
+  """What pre-selection predicts each code adds to a beam (spec 5.1, 5.2): the
+  codeword C'[k] itself (Ls = 0), or g(C'[k], x_hat) (Ls > 0). The encoder scores
+  every code with it and the training loss fits the chosen code's (spec 9.1).
+
+  Args:
+    pre_net: g_m, or None when Ls = 0.
+    Cp: (..., K, D) pre-selection codewords (K any number, e.g. all K or the one
+      code chosen); broadcast against x_hat's leading dims.
+    x_hat: (..., D) beams.
+  Returns:
+    (..., K, D).
+  """
+  if pre_net is None:
+    return Cp
+  return pre_net.tail(pre_net.code_table(Cp) + pre_net.beam_term(x_hat)[..., None, :], Cp)
+
+
 def pre_scores(r: Array, x_hat: Array, Cp: Array, pre_net: StepNet | None) -> Array:
-  """Pre-selection scores of every code for each beam (spec 5.1, 5.2).
+  """Pre-selection scores of every code for each beam: ||r - pre_predict||^2.
 
   Args:
     r: (N, F, D) residual targets x - x_hat. x_hat: (N, F, D) beams.
     Cp: (K, D) pre-selection codebook C'_m. pre_net: g_m when Ls > 0, else None.
   Returns:
-    (N, F, K): ||r - C'[k]||^2 (Ls = 0), or ||r - g(C'[k], x_hat)||^2.
+    (N, F, K): ||r - C'[k]||^2 (Ls = 0, by the matmul expansion), or
+    ||r - g(C'[k], x_hat)||^2.
   """
   if pre_net is None:
     return sq_dists(r, Cp)
-  g = pre_net.tail(pre_net.code_table(Cp) + pre_net.beam_term(x_hat)[:, :, None],
-                   Cp)  # (N, F, K, D)
-  return jnp.sum((r[:, :, None, :] - g) ** 2, -1)
+  return jnp.sum((r[:, :, None, :] - pre_predict(pre_net, Cp, x_hat)) ** 2, -1)
 
 
 def network_step(x: Array, x_hat: Array, valid: Array, C: Array, Cp: Array | None,

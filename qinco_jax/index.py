@@ -12,6 +12,8 @@ largest first; the stored norms are then unused).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from qinco_jax import aq
@@ -55,7 +57,7 @@ def unpack_list_ids(b: np.ndarray) -> np.ndarray:
 
 def build_index(centroids: np.ndarray, tables: np.ndarray, train_codes: np.ndarray,
                 db_codes: np.ndarray, db_ids: np.ndarray | None = None,
-                ef_construction: int = 20, metric: str = "l2"):
+                ef_construction: int = 20, metric: Literal["l2", "ip"] = "l2"):
   """Builds the searchable faiss index from precomputed codes.
 
   Args:

@@ -13,11 +13,18 @@ import contextlib
 import dataclasses
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qinco_jax import index as index_lib
 from qinco_jax.data import as_float32
+
+if TYPE_CHECKING:  # annotations only: search sits below the codec in the import graph
+  import faiss
+
+  from qinco_jax.codec import Codec
+  from qinco_jax.pairwise import PairwiseDecoder
 
 
 @contextlib.contextmanager
@@ -86,10 +93,10 @@ class Searcher:
     extra_codes: (K_IVF, 5) IVF-derived codes of the pairwise decoder, or None.
   """
 
-  codec: object
-  index: object
+  codec: Codec
+  index: faiss.Index
   centroids: np.ndarray
-  pairwise: object | None = None
+  pairwise: PairwiseDecoder | None = None
   extra_codes: np.ndarray | None = None
 
   def search(self, queries: np.ndarray, k: int = 100, params: SearchParams = SearchParams(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from qinco_jax.decode import decode_steps, normalize
-from qinco_jax.encode import beam_search
+from qinco_jax.encode import beam_search, pre_predict
 
 Array = jax.Array
 
@@ -32,8 +32,8 @@ class TrainConfig:
   lr: float = 8e-4  # peak learning rate
   weight_decay: float = 0.1  # decoupled (AdamW), on every parameter
   grad_clip: float | None = 0.1  # element-wise value clip; None = off
-  optimizer: str = "adamw"  # "adamw" | "adam" (qinco1 recipe: lr 1e-4, no decay)
-  schedule: str = "cosine"  # "cosine" (warm-up + quarter cosine) | "plateau" (qinco1)
+  optimizer: Literal["adamw", "adam"] = "adamw"  # "adam": the qinco1 recipe (lr 1e-4, no decay)
+  schedule: Literal["cosine", "plateau"] = "cosine"  # warm-up + quarter cosine; "plateau": qinco1
   warmup_epochs: float = 3.0
   # Epochs trained, warm-up included (fewer if early stopping ends the run): the
   # spec's 3 + 60 by default. The reference then runs 8 more epochs at lr ~ 0 (71 in
@@ -206,9 +206,10 @@ def loss_fn(params, rest, graphdef, x: Array, A: int, B: int):
     Cp = jnp.take_along_axis(model.pre_codebooks[...], idx[:, :, None], axis=1)
     if model.pre_steps is not None:
       g_def, g_state = nnx.split(model.pre_steps)
-      g = jax.vmap(lambda s, c, xh: nnx.merge(g_def, s)(c, xh))(g_state, Cp, entering)
+      g = jax.vmap(lambda s, c, xh: pre_predict(nnx.merge(g_def, s), c[:, None], xh)[:, 0]
+                   )(g_state, Cp, entering)
     else:
-      g = Cp
+      g = Cp  # Ls = 0: pre_predict is the codeword itself
     pre_loss = jnp.sum(jnp.mean((entering + g - x[None]) ** 2, axis=(1, 2)))
   return loss + pre_loss, (codes, enc.target_mean, enc.target_std, step_mse, pre_loss)
 

@@ -59,9 +59,10 @@ def _get(tree, path):
   return np.asarray(tree)
 
 
-@pytest.mark.parametrize("ivf", [False, True], ids=["plain", "ivf"])
-def test_loss_and_gradient_match_numpy(ivf):
-  codec = _codec(ivf=ivf)
+@pytest.mark.parametrize("ivf,Ls", [(False, 0), (True, 0), (False, 1)],
+                         ids=["plain", "ivf", "pre-selection-network"])
+def test_loss_and_gradient_match_numpy(ivf, Ls):
+  codec = _codec(ivf=ivf, Ls=Ls, dh_pre=3)
   rng = np.random.default_rng(1)
   p = reference.np_params(codec)
   z = rng.standard_normal((12, D))  # a batch in normalised space

@@ -22,7 +22,10 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 def _field_type(f: dataclasses.Field) -> type:
   """The scalar type of a dataclass field ("int | None" -> int), for the placeholder."""
-  names = re.findall(r"[A-Za-z_]+", f.type if isinstance(f.type, str) else f.type.__name__)
+  text = f.type if isinstance(f.type, str) else f.type.__name__
+  if "Literal[" in text:  # a choice among quoted strings
+    return str
+  names = re.findall(r"[A-Za-z_]+", text)
   found = [_TYPES[n] for n in names if n in _TYPES]
   if not found:
     raise TypeError(f"{f.name}: no command-line type for annotation {f.type!r}")
