@@ -51,6 +51,7 @@ from bench_common import (
   page_faults,
   tail_flops,
   timed,
+  train_throughput,
   write_section,
 )
 from qinco_jax import encode as enc
@@ -59,6 +60,7 @@ D = 128
 MODELS = ("qinco2-S", "qinco2-L")
 SETTINGS = ((16, 32), (32, 64))
 BREAKDOWN_AB = (16, 32)
+TRAIN_AB = (4, 4)  # the training beam of the CPU recipe
 FAISS_BEAM = 32
 PAGE = 4096  # bytes per page, for the page-fault column
 DOC_START = "<!-- bench_codec:start -->"
@@ -218,6 +220,7 @@ class Row:
   peak: float
   dec_rate: float | None = None
   dec_gflop_vec: float | None = None
+  dtype: str = "float32"
 
   @property
   def gflops(self) -> float:
@@ -258,6 +261,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--breakdown-iters", type=int, default=None,
                  help="network steps per timed call in the breakdown (default: as "
                       "many as fit in ~target-s/4, at most M-1)")
+  p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                 choices=["float32", "bfloat16"],
+                 help="compute dtypes of the step networks (QincoConfig.dtype)")
+  p.add_argument("--train-steps", type=int, default=10,
+                 help="timed training steps per dtype (0: no training rows)")
+  p.add_argument("--train-batch", type=int, default=1024)
   p.add_argument("--no-breakdown", action="store_true")
   p.add_argument("--no-faiss", action="store_true")
   p.add_argument("--doc", default=None,
@@ -269,6 +278,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.decode_chunk = args.decode_chunk or 256
     args.peak_n = args.peak_n or 1024
     args.sweep_chunks = [2, 4]
+    args.train_steps, args.train_batch = min(args.train_steps, 2), 256
   if args.doc is None:
     args.doc = "" if args.quick else DEFAULT_DOC
   if args.peak_n is None:
@@ -277,17 +287,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def encode_rows(name: str, codec: qj.Codec, x: np.ndarray, args) -> list[Row]:
-  """One table row per (A, B) setting: encode rate, FLOPs and the matmul peak."""
+  """One table row per (dtype, A, B): encode rate, FLOPs and the matmul peak."""
   rows = []
-  for A, B in SETTINGS:
-    chunk = args.chunk or codec.chunk_size(A, B)
-    (rate, n), peak = bracketed(
-        lambda: encode_rate(codec, x, A, B, chunk, args.target_s, args.repeats),
-        args.peak_n)
-    flops = encode_flops(codec.cfg, codec.d, A, B, chunk) / 1e9
-    rows.append(Row(name, A, B, rate, n, flops, peak))
-    log(f"{name} A={A} B={B}: encode {rate:.1f} vec/s on {n} vectors, "
-        f"{rows[-1].gflops:.1f} GFLOP/s = {rows[-1].pct_peak:.0f}% of {peak:.0f}")
+  for dtype in args.dtypes:
+    c = codec.with_dtype(dtype)
+    for A, B in SETTINGS:
+      chunk = args.chunk or c.chunk_size(A, B)
+      (rate, n), peak = bracketed(
+          lambda: encode_rate(c, x, A, B, chunk, args.target_s, args.repeats),
+          args.peak_n)
+      flops = encode_flops(c.cfg, c.d, A, B, chunk) / 1e9
+      rows.append(Row(name, A, B, rate, n, flops, peak, dtype=dtype))
+      log(f"{name} {dtype} A={A} B={B}: encode {rate:.1f} vec/s on {n} vectors, "
+          f"{rows[-1].gflops:.1f} GFLOP/s = {rows[-1].pct_peak:.0f}% of {peak:.0f}")
   return rows
 
 
@@ -356,12 +368,13 @@ def bench_model(name: str, train: np.ndarray, x: np.ndarray, args):
   codec = qj.Codec.create(qj.preset(name), train, verbose=False)
   log(f"{name}: created ({codec.num_params:,} parameters)")
   rows = encode_rows(name, codec, x, args)
-  dec = decode_throughput(name, codec, args)
+  dec = {t: decode_throughput(f"{name} {t}", codec.with_dtype(t), args) for t in args.dtypes}
   for r in rows:
-    r.dec_rate = dec
+    r.dec_rate = dec[r.dtype]
     r.dec_gflop_vec = decode_flops(codec.cfg, codec.d) / 1e9
-  rate = next(r.enc_rate for r in rows if (r.A, r.B) == BREAKDOWN_AB)
-  brk = {} if args.no_breakdown else breakdown(name, codec, rate, args)
+  rate = next((r.enc_rate for r in rows if (r.A, r.B) == BREAKDOWN_AB
+               and r.dtype == codec.cfg.dtype), None)
+  brk = {} if args.no_breakdown or rate is None else breakdown(name, codec, rate, args)
   sweep = chunk_sweep(name, codec, x, args) if name in args.sweep_models else {}
   return rows, brk, sweep
 
@@ -384,19 +397,43 @@ def _fmt_rate(v: float | None) -> str:
 
 
 def results_table(rows: list[Row], faiss: dict[str, float]) -> str:
-  head = ("| model | A | B | encode vec/s | GFLOP/vec | GFLOP/s | matmul peak GFLOP/s "
-          "| % of peak | decode vec/s | decode GFLOP/s | encode / faiss RQ |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|\n")
+  head = ("| model | dtype | A | B | encode vec/s | GFLOP/vec | GFLOP/s | matmul peak "
+          "GFLOP/s | % of peak | decode vec/s | decode GFLOP/s | encode / faiss RQ |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
   lines = []
   for r in rows:
     ratio = f"{r.enc_rate / faiss['default']:.3g}x" if faiss else "-"
-    lines.append(f"| {r.model} | {r.A} | {r.B} | {_fmt_rate(r.enc_rate)} | "
+    lines.append(f"| {r.model} | {r.dtype} | {r.A} | {r.B} | {_fmt_rate(r.enc_rate)} | "
                  f"{r.gflop_vec:.3g} | {r.gflops:.0f} | {r.peak:.0f} | "
                  f"{r.pct_peak:.0f}% | {_fmt_rate(r.dec_rate)} | "
                  f"{r.dec_rate * r.dec_gflop_vec:.0f} | {ratio} |")
   for label, rate in faiss.items():
-    lines.append(f"| faiss RQ, {label} | - | {FAISS_BEAM} | {_fmt_rate(rate)} | "
+    lines.append(f"| faiss RQ, {label} | float32 | - | {FAISS_BEAM} | {_fmt_rate(rate)} | "
                  f"- | - | - | - | - | - | {rate / faiss['default']:.3g}x |")
+  return head + "\n".join(lines) + "\n"
+
+
+def train_rows(train: np.ndarray, args) -> list[dict]:
+  """Training-step throughput of a qinco2-S codec at A=4, B=4 (the CPU recipe), per
+  compute dtype, on the same training vectors."""
+  out = []
+  for dtype in args.dtypes if args.train_steps else ():
+    cfg = qj.preset("qinco2-S", A=TRAIN_AB[0], B=TRAIN_AB[1], dtype=dtype)
+    out.append(train_throughput(cfg, train, args.train_batch, args.train_steps))
+    log(f"qinco2-S {dtype}: training {out[-1]['samples_s']:.0f} samples/s")
+  return out
+
+
+def train_table(rows: list[dict]) -> str:
+  if not rows:
+    return "(not run)\n"
+  head = ("| model | dtype | A | B | batch | samples/s | samples per CPU-second "
+          "| GFLOP/s | vs float32 |\n|---|---|---|---|---|---|---|---|---|\n")
+  f32 = next((r["samples_s"] for r in rows if r["dtype"] == "float32"), None)
+  lines = [f"| qinco2-S ({r['model']}) | {r['dtype']} | {r['A']} | {r['B']} | "
+           f"{r['batch']} | {r['samples_s']:,.0f} | {r['samples_per_cpu_s']:,.0f} | "
+           f"{r['gflops']:.0f} | "
+           + (f"{r['samples_s'] / f32:.2f}x |" if f32 else "- |") for r in rows]
   return head + "\n".join(lines) + "\n"
 
 
@@ -432,7 +469,7 @@ def sweep_table(sweeps: dict[str, dict]) -> str:
   return head + "\n".join(lines) + "\n"
 
 
-def print_report(env, rows, faiss, brks, sweeps, command):
+def print_report(env, rows, faiss, brks, sweeps, trains, command):
   print(f"\n{command}\n{env['date']} | {env['jax']} | {env['device']} | "
         f"{env['cpus']} CPUs")
   print(results_table(rows, faiss))
@@ -442,13 +479,17 @@ def print_report(env, rows, faiss, brks, sweeps, command):
   if sweeps:
     print(f"Encoder chunk size at A={BREAKDOWN_AB[0]}, B={BREAKDOWN_AB[1]}:")
     print(sweep_table(sweeps))
+  print(f"Training step at A={TRAIN_AB[0]}, B={TRAIN_AB[1]}:")
+  print(train_table(trains))
   print(analysis_text(rows, brks, sweeps))
 
 
 DOC_TEXT = """\
 Encode and decode throughput of untrained qinco2-S and qinco2-L codecs (networks at
 initialisation: the work does not depend on the weights) on synthetic D=128 vectors
-(a Gaussian mixture), K=256, M=8, float32, with the codec's default chunking.
+(a Gaussian mixture), K=256, M=8, with the codec's default chunking, for each compute
+dtype of the step networks (`QincoConfig.dtype`; "bfloat16": bfloat16 matmul operands,
+float32 accumulation, everything else float32, spec 9.9).
 
     {command}
 
@@ -493,6 +534,11 @@ default comes from `enc_max_bs` = 65,536 candidate rows per call, capped on CPU 
 `CPU_ENC_ROWS` = 8,192):
 
 {sweep}
+Training-step throughput (`train.make_train_step`, jitted, {steps} steps after 3
+warm-up steps) of a qinco2-S codec at A={tA}, B={tB}, batch {batch}, on the same
+synthetic training vectors, per compute dtype:
+
+{train}
 {analysis}
 """
 
@@ -537,10 +583,17 @@ def analysis_text(rows: list[Row], brks: dict[str, dict], sweeps: dict[str, dict
   """What limits the encoder, in sentences derived from this run's measurements."""
   out = []
   for name, b in brks.items():
-    row = next((r for r in rows if r.model == name and (r.A, r.B) == BREAKDOWN_AB), None)
+    row = next((r for r in rows if r.model == name and (r.A, r.B) == BREAKDOWN_AB
+                and r.dtype == "float32"), None)
     if row is not None:
       out.append(_goal_sentence(row, b))
   out += [t for t in (_sweep_sentence(n, sw) for n, sw in sweeps.items()) if t]
+  by = {(r.model, r.A, r.B, r.dtype): r.enc_rate for r in rows}
+  bf = [(m, A, B, by[(m, A, B, "bfloat16")] / v) for (m, A, B, t), v in by.items()
+        if t == "float32" and (m, A, B, "bfloat16") in by]
+  if bf:
+    out.append("- bfloat16 against float32 encoding on this device: " + ", ".join(
+        f"{m} A={A}, B={B} {r:.2f}x" for m, A, B, r in bf) + ".")
   ratios = [b["xla_ratio"] for b in brks.values() if math.isfinite(b["xla_ratio"])]
   if ratios:
     out.append(
@@ -563,14 +616,15 @@ def analysis_text(rows: list[Row], brks: dict[str, dict], sweeps: dict[str, dict
   return "\n".join(out)
 
 
-def write_doc(args, env, rows, faiss, brks, sweeps, command):
+def write_doc(args, env, rows, faiss, brks, sweeps, trains, command):
   section = "## Codec throughput (experiments/bench_codec.py)\n\n" + DOC_TEXT.format(
       command=command, repeats=args.repeats, long_s=LONG_CALL * args.target_s,
       peak_n=args.peak_n, beam=FAISS_BEAM,
       n_train=args.n_train, table=results_table(rows, faiss), bA=BREAKDOWN_AB[0],
       bB=BREAKDOWN_AB[1], breakdown=breakdown_table(brks) if brks else "(not run)\n",
       sweep=sweep_table(sweeps) if sweeps else "(not run)\n",
-      analysis=analysis_text(rows, brks, sweeps), **env)
+      train=train_table(trains), tA=TRAIN_AB[0], tB=TRAIN_AB[1], batch=args.train_batch,
+      steps=args.train_steps, analysis=analysis_text(rows, brks, sweeps), **env)
   write_section(args.doc, f"{DOC_START}\n{section.rstrip()}\n{DOC_END}", DOC_START,
                 DOC_END)
   log(f"wrote {os.path.relpath(args.doc)}")
@@ -596,9 +650,10 @@ def main(argv=None):
     faiss = faiss_rates(train, x, 8, FAISS_BEAM, args.target_s, args.repeats)
     for k, v in faiss.items():
       log(f"faiss RQ beam {FAISS_BEAM} ({k}): {v:.0f} vec/s")
-  print_report(env, rows, faiss, brks, sweeps, command)
+  trains = train_rows(train, args)
+  print_report(env, rows, faiss, brks, sweeps, trains, command)
   if args.doc:
-    write_doc(args, env, rows, faiss, brks, sweeps, command)
+    write_doc(args, env, rows, faiss, brks, sweeps, trains, command)
 
 
 if __name__ == "__main__":

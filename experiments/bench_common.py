@@ -1,7 +1,7 @@
 """Shared by the benchmark scripts: the FLOP model of the step networks, the timing
-harness (wall times that wait for JAX, matmul peak, adaptive repeat counts) and
-writing a script's own section of docs/benchmarks.md. Scripts import this module,
-never each other."""
+harness (wall times that wait for JAX, matmul peak, adaptive repeat counts), the
+training-step throughput and writing a script's own section of docs/benchmarks.md.
+Scripts import this module, never each other."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import qinco_jax as qj
+from qinco_jax import train
 from qinco_jax.data import atomic_write
 
 LONG_CALL = 4  # a call this many times over the target time is not repeated
@@ -172,3 +174,42 @@ def adaptive_rate(run_chunks: Callable[[int], object], chunk: int, target_s: flo
   while len(times) < repeats:
     times.append(timed(lambda: run_chunks(n)))
   return n / statistics.median(times), n
+
+
+# ------------------------------------------------------------------ training throughput
+def train_flops(cfg: qj.QincoConfig, d: int, batch: int) -> float:
+  """Per training sample: encode forward at the training (A, B) + ~3x decode forward
+  (forward and backward of the decoder). The small pre-selection loss is left out."""
+  return encode_flops(cfg, d, cfg.A, cfg.B, batch) + 3 * decode_flops(cfg, d)
+
+
+def train_throughput(cfg: qj.QincoConfig, x: np.ndarray, batch: int, steps: int,
+                     warmup: int = 3) -> dict[str, Any]:
+  """Times `steps` calls of the jitted training step (after `warmup` calls, which
+  include compilation) on consecutive batches of the (n, d) training vectors x (cycled
+  when there are fewer than warmup + steps batches), in the compute dtype cfg.dtype."""
+  n_init = min(len(x), 20_000)
+  codec = qj.Codec.create(cfg, x[:n_init], verbose=False)
+  tc = train.TrainConfig(batch_per_device=batch, epochs=10, warmup_epochs=1)
+  tx = train.make_optimizer(tc, steps_per_epoch=max(1, len(x) // batch))
+  state = train.init_state(codec.graphdef, codec.state, tx)
+  step_fn = train.make_train_step(codec.graphdef, tx, cfg.A, cfg.B)
+  n_batches = max(1, min(len(x) // batch, warmup + steps))
+  batches = [jnp.asarray(np.asarray(x[i * batch:(i + 1) * batch], np.float32))
+             for i in range(n_batches)]
+  for i in range(warmup):
+    state, m = step_fn(state, batches[i % n_batches])
+  jax.block_until_ready(m)
+  w0, c0 = time.perf_counter(), time.process_time()
+  for i in range(steps):
+    state, m = step_fn(state, batches[(warmup + i) % n_batches])
+  jax.block_until_ready((state, m))
+  wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+  samples = steps * batch
+  flops = train_flops(cfg, x.shape[1], batch)
+  return {"model": f"L={cfg.L}, de={cfg.de}, dh={cfg.dh}, M={cfg.M}", "A": cfg.A,
+          "dtype": cfg.dtype,
+          "B": cfg.B, "batch": batch, "steps": steps, "wall_s": wall, "cpu_s": cpu,
+          "samples_s": samples / wall, "samples_per_cpu_s": samples / max(cpu, 1e-9),
+          "flops_per_sample": flops, "gflops": flops * samples / wall / 1e9,
+          "loss": float(m["loss"])}

@@ -50,11 +50,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import qinco_jax as qj
-from bench_common import decode_flops, encode_flops, matmul_peak, write_section
+from bench_common import matmul_peak, train_throughput, write_section
 from qinco_jax import data, train, trainer
 from qinco_jax.baselines import FaissQuantizer
 from qinco_jax.evaluate import evaluate
@@ -122,43 +121,6 @@ def rd_baselines(ds: data.Dataset, sizes: list[int], args) -> list[dict[str, Any
       out.append(run_baseline(name, FaissQuantizer(kind, ds.d, M, beam=beam), ds,
                               args.faiss_train, with_recall=False))
   return out
-
-
-# ------------------------------------------------------------------ FLOPs and throughput
-def train_flops(cfg: qj.QincoConfig, d: int, batch: int) -> float:
-  """Per training sample: encode forward at the training (A, B) + ~3x decode forward
-  (forward and backward of the decoder). The small pre-selection loss is left out."""
-  return encode_flops(cfg, d, cfg.A, cfg.B, batch) + 3 * decode_flops(cfg, d)
-
-
-def train_throughput(cfg: qj.QincoConfig, ds: data.Dataset, batch: int, steps: int,
-                     warmup: int = 3) -> dict[str, Any]:
-  """Times `steps` calls of the jitted training step (after `warmup` calls, which
-  include compilation) on consecutive GloVe training batches."""
-  n_init = min(len(ds.train), 20_000)
-  codec = qj.Codec.create(cfg, ds.train[:n_init], verbose=False)
-  tc = train.TrainConfig(batch_per_device=batch, epochs=10, warmup_epochs=1)
-  tx = train.make_optimizer(tc, steps_per_epoch=max(1, len(ds.train) // batch))
-  state = train.init_state(codec.graphdef, codec.state, tx)
-  step_fn = train.make_train_step(codec.graphdef, tx, cfg.A, cfg.B)
-  n_batches = max(1, min(len(ds.train) // batch, warmup + steps))
-  batches = [jnp.asarray(np.asarray(ds.train[i * batch:(i + 1) * batch], np.float32))
-             for i in range(n_batches)]
-  for i in range(warmup):
-    state, m = step_fn(state, batches[i % n_batches])
-  jax.block_until_ready(m)
-  w0, c0 = time.perf_counter(), time.process_time()
-  for i in range(steps):
-    state, m = step_fn(state, batches[(warmup + i) % n_batches])
-  jax.block_until_ready((state, m))
-  wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-  samples = steps * batch
-  flops = train_flops(cfg, ds.d, batch)
-  return {"model": f"L={cfg.L}, de={cfg.de}, dh={cfg.dh}, M={cfg.M}", "A": cfg.A,
-          "B": cfg.B, "batch": batch, "steps": steps, "wall_s": wall, "cpu_s": cpu,
-          "samples_s": samples / wall, "samples_per_cpu_s": samples / max(cpu, 1e-9),
-          "flops_per_sample": flops, "gflops": flops * samples / wall / 1e9,
-          "loss": float(m["loss"])}
 
 
 # ------------------------------------------------------------------ QINCo2
@@ -396,7 +358,7 @@ def main(argv=None):
   res["rd"] = rd_baselines(ds, [m for m in args.rd_bytes if m not in args.bytes], args)
   log("training throughput of a qinco2-S-sized model")
   s_cfg = qj.preset("qinco2-S", M=8, L=2, de=128, dh=256, A=4, B=4)
-  res["throughput"] = train_throughput(s_cfg, ds, 1024 if not args.quick else 256,
+  res["throughput"] = train_throughput(s_cfg, ds.train, 1024 if not args.quick else 256,
                                        steps=args.tp_steps)
   res["matmul_peak_gflops"] = matmul_peak(2048, 5)
   log(f"throughput {res['throughput']['samples_s']:.0f} samples/s, "
