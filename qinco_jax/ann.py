@@ -29,7 +29,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from qinco_jax import index as index_lib
 from qinco_jax.codec import load as load_codec
 from qinco_jax.pairwise import PairwiseDecoder
 from qinco_jax.search import Searcher, SearchParams
+
+if TYPE_CHECKING:  # annotations only: faiss is imported where it is used
+  import faiss
 
 Metric = Literal["l2", "ip", "cosine"]
 META_FILE = "qinco_jax_index.json"
@@ -63,7 +66,7 @@ class Index:
     self.codec, self.metric, self.A, self.B = codec, metric, A, B
     self.fit_kw = fit_kw
     self._dec: pipeline.Decoders | None = None
-    self._faiss = None
+    self._faiss: faiss.Index | None = None
 
   # -------------------------------------------------------------- state
   @property
@@ -97,6 +100,7 @@ class Index:
     the seconds spent per stage, and `sweep.run_sweep` tunes its settings."""
     self._require_trained("searcher")
     d = self._dec
+    assert d is not None and self._faiss is not None  # trained
     return Searcher(self.codec, self._faiss, d.centroids, d.pairwise, d.extra)
 
   # -------------------------------------------------------------- faiss verbs
@@ -168,6 +172,7 @@ class Index:
     self._require_trained("remove_ids")
     import faiss
     ids = np.ascontiguousarray(np.asarray(ids, np.int64).ravel())
+    assert self._faiss is not None  # trained
     return int(self._faiss.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
 
   # -------------------------------------------------------------- files
@@ -189,6 +194,7 @@ class Index:
     try:
       tmp.mkdir()
       d = self._dec
+      assert d is not None and self._faiss is not None  # trained
       self.codec.save(tmp / "model")
       for name, arr in (("centroids", d.centroids), ("aq_tables", d.tables),
                         ("extra_codes", d.extra)):

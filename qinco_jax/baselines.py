@@ -15,7 +15,7 @@ multiple of M dimensions (OPQ rotates them first).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -70,13 +70,18 @@ class FaissQuantizer:
     self.kind, self.d, self.M, self.beam, self.nbits = kind, d, M, beam, nbits
     self.K = 1 << nbits
     self.dp = -(-d // M) * M if kind in ("PQ", "OPQ") else d  # padded dimension
+    # A faiss.Index (PQ, OPQ) or a faiss.AdditiveQuantizer (RQ, LSQ): the methods below
+    # choose their faiss calls by self.kind, which a type checker cannot follow.
+    self.faiss: Any
     # "np": no polysemous training (it only renumbers the codewords, for Hamming
     # filtering, and costs seconds even on tiny sets).
     if kind == "PQ":
       self.faiss = faiss.index_factory(self.dp, f"PQ{M}x{nbits}np")
     elif kind == "OPQ":
       self.faiss = faiss.index_factory(self.dp, f"OPQ{M},PQ{M}x{nbits}np")
-      faiss.downcast_VectorTransform(self.faiss.chain.at(0)).niter = opq_iters
+      # downcast_VectorTransform returns the concrete class (typed as the base class)
+      opq = cast(faiss.OPQMatrix, faiss.downcast_VectorTransform(self.faiss.chain.at(0)))
+      opq.niter = opq_iters
     elif kind == "RQ":
       self.faiss = faiss.ResidualQuantizer(d, M, nbits)
       self.faiss.max_beam_size = beam

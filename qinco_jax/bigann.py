@@ -78,6 +78,7 @@ def load_data(job: SearchJob, need_gt: bool):
   if job.data == "glove":
     ds = data.load_glove(with_gt=False)
     db = np.concatenate([np.asarray(ds.db), np.asarray(ds.train)])
+    assert ds.queries is not None  # GloVe has its 10k queries
     gt = data.cached_gt(db, ds.queries, 100, tag="glove_search_db") if need_gt else None
     return ds.train, ds.val, db, ds.queries, gt
   paths = [os.path.join(job.root, p) for p in FILES[job.data]]

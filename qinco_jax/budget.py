@@ -49,10 +49,12 @@ class Planner:
     self.t_start = t_call - meta.get("elapsed_s", 0.0)
     meta.setdefault("plan_steps", int(cfg.epochs * steps_per_epoch))
     self.reserve = 0.0  # seconds kept back for the validation that ends an epoch
-    self._first_epoch = None
-    self._loop = None  # (time, update) from which the per-update time is measured
-    self._mark = None  # first-epoch guard: (time, update, fastest s per update)
-    self._seed = None  # the plan this call started from (set by `start`)
+    self._first_epoch: int | None = None
+    # (time, update) from which the per-update time is measured
+    self._loop: tuple[float, int] | None = None
+    # first-epoch guard: (time, update, fastest s per update)
+    self._mark: tuple[float, int, float] | None = None
+    self._seed: int | None = None  # the plan this call started from (set by `start`)
 
   @property
   def epochs(self) -> int:
@@ -102,6 +104,7 @@ class Planner:
     left = int((self.budget - self.reserve - (now - self.t_start)) / per_step)
     if 0 < left and j < EARLY_GUARDS[-1]:  # early, noisy estimate: go on to the next
       left = max(left, next(i for i in EARLY_GUARDS if i > j) - j)
+    assert self._seed is not None  # set by `start` (this is its first epoch)
     self.meta["plan_steps"] = min(self._seed, dist.agree(gstep + max(left, 0)))
     self._mark = (now, gstep, per_step)
 
@@ -113,6 +116,7 @@ class Planner:
     self.meta["elapsed_s"] = now - self.t_start
     if self.budget is None or gstep >= self.meta["plan_steps"]:
       return
+    assert self._loop is not None  # set by `start`
     t0, g0 = self._loop
     per_step = (now - t0) / max(gstep - g0, 1)
     left = int((self.budget - self.meta["elapsed_s"]) / per_step)

@@ -60,7 +60,7 @@ def checksums(tree) -> dict[str, str]:
   for k, v in _flat(tree).items():
     a = np.ascontiguousarray(np.asarray(v))
     h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=16)
-    h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+    h.update(a.view(np.uint8).reshape(-1).data if a.size else b"")
     out[k] = h.hexdigest()
   return out
 

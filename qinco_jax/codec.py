@@ -119,6 +119,7 @@ class Codec:
       cents = (cents - mean) / np.float32(std)
       ids, _ = rq_init.assign(z, cents)  # JAX, as the encoder's IVF step (no faiss)
       z = z - cents[ids]
+      assert model.ivf_centroids is not None  # cfg.ivf_K > 0
       model.ivf_centroids[...] = jnp.asarray(cents, jnp.float32)
     elif ivf_centroids is not None:
       raise ValueError("ivf_centroids given but cfg.ivf_K = 0; set ivf_K to their count")
@@ -127,9 +128,11 @@ class Codec:
     noisy = [c + cfg.codebook_noise_init * c.std() * rng.standard_normal(c.shape)
              for c in codebooks]
     if not cfg.ivf_K:
+      assert model.codebook0 is not None  # no IVF: a plain RQ step 0
       model.codebook0[...] = jnp.asarray(noisy.pop(0), jnp.float32)
     if noisy:
       scale = cfg.codeword_scale(d)
+      assert model.codebooks is not None  # one codebook per network step: n_net > 0
       model.codebooks[...] = jnp.asarray(np.stack(noisy) * scale, jnp.float32)
       if model.pre_codebooks is not None:
         # Without a network (Ls = 0), C'_m is compared with residuals directly.

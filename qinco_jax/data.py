@@ -19,7 +19,8 @@ import numpy as np
 
 SUPPORTED_EXTENSIONS = (".fvecs", ".bvecs", ".ivecs", ".npy")
 # extension -> little-endian dtype of the stored values
-_VECS_DTYPES = {".fvecs": np.dtype("<f4"), ".ivecs": np.dtype("<i4"), ".bvecs": np.dtype("u1")}
+_VECS_DTYPES: dict[str, np.dtype] = {
+    ".fvecs": np.dtype("<f4"), ".ivecs": np.dtype("<i4"), ".bvecs": np.dtype("u1")}
 _MAX_DIM = 1_000_000
 _WRITE_CHUNK = 1 << 16
 _HEADER_CHUNK = 1 << 20  # records whose headers are checked at a time
@@ -322,17 +323,20 @@ def compute_gt(db: np.ndarray, queries: np.ndarray, k: int = 100,
   q = as_float32(queries, name="queries")
   if not 1 <= k <= n_db:
     raise ValueError(f"k must be in 1..{n_db} (database size), got {k}")
-  best_d = best_i = None
+  best_d: np.ndarray | None = None
+  best_i: np.ndarray | None = None
   for start, chunk in iter_chunks(db, db_chunk):
     index = faiss.IndexFlatL2(q.shape[1])
     index.add(as_float32(chunk, d=q.shape[1], name="db"))
     dist, ids = index.search(q, min(k, len(chunk)))
     ids += start
     if best_d is not None:
+      assert best_i is not None  # set together with best_d
       dist, ids = np.hstack([best_d, dist]), np.hstack([best_i, ids])
       order = np.argsort(dist, axis=1, kind="stable")[:, :k]
       dist, ids = np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
     best_d, best_i = dist, ids
+  assert best_i is not None  # n_db >= k >= 1: at least one chunk was searched
   return best_i.astype(np.int64)
 
 
@@ -525,5 +529,8 @@ def load_files(trainset: str | None, db: str | None = None, queries: str | None 
       raise ValueError(f"ground truth '{gt}': nearest-neighbour ids must be in "
                        f"0..{len(db_x) - 1} (database size), got range "
                        f"{nn.min()}..{nn.max()}; recompute it with compute_gt")
-  name = name or os.path.splitext(os.path.basename(trainset or db))[0]
+  if not name:
+    source = trainset or db
+    assert source is not None  # trainset is None needs a db (checked above)
+    name = os.path.splitext(os.path.basename(source))[0]
   return Dataset(name, train, val, db_x, q_x, gt_x, float(mse_scale))

@@ -32,6 +32,7 @@ def decode_steps(model: Qinco, codes: Array) -> tuple[Array, Array]:
   x_hat = model.first_table[codes[:, 0]]  # (N, D)
   if m == 1:
     return x_hat, x_hat[None]
+  assert model.codebooks is not None  # m > 1 codes: the model has network steps
   net_def, net_state = nnx.split(model.steps)
   head = jax.tree.map(lambda a: a[: m - 1], (net_state, model.codebooks[...]))
 

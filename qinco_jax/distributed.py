@@ -74,14 +74,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   pid = _int_or_none(process_id, "JAX_PROCESS_ID", "process_id")
   global _heartbeat_s
   _heartbeat_s = int(heartbeat_timeout_s)
-  kw = dict(heartbeat_timeout_seconds=_heartbeat_s)
   if address is None:
     if n not in (None, 1) or pid not in (None, 0):
       raise ValueError(f"num_processes={n}, process_id={pid} need a coordinator address "
                        "(--coordinator_address=HOST:PORT or JAX_COORDINATOR_ADDRESS)")
     if not any(k in env for k in _AUTO_ENV):
       return False  # a single process
-    jax.distributed.initialize(**kw)  # TPU pod / SLURM / MPI auto-detection
+    # TPU pod / SLURM / MPI auto-detection
+    jax.distributed.initialize(heartbeat_timeout_seconds=_heartbeat_s)
     return jax.process_count() > 1
   if n is None or pid is None:
     if not any(k in env for k in _AUTO_ENV):
@@ -95,7 +95,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if n == 1:
     return False
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes
-  jax.distributed.initialize(address, n, pid, **kw)
+  jax.distributed.initialize(address, n, pid, heartbeat_timeout_seconds=_heartbeat_s)
   return True
 
 
@@ -194,6 +194,7 @@ def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S):
     return
   from jax._src import distributed as _dist  # the coordination-service client
   client = _dist.global_state.client
+  assert client is not None  # multi(): jax.distributed is initialized
   with peer_guard(f"barrier {name!r}"):
     client.wait_at_barrier(f"qinco_jax/{name}", int(timeout_s * 1000))
 

@@ -137,6 +137,7 @@ def network_step(x: Array, x_hat: Array, valid: Array, C: Array, Cp: Array | Non
   table = net.code_table(C)  # (K, E), once per step
   beam = net.beam_term(x_hat)  # (N, F, E), once per beam
   if A > 0:
+    assert Cp is not None  # A > 0 comes with pre-selection codebooks
     _, cand = jax.lax.top_k(-pre_scores(r, x_hat, Cp, pre_net), A)  # (N, F, A)
     cand = cand.astype(jnp.int32)
     h0 = table[cand] + beam[:, :, None, :]  # (N, F, A, E)
@@ -206,7 +207,11 @@ def beam_search(model: Qinco, x: Array, *, A: int, B: int,
     net_def, net_state = nnx.split(model.steps)
     pre_def, pre_state = (nnx.split(model.pre_steps) if model.pre_steps is not None
                           else (None, None))
-    Cp_all = model.pre_codebooks[...] if use_pre else None
+    Cp_all: Array | None = None
+    if use_pre:
+      assert model.pre_codebooks is not None  # checked above (A > 0, n_net > 0)
+      Cp_all = model.pre_codebooks[...]
+    assert model.codebooks is not None  # n_net > 0: the model has network steps
     C_all = model.codebooks[...]
 
   def step(m, x_hat, valid, A_m):
@@ -219,6 +224,7 @@ def beam_search(model: Qinco, x: Array, *, A: int, B: int,
   if cfg.ivf_K:
     # Frozen IVF step: one beam (the nearest centroid); the first network step then
     # keeps A_eff = max(A, B) candidates so that B beams come out (spec 5.1).
+    assert model.ivf_centroids is not None  # cfg.ivf_K > 0
     ivf = ivf_assign(x, model.ivf_centroids[...])
     x_hat = model.ivf_centroids[...][ivf][:, None, :]  # (N, 1, D)
     valid = jnp.ones((N, 1), bool)
@@ -232,6 +238,7 @@ def beam_search(model: Qinco, x: Array, *, A: int, B: int,
     else:
       x_hat = jnp.broadcast_to(x_hat, (N, B, x.shape[1]))
   else:
+    assert model.codebook0 is not None  # no IVF: a plain RQ step 0
     codes0, x_hat, valid = first_step(x, model.codebook0[...], B)
     history = jnp.zeros((N, B, M_tot), jnp.int32).at[:, :, 0].set(codes0)
     first_net = 0

@@ -8,6 +8,7 @@ queries among the decoded database, codebook usage, and encode/decode time.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,11 @@ def evaluate(codec, ds: Dataset, A: int | None = None, B: int | None = None,
   R@1/R@10/R@100 (fractions; only when the full database is used and ground truth
   exists), codebook usage, encode_us and decode_us per vector, A, B, n.
   """
+  if ds.db is None:
+    raise ValueError(f"dataset {ds.name!r} has no database vectors (ds.db) to evaluate on")
   db = ds.db if n_db is None else ds.db[:n_db]
+  decode: Callable[[Any], np.ndarray]
+  prefix: Callable[[Any, int], np.ndarray] | None
   if isinstance(codec, FaissQuantizer):
     A = B = None
     encode = lambda x, verbose=False: codec.encode(x)  # noqa: E731
@@ -70,6 +75,7 @@ def evaluate(codec, ds: Dataset, A: int | None = None, B: int | None = None,
 
 
 def _recalls(ds: Dataset, x_hat: np.ndarray, n_db: int | None) -> dict[str, float]:
+  assert ds.db is not None  # checked by evaluate
   if ds.queries is None or ds.gt is None or (n_db is not None and n_db < len(ds.db)):
     return {}
   I = metrics.knn(as_float32(ds.queries, name="queries"), x_hat, k=100)

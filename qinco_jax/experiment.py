@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from qinco_jax import data, distributed, train, trainer
 from qinco_jax.config import QincoConfig, preset
@@ -100,6 +100,7 @@ def run(c, workdir: str) -> dict[str, Any]:
                         ds.mse_scale)
     A = codec.cfg.A if c.eval.A is None else c.eval.A
     B = codec.cfg.B if c.eval.B is None else c.eval.B
+    assert ev.db is not None  # ds.db or a prefix of it
     say(f"encoding the {len(ev.db):,} database vectors at A={A}, B={B}")
     summary["qinco"] = evaluate(codec, ev, A=A, B=B)
     if c.eval.rq_baseline:
@@ -183,7 +184,7 @@ def _config_path(argv, default: str) -> str:
   return next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), default)
 
 
-def _exit_on_unknown_field(argv, path: str, err: Exception):
+def _exit_on_unknown_field(argv, path: str, err: Exception) -> NoReturn:
   """Prints `error: --config.a.b: config.a has no field 'b'; did you mean ...` and exits
   2 when an override names an unknown field; re-raises `err` otherwise."""
   import difflib
@@ -198,7 +199,8 @@ def _exit_on_unknown_field(argv, path: str, err: Exception):
     if not arg.startswith("--config."):
       continue
     parts = arg[len("--config."):].split("=", 1)[0].split(".")
-    node, seen = config, []
+    node = config
+    seen: list[str] = []
     for part in parts:
       keys = list(node.keys()) if hasattr(node, "keys") else []
       if part not in keys:

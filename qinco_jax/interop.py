@@ -138,7 +138,7 @@ class _Entry(NamedTuple):
   """One reference state dict entry and where it lives in our pure-dict state."""
   key: str  # reference key, without any `module.` prefix
   path: tuple  # path in our pure dict
-  index: int | None  # row of a stacked array (None: the whole array)
+  row: int | None  # row of a stacked array (None: the whole array)
   transpose: bool  # reference (out, in) <-> Flax (in, out)
   shape: tuple  # reference shape
 
@@ -323,10 +323,10 @@ def from_state_dict(sd: Mapping[str, Any], parameters: Mapping[str, Any],
     if e.transpose:
       a = a.T
     target = _get(pure, e.path[:-1])
-    if e.index is None:
+    if e.row is None:
       target[e.path[-1]] = a
     else:
-      target[e.path[-1]][e.index] = a
+      target[e.path[-1]][e.row] = a
   std = float(pure["data_std"])
   if not (math.isfinite(std) and std > 0):
     raise ValueError(f"state dict entry 'data_std' must be a positive finite number, "
@@ -380,8 +380,8 @@ def to_torch_state_dict(codec: Codec, as_torch: bool = False) -> dict[str, Any]:
   out = {}
   for e in _layout(codec.cfg, codec.d):
     a = _get(pure, e.path)
-    if e.index is not None:
-      a = a[e.index]
+    if e.row is not None:
+      a = a[e.row]
     a = np.array(a.T if e.transpose else a, dtype=np.float32, order="C")
     if a.shape != e.shape:  # a state that does not match its own config
       raise ValueError(f"codec array {'/'.join(map(str, e.path))} gives {e.key!r} of "
@@ -596,7 +596,8 @@ def export_npz(codec: Codec, path: str | os.PathLike) -> None:
   if clash:
     raise ValueError(f"codec state has reserved array names {clash}")
   buf = io.BytesIO()
-  np.savez(buf, **meta, **arrays)
+  # The names (metadata "__x__" and state paths) are never savez's allow_pickle keyword.
+  np.savez(buf, **meta, **arrays)  # type: ignore[arg-type]
   data.atomic_write(os.fspath(path), lambda f: f.write(buf.getvalue()))
 
 

@@ -84,6 +84,8 @@ class StepNet(nnx.Module):
     self.qinco1_mode = qinco1_mode
     self.dtype = jnp.dtype(dtype)  # compute dtype of the matmuls (spec 9.9)
     w_init = _torch_uniform if qinco1_mode else _he_uniform
+    self.in_proj: nnx.Linear | None
+    self.out_proj: nnx.Linear | None
     if E != d:
       self.in_proj = nnx.Linear(d, E, use_bias=False, kernel_init=w_init, rngs=rngs)
       self.out_proj = nnx.Linear(E, d, use_bias=False, kernel_init=w_init, rngs=rngs)
@@ -110,7 +112,9 @@ class StepNet(nnx.Module):
 
   def beam_term(self, x_hat: Array) -> Array:
     """Reconstruction-only part of h0, W_x x_hat + b: (..., D) -> (..., E)."""
-    return _mm(x_hat, self.concat.kernel[...][self.E:], self.dtype) + self.concat.bias[...]
+    bias = self.concat.bias
+    assert bias is not None  # concat is built with a bias
+    return _mm(x_hat, self.concat.kernel[...][self.E:], self.dtype) + bias[...]
 
   def tail(self, h0: Array, c: Array) -> Array:
     """Residual blocks, output projection and outer residual: -> (..., D)."""
@@ -124,8 +128,10 @@ class StepNet(nnx.Module):
     e = self.embed(c)
     c, x_hat = jnp.broadcast_arrays(c, x_hat)
     e = jnp.broadcast_to(e, c.shape[:-1] + e.shape[-1:])
+    bias = self.concat.bias
+    assert bias is not None  # concat is built with a bias
     h0 = e + _mm(jnp.concatenate([e, x_hat], axis=-1), self.concat.kernel[...],
-                 self.dtype) + self.concat.bias[...]
+                 self.dtype) + bias[...]
     return self.tail(h0, c)
 
 
@@ -162,6 +168,12 @@ class Qinco(nnx.Module):
     self.cfg = cfg
     self.d = d
     K, E = cfg.K, cfg.embed_dim(d)
+    self.codebook0: nnx.Param | None
+    self.ivf_centroids: Stat | None
+    self.codebooks: nnx.Param | None
+    self.steps: StepNet | None
+    self.pre_codebooks: nnx.Param | None
+    self.pre_steps: StepNet | None
     if cfg.ivf_K:
       self.codebook0 = None
       self.ivf_centroids = Stat(jnp.zeros((cfg.ivf_K, d), jnp.float32))
@@ -192,7 +204,9 @@ class Qinco(nnx.Module):
   @property
   def first_table(self) -> Array:
     """Step 0's table: the IVF centroids or the plain codebook, (K0, D)."""
-    return (self.ivf_centroids if self.codebook0 is None else self.codebook0)[...]
+    table = self.ivf_centroids if self.codebook0 is None else self.codebook0
+    assert table is not None  # a model has exactly one of them
+    return table[...]
 
 
 def count_params(model_or_state) -> int:

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from tqdm.auto import tqdm
 
 from qinco_jax import data
@@ -37,7 +40,7 @@ _CAST_CHUNK = 1 << 16
 
 def _segment_sum(ids: np.ndarray, values: np.ndarray, n_groups: int,
                  weights: np.ndarray | None = None,
-                 dtype: np.dtype = np.float32) -> np.ndarray:
+                 dtype: npt.DTypeLike = np.float32) -> np.ndarray:
   """out[g] = sum_{i: ids[i] == g} weights[i] * values[i].
 
   One pass over the rows through a sparse one-hot product (no sorting, no
@@ -359,7 +362,8 @@ class PairwiseDecoder:
 
 def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables: int,
                  n_eval: int = 100_000, verbose: bool = False,
-                 shrink: float = 0.0, holdout: int = 0) -> PairwiseDecoder:
+                 shrink: float | Sequence[float] = 0.0,
+                 holdout: int = 0) -> PairwiseDecoder:
   """Greedy fit of `n_tables` pairwise tables (2M in the paper).
 
   With R the current residual (float32 copy of `residuals`), each iteration, for every
@@ -429,7 +433,8 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
     n_eval = holdout
   for t in bar:
     base = float(np.einsum("nd,nd->", R[:n_eval], R[:n_eval], dtype=np.float64))
-    best = None  # (sse, pair, table)
+    # (sse, pair, table), the table as (s_fit, w) with holdout
+    best: tuple[float, tuple[int, int], Any] | None = None
     for a, b in all_pairs:
       idx = codes[:, a] * K + codes[:, b]
       if holdout:  # fit on the other rows, score on the held-out ones
@@ -468,6 +473,7 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
       sse = base + float(per_group.sum(dtype=np.float64))
       if best is None or sse < best[0]:
         best = (sse, (a, b), table)
+    assert best is not None  # P >= 2: all_pairs is not empty
     sse, (a, b), table = best
     if holdout and sse >= base:  # no pair helps on held-out rows any more
       tables = tables[:t]

@@ -152,7 +152,8 @@ class Searcher:
     nshort = max(p.nshort, k)  # the re-ranked shortlist holds at least k candidates
     final = nshort if p.use_qinco else k
     n1 = min(max(p.nmid_short * nshort, nshort, final), MAX_SHORTLIST)
-    params = faiss.SearchParametersIVF(nprobe=p.nprobe)
+    params = faiss.SearchParametersIVF()
+    params.nprobe = p.nprobe
     t0 = time.perf_counter()
     with _coarse_ef_search(ivf, p.ef_search):
       D1, I1, C1 = self.index.search_and_return_codes(q, n1, include_listnos=True,
@@ -165,6 +166,7 @@ class Searcher:
     ids = I1
     if p.use_pairwise and self.pairwise is not None and n1 > nshort:
       t0 = time.perf_counter()
+      assert self.extra_codes is not None  # they come with the pairwise decoder
       ext = np.concatenate([codes, self.extra_codes[lists]], axis=2)
       approx = (self.pairwise.decode(ext.reshape(-1, ext.shape[2]))
                 + self.centroids[lists.ravel()]).reshape(len(q), n1, -1)

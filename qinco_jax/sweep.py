@@ -20,13 +20,14 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from qinco_jax import metrics
 from qinco_jax.search import FewerResultsWarning, Searcher, SearchParams
 
-DEFAULT_RANGES = {
+DEFAULT_RANGES: dict[str, Sequence] = {
     "nprobe": [1, 2, 4, 8, 16, 32, 64, 128],
     "ef_search": [16, 32, 64, 128],
     "nshort": [1, 2, 4, 10, 20, 50, 100, 200],  # small ones win at high speed
@@ -62,8 +63,8 @@ def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
   n_exp = op.num_experiments()
   for cno in (op.sample_experiments(0) if n_exp > 2 else range(n_exp)):
     key = op.cno_to_key(int(cno))
-    params = {k: (int(v) if isinstance(v, (int, np.integer)) else v)
-              for k, v in op.get_parameters(key).items()}
+    params: dict[str, Any] = {k: (int(v) if isinstance(v, (int, np.integer)) else v)
+                              for k, v in op.get_parameters(key).items()}
     tag = json.dumps(params, sort_keys=True)
     if tag in done:
       rec = done[tag]

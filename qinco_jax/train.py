@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -143,6 +144,7 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
   before every update (`budget_lr`).
   """
   updates_per_epoch = steps_per_epoch / cfg.accumulate
+  lr: float | Callable[[Any], Any]  # a schedule, or a value the trainer updates
   if cfg.schedule == "cosine" and cfg.time_budget_s is None:
     def lr(count):  # count = updates done so far; t is updated before each batch
       return cfg.lr * lr_factor((count + 1) / updates_per_epoch, cfg)

@@ -52,12 +52,14 @@ class BatchOrder:
 
   def __init__(self, n: int, samples_per_epoch: int, global_batch: int, seed: int):
     self.n, self.S, self.G, self.seed = n, samples_per_epoch, global_batch, seed
-    self._perm = (-1, None)
+    self._perm: tuple[int, np.ndarray | None] = (-1, None)
 
   def _perm_of(self, p: int) -> np.ndarray:
     if self._perm[0] != p:
       self._perm = (p, np.random.default_rng([self.seed, p]).permutation(self.n))
-    return self._perm[1]
+    perm = self._perm[1]
+    assert perm is not None  # pass p >= 0 has its permutation (set above)
+    return perm
 
   def indices(self, epoch: int, step: int) -> np.ndarray:
     pos = epoch * self.S + step * self.G + np.arange(self.G, dtype=np.int64)
@@ -87,8 +89,11 @@ def _read_rows(x, idx: np.ndarray) -> np.ndarray:
 def _global_batch(x, idx: np.ndarray, sharding) -> jax.Array:
   """The global batch x[idx] as one array sharded along "data"; this process reads
   only the rows of its own devices' slices (from a memory map: no host reads more)."""
-  return jax.make_array_from_callback(
-      (len(idx), x.shape[1]), sharding, lambda where: _read_rows(x, idx[where[0]]))
+  def rows(where: tuple[slice, ...] | None) -> np.ndarray:
+    assert where is not None  # jax passes every device its index (typed Optional)
+    return _read_rows(x, idx[where[0]])
+
+  return jax.make_array_from_callback((len(idx), x.shape[1]), sharding, rows)
 
 
 class MetricWriter:

@@ -111,3 +111,12 @@ def test_faiss_quantizers_share_the_codec_verbs(kind, nbits):
       q.codebooks()
   with pytest.raises(ValueError, match="codes"):
     q.decode(codes[:, :3])
+
+
+def test_evaluate_without_a_database_names_it():
+  x = np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32)
+  q = qj.baselines.FaissQuantizer("RQ", 4, 2, nbits=4)
+  q.train(x)
+  ds = qj.data.Dataset("no-db", x, x[:10], None, None, None)
+  with pytest.raises(ValueError, match="no database vectors"):
+    evaluate(q, ds, verbose=False)
