@@ -6,3 +6,4 @@ import os
 
 os.environ.setdefault("QINCO_QUICK", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")  # as the tests (tests/conftest.py)

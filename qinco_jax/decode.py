@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qinco_jax.model import Qinco
+from qinco_jax.model import Qinco, expand_to_rank
 
 Array = jax.Array
 
@@ -51,9 +51,9 @@ def decode_steps(model: Qinco, codes: Array) -> tuple[Array, Array]:
 
 def normalize(model: Qinco, x: Array) -> Array:
   """Raw (N, D) -> normalised: (x - data_mean) / data_std."""
-  return (x - model.data_mean[...]) / model.data_std[...]
+  return (x - expand_to_rank(model.data_mean[...], x.ndim)) / model.data_std[...]
 
 
 def denormalize(model: Qinco, z: Array) -> Array:
   """Normalised (..., D) -> raw: data_std * z + data_mean."""
-  return z * model.data_std[...] + model.data_mean[...]
+  return z * model.data_std[...] + expand_to_rank(model.data_mean[...], z.ndim)

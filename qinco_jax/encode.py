@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qinco_jax.model import Qinco, StepNet
+from qinco_jax.model import Qinco, StepNet, expand_to_rank
 
 Array = jax.Array
 
@@ -46,7 +46,7 @@ def sq_dists(x: Array, c: Array) -> Array:
   slightly negative, which is harmless for ranking.
   """
   return (jnp.sum(x * x, -1, keepdims=True) - 2.0 * x @ c.T
-          + jnp.sum(c * c, -1))
+          + expand_to_rank(jnp.sum(c * c, -1), x.ndim))
 
 
 def _masked_stats(r: Array, valid: Array) -> tuple[Array, Array]:
@@ -54,7 +54,7 @@ def _masked_stats(r: Array, valid: Array) -> tuple[Array, Array]:
   w = valid.astype(r.dtype)[..., None]
   cnt = jnp.maximum(jnp.sum(w), 2.0)
   mean = jnp.sum(r * w, axis=(0, 1)) / cnt
-  var = jnp.sum(w * (r - mean) ** 2, axis=(0, 1)) / (cnt - 1.0)
+  var = jnp.sum(w * (r - mean[None, None, :]) ** 2, axis=(0, 1)) / (cnt - 1.0)
   return mean, jnp.sqrt(var)
 
 
@@ -100,7 +100,10 @@ def pre_predict(pre_net: StepNet | None, Cp: Array, x_hat: Array) -> Array:
   """
   if pre_net is None:
     return Cp
-  return pre_net.tail(pre_net.code_table(Cp) + pre_net.beam_term(x_hat)[..., None, :], Cp)
+  beam = pre_net.beam_term(x_hat)[..., None, :]  # (..., 1, E)
+  ndim = max(Cp.ndim, beam.ndim)
+  return pre_net.tail(expand_to_rank(pre_net.code_table(Cp), ndim)
+                      + expand_to_rank(beam, ndim), expand_to_rank(Cp, ndim))
 
 
 def pre_scores(r: Array, x_hat: Array, Cp: Array, pre_net: StepNet | None) -> Array:
@@ -144,7 +147,7 @@ def network_step(x: Array, x_hat: Array, valid: Array, C: Array, Cp: Array | Non
     c = C[cand]  # (N, F, A, D)
   else:
     cand = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (N, F, K))
-    h0 = table + beam[:, :, None, :]  # (N, F, K, E)
+    h0 = table[None, None] + beam[:, :, None, :]  # (N, F, K, E)
     c = jnp.broadcast_to(C, (N, F, K, C.shape[1]))
   f = net.tail(h0, c)  # (N, F, A_eff, D)
   A_eff = f.shape[2]

@@ -38,6 +38,12 @@ class Stat(nnx.Variable):
   """A stored, never-trained array (data normalisation)."""
 
 
+def expand_to_rank(v: Array, ndim: int) -> Array:
+  """v with leading unit axes added up to rank `ndim`: the explicit spelling of NumPy's
+  rank promotion (the library runs under jax_numpy_rank_promotion="raise")."""
+  return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
 def _mm(x: Array, w: Array, dtype) -> Array:
   """x @ w with both operands in `dtype` (the compute dtype), result float32."""
   if dtype == jnp.float32:
@@ -114,7 +120,8 @@ class StepNet(nnx.Module):
     """Reconstruction-only part of h0, W_x x_hat + b: (..., D) -> (..., E)."""
     bias = self.concat.bias
     assert bias is not None  # concat is built with a bias
-    return _mm(x_hat, self.concat.kernel[...][self.E:], self.dtype) + bias[...]
+    y = _mm(x_hat, self.concat.kernel[...][self.E:], self.dtype)
+    return y + expand_to_rank(bias[...], y.ndim)
 
   def tail(self, h0: Array, c: Array) -> Array:
     """Residual blocks, output projection and outer residual: -> (..., D)."""
@@ -131,7 +138,7 @@ class StepNet(nnx.Module):
     bias = self.concat.bias
     assert bias is not None  # concat is built with a bias
     h0 = e + _mm(jnp.concatenate([e, x_hat], axis=-1), self.concat.kernel[...],
-                 self.dtype) + bias[...]
+                 self.dtype) + expand_to_rank(bias[...], e.ndim)
     return self.tail(h0, c)
 
 

@@ -105,14 +105,14 @@ def _kmeanspp(x: jax.Array, key: jax.Array, K: int) -> jax.Array:
   k0, key = jax.random.split(key)
   first = x[jax.random.randint(k0, (), 0, n)]
   C = jnp.zeros((K, x.shape[1]), x.dtype).at[0].set(first)
-  d2 = jnp.sum((x - first) ** 2, -1)
+  d2 = jnp.sum((x - first[None, :]) ** 2, -1)
 
   def body(i, carry):
     C, d2, key = carry
     key, sub = jax.random.split(key)
     j = jax.random.categorical(sub, jnp.log(jnp.maximum(d2, 1e-30)))
     C = C.at[i].set(x[j])
-    d2 = jnp.minimum(d2, jnp.sum((x - x[j]) ** 2, -1))
+    d2 = jnp.minimum(d2, jnp.sum((x - x[j][None, :]) ** 2, -1))
     return C, d2, key
 
   C, _, _ = jax.lax.fori_loop(1, K, body, (C, d2, key))
@@ -231,7 +231,7 @@ def _rq_encode_chunk(x: jax.Array, tables: jax.Array, B: int):
     r = x[:, None, :] - x_hat  # (n, F, D)
     T = tables[m]
     dist = (jnp.sum(r * r, -1, keepdims=True) - 2.0 * r @ T.T
-            + jnp.sum(T * T, -1))  # (n, F, K)
+            + jnp.sum(T * T, -1)[None, None, :])  # (n, F, K)
     n = x.shape[0]
     _, sel = jax.lax.top_k(-dist.reshape(n, -1), F)  # (n, F)
     parent, code = sel // K, sel % K
