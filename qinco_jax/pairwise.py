@@ -20,9 +20,9 @@ vectors (raw units).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -360,6 +360,67 @@ class PairwiseDecoder:
 # Greedy fitting (spec 12.2, step 3)
 
 
+def _in_sample_score(idx: np.ndarray, R: np.ndarray, n_eval: int, KK: int, base: float,
+                     shrink: float) -> tuple[float, Callable[[], np.ndarray]]:
+  """The table of one pair fitted on all rows and the SSE it leaves on rows [:n_eval].
+
+  With T = S_all / (c_all + shrink) (0 where c_all = 0), the SSE on the eval rows is
+    base - 2 sum_g S_eval[g].T[g] + sum_g c_eval[g] ||T[g]||^2.
+
+  Args:
+    idx: (n,) int64 combined codes a * K + b. R: (n, D) float32 current residual.
+    n_eval: rows scored. KK: K * K groups. base: ||R[:n_eval]||^2 (float64).
+    shrink: ridge penalty per entry.
+  Returns:
+    (sse, a function returning the (KK, D) float32 table).
+  """
+  n = len(idx)
+  s_eval = _segment_sum(idx[:n_eval], R[:n_eval], KK)
+  c_eval = np.bincount(idx[:n_eval], minlength=KK)
+  if n_eval < n or shrink > 0:
+    c_all = c_eval + (np.bincount(idx[n_eval:], minlength=KK) if n_eval < n else 0)
+    inv = np.divide(1.0, c_all + shrink, out=np.zeros(KK),
+                    where=c_all > 0).astype(np.float32)
+    table = s_eval + (_segment_sum(idx[n_eval:], R[n_eval:], KK) if n_eval < n else 0.0)
+    table = table * inv[:, None]
+    per_group = c_eval * np.einsum("gd,gd->g", table, table) - 2.0 * np.einsum(
+        "gd,gd->g", s_eval, table)
+  else:  # S_eval = S_all: the SSE drops by sum_g ||S[g]||^2 / c[g]
+    inv = (1.0 / np.maximum(c_eval, 1)).astype(np.float32)
+    per_group = -np.einsum("gd,gd->g", s_eval, s_eval) * inv
+    table = s_eval
+    table *= inv[:, None]
+  return base + float(per_group.sum(dtype=np.float64)), lambda: table
+
+
+def _held_out_score(idx: np.ndarray, R: np.ndarray, n_eval: int, KK: int, base: float,
+                    shrinks: list[float]) -> tuple[float, Callable[[], np.ndarray]]:
+  """The table of one pair fitted on rows [n_eval:] and the SSE it leaves on the
+  held-out rows [:n_eval], for the best of the `shrinks` values (the group sums are
+  shared). With T = S_fit * w (w = 1 / (c_fit + shrink) per group), the held-out SSE is
+    base + sum_g w^2 c_eval ||S_fit||^2 - 2 w S_eval.S_fit.
+
+  Returns:
+    (sse, a function returning the (KK, D) float32 table) for the best shrink (the
+    first on ties); the table is only computed for the pair finally chosen.
+  """
+  s_eval = _segment_sum(idx[:n_eval], R[:n_eval], KK)
+  c_eval = np.bincount(idx[:n_eval], minlength=KK)
+  c_fit = np.bincount(idx[n_eval:], minlength=KK).astype(np.float64)
+  s_fit = _segment_sum(idx[n_eval:], R[n_eval:], KK)
+  ff = np.einsum("gd,gd->g", s_fit, s_fit, dtype=np.float64)
+  ef = np.einsum("gd,gd->g", s_eval, s_fit, dtype=np.float64)
+  best: tuple[float, np.ndarray] | None = None
+  for lam in shrinks:
+    w = np.divide(1.0, c_fit + lam, out=np.zeros(KK), where=c_fit > 0)
+    sse = base + float((w * w * c_eval * ff - 2.0 * w * ef).sum())
+    if best is None or sse < best[0]:
+      best = (sse, w)
+  assert best is not None  # shrinks is not empty
+  w = best[1]
+  return best[0], lambda: s_fit * w.astype(np.float32)[:, None]
+
+
 def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables: int,
                  n_eval: int = 100_000, verbose: bool = False,
                  shrink: float | Sequence[float] = 0.0,
@@ -431,59 +492,25 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
     if not 0 < holdout < n:
       raise ValueError(f"holdout must be in [1, n={n}), got {holdout}")
     n_eval = holdout
+  score = (functools.partial(_held_out_score, shrinks=shrinks) if holdout else
+           functools.partial(_in_sample_score, shrink=shrink))
   for t in bar:
     base = float(np.einsum("nd,nd->", R[:n_eval], R[:n_eval], dtype=np.float64))
-    # (sse, pair, table), the table as (s_fit, w) with holdout
-    best: tuple[float, tuple[int, int], Any] | None = None
+    # (sse, pair, the function that returns its table)
+    best: tuple[float, tuple[int, int], Callable[[], np.ndarray]] | None = None
     for a, b in all_pairs:
-      idx = codes[:, a] * K + codes[:, b]
-      if holdout:  # fit on the other rows, score on the held-out ones
-        s_eval = _segment_sum(idx[:n_eval], R[:n_eval], KK)
-        c_eval = np.bincount(idx[:n_eval], minlength=KK)
-        c_fit = np.bincount(idx[n_eval:], minlength=KK).astype(np.float64)
-        s_fit = _segment_sum(idx[n_eval:], R[n_eval:], KK)
-        # With T = S_fit * w (w per group), the held-out SSE is
-        #   base + sum_g w^2 c_eval ||S_fit||^2 - 2 w S_eval.S_fit.
-        ff = np.einsum("gd,gd->g", s_fit, s_fit, dtype=np.float64)
-        ef = np.einsum("gd,gd->g", s_eval, s_fit, dtype=np.float64)
-        for lam in shrinks:
-          w = np.divide(1.0, c_fit + lam, out=np.zeros(KK), where=c_fit > 0)
-          sse = base + float((w * w * c_eval * ff - 2.0 * w * ef).sum())
-          if best is None or sse < best[0]:
-            best = (sse, (a, b), (s_fit, w))
-        continue
-      s_eval = _segment_sum(idx[:n_eval], R[:n_eval], KK)
-      c_eval = np.bincount(idx[:n_eval], minlength=KK)
-      # With T = S_all / c_all (0 where c_all = 0), the SSE on the eval rows is
-      #   base - 2 sum_g S_eval[g].T[g] + sum_g c_eval[g] ||T[g]||^2.
-      if n_eval < n or shrink > 0:
-        c_all = c_eval + (np.bincount(idx[n_eval:], minlength=KK) if n_eval < n else 0)
-        inv = np.divide(1.0, c_all + shrink, out=np.zeros(KK),
-                        where=c_all > 0).astype(np.float32)
-        table = s_eval + (_segment_sum(idx[n_eval:], R[n_eval:], KK) if n_eval < n
-                          else 0.0)
-        table = table * inv[:, None]
-        per_group = c_eval * np.einsum("gd,gd->g", table, table) - 2.0 * np.einsum(
-            "gd,gd->g", s_eval, table)
-      else:  # S_eval = S_all: the SSE drops by sum_g ||S[g]||^2 / c[g]
-        inv = (1.0 / np.maximum(c_eval, 1)).astype(np.float32)
-        per_group = -np.einsum("gd,gd->g", s_eval, s_eval) * inv
-        table = s_eval
-        table *= inv[:, None]
-      sse = base + float(per_group.sum(dtype=np.float64))
+      sse, make = score(codes[:, a] * K + codes[:, b], R, n_eval, KK, base)
       if best is None or sse < best[0]:
-        best = (sse, (a, b), table)
+        best = (sse, (a, b), make)
     assert best is not None  # P >= 2: all_pairs is not empty
-    sse, (a, b), table = best
+    sse, (a, b), make_table = best
     if holdout and sse >= base:  # no pair helps on held-out rows any more
       tables = tables[:t]
       break
-    if holdout:
-      s_fit, w = table
-      table = s_fit * w.astype(np.float32)[:, None]
+    chosen = make_table()
     pairs.append((a, b))
-    tables[t] = table
-    R -= table[codes[:, a] * K + codes[:, b]]
+    tables[t] = chosen
+    R -= chosen[codes[:, a] * K + codes[:, b]]
     bar.set_postfix(mse=f"{max(sse, 0.0) / n_eval:.4g}", pair=f"{a},{b}")
   return PairwiseDecoder(K=K, pairs=pairs, tables=tables)
 
