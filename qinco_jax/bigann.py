@@ -154,7 +154,8 @@ def _search(job: SearchJob, queries, gt, wd: pipeline.SearchWorkdir):
   log = wd.sweep_log
   front = sweep.run_sweep(searcher, queries, gt, log, max_experiments=job.max_experiments)
   front.sort(key=lambda r: r["ms_per_query"]["total"])
-  n_run = sum(1 for _ in open(log))
+  with open(log) as f:
+    n_run = sum(1 for _ in f)
   png = wd.sweep_plot
   plots.speed_recall(
       {"Pareto front": [(1e3 / r["ms_per_query"]["total"], r["R@1"]) for r in front]},

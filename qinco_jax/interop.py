@@ -613,7 +613,8 @@ def load_npz(path: str | os.PathLike) -> Codec:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no npz file at {path!r}")
   try:
-    with np.load(path, allow_pickle=False) as z:
+    # Our own handle, so that it is closed even when np.load refuses the bytes.
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
       files = {k: z[k] for k in z.files}
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path!r} is not a readable .npz file (garbage or truncated: "

@@ -55,9 +55,10 @@ def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
     op.add_range(name, list(values))
   done = {}
   if os.path.exists(log_path):
-    for line in open(log_path):
-      rec = json.loads(line)
-      done[json.dumps(rec["params"], sort_keys=True)] = rec
+    with open(log_path) as f:
+      for line in f:
+        rec = json.loads(line)
+        done[json.dumps(rec["params"], sort_keys=True)] = rec
   records = []
   n_run = 0
   n_exp = op.num_experiments()

@@ -8,6 +8,7 @@ Python lists, sharing no code with the JAX implementation. Only the parameter la
 from __future__ import annotations
 
 import itertools
+import json
 
 import jax
 import numpy as np
@@ -220,3 +221,9 @@ def nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
   """Index (n,) of the nearest centroid of every row, exact float64 L2."""
   x, c = np.asarray(x, np.float64), np.asarray(centroids, np.float64)
   return (((x[:, None, :] - c[None]) ** 2).sum(-1)).argmin(1)
+
+
+def read_jsonl(path) -> list[dict]:
+  """The records of a JSON-lines file (metrics or sweep logs), the file closed after."""
+  with open(path) as f:
+    return [json.loads(line) for line in f]

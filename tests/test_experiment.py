@@ -9,6 +9,7 @@ import pytest
 
 import qinco_jax as qj
 from qinco_jax import experiment, pipeline
+from tests import reference
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "experiments")
@@ -30,7 +31,7 @@ def test_synthetic_run_trains_evaluates_and_beats_its_initialisation(tmp_path, c
   q = summary["qinco"]
   assert len(q["per_step_mse"]) == 3 and q["per_step_mse"][-1] == q["mse"]
   assert 0 <= q["R@1"] <= q["R@10"] <= q["R@100"] <= 1
-  log = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  log = reference.read_jsonl(tmp_path / "run" / "metrics.jsonl")
   val = [r["val_mse"] for r in log if "val_mse" in r]
   assert min(val[1:]) < val[0]  # training improved on the initial codec
   assert qj.load(tmp_path / "run").M == 3
@@ -152,7 +153,7 @@ def test_search_script_stages_on_a_deep1b_layout(tmp_path):
   qj.data.write_vecs(str(root / "deep1B_groundtruth.ivecs"), ds.gt.astype(np.int32))
   out = stage("search")
   assert "Pareto front of" in out and (work / "sweep.png").exists()
-  best = max(json.loads(l)["R@10"] for l in open(work / "sweep.jsonl"))
+  best = max(r["R@10"] for r in reference.read_jsonl(work / "sweep.jsonl"))
   assert best > 0.3  # chance is 10 / 2000
   # Every file the stages wrote is where the layout type says (and nothing else).
   wd = pipeline.SearchWorkdir(work)

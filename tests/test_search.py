@@ -2,7 +2,6 @@
 faiss index, reloaded in a fresh process, searched with AQ, pairwise and full re-rank."""
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -12,6 +11,7 @@ import qinco_jax as qj
 from qinco_jax import aq, ivf, pairwise, pipeline, sweep, train, trainer
 from qinco_jax import index as index_lib
 from qinco_jax.search import SearchParams
+from tests import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,10 +188,10 @@ def test_sweep_logs_and_resumes(built):
   ranges = {"nprobe": [1, 4], "ef_search": [16], "nshort": [10, 50], "nmid_short": [1, 4]}
   log = out.parent / "sweep.jsonl"
   front = sweep.run_sweep(searcher, ds.queries, ds.gt, log, ranges=ranges, verbose=False)
-  n_lines = len(open(log).readlines())
+  n_lines = len(reference.read_jsonl(log))
   assert 1 <= n_lines <= 8 and front
   sweep.run_sweep(searcher, ds.queries, ds.gt, log, ranges=ranges, verbose=False)
-  assert len(open(log).readlines()) == n_lines  # nothing re-measured
+  assert len(reference.read_jsonl(log)) == n_lines  # nothing re-measured
 
 
 class _FakeSearcher:
@@ -220,7 +220,7 @@ def test_sweep_prunes_dominated_settings(tmp_path):
   fake = _FakeSearcher(n)
   front = sweep.run_sweep(fake, np.zeros((n, 2), np.float32), gt, tmp_path / "s.jsonl",
                           ranges=ranges, verbose=False, warmup=0, clock=fake.clock)
-  log = [json.loads(l) for l in open(tmp_path / "s.jsonl")]
+  log = reference.read_jsonl(tmp_path / "s.jsonl")
   # nshort > 1 only costs time, and nprobe 16 is no better than 8: the true front is
   # nshort = 1 with nprobe 1, 2, 4, 8.
   assert sorted(r["params"]["nprobe"] for r in front) == [1, 2, 4, 8]
