@@ -34,28 +34,37 @@ FILES = {
 }
 
 
+def _arg(default, help: str):
+  """A SearchJob field that is a `qinco-search` flag, with its help text."""
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SearchJob:
-  """One run of the search job (the fields are `qinco-search`'s flags)."""
+  """One run of the search job. Every field with a help text is a `qinco-search` flag
+  of the same name (`cli.search` declares them from these fields); the defaults are the
+  GloVe run of docs/benchmarks.md's search section."""
 
-  workdir: str = "runs/search_glove"
-  stage: str = "all"  # one of STAGES, or "all"
-  data: str = "glove"  # "glove" | "bigann1b" | "deep1b"
-  root: str = ""  # directory of the BigANN/Deep1B files
-  ivf_K: int = 1024  # IVF lists (2**20 for 1B databases)
-  M: int = 8  # QINCo codes per vector (bytes)
-  L: int = 2  # train stage: residual blocks per step network
-  de: int = 64  # train stage: embedding width E
-  dh: int = 128  # train stage: hidden width H
-  epochs: int = 6  # train stage: epochs trained (1 warm-up + a 5-epoch cosine)
-  train_min: float = 0.0  # train stage: wall-time budget in minutes (0: use epochs)
-  stop_patience: int = 3  # train stage: epochs without improvement before stopping
-  A: int = 4  # training beam (and encoding beam by default)
-  B: int = 4
-  enc_A: int = -1  # encode/build beam (-1: A, B)
-  enc_B: int = -1
-  shard: tuple[int, int] = (0, 1)  # encode stage: shard i of n of the database
-  max_experiments: int = 24  # search stage: settings measured at most
+  workdir: str = _arg("runs/search_glove", "all stages read and write here")
+  stage: str = _arg("all", f"stage to run: one of {', '.join(STAGES)}, or all")
+  data: str = _arg("glove", "dataset: glove, " + " or ".join(FILES))
+  root: str = _arg("", "directory of the BigANN/Deep1B files")
+  ivf_K: int = _arg(1024, "IVF lists (2**20 for 1B databases)")
+  M: int = _arg(8, "QINCo codes per vector (bytes)")
+  L: int = _arg(2, "residual blocks per step network (train stage)")
+  de: int = _arg(64, "embedding width E (train stage)")
+  dh: int = _arg(128, "hidden width H (train stage)")
+  epochs: int = _arg(6, "training epochs, the warm-up epoch included")
+  train_min: float = _arg(0.0, "training wall-time budget in minutes (0: use --epochs); "
+                          "the cosine then ends with the budget")
+  stop_patience: int = _arg(3, "train stage: stop after more than this many epochs "
+                            "without a validation improvement (raise it for short epochs)")
+  A: int = _arg(4, "candidates per beam for training (and encoding by default)")
+  B: int = _arg(4, "beam size for training (and encoding by default)")
+  enc_A: int = _arg(-1, "encode/build stages: candidates per beam (-1: --A)")
+  enc_B: int = _arg(-1, "encode/build stages: beam size (-1: --B)")
+  shard: tuple[int, int] = _arg((0, 1), "encode stage: shard i/n of the database")
+  max_experiments: int = _arg(24, "search stage: settings measured at most")
   command: str = ""  # recorded in command.{stage}.txt (what built the workdir)
 
   def __post_init__(self):

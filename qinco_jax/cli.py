@@ -13,11 +13,13 @@ lists them with their defaults).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
 import sys
 from importlib import resources
+from typing import Any
 
 CONFIG_NAMES = ("glove_small", "synthetic_tiny", "qinco2_s", "qinco2_m", "qinco2_l",
                 "qinco1")
@@ -132,32 +134,19 @@ def search(argv: list[str] | None = None):
 
   from qinco_jax import bigann, distributed
   argv = _argv(argv)
-  d = bigann.SearchJob()
   F = flags.FLAGS
-  flags.DEFINE_string("workdir", d.workdir, "all stages read and write here")
-  flags.DEFINE_enum("stage", d.stage, bigann.STAGES + ("all",), "stage to run")
-  flags.DEFINE_enum("data", d.data, ["glove"] + list(bigann.FILES), "dataset")
-  flags.DEFINE_string("root", d.root, "directory of the BigANN/Deep1B files")
-  flags.DEFINE_integer("ivf_K", d.ivf_K, "IVF lists (2**20 for 1B databases)")
-  flags.DEFINE_integer("M", d.M, "QINCo codes per vector (bytes)")
-  flags.DEFINE_integer("L", d.L, "residual blocks per step network (train stage)")
-  flags.DEFINE_integer("de", d.de, "embedding width E (train stage)")
-  flags.DEFINE_integer("dh", d.dh, "hidden width H (train stage)")
-  flags.DEFINE_integer("epochs", d.epochs, "training epochs, the warm-up epoch included")
-  flags.DEFINE_float("train_min", d.train_min, "training wall-time budget in minutes "
-                     "(0: use --epochs); the cosine then ends with the budget")
-  flags.DEFINE_integer("stop_patience", d.stop_patience, "train stage: stop after more "
-                       "than this many epochs without a validation improvement (raise "
-                       "it for short epochs)")
-  flags.DEFINE_integer("A", d.A, "candidates per beam for training (and encoding by "
-                       "default)")
-  flags.DEFINE_integer("B", d.B, "beam size for training (and encoding by default)")
-  flags.DEFINE_integer("enc_A", d.enc_A, "encode/build stages: candidates per beam "
-                       "(-1: --A)")
-  flags.DEFINE_integer("enc_B", d.enc_B, "encode/build stages: beam size (-1: --B)")
-  flags.DEFINE_string("shard", "0/1", "encode stage: shard i/n of the database")
-  flags.DEFINE_integer("max_experiments", d.max_experiments,
-                       "search stage: settings measured at most")
+  # One schema: a flag per SearchJob field that has a help text, typed after its
+  # default; --shard is written i/n.
+  define: dict[type, Any] = {int: flags.DEFINE_integer, float: flags.DEFINE_float,
+                             str: flags.DEFINE_string}
+  defaults = bigann.SearchJob()
+  job_flags = [f for f in dataclasses.fields(bigann.SearchJob) if "help" in f.metadata]
+  for f in job_flags:
+    value = getattr(defaults, f.name)
+    if f.name == "shard":
+      flags.DEFINE_string("shard", "/".join(map(str, value)), f.metadata["help"])
+    else:
+      define[type(value)](f.name, value, f.metadata["help"])
   distributed.define_flags()
   _key_flags(argv)
 
@@ -173,10 +162,8 @@ def search(argv: list[str] | None = None):
         _command("python experiments/search_bigann.py", argv)
     try:
       job = bigann.SearchJob(
-          workdir=F.workdir, stage=F.stage, data=F.data, root=F.root, ivf_K=F.ivf_K,
-          M=F.M, L=F.L, de=F.de, dh=F.dh, epochs=F.epochs, train_min=F.train_min,
-          stop_patience=F.stop_patience, A=F.A, B=F.B, enc_A=F.enc_A, enc_B=F.enc_B,
-          shard=(i, n), max_experiments=F.max_experiments, command=command)
+          **{f.name: F[f.name].value for f in job_flags if f.name != "shard"},
+          shard=(i, n), command=command)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
     distributed.initialize_from_flags()

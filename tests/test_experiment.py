@@ -177,6 +177,32 @@ def test_unknown_config_field_is_one_line(flag, message):
     assert "Traceback" not in r.stderr and not r.stdout
 
 
+def test_search_program_flags_are_the_search_job_fields():
+  """One schema: every SearchJob field with a help text is a qinco-search flag with
+  the field's default, and a bad value is refused in one line naming the field."""
+  import dataclasses
+  import subprocess
+
+  from qinco_jax import bigann
+  script = os.path.join(EXPERIMENTS, "search_bigann.py")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                     timeout=120, env=env)
+  assert r.returncode == 0, r.stderr[-2000:]
+  job = bigann.SearchJob()
+  for f in dataclasses.fields(job):
+    if "help" not in f.metadata:
+      continue
+    value = getattr(job, f.name)
+    shown = "/".join(map(str, value)) if f.name == "shard" else str(value)
+    assert f"--{f.name}: " in r.stdout and f"(default: '{shown}')" in r.stdout.split(
+        f"--{f.name}: ")[1][:400], f.name
+  r = subprocess.run([sys.executable, script, "--stage=bogus", "--workdir=unused"],
+                     capture_output=True, text=True, timeout=120, env=env)
+  assert r.returncode == 1 and "stage must be one of" in r.stderr, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+
+
 def test_eval_program_reads_any_data_files(tmp_path):
   import subprocess
 
