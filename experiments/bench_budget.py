@@ -11,7 +11,8 @@ evaluation beam; faiss RQ (beams 1, 5, 32, trained on 100k vectors) at the same 
 is measured on the same database vectors. `--n_db=0` evaluates the whole 90k
 database with R@1/10/100; by default the first 10,000 database vectors, MSE only.
 Finished runs are kept in WORKDIR/runs.jsonl and skipped when the command is run
-again; the table (all rows of that file) goes to docs/benchmarks.md, the plot to
+again (`--replace` runs them again; the later line of a key wins); the table (the
+latest row of each key in that file) goes to docs/benchmarks.md, the plot to
 docs/budget.png.
 """
 
@@ -43,6 +44,9 @@ flags.DEFINE_integer("eval_A", 16, "evaluation beam: candidates per beam")
 flags.DEFINE_integer("eval_B", 32, "evaluation beam: beam size")
 flags.DEFINE_integer("n_db", 10_000, "database vectors evaluated (0: all, with recall)")
 flags.DEFINE_string("tag", "curve", "name of this group of rows in the table")
+flags.DEFINE_bool("replace", False, "run again the rows of this command that are already "
+                  "in runs.jsonl (e.g. measured on a busier machine) and keep only the new "
+                  "ones in the table; the old lines stay in the file")
 flags.DEFINE_string("workdir", "runs/bench_budget", "checkpoints and runs.jsonl")
 flags.DEFINE_string("doc", os.path.join(HERE, "..", "docs", "benchmarks.md"), "")
 flags.DEFINE_string("plot", os.path.join(HERE, "..", "docs", "budget.png"), "")
@@ -128,7 +132,7 @@ def main(argv):
     for init in F.inits:
       for lr in map(float, F.lr):
         k = key(kind="qinco", init=init, lr=lr, minutes=minutes, **common)
-        if k in done:
+        if k in done and not F.replace:
           continue
         row = dict(key=k, tag=F.tag, command=" ".join(sys.argv[1:]),
                    **qinco_row(ds, ev_ds, init, lr, minutes), **common)
