@@ -40,6 +40,8 @@ flags.DEFINE_integer("de", 64, "embedding width")
 flags.DEFINE_integer("dh", 128, "hidden width")
 flags.DEFINE_integer("train_A", 4, "training beam: candidates per beam")
 flags.DEFINE_integer("train_B", 4, "training beam: beam size")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "compute dtype of the step networks (training and evaluation)")
 flags.DEFINE_integer("eval_A", 16, "evaluation beam: candidates per beam")
 flags.DEFINE_integer("eval_B", 32, "evaluation beam: beam size")
 flags.DEFINE_integer("n_db", 10_000, "database vectors evaluated (0: all, with recall)")
@@ -86,7 +88,7 @@ def record(path, row):
 
 def qinco_row(ds, ev_ds, init, lr, minutes) -> dict:
   cfg = qj.preset("qinco2-S", M=F.M, L=F.L, de=F.de, dh=F.dh, A=F.train_A, B=F.train_B,
-                  init=init)
+                  init=init, dtype=F.dtype)
   tc = train.TrainConfig(lr=lr, warmup_epochs=1, stop_patience=1000,
                          batch_per_device=1024, loop=len(ds.train),
                          time_budget_s=minutes * 60)
@@ -120,6 +122,8 @@ def main(argv):
   ev_ds = eval_dataset(ds)
   common = dict(M=F.M, L=F.L, de=F.de, dh=F.dh, train=(F.train_A, F.train_B),
                 eval=(F.eval_A, F.eval_B), n_db=F.n_db)
+  if F.dtype != "float32":  # float32 rows keep the keys they had before the flag
+    common["dtype"] = F.dtype
   for beam in (1, 5, 32):
     k = key(kind="faiss", beam=beam, M=F.M, n_db=F.n_db)
     if k not in done:
@@ -164,7 +168,8 @@ def report(rows):
   for r in q:
     f1, f32 = faiss.get((r["M"], r["n_db"], 1)), faiss.get((r["M"], r["n_db"], 32))
     lines.append(
-        f"| {r['tag']} | {r['M']} | {r['L']}, {r['de']}, {r['dh']} | "
+        f"| {r['tag']} | {r['M']} | {r['L']}, {r['de']}, {r['dh']}"
+        f"{', ' + r['dtype'] if 'dtype' in r else ''} | "
         f"{r['train'][0]},{r['train'][1]} | {r['eval'][0]},{r['eval'][1]} | "
         f"{r['n_db'] or '90k'} | {r['init']}{'' if 'rq_kmeans' in r else '*'} | "
         f"{r['lr']:g} | {r['minutes']:g} | "
@@ -198,7 +203,8 @@ def report(rows):
   # evaluated on 10k and on all 90k vectors share one axis), per init, for the model
   # and lr of the "curve" rows (other groups' runs at those settings included).
   same = {(r["M"], r["L"], r["de"], r["dh"], r["lr"]) for r in q if r["tag"] == "curve"}
-  curve = [r for r in q if (r["M"], r["L"], r["de"], r["dh"], r["lr"]) in same]
+  curve = [r for r in q if (r["M"], r["L"], r["de"], r["dh"], r["lr"]) in same
+           and "dtype" not in r]  # float32 rows only
   if curve:
     series = {}
     for r in curve:
