@@ -73,11 +73,12 @@ def done_runs(path) -> dict:
   if not os.path.exists(path):
     return {}
   rows = []
-  for line in open(path):
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError:
-      pass  # a torn last line
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        pass  # a torn last line
   return {r["key"]: r for r in rows}
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import experiment, pipeline
+from qinco_jax import experiment, pipeline, trainer
 from tests import reference
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -31,7 +31,7 @@ def test_synthetic_run_trains_evaluates_and_beats_its_initialisation(tmp_path, c
   q = summary["qinco"]
   assert len(q["per_step_mse"]) == 3 and q["per_step_mse"][-1] == q["mse"]
   assert 0 <= q["R@1"] <= q["R@10"] <= q["R@100"] <= 1
-  log = reference.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  log = trainer.read_metrics(tmp_path / "run" / "metrics.jsonl")
   val = [r["val_mse"] for r in log if "val_mse" in r]
   assert min(val[1:]) < val[0]  # training improved on the initial codec
   assert qj.load(tmp_path / "run").M == 3

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import distributed, pipeline
-from tests import reference
+from qinco_jax import distributed, pipeline, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -106,8 +105,8 @@ def test_two_processes_train_like_one_process_with_two_devices(two_process_run, 
   assert rc == 0, err1[-3000:]
   _assert_same_codec(qj.load(work2), qj.load(tmp_path / "one"))
   # Process 0 alone logs and prints: the log has each record once, as with 1 process.
-  log2 = reference.read_jsonl(work2 / "metrics.jsonl")
-  log1 = reference.read_jsonl(tmp_path / "one" / "metrics.jsonl")
+  log2 = trainer.read_metrics(work2 / "metrics.jsonl")
+  log1 = trainer.read_metrics(tmp_path / "one" / "metrics.jsonl")
   assert [(r["epoch"], r["step"]) for r in log2] == [(r["epoch"], r["step"]) for r in log1]
   np.testing.assert_allclose([r.get("val_mse", 0) for r in log2],
                              [r.get("val_mse", 0) for r in log1], rtol=1e-5)

@@ -15,7 +15,6 @@ from jax.sharding import PartitionSpec as P
 
 import qinco_jax as qj
 from qinco_jax import train, trainer
-from tests import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,7 +178,7 @@ def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
   fb = jax.tree.leaves(jax.tree.map(np.asarray, b.state))
   for x, y in zip(fa, fb):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-  log_a = reference.read_jsonl(tmp_path / "a" / "metrics.jsonl")
+  log_a = trainer.read_metrics(tmp_path / "a" / "metrics.jsonl")
   assert any(r.get("epoch") == 2 and "val_mse" in r for r in log_a)
   assert sum(sum(r["resets"]) for r in log_a if r.get("epoch", -1) >= 1 and "resets" in r) > 0
 
@@ -291,7 +290,7 @@ def _scripted_run(tmp_path, monkeypatch, val_mses, stop_patience, tc=None):
   tc = (tc or train.TrainConfig(epochs=20, warmup_epochs=0)).replace(
       stop_patience=stop_patience, batch_per_device=256, log_every=1)
   best = trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
-  log = reference.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  log = trainer.read_metrics(tmp_path / "run" / "metrics.jsonl")
   return best, seen, [r for r in log if "train_s" in r], log
 
 
