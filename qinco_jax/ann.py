@@ -8,9 +8,9 @@
     index.save("my_index"); index = qj.load_index("my_index")
 
 It is the build and search stages of the search job (`bigann`): it wraps the
-decoders of `pipeline.fit_decoders`, the faiss IVF index with injected codes
-(`index.build_index`) and the query path of `search.Searcher` (IVF/AQ -> pairwise
-shortlist -> QINCo2 re-rank). Metrics:
+decoders of `pipeline.fit_decoders`, the IVF index holding the codes
+(`index.build_index`, scanned with one look-up table per query) and the query path
+of `search.Searcher` (IVF/AQ -> pairwise shortlist -> QINCo2 re-rank). Metrics:
 
   "l2"      squared Euclidean distances, smallest first.
   "ip"      inner products <q, x>, largest first: the lists are probed by <q, c_IVF>
@@ -29,7 +29,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -39,11 +39,10 @@ from qinco_jax.codec import load as load_codec
 from qinco_jax.pairwise import PairwiseDecoder
 from qinco_jax.search import Searcher, SearchParams
 
-if TYPE_CHECKING:  # annotations only: faiss is imported where it is used
-  import faiss
-
 Metric = Literal["l2", "ip", "cosine"]
 META_FILE = "qinco_jax_index.json"
+IVF_FILE = "ivf.npz"  # `index.IVFIndex.arrays`
+LEGACY_FILE = "index.faiss"  # indexes saved before the per-query-table scan
 
 
 class Index:
@@ -66,16 +65,16 @@ class Index:
     self.codec, self.metric, self.A, self.B = codec, metric, A, B
     self.fit_kw = fit_kw
     self._dec: pipeline.Decoders | None = None
-    self._faiss: faiss.Index | None = None
+    self._ivf: index_lib.IVFIndex | None = None
 
   # -------------------------------------------------------------- state
   @property
   def is_trained(self) -> bool:
-    return self._faiss is not None
+    return self._ivf is not None
 
   @property
   def ntotal(self) -> int:
-    return 0 if self._faiss is None else int(self._faiss.ntotal)
+    return 0 if self._ivf is None else self._ivf.ntotal
 
   @property
   def d(self) -> int:
@@ -100,8 +99,8 @@ class Index:
     the seconds spent per stage, and `sweep.run_sweep` tunes its settings."""
     self._require_trained("searcher")
     d = self._dec
-    assert d is not None and self._faiss is not None  # trained
-    return Searcher(self.codec, self._faiss, d.centroids, d.pairwise, d.extra)
+    assert d is not None and self._ivf is not None  # trained
+    return Searcher(self.codec, self._ivf, d.centroids, d.pairwise, d.extra)
 
   # -------------------------------------------------------------- faiss verbs
   def train(self, x, *, codes=None, verbose: bool = False):
@@ -113,7 +112,7 @@ class Index:
     self._dec = pipeline.fit_decoders(self.codec, x, A=self.A, B=self.B,
                                       train_codes=codes, verbose=verbose, **self.fit_kw)
     M = self.codec.M
-    self._faiss = index_lib.build_index(self._dec.centroids, self._dec.tables,
+    self._ivf = index_lib.build_index(self._dec.centroids, self._dec.tables,
                                         self._dec.train_codes,
                                         np.zeros((0, M + 1), np.int32),
                                         metric="ip" if self.metric == "ip" else "l2")
@@ -141,7 +140,8 @@ class Index:
           len(ids) and ids.min() < 0):
         raise ValueError(f"ids must be ({len(codes)},) non-negative integers, got "
                          f"shape {ids.shape} dtype {ids.dtype}")
-    index_lib.add_codes(self._faiss, self._dec.tables, codes, ids)
+    assert self._ivf is not None  # trained
+    self._ivf.add(codes, ids)
 
   def search(self, queries, k: int, *, nprobe: int = 16, ef_search: int = 64,
              nshort: int = 100, nmid_short: int = 4, batch: int = 1024
@@ -170,10 +170,8 @@ class Index:
   def remove_ids(self, ids) -> int:
     """Removes the vectors with these ids; returns how many were removed."""
     self._require_trained("remove_ids")
-    import faiss
-    ids = np.ascontiguousarray(np.asarray(ids, np.int64).ravel())
-    assert self._faiss is not None  # trained
-    return int(self._faiss.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+    assert self._ivf is not None  # trained
+    return self._ivf.remove_ids(ids)
 
   # -------------------------------------------------------------- files
   def save(self, path: str | os.PathLike):
@@ -182,8 +180,6 @@ class Index:
     temporary sibling first, so an interrupted save leaves the earlier index intact.
     `load_index` reads it."""
     self._require_trained("save")
-    import faiss
-
     path = Path(path).absolute()
     if path.exists() and not (path.is_dir() and (
         not any(path.iterdir()) or (path / META_FILE).exists())):
@@ -194,13 +190,13 @@ class Index:
     try:
       tmp.mkdir()
       d = self._dec
-      assert d is not None and self._faiss is not None  # trained
+      assert d is not None and self._ivf is not None  # trained
       self.codec.save(tmp / "model")
       for name, arr in (("centroids", d.centroids), ("aq_tables", d.tables),
                         ("extra_codes", d.extra)):
         np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
       d.pairwise.save(tmp / "pairwise.npz")
-      (tmp / "index.faiss").write_bytes(faiss.serialize_index(self._faiss).tobytes())
+      np.savez(tmp / IVF_FILE, **self._ivf.arrays())
       meta = {"metric": self.metric, "A": self.A, "B": self.B}
       (tmp / META_FILE).write_text(json.dumps(meta))
       checkpoint.atomic_replace_dir(tmp, path)
@@ -214,9 +210,8 @@ class Index:
 
 
 def load_index(path: str | os.PathLike) -> Index:
-  """Reads an index written by `Index.save` (in any process)."""
-  import faiss
-
+  """Reads an index written by `Index.save` (in any process). An index saved before
+  the per-query-table scan (with an `index.faiss` file) is converted on reading."""
   path = Path(path)
   meta_path = path / META_FILE
   if not meta_path.exists():
@@ -224,9 +219,18 @@ def load_index(path: str | os.PathLike) -> Index:
   meta = json.loads(meta_path.read_text())
   index = Index(load_codec(path / "model"), meta["metric"], A=meta.get("A"),
                 B=meta.get("B"))
-  index._faiss = faiss.read_index(str(path / "index.faiss"))
-  index._dec = pipeline.Decoders(
+  index._dec = dec = pipeline.Decoders(
       np.load(path / "centroids.npy"), np.load(path / "aq_tables.npy"),
       PairwiseDecoder.load(path / "pairwise.npz"), np.load(path / "extra_codes.npy"),
       np.zeros((0, index.codec.n_codes), np.int32))
+  metric: Literal["l2", "ip"] = "ip" if index.metric == "ip" else "l2"
+  if (path / IVF_FILE).exists():
+    with np.load(path / IVF_FILE, allow_pickle=False) as arrays:
+      index._ivf = index_lib.IVFIndex.from_arrays(arrays)
+  elif (path / LEGACY_FILE).exists():
+    import faiss
+    index._ivf = index_lib.from_faiss_ivf_rq(faiss.read_index(str(path / LEGACY_FILE)),
+                                             dec.centroids, dec.tables, metric)
+  else:
+    raise FileNotFoundError(f"{str(path)!r} holds no inverted lists ({IVF_FILE} missing)")
   return index

@@ -1,15 +1,15 @@
 """Query-time pipeline (spec 12.3): IVF/AQ search -> pairwise shortlist -> QINCo2 re-rank.
 
-Every distance is in raw units: the faiss index scores ||q - c_IVF - AQ(codes)||^2,
-the pairwise decoder approximates c_IVF + pairwise(codes), and the final re-rank uses
-the full QINCo2 decode (de-normalised by the codec). An index built for inner products
+Every distance is in raw units: the IVF index (`index.IVFIndex`, one look-up table per
+query) scores ||q - c_IVF - AQ(codes)||^2, the pairwise decoder approximates
+c_IVF + pairwise(codes), and the final re-rank uses the full QINCo2 decode
+(de-normalised by the codec). An index built for inner products
 (`index.build_index(metric="ip")`) scores <q, .> of the same reconstructions at every
 stage instead, largest first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 import warnings
@@ -21,31 +21,8 @@ from qinco_jax import index as index_lib
 from qinco_jax.data import as_float32
 
 if TYPE_CHECKING:  # annotations only: search sits below the codec in the import graph
-  import faiss
-
   from qinco_jax.codec import Codec
   from qinco_jax.pairwise import PairwiseDecoder
-
-
-@contextlib.contextmanager
-def _coarse_ef_search(ivf, ef_search: int):
-  """Sets the HNSW coarse quantiser's efSearch for the duration of a call.
-
-  faiss' search_and_return_codes does not pass SearchParametersIVF.quantizer_params on
-  to the coarse quantiser (faiss issue 5589), so efSearch must be set on the quantiser
-  itself; the index's own value is put back afterwards. No-op for other quantisers.
-  """
-  import faiss
-
-  hnsw = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None)
-  if hnsw is None:
-    yield
-    return
-  before, hnsw.efSearch = hnsw.efSearch, ef_search
-  try:
-    yield
-  finally:
-    hnsw.efSearch = before
 
 
 MAX_SHORTLIST = 8000  # candidates the IVF/AQ stage returns per query at most
@@ -87,14 +64,14 @@ class Searcher:
 
   Attributes:
     codec: the IVF-QINCo2 codec (full decoder).
-    index: faiss IVF index with the injected codes (see `index.build_index`).
+    index: the IVF index holding the codes (`index.build_index`).
     centroids: (K_IVF, D) raw IVF centroids.
     pairwise: a `pairwise.PairwiseDecoder` or None.
     extra_codes: (K_IVF, 5) IVF-derived codes of the pairwise decoder, or None.
   """
 
   codec: Codec
-  index: faiss.Index
+  index: index_lib.IVFIndex
   centroids: np.ndarray
   pairwise: PairwiseDecoder | None = None
   extra_codes: np.ndarray | None = None
@@ -103,8 +80,8 @@ class Searcher:
              batch: int = 1024) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Searches raw queries (nq, D) with every CPU thread faiss has.
 
-    One call at a time per Searcher: `params.ef_search` is set on the shared coarse
-    quantiser for the duration of the call (`_coarse_ef_search`).
+    One call at a time per Searcher: `params.nprobe` is set on the shared faiss
+    scanner for the duration of the call.
 
     The QINCo2 re-rank decodes max(nshort, k) candidates, so k results come back
     whenever the probed lists hold k vectors; when they hold fewer the rows are padded
@@ -119,7 +96,7 @@ class Searcher:
     _check_search_args(k, params, batch)
     q_all = as_float32(np.asarray(queries), d=self.centroids.shape[1], name="queries")
     nq = len(q_all)
-    ip = index_lib.metric_of(self.index) == "ip"
+    ip = self.index.metric == "ip"
     out_D = np.full((nq, k), -np.inf if ip else np.inf, np.float32)
     out_I = np.full((nq, k), -1, np.int64)
     times = {"ivf_aq": 0.0, "pairwise": 0.0, "decode": 0.0}
@@ -139,30 +116,25 @@ class Searcher:
   def _search_batch(self, q: np.ndarray, k: int, p: SearchParams, ip: bool):
     """Scores are kept as a key where smaller is better: the squared distance, or the
     negated inner product when `ip`."""
-    import faiss
-
     def key(x_hat):  # (nq, n, D) reconstructions -> (nq, n)
       if ip:
         return -np.einsum("qnd,qd->qn", x_hat, q)
       return ((x_hat - q[:, None, :]) ** 2).sum(-1)
 
-    ivf = index_lib.ivf_of(self.index)
-    M = ivf.rq.M
-    nb = index_lib.list_id_bytes(ivf.nlist)
+    M = self.index.M
     nshort = max(p.nshort, k)  # the re-ranked shortlist holds at least k candidates
     final = nshort if p.use_qinco else k
     n1 = min(max(p.nmid_short * nshort, nshort, final), MAX_SHORTLIST)
-    params = faiss.SearchParametersIVF()
-    params.nprobe = p.nprobe
     t0 = time.perf_counter()
-    with _coarse_ef_search(ivf, p.ef_search):
-      D1, I1, C1 = self.index.search_and_return_codes(q, n1, include_listnos=True,
-                                                      params=params)
+    D1, rows = self.index.search(q, n1, nprobe=p.nprobe, ef_search=p.ef_search)
     times = {"ivf_aq": time.perf_counter() - t0, "pairwise": 0.0, "decode": 0.0}
     D1 = -D1 if ip else D1
-    D1[I1 < 0] = np.inf
-    lists = np.clip(index_lib.unpack_list_ids(C1[:, :, :nb]), 0, ivf.nlist - 1)
-    codes = C1[:, :, nb:nb + M].astype(np.int32)  # (nq, n1, M)
+    found = rows >= 0
+    D1[~found] = np.inf
+    r = np.where(found, rows, 0)
+    lists = self.index.lists[r].astype(np.int64)
+    codes = self.index.codes[r].astype(np.int32)  # (nq, n1, M)
+    I1 = np.where(found, self.index.ids[r], -1)
     ids = I1
     if p.use_pairwise and self.pairwise is not None and n1 > nshort:
       t0 = time.perf_counter()

@@ -45,11 +45,15 @@ def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
   `ms_per_query["total"]` is the wall time of the whole search call (every stage plus
   the glue between them), measured after a `warmup`-query call with the same
   parameters (0 = none) so that compiling the decoder is not counted. `clock` (seconds)
-  is injectable so that tests can script the timings.
+  is injectable so that tests can script the timings. With an exact (flat) coarse
+  search, ef_search is held at `base.ef_search`.
   """
   from faiss.contrib.evaluation import OperatingPointsWithRanges
 
   ranges = ranges or DEFAULT_RANGES
+  if "ef_search" in ranges and getattr(getattr(searcher, "index", None), "exact_coarse",
+                                       False):
+    ranges = {**ranges, "ef_search": [base.ef_search]}  # an exact list search ignores it
   op = OperatingPointsWithRanges()
   for name, values in ranges.items():
     op.add_range(name, list(values))

@@ -38,8 +38,8 @@ def test_index_search_equals_the_pipeline_and_nears_exhaustive_search(setup):
   # injected in one go at build time), give the same answer.
   db_codes = codec.encode(ds.db, verbose=False)
   dec = pipeline.fit_decoders(codec, ds.train, verbose=False)
-  faiss_index = index_lib.build_index(dec.centroids, dec.tables, dec.train_codes, db_codes)
-  searcher = Searcher(codec, faiss_index, dec.centroids, dec.pairwise, dec.extra)
+  ivf_index = index_lib.build_index(dec.centroids, dec.tables, dec.train_codes, db_codes)
+  searcher = Searcher(codec, ivf_index, dec.centroids, dec.pairwise, dec.extra)
   D2, I2, _ = searcher.search(ds.queries, k=10, params=SearchParams(nprobe=4, nshort=50))
   np.testing.assert_array_equal(I, I2)
   np.testing.assert_allclose(D, D2, rtol=1e-6)
@@ -103,6 +103,40 @@ def test_save_and_load_in_a_new_process(setup, tmp_path):
   (mine / "notes.txt").write_text("x")
   with pytest.raises(ValueError, match="not a qinco-jax index"):
     index.save(mine)
+
+
+def test_an_index_saved_before_the_lookup_table_scan_is_converted(setup, tmp_path):
+  """Earlier versions saved the lists as a faiss IVF-RQ file (index.faiss) instead of
+  ivf.npz: loading one converts it, with the same codes, ids and answers."""
+  import faiss
+  ds, _, index = setup
+  index.save(tmp_path / "idx")
+  D, I = index.search(ds.queries, 5, nprobe=4)
+  ivf_ = index._ivf
+  old = faiss.index_factory(index.d, f"IVF{ivf_.nlist}_HNSW32,RQ{ivf_.M}x8_Nqint8")
+  inner = faiss.downcast_index(faiss.extract_index_ivf(old))
+  faiss.downcast_index(inner.quantizer).add(ivf_.centroids)
+  faiss.copy_array_to_vector(ivf_.tables.ravel(), inner.rq.codebooks)
+  norms = np.ones(10, np.float32)
+  inner.rq.train_norm(len(norms), faiss.swig_ptr(norms))
+  inner.rq.is_trained = inner.is_trained = old.is_trained = True
+  for l in range(ivf_.nlist):
+    rows = np.flatnonzero(ivf_.lists == l)
+    packed = np.zeros((len(rows), inner.code_size), np.uint8)
+    packed[:, :ivf_.M] = ivf_.codes[rows]  # the norm byte is not read by the conversion
+    lab = np.ascontiguousarray(ivf_.ids[rows])
+    inner.invlists.add_entries(l, len(rows), faiss.swig_ptr(lab), faiss.swig_ptr(packed))
+  inner.ntotal = old.ntotal = ivf_.ntotal
+  (tmp_path / "idx" / "ivf.npz").unlink()
+  faiss.write_index(old, str(tmp_path / "idx" / "index.faiss"))
+  loaded = qj.load_index(tmp_path / "idx")
+  assert loaded.ntotal == index.ntotal
+  D2, I2 = loaded.search(ds.queries, 5, nprobe=4)
+  np.testing.assert_array_equal(I2, I)
+  np.testing.assert_allclose(D2, D, rtol=1e-6)
+  (tmp_path / "idx" / "index.faiss").unlink()
+  with pytest.raises(FileNotFoundError, match="ivf.npz missing"):
+    qj.load_index(tmp_path / "idx")
 
 
 def test_cosine_metric_ranks_by_cosine_similarity(setup):

@@ -16,15 +16,6 @@ from tests import reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_list_id_packing_for_2_20_lists():
-  ids = np.array([0, 1, 255, 256, 65535, 65536, 2**20 - 1])
-  b = index_lib.pack_list_ids(ids, 2**20)
-  assert b.shape == (7, 3) and index_lib.list_id_bytes(2**20) == 3
-  np.testing.assert_array_equal(b[-1], [0xFF, 0xFF, 0x0F])
-  np.testing.assert_array_equal(index_lib.unpack_list_ids(b), ids)
-  assert index_lib.list_id_bytes(1024) == 2 and index_lib.list_id_bytes(256) == 1
-
-
 def test_stale_missing_and_mixed_shards_are_refused(tmp_path):
   """Shards record the database they came from: a shard of an older 2,000-row version
   of a 3,000-row database, a missing shard, shards of two splits, or a shard outside
@@ -85,7 +76,7 @@ def test_index_stores_the_injected_codes(built):
   _, ds, _, db_codes, searcher = built
   assert searcher.index.ntotal == len(ds.db)
   for l in (0, 7):
-    ids, codes = index_lib.stored_codes(searcher.index, l)
+    ids, codes = searcher.index.stored(l)
     assert len(ids) == (db_codes[:, 0] == l).sum()
     np.testing.assert_array_equal(codes, db_codes[ids, 1:])
 
@@ -231,33 +222,87 @@ def test_sweep_prunes_dominated_settings(tmp_path):
     assert r["ms_per_query"]["total"] == pytest.approx(2 * p["nprobe"] * p["nshort"] / n)
 
 
-def test_aq_stage_honours_ef_search():
-  """faiss' search_and_return_codes ignores SearchParametersIVF.quantizer_params (faiss
-  issue 5589), so the HNSW coarse quantiser ran at its class-level efSearch whatever
-  ef_search said. The AQ stage must return what `index.search` does with the same
-  nprobe and efSearch, and leave the index's own efSearch as it was."""
-  import faiss
+def _aq_reference(index, q, nprobe, metric):
+  """Per query, the exact (float64) AQ scores of every vector in the nprobe lists
+  nearest it, with the stored byte of the norm term: (scores sorted best first, ids)."""
+  c = index.centroids.astype(np.float64)
+  x_hat = c[index.lists] + aq.aq_decode(index.tables, index.codes).astype(np.float64)
+  out = []
+  for qi in q.astype(np.float64):
+    if metric == "ip":
+      probed = np.argsort(-(c @ qi), kind="stable")[:nprobe]
+    else:
+      probed = np.argsort(((c - qi) ** 2).sum(1), kind="stable")[:nprobe]
+    rows = np.flatnonzero(np.isin(index.lists, probed))
+    if metric == "ip":
+      s = x_hat[rows] @ qi
+      order = np.argsort(-s, kind="stable")
+    else:
+      # ||q - x_hat||^2 with v = -(||x_hat||^2 - ||c||^2) / 2 replaced by its level.
+      v = -0.5 * ((x_hat[rows] ** 2).sum(1) - (c[index.lists[rows]] ** 2).sum(1))
+      lv = index.levels.astype(np.float64)
+      v_hat = lv[np.abs(v[:, None] - lv[None, :]).argmin(1)]
+      s = ((x_hat[rows] - qi) ** 2).sum(1) - 2 * (v_hat - v)
+      order = np.argsort(s, kind="stable")
+    out.append((s[order], index.ids[rows[order]]))
+  return out
 
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_aq_stage_scores_exact_distances_with_one_table_per_query(metric):
+  """The AQ stage (one look-up table per query, faiss's PQ scanner in a lifted space)
+  returns the exact AQ distances of the vectors in the nprobe nearest lists, against
+  a float64 NumPy computation, with an exact or an HNSW coarse search (whose
+  efSearch is the one asked for)."""
   from qinco_jax.search import Searcher
 
   rng = np.random.default_rng(0)
-  K_ivf, M, D = 1024, 4, 16
+  K_ivf, M, D, n = 1024, 4, 16, 20_000
   cents = rng.normal(size=(K_ivf, D)).astype(np.float32)
   tables = 0.3 * rng.normal(size=(M, 256, D)).astype(np.float32)
-  codes = np.concatenate([rng.integers(0, K_ivf, (20_000, 1)),
-                          rng.integers(0, 256, (20_000, M))], 1)
-  index = index_lib.build_index(cents, tables, codes[:5000], codes)
+  codes = np.concatenate([rng.integers(0, K_ivf, (n, 1)), rng.integers(0, 256, (n, M))], 1)
+  ids = rng.permutation(10 * n)[:n]  # the caller's ids, not row numbers
+  index = index_lib.build_index(cents, tables, codes[:5000], codes, ids, metric=metric)
   searcher = Searcher(codec=None, index=index, centroids=cents)
-  q = rng.normal(size=(200, D)).astype(np.float32)
-  hnsw = faiss.downcast_index(index_lib.ivf_of(index).quantizer).hnsw
-  hnsw.efSearch = 1  # a poor class-level setting; ef_search below must override it
-  p = SearchParams(nprobe=4, ef_search=128, nshort=50, use_pairwise=False, use_qinco=False)
+  q = rng.normal(size=(50, D)).astype(np.float32)
+  p = SearchParams(nprobe=4, ef_search=256, nshort=30, use_pairwise=False, use_qinco=False)
+  Dq, I, _ = searcher.search(q, k=30, params=p)
+  for i, (s, ref_ids) in enumerate(_aq_reference(index, q, 4, metric)):
+    np.testing.assert_array_equal(I[i], ref_ids[:30])
+    np.testing.assert_allclose(Dq[i], s[:30], rtol=1e-4, atol=1e-4)
+  if metric == "l2":  # the norm byte: a 256-level k-means of v, error << its spread
+    v = index_lib.norm_term(cents, tables, codes)
+    v_hat = index.levels[index_lib.quantize_levels(v, index.levels)]
+    assert np.abs(v_hat - v).mean() < 0.01 * v.std()
+  # An HNSW coarse search (what "auto" picks above 4096 lists): a wide beam finds the
+  # same lists as the exact search; efSearch reaches it (a one-node beam misses some).
+  graph = index_lib.build_index(cents, tables, codes[:5000], codes, ids, metric=metric,
+                                coarse="hnsw")
+  searcher = Searcher(codec=None, index=graph, centroids=cents)
+  np.testing.assert_array_equal(searcher.search(q, k=30, params=p)[1], I)
+  poor = searcher.search(q, k=30, params=dataclasses.replace(p, ef_search=1))[1]
+  assert (poor != I).any()
 
-  def ivf_search(ef):
-    fp = faiss.SearchParametersIVF(nprobe=p.nprobe,
-                                   quantizer_params=faiss.SearchParametersHNSW(efSearch=ef))
-    return index.search(q, 50, params=fp)[1]
-  assert (ivf_search(1) != ivf_search(128)).any()  # efSearch matters on this index
-  _, I, _ = searcher.search(q, k=50, params=p)
-  np.testing.assert_array_equal(I, ivf_search(128))
-  assert hnsw.efSearch == 1
+
+def test_index_remove_and_reload_keep_what_was_stored():
+  rng = np.random.default_rng(1)
+  K_ivf, M, D, n = 32, 3, 8, 3000
+  cents = rng.normal(size=(K_ivf, D)).astype(np.float32)
+  tables = 0.3 * rng.normal(size=(M, 256, D)).astype(np.float32)
+  codes = np.concatenate([rng.integers(0, K_ivf, (n, 1)), rng.integers(0, 256, (n, M))], 1)
+  full = index_lib.build_index(cents, tables, codes, codes)
+  drop = rng.choice(n, 700, replace=False)
+  assert full.remove_ids(np.concatenate([drop, [10 * n]])) == 700
+  keep = np.setdiff1d(np.arange(n), drop)
+  fresh = index_lib.build_index(cents, tables, codes, codes[keep], keep)
+  reloaded = index_lib.IVFIndex.from_arrays(full.arrays())
+  q = rng.normal(size=(40, D)).astype(np.float32)
+  want = fresh.search(q, 20, nprobe=3, ef_search=64)
+  for index in (full, reloaded):
+    assert index.ntotal == n - 700
+    got = index.search(q, 20, nprobe=3, ef_search=64)
+    np.testing.assert_array_equal(index.ids[got[1]], fresh.ids[want[1]])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  ids7, codes7 = reloaded.stored(7)
+  np.testing.assert_array_equal(codes7, codes[ids7, 1:])
+  assert set(ids7) == set(keep[codes[keep, 0] == 7])
