@@ -222,6 +222,16 @@ def test_sweep_prunes_dominated_settings(tmp_path):
     assert r["ms_per_query"]["total"] == pytest.approx(2 * p["nprobe"] * p["nshort"] / n)
 
 
+def test_sweep_holds_ef_search_when_the_list_search_is_exact(tmp_path):
+  fake = _FakeSearcher(8)
+  fake.index = type("Exact", (), {"exact_coarse": True})()
+  ranges = {"nprobe": [1, 8], "ef_search": [16, 32, 64], "nshort": [1]}
+  sweep.run_sweep(fake, np.zeros((8, 2), np.float32), np.arange(8)[:, None],
+                  tmp_path / "s.jsonl", ranges=ranges, verbose=False, warmup=0,
+                  clock=fake.clock, base=SearchParams(ef_search=48))
+  assert {r["params"]["ef_search"] for r in reference.read_jsonl(tmp_path / "s.jsonl")} == {48}
+
+
 def _aq_reference(index, q, nprobe, metric):
   """Per query, the exact (float64) AQ scores of every vector in the nprobe lists
   nearest it, with the stored byte of the norm term: (scores sorted best first, ids)."""
