@@ -35,6 +35,18 @@ DEFAULT_RANGES: dict[str, Sequence] = {
 }
 
 
+def results_asked(p: SearchParams) -> int:
+  """Results a sweep asks for with settings p: the re-ranked shortlist (nshort, at most
+  100), or 100 when nothing is re-ranked. A search returns at least k results, so
+  asking for 100 would re-rank 100 candidates whatever nshort says."""
+  return min(p.nshort, 100) if p.use_qinco else 100
+
+
+def pad_results(I: np.ndarray, k: int = 100) -> np.ndarray:
+  """(nq, k') ids -> (nq, k) with -1 after the k' results (R@10 is then R@k')."""
+  return np.pad(I, ((0, 0), (0, max(0, k - I.shape[1]))), constant_values=-1)
+
+
 def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
               log_path: str | os.PathLike, ranges: dict[str, Sequence] | None = None,
               base: SearchParams = SearchParams(), max_experiments: int | None = None,
@@ -44,9 +56,10 @@ def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
 
   `ms_per_query["total"]` is the wall time of the whole search call (every stage plus
   the glue between them), measured after a `warmup`-query call with the same
-  parameters (0 = none) so that compiling the decoder is not counted. `clock` (seconds)
-  is injectable so that tests can script the timings. With an exact (flat) coarse
-  search, ef_search is held at `base.ef_search`.
+  parameters (0 = none) so that compiling the decoder is not counted. Each setting asks
+  for `results_asked` results, so R@10 and R@100 are R@nshort when nshort is smaller.
+  `clock` (seconds) is injectable so that tests can script the timings. With an exact
+  (flat) coarse search, ef_search is held at `base.ef_search`.
   """
   from faiss.contrib.evaluation import OperatingPointsWithRanges
 
@@ -79,14 +92,15 @@ def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
       if max_experiments is not None and n_run >= max_experiments:
         break
       sp = dataclasses.replace(base, **params)
+      k = results_asked(sp)
       with warnings.catch_warnings():  # small nprobe: fewer than 100 results is the point
         warnings.simplefilter("ignore", FewerResultsWarning)
         if warmup:  # compile the decoder for this shortlist size outside the timing
-          searcher.search(queries[:warmup], k=100, params=sp)
+          searcher.search(queries[:warmup], k=k, params=sp)
         t0 = clock()
-        _, I, times = searcher.search(queries, k=100, params=sp)
+        _, I, times = searcher.search(queries, k=k, params=sp)
         wall = clock() - t0
-      rec = {"params": params, **metrics.recall_at(I, gt),
+      rec = {"params": params, **metrics.recall_at(pad_results(I), gt),
              "ms_per_query": {k: 1e3 * v / len(queries) for k, v in times.items()}}
       rec["ms_per_query"]["total"] = 1e3 * wall / len(queries)  # wall time, all stages
       with open(log_path, "a") as f:

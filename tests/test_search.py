@@ -192,11 +192,13 @@ class _FakeSearcher:
   def __init__(self, n):
     self.n = n
     self.now = 0.0
+    self.asked = []  # (nshort, k) of each search
 
   def clock(self):
     return self.now
 
   def search(self, queries, k, params):
+    self.asked.append((params.nshort, k))
     self.now += 2e-3 * params.nprobe * params.nshort
     n_hit = min(self.n, self.n * params.nprobe // 8)  # R@1 = nprobe / 8, capped at 1
     I = np.full((len(queries), k), -1, np.int64)
@@ -217,6 +219,9 @@ def test_sweep_prunes_dominated_settings(tmp_path):
   assert sorted(r["params"]["nprobe"] for r in front) == [1, 2, 4, 8]
   assert all(r["params"]["nshort"] == 1 for r in front)
   assert len(log) < 20  # of 20 settings: dominated ones were skipped
+  # Each setting asks for its re-ranked shortlist's length: asking for 100 results
+  # would re-rank 100 candidates whatever nshort says.
+  assert fake.asked and all(k == nshort for nshort, k in fake.asked)
   for r in log:  # each setting's time is exactly what the clock was advanced by
     p = r["params"]
     assert r["ms_per_query"]["total"] == pytest.approx(2 * p["nprobe"] * p["nshort"] / n)
