@@ -193,6 +193,8 @@ class IVFIndex:
     n = len(codes)
     ids = (np.arange(self.ntotal, self.ntotal + n, dtype=np.int64) if ids is None
            else np.asarray(ids, np.int64))
+    if ids.shape != (n,):
+      raise ValueError(f"ids: expected shape ({n},) (one per row of codes), got {ids.shape}")
     vcodes = []
     for s in range(0, n, chunk):
       c = np.asarray(codes[s:s + chunk])
