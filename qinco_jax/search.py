@@ -134,8 +134,7 @@ class Searcher:
     r = np.where(found, rows, 0)
     lists = self.index.lists[r].astype(np.int64)
     codes = self.index.codes[r].astype(np.int32)  # (nq, n1, M)
-    I1 = np.where(found, self.index.ids[r], -1)
-    ids = I1
+    ids = np.where(found, self.index.ids[r], -1)
     if p.use_pairwise and self.pairwise is not None and n1 > nshort:
       t0 = time.perf_counter()
       assert self.extra_codes is not None  # they come with the pairwise decoder
