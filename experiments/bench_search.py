@@ -4,7 +4,7 @@
   python experiments/bench_search.py --workdir=runs/search_glove
 
 Measures, in one run and on the same 380k database / 10k queries: R@1, R@10 and
-queries per second for the 8-byte faiss indexes in `FAISS_KEYS` (trained on the same
+queries per second for the 8-byte faiss indexes of `faiss_keys` (trained on the same
 training vectors), and for our index with (b) AQ distances only, (c) + pairwise
 shortlist, (d) + QINCo2 re-rank; plus a Table-4-style comparison of R@1 after QINCo2
 re-ranking of a 10- and 100-element shortlist chosen by AQ, by the pairwise decoder, or
