@@ -214,7 +214,7 @@ def main():
       table4[S][name] = qj.metrics.recall_at(I, gt, ks=(1,))["R@1"]
   ceiling = exhaustive_ceiling(searcher, args.workdir, db, queries, gt)
   ceiling["aq_us"] = aq_stage_costs(searcher, queries)
-  ceiling["aq_dims"] = (searcher.index.M, db.shape[1])
+  ceiling["aq_dims"] = (searcher.index.scan.pq.M, db.shape[1])  # PQ sub-quantisers
   os.makedirs(os.path.dirname(args.doc) or ".", exist_ok=True)
   png = os.path.join(os.path.dirname(args.doc), "speed_recall.png")
   plots.speed_recall({k: [(r["qps"], r["R@1"]) for r in v] for k, v in curves.items()},
@@ -285,10 +285,10 @@ def write_doc(args, curves, table4, K_ivf, n_db, ceiling, exact_coarse):
             f"R@10 {ceiling['R@10']:.4f}, R@100 {ceiling['R@100']:.4f} (database MSE "
             f"{ceiling['db_mse']:.4f} over all {n_db:,} rows, training rows included)."]
   us = ceiling["aq_us"]
-  M, D = ceiling["aq_dims"]
+  n_sub, D = ceiling["aq_dims"]
   lines += ["", f"What bounds the fast end: at nprobe 1 the AQ stage takes {us['stage_k1']:.1f} "
-            f"us per query for 1 result and {us['stage_k100']:.1f} for 100 (exact list search, "
-            f"table, scan); the look-up table alone ({M + 1} x 256 inner products of {D} "
+            f"us per query for 1 result and {us['stage_k100']:.1f} for 100 (list search, "
+            f"table, scan); the look-up table alone ({n_sub} x 256 inner products of {D} "
             f"dimensions, every list skipped) takes {us['table']:.1f} us, so no setting can "
             f"pass {1e6 / us['table']:,.0f} queries/s."]
   lines += ["", "Shortlist accuracy (Table 4 style): R@1 after QINCo2 re-ranking of an "

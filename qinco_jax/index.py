@@ -26,13 +26,14 @@ faiss returns
 
 and ||q - c_l - x_hat||^2 = ||q||^2 - 2 S. Lists are chosen by an HNSW graph over the
 raw centroids, or for up to FLAT_COARSE_MAX lists by an exact (flat) search, which is
-faster there: on GloVe's 1024 lists 1.3-16 us per query against 7-55 us for the graph
-at efSearch 16-128 (docs/design.md). With metric="ip" the score is <q, c_l + x_hat> (lists chosen by
-<q, c_l>, largest first) and no byte of v is stored.
+faster there (GloVe's 1024 lists: docs/design.md). With metric="ip" the score is
+<q, c_l + x_hat> (lists chosen by <q, c_l>, largest first) and no byte of v is stored.
 
 faiss stores row numbers as labels; the codes, list numbers and ids of the rows are
 held here as arrays too (the later stages of the search read them), so a vector costs
-M + 1 bytes in faiss's lists plus M + 12 bytes here.
+M + 1 code bytes and an 8-byte label in faiss's lists plus M + 13 bytes here (M + 12
+for "ip"). A search changes nothing shared, so searches may run concurrently; `add`
+and `remove_ids` must not overlap them.
 """
 
 from __future__ import annotations
@@ -180,9 +181,11 @@ class IVFIndex:
     return self.tables.shape[0]
 
   # ------------------------------------------------------------------ content
-  def add(self, codes: np.ndarray, ids: np.ndarray | None = None, chunk: int = 1 << 18):
+  def add(self, codes: np.ndarray, ids: np.ndarray | None = None, chunk: int = 1 << 18,
+          vcodes: np.ndarray | None = None):
     """Appends precomputed codes (n, M + 1) (column 0: list id) under ids (n,) int64
-    (default ntotal, ntotal + 1, ...). Nothing is re-encoded."""
+    (default ntotal, ntotal + 1, ...). Nothing is re-encoded. `vcodes` (n,) uint8 are
+    the norm bytes if known (`from_arrays`); otherwise they are computed."""
     codes = data.check_int_matrix(codes, "codes")
     if codes.shape[1] != self.M + 1:
       raise ValueError(f"codes must be (n, {self.M + 1}) (IVF id + M codes), got "
@@ -195,16 +198,21 @@ class IVFIndex:
            else np.asarray(ids, np.int64))
     if ids.shape != (n,):
       raise ValueError(f"ids: expected shape ({n},) (one per row of codes), got {ids.shape}")
-    vcodes = []
-    for s in range(0, n, chunk):
-      c = np.asarray(codes[s:s + chunk])
-      vcodes.append(quantize_levels(norm_term(self.centroids, self.tables, c), self.levels)
-                    if self.metric == "l2" else np.zeros(0, np.uint8))
+    if n and ids.min() < 0:
+      raise ValueError(f"ids must be >= 0 (-1 marks a missing result), got {ids.min()}")
+    if self.metric == "ip":
+      vcodes = np.zeros(0, np.uint8)
+    elif vcodes is None:
+      vcodes = np.concatenate([np.zeros(0, np.uint8)] + [
+          quantize_levels(norm_term(self.centroids, self.tables, codes[s:s + chunk]),
+                          self.levels) for s in range(0, n, chunk)])
+    elif np.shape(vcodes) != (n,):
+      raise ValueError(f"vcodes: expected shape ({n},), got {np.shape(vcodes)}")
     start = self.ntotal
     self.lists = np.concatenate([self.lists, codes[:, 0].astype(np.int32)])
     self.codes = np.concatenate([self.codes, codes[:, 1:].astype(np.uint8)])
     self.ids = np.concatenate([self.ids, ids])
-    self._vcodes = np.concatenate([self._vcodes, *vcodes])
+    self._vcodes = np.concatenate([self._vcodes, np.asarray(vcodes, np.uint8)])
     self._fill(np.arange(start, start + n, dtype=np.int64))
 
   def _fill(self, rows: np.ndarray):
@@ -261,19 +269,32 @@ class IVFIndex:
     """
     faiss = _faiss()
     q = np.ascontiguousarray(q, np.float32)
-    nq, D = q.shape
-    nprobe = min(nprobe, self.nlist)
+    D = self.centroids.shape[1]
+    if q.ndim != 2 or q.shape[1] != D:
+      raise ValueError(f"queries: expected shape (nq, {D}), got {q.shape}")
+    for name, v in (("n", n), ("nprobe", nprobe), ("ef_search", ef_search)):
+      if int(v) < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    nq = len(q)
+    nprobe = int(min(nprobe, self.nlist))
     hnsw = isinstance(self.coarse, faiss.IndexHNSW)
     Dc, Ic = self.coarse.search(q, nprobe, params=faiss.SearchParametersHNSW(
-        efSearch=ef_search) if hnsw else None)
+        efSearch=int(ef_search)) if hnsw else None)
     # Where the graph returns fewer than nprobe lists (id -1), faiss skips the slot.
     lifted = np.zeros((nq, self._D_lift), np.float32)
     lifted[:, :self.M * D] = np.tile(q, (1, self.M))
     if self.metric == "l2":
       lifted[:, self.M * D] = 1.0
-    self.scan.nprobe = nprobe
-    S, rows = self.scan.search_preassigned(lifted, n, Ic, Dc)
-    missing = rows < 0  # faiss fills them with -FLT_MAX
+    S = np.empty((nq, n), np.float32)
+    rows = np.empty((nq, n), np.int64)
+    Ic = np.ascontiguousarray(Ic, np.int64)
+    Dc = np.ascontiguousarray(Dc, np.float32)
+    # nprobe goes in per call: nothing shared is changed, so calls may overlap.
+    self.scan.search_preassigned_c(
+        nq, faiss.swig_ptr(lifted), int(n), faiss.swig_ptr(Ic), faiss.swig_ptr(Dc),
+        faiss.swig_ptr(S), faiss.swig_ptr(rows), False,
+        faiss.SearchParametersIVF(nprobe=nprobe))
+    missing = rows < 0  # their scores are faiss's heap fill value
     if self.metric == "ip":
       S[missing] = -np.inf
       return S, rows
@@ -288,7 +309,8 @@ class IVFIndex:
     faiss = _faiss()
     return {"centroids": self.centroids, "tables": self.tables, "levels": self.levels,
             "lists": self.lists, "codes": self.codes, "ids": self.ids,
-            "metric": np.array(self.metric), "coarse": faiss.serialize_index(self.coarse)}
+            "vcodes": self._vcodes, "metric": np.array(self.metric),
+            "coarse": faiss.serialize_index(self.coarse)}
 
   @classmethod
   def from_arrays(cls, a) -> IVFIndex:
@@ -298,7 +320,8 @@ class IVFIndex:
                 coarse=faiss.deserialize_index(np.asarray(a["coarse"])))
     codes = np.concatenate([np.asarray(a["lists"])[:, None].astype(np.int64),
                             np.asarray(a["codes"]).astype(np.int64)], 1)
-    index.add(codes, np.asarray(a["ids"]))
+    vcodes = np.asarray(a["vcodes"]) if "vcodes" in a and metric == "l2" else None
+    index.add(codes, np.asarray(a["ids"]), vcodes=vcodes)
     return index
 
 
@@ -339,7 +362,8 @@ def from_faiss_ivf_rq(old, centroids: np.ndarray, tables: np.ndarray,
                       metric: Literal["l2", "ip"]) -> IVFIndex:
   """Converts an index saved by qinco-jax before the per-query-table scan (a faiss
   `IVF{K}_HNSW32,RQ{M}x8_Nqint8` holding the codes) into an `IVFIndex` with the same
-  codes and ids; the levels of v are fitted on the stored codes themselves."""
+  codes and ids; the levels of v are fitted on (a sample of) the stored codes. Save the
+  result again to skip the conversion on later loads."""
   faiss = _faiss()
   ivf = faiss.downcast_index(faiss.extract_index_ivf(old))
   M = np.shape(tables)[0]
@@ -355,7 +379,10 @@ def from_faiss_ivf_rq(old, centroids: np.ndarray, tables: np.ndarray,
   codes = np.concatenate(parts) if parts else np.zeros((0, M + 1), np.int64)
   all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
   order = np.argsort(all_ids, kind="stable")
-  train = codes if len(codes) else np.zeros((1, M + 1), np.int64)
+  # The levels of v are fitted on (at most a million of) the stored codes.
+  rng = np.random.default_rng(0)
+  train = (codes[np.sort(rng.choice(len(codes), min(len(codes), 1 << 20), replace=False))]
+           if len(codes) else np.zeros((1, M + 1), np.int64))
   return build_index(centroids, tables, train, codes[order], all_ids[order], metric=metric)
 
 

@@ -155,8 +155,8 @@ def extra_codes_K(ivf_K: int, K: int = 256) -> int:
 class Decoders:
   """What `fit_decoders` fits: raw IVF centroids (K_IVF, D), least-squares AQ tables
   (M, K, D), the pairwise decoder and the IVF-derived extra codes (K_IVF, 5), plus
-  the training codes (n, M + 1) they were fitted on (the index's norm quantiser
-  trains on them)."""
+  the training codes (n, M + 1) they were fitted on (the index fits the levels of its
+  norm byte on them)."""
   centroids: np.ndarray
   tables: np.ndarray
   pairwise: pairwise.PairwiseDecoder

@@ -80,8 +80,8 @@ class Searcher:
              batch: int = 1024) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Searches raw queries (nq, D) with every CPU thread faiss has.
 
-    One call at a time per Searcher: `params.nprobe` is set on the shared faiss
-    scanner for the duration of the call.
+    Calls may overlap (nothing shared is changed); adds and removals on the index
+    must not overlap them.
 
     The QINCo2 re-rank decodes max(nshort, k) candidates, so k results come back
     whenever the probed lists hold k vectors; when they hold fewer the rows are padded
@@ -100,12 +100,14 @@ class Searcher:
     out_D = np.full((nq, k), -np.inf if ip else np.inf, np.float32)
     out_I = np.full((nq, k), -1, np.int64)
     times = {"ivf_aq": 0.0, "pairwise": 0.0, "decode": 0.0}
+    if self.index.ntotal == 0:  # nothing stored: every row stays padded
+      return out_D, out_I, times
     for s in range(0, nq, batch):
       Db, Ib, tb = self._search_batch(q_all[s:s + batch], k, params, ip)
       out_D[s:s + batch], out_I[s:s + batch] = Db, Ib
       for key in times:
         times[key] += tb[key]
-    short = int((out_I[:, min(k, self.index.ntotal) - 1] < 0).sum()) if self.index.ntotal else 0
+    short = int((out_I[:, min(k, self.index.ntotal) - 1] < 0).sum())
     if short:
       warnings.warn(f"{short} of {nq} queries got fewer than min(k={k}, ntotal="
                     f"{self.index.ntotal}) results: the {params.nprobe} inverted lists "

@@ -197,6 +197,14 @@ def test_inner_product_metric_equals_exhaustive_search_over_the_decoding(setup, 
   assert (I[:, :3] >= 0).all() and (I[:, 3:] == -1).all() and np.isneginf(D[:, 3:]).all()
 
 
+def test_an_empty_index_returns_no_results(setup):
+  ds, codec, _ = setup
+  index = qj.Index(codec)
+  index.train(ds.train)
+  D, I = index.search(ds.queries[:3], 5, nprobe=2)
+  assert (I == -1).all() and np.isinf(D).all() and (D > 0).all()
+
+
 def test_index_errors(setup):
   ds, codec, _ = setup
   with pytest.raises(ValueError, match="IVF-QINCo2 codec"):

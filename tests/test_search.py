@@ -1,5 +1,6 @@
-"""Search pipeline end to end on a tiny synthetic set: IVF-QINCo2 codes injected into a
-faiss index, reloaded in a fresh process, searched with AQ, pairwise and full re-rank."""
+"""Search pipeline end to end on a tiny synthetic set: IVF-QINCo2 codes stored in the
+IVF index (scanned by faiss), reloaded in a fresh process, searched with AQ, pairwise
+and full re-rank."""
 
 import dataclasses
 import os
@@ -321,3 +322,27 @@ def test_index_remove_and_reload_keep_what_was_stored():
   ids7, codes7 = reloaded.stored(7)
   np.testing.assert_array_equal(codes7, codes[ids7, 1:])
   assert set(ids7) == set(keep[codes[keep, 0] == 7])
+  with pytest.raises(ValueError, match="ids must be >= 0"):
+    full.add(codes[:2], np.array([-1, 3]))
+  with pytest.raises(ValueError, match=r"queries: expected shape \(nq, 8\)"):
+    full.search(q[:, :5], 20, nprobe=3, ef_search=64)
+
+
+def test_concurrent_searches_with_different_nprobe_match_sequential_ones():
+  """nprobe goes to faiss per call: two threads searching the same index with
+  different nprobe get what each gets alone."""
+  from concurrent.futures import ThreadPoolExecutor
+
+  rng = np.random.default_rng(2)
+  K_ivf, M, D, n = 64, 3, 8, 20_000
+  cents = rng.normal(size=(K_ivf, D)).astype(np.float32)
+  tables = 0.3 * rng.normal(size=(M, 256, D)).astype(np.float32)
+  codes = np.concatenate([rng.integers(0, K_ivf, (n, 1)), rng.integers(0, 256, (n, M))], 1)
+  index = index_lib.build_index(cents, tables, codes, codes)
+  q = rng.normal(size=(2000, D)).astype(np.float32)
+  alone = {p: index.search(q, 10, nprobe=p, ef_search=16)[1] for p in (1, 16)}
+  with ThreadPoolExecutor(2) as pool:
+    for _ in range(3):
+      futures = {p: pool.submit(index.search, q, 10, p, 16) for p in (1, 16)}
+      for p, f in futures.items():
+        np.testing.assert_array_equal(f.result()[1], alone[p])
