@@ -264,6 +264,14 @@ def _aq_reference(index, q, nprobe, metric):
   return out
 
 
+def _random_index_inputs(rng, K_ivf, M, D, n):
+  """Random centroids (K_IVF, D), AQ tables (M, 256, D) and codes (n, M + 1)."""
+  cents = rng.normal(size=(K_ivf, D)).astype(np.float32)
+  tables = 0.3 * rng.normal(size=(M, 256, D)).astype(np.float32)
+  codes = np.concatenate([rng.integers(0, K_ivf, (n, 1)), rng.integers(0, 256, (n, M))], 1)
+  return cents, tables, codes
+
+
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_aq_stage_scores_exact_distances_with_one_table_per_query(metric):
   """The AQ stage (one look-up table per query, faiss's PQ scanner in a lifted space)
@@ -274,9 +282,7 @@ def test_aq_stage_scores_exact_distances_with_one_table_per_query(metric):
 
   rng = np.random.default_rng(0)
   K_ivf, M, D, n = 1024, 4, 16, 20_000
-  cents = rng.normal(size=(K_ivf, D)).astype(np.float32)
-  tables = 0.3 * rng.normal(size=(M, 256, D)).astype(np.float32)
-  codes = np.concatenate([rng.integers(0, K_ivf, (n, 1)), rng.integers(0, 256, (n, M))], 1)
+  cents, tables, codes = _random_index_inputs(rng, K_ivf, M, D, n)
   ids = rng.permutation(10 * n)[:n]  # the caller's ids, not row numbers
   index = index_lib.build_index(cents, tables, codes[:5000], codes, ids, metric=metric)
   searcher = Searcher(codec=None, index=index, centroids=cents)
@@ -303,9 +309,7 @@ def test_aq_stage_scores_exact_distances_with_one_table_per_query(metric):
 def test_index_remove_and_reload_keep_what_was_stored():
   rng = np.random.default_rng(1)
   K_ivf, M, D, n = 32, 3, 8, 3000
-  cents = rng.normal(size=(K_ivf, D)).astype(np.float32)
-  tables = 0.3 * rng.normal(size=(M, 256, D)).astype(np.float32)
-  codes = np.concatenate([rng.integers(0, K_ivf, (n, 1)), rng.integers(0, 256, (n, M))], 1)
+  cents, tables, codes = _random_index_inputs(rng, K_ivf, M, D, n)
   full = index_lib.build_index(cents, tables, codes, codes)
   drop = rng.choice(n, 700, replace=False)
   assert full.remove_ids(np.concatenate([drop, [10 * n]])) == 700
@@ -335,9 +339,7 @@ def test_concurrent_searches_with_different_nprobe_match_sequential_ones():
 
   rng = np.random.default_rng(2)
   K_ivf, M, D, n = 64, 3, 8, 20_000
-  cents = rng.normal(size=(K_ivf, D)).astype(np.float32)
-  tables = 0.3 * rng.normal(size=(M, 256, D)).astype(np.float32)
-  codes = np.concatenate([rng.integers(0, K_ivf, (n, 1)), rng.integers(0, 256, (n, M))], 1)
+  cents, tables, codes = _random_index_inputs(rng, K_ivf, M, D, n)
   index = index_lib.build_index(cents, tables, codes, codes)
   q = rng.normal(size=(2000, D)).astype(np.float32)
   alone = {p: index.search(q, 10, nprobe=p, ef_search=16)[1] for p in (1, 16)}
