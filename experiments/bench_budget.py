@@ -70,16 +70,10 @@ def key(**kw) -> str:
 
 
 def done_runs(path) -> dict:
+  """The rows recorded so far by key (a torn last line is skipped)."""
   if not os.path.exists(path):
     return {}
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        pass  # a torn last line
-  return {r["key"]: r for r in rows}
+  return {r["key"]: r for r in trainer.read_metrics(path)}
 
 
 def record(path, row):

@@ -213,21 +213,21 @@ def main():
       _, I, _ = searcher.search(queries, k=p.nshort, params=p)
       table4[S][name] = qj.metrics.recall_at(I, gt, ks=(1,))["R@1"]
   ceiling = exhaustive_ceiling(searcher, args.workdir, db, queries, gt)
-  ceiling["aq_us"] = aq_stage_costs(searcher, queries)
-  ceiling["aq_dims"] = (searcher.index.scan.pq.M, db.shape[1])  # PQ sub-quantisers
+  costs = {"us": aq_stage_costs(searcher, queries),
+           "n_sub": searcher.index.scan.pq.M, "D": db.shape[1]}  # PQ sub-quantisers
+  ratios = {k: equal_qps_ratios(curves, k) for k in curves if k.startswith("faiss")}
   os.makedirs(os.path.dirname(args.doc) or ".", exist_ok=True)
   png = os.path.join(os.path.dirname(args.doc), "speed_recall.png")
   plots.speed_recall({k: [(r["qps"], r["R@1"]) for r in v] for k, v in curves.items()},
                      path=png, title=plot_title(len(db), len(queries)))
   with open(wd.bench, "w") as f:
     json.dump({"curves": curves, "table4": table4, "build_s": build,
-               "equal_qps": {k: equal_qps_ratios(curves, k) for k in curves
-                             if k.startswith("faiss")},
-               "ceiling": ceiling}, f, indent=1)
-  write_doc(args, curves, table4, K_ivf, len(db), ceiling, searcher.index.exact_coarse)
+               "equal_qps": ratios, "ceiling": ceiling, "aq_stage": costs}, f, indent=1)
+  write_doc(args, curves, table4, K_ivf, len(db), ceiling, costs, ratios,
+            searcher.index.exact_coarse)
 
 
-def write_doc(args, curves, table4, K_ivf, n_db, ceiling, exact_coarse):
+def write_doc(args, curves, table4, K_ivf, n_db, ceiling, costs, all_ratios, exact_coarse):
   lines = [START, "## Search (experiments/bench_search.py)", "",
            f"Measured {datetime.date.today()}: every query timing on a 2-core CPU (faiss "
            "and our pipeline in the same run); the stages that built our index ran where "
@@ -245,7 +245,7 @@ def write_doc(args, curves, table4, K_ivf, n_db, ceiling, exact_coarse):
           f"{r['R@1']:.3f} / {r['R@10']:.3f} @ {r['qps']:,.0f} qps" for r in rows) + " |")
   tuned = curves.get("ours (tuned)", [])
   if tuned:
-    n_run = sum(1 for _ in open(pipeline.SearchWorkdir(args.workdir).tune_log))
+    n_run = len(pipeline.SearchWorkdir(args.workdir).tune_log.read_text().splitlines())
     n_grid = int(np.prod([len(v) for v in TUNE_RANGES.values()]))
     lines += ["", "(b): nshort=100 AQ results; (c): pairwise re-rank of 400 AQ results; "
               "(d): pairwise 80 -> QINCo2 re-rank of 20 (20 results). Our lists are chosen by "
@@ -269,8 +269,7 @@ def write_doc(args, curves, table4, K_ivf, n_db, ceiling, exact_coarse):
             "| faiss index | nprobe | faiss qps | faiss R@1 | ours R@1 (qps) | ratio |",
             "|---|---|---|---|---|---|"]
   summary = []
-  for name in [k for k in curves if k.startswith("faiss")]:
-    ratios = equal_qps_ratios(curves, name)
+  for name, ratios in all_ratios.items():
     for r in ratios:
       ours = (f"{r['ours_R@1']:.3f} ({r['ours_qps']:,.0f})" if r["ratio"] else
               "no setting this fast")
@@ -284,8 +283,7 @@ def write_doc(args, curves, table4, K_ivf, n_db, ceiling, exact_coarse):
             f"every database code (no IVF, no shortlist) gives R@1 {ceiling['R@1']:.4f}, "
             f"R@10 {ceiling['R@10']:.4f}, R@100 {ceiling['R@100']:.4f} (database MSE "
             f"{ceiling['db_mse']:.4f} over all {n_db:,} rows, training rows included)."]
-  us = ceiling["aq_us"]
-  n_sub, D = ceiling["aq_dims"]
+  us, n_sub, D = costs["us"], costs["n_sub"], costs["D"]
   lines += ["", f"What bounds the fast end: at nprobe 1 the AQ stage takes {us['stage_k1']:.1f} "
             f"us per query for 1 result and {us['stage_k100']:.1f} for 100 (list search, "
             f"table, scan); the look-up table alone ({n_sub} x 256 inner products of {D} "

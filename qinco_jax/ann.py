@@ -134,12 +134,6 @@ class Index:
       raise ValueError(f"codes: expected {self.codec.n_codes} columns (list id + M), got "
                        f"{codes.shape[1]}")
     self.codec._check_codes(codes)
-    if ids is not None:
-      ids = np.asarray(ids)
-      if ids.shape != (len(codes),) or ids.dtype.kind not in "iu" or (
-          len(ids) and ids.min() < 0):
-        raise ValueError(f"ids must be ({len(codes)},) non-negative integers, got "
-                         f"shape {ids.shape} dtype {ids.dtype}")
     assert self._ivf is not None  # trained
     self._ivf.add(codes, ids)
 

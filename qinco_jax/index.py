@@ -194,12 +194,13 @@ class IVFIndex:
       raise ValueError(f"codes: list ids must lie in 0..{self.nlist - 1} and codes in "
                        f"0..255, got maxima {codes[:, 0].max()} and {codes[:, 1:].max()}")
     n = len(codes)
-    ids = (np.arange(self.ntotal, self.ntotal + n, dtype=np.int64) if ids is None
-           else np.asarray(ids, np.int64))
-    if ids.shape != (n,):
-      raise ValueError(f"ids: expected shape ({n},) (one per row of codes), got {ids.shape}")
+    ids = np.arange(self.ntotal, self.ntotal + n) if ids is None else np.asarray(ids)
+    if ids.shape != (n,) or ids.dtype.kind not in "iu":
+      raise ValueError(f"ids: expected ({n},) integers (one per row of codes), got shape "
+                       f"{ids.shape} dtype {ids.dtype}")
     if n and ids.min() < 0:
       raise ValueError(f"ids must be >= 0 (-1 marks a missing result), got {ids.min()}")
+    ids = ids.astype(np.int64)
     if self.metric == "ip":
       vcodes = np.zeros(0, np.uint8)
     elif vcodes is None:

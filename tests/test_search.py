@@ -293,8 +293,11 @@ def test_aq_stage_scores_exact_distances_with_one_table_per_query(metric):
     np.testing.assert_array_equal(I[i], ref_ids[:30])
     np.testing.assert_allclose(Dq[i], s[:30], rtol=1e-4, atol=1e-4)
   if metric == "l2":  # the norm byte: a 256-level k-means of v, error << its spread
-    v = index_lib.norm_term(cents, tables, codes)
-    v_hat = index.levels[index_lib.quantize_levels(v, index.levels)]
+    c = cents.astype(np.float64)[codes[:, 0]]
+    x_hat = c + aq.aq_decode(tables, codes[:, 1:]).astype(np.float64)
+    v = -0.5 * ((x_hat ** 2).sum(1) - (c ** 2).sum(1))  # from ||c + x_hat||^2, by hand
+    lv = index.levels.astype(np.float64)
+    v_hat = lv[np.abs(v[:, None] - lv[None, :]).argmin(1)]  # nearest level, brute force
     assert np.abs(v_hat - v).mean() < 0.01 * v.std()
   # An HNSW coarse search (what "auto" picks above 4096 lists): a wide beam finds the
   # same lists as the exact search; efSearch reaches it (a one-node beam misses some).
