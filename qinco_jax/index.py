@@ -246,15 +246,6 @@ class IVFIndex:
       self._fill(np.arange(self.ntotal, dtype=np.int64))
     return n
 
-  def stored(self, list_no: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (n,), codes (n, M)) that faiss holds in one inverted list (for checks)."""
-    faiss = _faiss()
-    inv = self.scan.invlists
-    n = inv.list_size(list_no)
-    rows = faiss.rev_swig_ptr(inv.get_ids(list_no), n).copy()
-    raw = faiss.rev_swig_ptr(inv.get_codes(list_no), n * self.scan.code_size).copy()
-    return self.ids[rows], raw.reshape(n, self.scan.code_size)[:, :self.M].astype(np.int32)
-
   # ------------------------------------------------------------------ search
   def search(self, q: np.ndarray, n: int, nprobe: int, ef_search: int
              ) -> tuple[np.ndarray, np.ndarray]:

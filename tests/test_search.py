@@ -77,7 +77,7 @@ def test_index_stores_the_injected_codes(built):
   _, ds, _, db_codes, searcher = built
   assert searcher.index.ntotal == len(ds.db)
   for l in (0, 7):
-    ids, codes = searcher.index.stored(l)
+    ids, codes = _stored(searcher.index, l)
     assert len(ids) == (db_codes[:, 0] == l).sum()
     np.testing.assert_array_equal(codes, db_codes[ids, 1:])
 
@@ -264,6 +264,16 @@ def _aq_reference(index, q, nprobe, metric):
   return out
 
 
+def _stored(index, list_no):
+  """(ids (n,), codes (n, M)) that faiss's own inverted list holds (labels are rows)."""
+  import faiss
+  inv, size = index.scan.invlists, index.scan.code_size
+  n = inv.list_size(list_no)
+  rows = faiss.rev_swig_ptr(inv.get_ids(list_no), n).copy()
+  raw = faiss.rev_swig_ptr(inv.get_codes(list_no), n * size).copy()
+  return index.ids[rows], raw.reshape(n, size)[:, :index.M].astype(np.int32)
+
+
 def _random_index_inputs(rng, K_ivf, M, D, n):
   """Random centroids (K_IVF, D), AQ tables (M, 256, D) and codes (n, M + 1)."""
   cents = rng.normal(size=(K_ivf, D)).astype(np.float32)
@@ -326,7 +336,7 @@ def test_index_remove_and_reload_keep_what_was_stored():
     got = index.search(q, 20, nprobe=3, ef_search=64)
     np.testing.assert_array_equal(index.ids[got[1]], fresh.ids[want[1]])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
-  ids7, codes7 = reloaded.stored(7)
+  ids7, codes7 = _stored(reloaded, 7)
   np.testing.assert_array_equal(codes7, codes[ids7, 1:])
   assert set(ids7) == set(keep[codes[keep, 0] == 7])
   with pytest.raises(ValueError, match="ids must be >= 0"):
