@@ -32,8 +32,10 @@ faster there (GloVe's 1024 lists: docs/design.md). With metric="ip" the score is
 faiss stores row numbers as labels; the codes, list numbers and ids of the rows are
 held here as arrays too (the later stages of the search read them), so a vector costs
 M + 1 code bytes and an 8-byte label in faiss's lists plus M + 13 bytes here (M + 12
-for "ip"). A search changes nothing shared, so searches may run concurrently; `add`
-and `remove_ids` must not overlap them.
+for "ip"; up to twice that while the arrays hold spare capacity: it is doubled when
+full, so adding n rows in many calls copies O(n) bytes in all); `remove_ids` compacts
+them and refills faiss's lists, O(ntotal). A search changes nothing shared, so searches
+may run concurrently; `add` and `remove_ids` must not overlap them.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def _faiss():
 METRICS = {"l2": lambda: _faiss().METRIC_L2, "ip": lambda: _faiss().METRIC_INNER_PRODUCT}
 N_LEVELS = 256  # levels of the stored norm term v (one byte)
 FLAT_COARSE_MAX = 4096  # coarse="auto": exact list search up to this many lists
+LOAD_ROWS = 1 << 20  # `from_arrays` widens (to int64) and checks this many rows at a time
 Coarse = Literal["auto", "flat", "hnsw"]
 
 
@@ -118,10 +121,13 @@ class IVFIndex:
     self.levels = np.asarray(levels, np.float32) if metric == "l2" else np.zeros(0, np.float32)
     if metric == "l2" and self.levels.shape != (N_LEVELS,):
       raise ValueError(f"levels must be ({N_LEVELS},), got {self.levels.shape}")
-    self.lists = np.zeros(0, np.int32)
-    self.codes = np.zeros((0, M), np.uint8)
-    self.ids = np.zeros(0, np.int64)
-    self._vcodes = np.zeros(0, np.uint8)
+    # Row storage with spare capacity (doubled when full), so that adding n rows in
+    # many calls copies O(n) bytes in all; `lists`, `codes`, `ids` are views of the
+    # first `ntotal` rows.
+    self._n = 0
+    self._buf: dict[str, np.ndarray] = {
+        "lists": np.zeros(0, np.int32), "codes": np.zeros((0, M), np.uint8),
+        "ids": np.zeros(0, np.int64), "vcodes": np.zeros(0, np.uint8)}
     if coarse == "auto":
       coarse = "flat" if K_ivf <= FLAT_COARSE_MAX else "hnsw"
     self.coarse: Any  # a faiss index over the raw centroids
@@ -165,7 +171,49 @@ class IVFIndex:
   # ------------------------------------------------------------------ sizes
   @property
   def ntotal(self) -> int:
-    return len(self.ids)
+    return self._n
+
+  @property
+  def lists(self) -> np.ndarray:
+    """(ntotal,) int32: the inverted list of each row."""
+    return self._buf["lists"][:self._n]
+
+  @property
+  def codes(self) -> np.ndarray:
+    """(ntotal, M) uint8: the codes of each row."""
+    return self._buf["codes"][:self._n]
+
+  @property
+  def ids(self) -> np.ndarray:
+    """(ntotal,) int64: the id of each row."""
+    return self._buf["ids"][:self._n]
+
+  @property
+  def _vcodes(self) -> np.ndarray:
+    return self._buf["vcodes"][:self._n]
+
+  def _reserve(self, rows: int) -> None:
+    """Makes room for `rows` rows in all (a no-op when there is room already)."""
+    for name, buf in self._buf.items():
+      if len(buf) < rows and not (name == "vcodes" and self.metric == "ip"):
+        grown = np.zeros((rows,) + buf.shape[1:], buf.dtype)
+        grown[:self._n] = buf[:self._n]
+        self._buf[name] = grown
+
+  def _append(self, **rows: np.ndarray) -> None:
+    """Writes rows after the last one, growing the buffers geometrically."""
+    need = self._n + len(rows["ids"])
+    if len(self._buf["ids"]) < need:
+      self._reserve(max(need, 2 * len(self._buf["ids"]), 1024))
+    for name, v in rows.items():
+      if not (name == "vcodes" and self.metric == "ip"):  # "ip" stores no norm byte
+        self._buf[name][self._n:need] = v
+    self._n = need
+
+  def _keep(self, keep: np.ndarray) -> None:
+    """Keeps the rows where `keep` (ntotal,) is True, in order (compact copies)."""
+    self._buf = {k: (v[:self._n][keep] if len(v) else v) for k, v in self._buf.items()}
+    self._n = int(keep.sum())
 
   @property
   def nlist(self) -> int:
@@ -210,10 +258,7 @@ class IVFIndex:
     elif np.shape(vcodes) != (n,):
       raise ValueError(f"vcodes: expected shape ({n},), got {np.shape(vcodes)}")
     start = self.ntotal
-    self.lists = np.concatenate([self.lists, codes[:, 0].astype(np.int32)])
-    self.codes = np.concatenate([self.codes, codes[:, 1:].astype(np.uint8)])
-    self.ids = np.concatenate([self.ids, ids])
-    self._vcodes = np.concatenate([self._vcodes, np.asarray(vcodes, np.uint8)])
+    self._append(lists=codes[:, 0], codes=codes[:, 1:], ids=ids, vcodes=vcodes)
     self._fill(np.arange(start, start + n, dtype=np.int64))
 
   def _fill(self, rows: np.ndarray):
@@ -238,10 +283,7 @@ class IVFIndex:
     drop = np.isin(self.ids, np.asarray(ids, np.int64).ravel())
     n = int(drop.sum())
     if n:
-      keep = ~drop
-      self.lists, self.codes, self.ids = self.lists[keep], self.codes[keep], self.ids[keep]
-      if self.metric == "l2":
-        self._vcodes = self._vcodes[keep]
+      self._keep(~drop)
       self.scan.reset()  # row numbers changed: refill every list
       self._fill(np.arange(self.ntotal, dtype=np.int64))
     return n
@@ -310,10 +352,14 @@ class IVFIndex:
     metric = cast(Literal["l2", "ip"], str(a["metric"]))
     index = cls(a["centroids"], a["tables"], a["levels"], metric,
                 coarse=faiss.deserialize_index(np.asarray(a["coarse"])))
-    codes = np.concatenate([np.asarray(a["lists"])[:, None].astype(np.int64),
-                            np.asarray(a["codes"]).astype(np.int64)], 1)
+    lists, codes, ids = (np.asarray(a[k]) for k in ("lists", "codes", "ids"))
     vcodes = np.asarray(a["vcodes"]) if "vcodes" in a and metric == "l2" else None
-    index.add(codes, np.asarray(a["ids"]), vcodes=vcodes)
+    step = LOAD_ROWS
+    index._reserve(len(ids))
+    for s in range(0, len(ids), step):
+      index.add(np.concatenate([lists[s:s + step, None].astype(np.int64),
+                                codes[s:s + step].astype(np.int64)], 1), ids[s:s + step],
+                vcodes=None if vcodes is None else vcodes[s:s + step])
     return index
 
 

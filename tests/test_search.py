@@ -345,6 +345,40 @@ def test_index_remove_and_reload_keep_what_was_stored():
     full.search(q[:, :5], 20, nprobe=3, ef_search=64)
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_many_small_adds_store_what_one_add_stores_with_few_copies(metric, monkeypatch):
+  """Adding rows in 300 calls gives the rows, faiss lists and search results of one
+  call, and the row arrays are reallocated O(log n) times, not once per call; so do
+  removing rows then adding them back, and reloading in several chunks."""
+  rng = np.random.default_rng(2)
+  K_ivf, M, D, n = 16, 3, 8, 3000
+  cents, tables, codes = _random_index_inputs(rng, K_ivf, M, D, n)
+  ids = rng.permutation(5 * n)[:n]
+  once = index_lib.build_index(cents, tables, codes, codes, ids, metric=metric)
+  parts = index_lib.build_index(cents, tables, codes, codes[:0], ids[:0], metric=metric)
+  buffers = []  # held, so that no two distinct buffers share an id()
+  for s in range(0, n, 10):
+    parts.add(codes[s:s + 10], ids[s:s + 10])
+    buffers.append(parts._buf["codes"])
+  assert len({id(b) for b in buffers}) == 3  # 1024 rows, then doubled: 2048, 4096
+  for name in ("lists", "codes", "ids", "_vcodes"):
+    np.testing.assert_array_equal(getattr(parts, name), getattr(once, name))
+  for l in (0, 5, 15):
+    for a, b in zip(_stored(parts, l), _stored(once, l)):
+      np.testing.assert_array_equal(np.sort(a, axis=0), np.sort(b, axis=0))
+  q = rng.normal(size=(30, D)).astype(np.float32)
+  want = once.search(q, 15, 3, 64)
+  back = index_lib.build_index(cents, tables, codes, codes, ids, metric=metric)
+  assert back.remove_ids(ids[:1000]) == 1000
+  back.add(codes[:1000], ids[:1000])  # the same rows, now stored last
+  monkeypatch.setattr(index_lib, "LOAD_ROWS", 700)  # reload in 5 chunks
+  for index in (parts, back, index_lib.IVFIndex.from_arrays(parts.arrays())):
+    assert index.ntotal == n
+    got = index.search(q, 15, 3, 64)
+    np.testing.assert_array_equal(index.ids[got[1]], once.ids[want[1]])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+
+
 def test_concurrent_searches_with_different_nprobe_match_sequential_ones():
   """nprobe goes to faiss per call: two threads searching the same index with
   different nprobe get what each gets alone."""
