@@ -13,7 +13,12 @@ database with R@1/10/100; by default the first 10,000 database vectors, MSE only
 Finished runs are kept in WORKDIR/runs.jsonl and skipped when the command is run
 again (`--replace` runs them again; the later line of a key wins); the table (the
 latest row of each key in that file) goes to docs/benchmarks.md, the plot to
-docs/budget.png.
+docs/budget.png. `--reeval` trains no codec: it evaluates the kept best codecs of runs
+already trained at another beam or database (faiss RQ is measured there if it was not
+yet), e.g.
+
+  python experiments/bench_budget.py --minutes=60 --lr=4e-3 --n_db=0 --eval_A=8 \
+      --eval_B=128 --reeval
 """
 
 import json
@@ -49,6 +54,10 @@ flags.DEFINE_string("tag", "curve", "name of this group of rows in the table")
 flags.DEFINE_bool("replace", False, "run again the rows of this command that are already "
                   "in runs.jsonl (e.g. measured on a busier machine) and keep only the new "
                   "ones in the table; the old lines stay in the file")
+flags.DEFINE_bool("reeval", False, "train nothing: evaluate the kept best codec of each "
+                  "run of this command already trained (same tag, model, init, lr and "
+                  "minutes, any evaluation settings) at this evaluation beam and "
+                  "database; the row copies the training figures")
 flags.DEFINE_string("workdir", "runs/bench_budget", "checkpoints and runs.jsonl")
 flags.DEFINE_string("doc", os.path.join(HERE, "..", "docs", "benchmarks.md"), "")
 flags.DEFINE_string("plot", os.path.join(HERE, "..", "docs", "budget.png"), "")
@@ -81,13 +90,17 @@ def record(path, row):
     f.write(json.dumps(row) + "\n")
 
 
+def run_dir(init, lr, minutes) -> str:
+  return os.path.join(F.workdir, f"{F.tag}_{init}_{lr:g}_{minutes:g}min_M{F.M}")
+
+
 def qinco_row(ds, ev_ds, init, lr, minutes) -> dict:
   cfg = qj.preset("qinco2-S", M=F.M, L=F.L, de=F.de, dh=F.dh, A=F.train_A, B=F.train_B,
                   init=init, dtype=F.dtype)
   tc = train.TrainConfig(lr=lr, warmup_epochs=1, stop_patience=1000,
                          batch_per_device=1024, loop=len(ds.train),
                          time_budget_s=minutes * 60)
-  work = os.path.join(F.workdir, f"{F.tag}_{init}_{lr:g}_{minutes:g}min_M{F.M}")
+  work = run_dir(init, lr, minutes)
   if os.path.isdir(work):
     shutil.rmtree(work)  # an unfinished earlier attempt: this run starts afresh
   log(f"QINCo2 {F.M} bytes, init={init}, lr={lr:g}: {minutes:g} min")
@@ -105,6 +118,48 @@ def qinco_row(ds, ev_ds, init, lr, minutes) -> dict:
           "samples": sum(r["samples"] for r in epochs), "val_init": val[0],
           "val_best": min(val), **{k: ev[k] for k in ("mse", "R@1", "R@10", "R@100")
                                     if k in ev}}
+
+
+TRAINING = ("rq_kmeans", "train_s", "cpu_s", "epochs", "samples", "val_init", "val_best")
+
+
+def same_training(key_a: str, key_b: str) -> bool:
+  """Whether two row keys name the same training (their evaluation settings aside)."""
+  a, b = json.loads(key_a), json.loads(key_b)
+  for d in (a, b):
+    d.pop("eval"), d.pop("n_db")
+  return a == b
+
+
+def kept_row(done, ev_ds, init, lr, minutes, k) -> dict:
+  """The row of a run trained before (its line in runs.jsonl, whatever its evaluation
+  settings), evaluated again from its kept best codec at this command's beam and db."""
+  trained = [r for r in done.values() if r.get("method") == "QINCo2"
+             and r["tag"] == F.tag and "reeval_of" not in r and same_training(r["key"], k)]
+  if not trained:
+    raise ValueError(f"--reeval: no trained run of tag {F.tag!r}, init={init}, lr={lr:g}, "
+                     f"{minutes:g} min in runs.jsonl; train it first (without --reeval)")
+  of = trained[-1]
+  work = run_dir(init, lr, minutes)
+  # The folder's name does not hold the model shape, so a later run of another shape
+  # may have replaced it: the kept codec must be this row's model, best validation.
+  val = [r["val_mse"] for r in trainer.read_metrics(work)
+         if "val_mse" in r] if os.path.isdir(work) else []
+  if not val or abs(min(val) - of["val_best"]) > 1e-9:
+    raise ValueError(f"--reeval: {work} does not hold the codec of that run (best "
+                     f"validation MSE {min(val) if val else 'none'} against the row's "
+                     f"{of['val_best']}); train it again without --reeval")
+  log(f"QINCo2 {F.M} bytes, init={init}, lr={lr:g}, {minutes:g} min: evaluating {work}")
+  codec = qj.load(os.path.join(work, "best"))
+  shape = (codec.cfg.M, codec.cfg.L, codec.cfg.de, codec.cfg.dh, codec.cfg.dtype)
+  if shape != (F.M, F.L, F.de, F.dh, F.dtype):
+    raise ValueError(f"--reeval: {work} holds a model with (M, L, de, dh, dtype) = "
+                     f"{shape}, not {(F.M, F.L, F.de, F.dh, F.dtype)}")
+  ev = evaluate(codec, ev_ds, A=F.eval_A, B=F.eval_B, verbose=False)
+  log(f"  MSE {ev['mse']:.4f}" + (f", R@1 {ev['R@1']:.4f}" if "R@1" in ev else ""))
+  return {"method": "QINCo2", "init": init, "lr": lr, "minutes": minutes,
+          "reeval_of": of["key"], **{f: of[f] for f in TRAINING if f in of},
+          **{k: ev[k] for k in ("mse", "R@1", "R@10", "R@100") if k in ev}}
 
 
 def main(argv):
@@ -133,8 +188,12 @@ def main(argv):
         k = key(kind="qinco", init=init, lr=lr, minutes=minutes, **common)
         if k in done and not F.replace:
           continue
-        row = dict(key=k, tag=F.tag, command=" ".join(sys.argv[1:]),
-                   **qinco_row(ds, ev_ds, init, lr, minutes), **common)
+        if F.reeval and k in done and "reeval_of" not in done[k]:
+          raise ValueError("--reeval at the training's own evaluation settings would "
+                           f"replace its row; {k}")
+        made = (kept_row(done, ev_ds, init, lr, minutes, k) if F.reeval else
+                qinco_row(ds, ev_ds, init, lr, minutes))
+        row = dict(key=k, tag=F.tag, command=" ".join(sys.argv[1:]), **made, **common)
         done[k] = row
         record(log_path, row)
   report(list(done.values()))
@@ -167,12 +226,15 @@ def report(rows):
         f"{', ' + r['dtype'] if 'dtype' in r else ''} | "
         f"{r['train'][0]},{r['train'][1]} | {r['eval'][0]},{r['eval'][1]} | "
         f"{r['n_db'] or '90k'} | {r['init']}{'' if 'rq_kmeans' in r else '*'} | "
-        f"{r['lr']:g} | {r['minutes']:g} | "
+        f"{r['lr']:g} | {r['minutes']:g}{' †' if 'reeval_of' in r else ''} | "
         f"{r['epochs']} | {r['samples']:,} | {r['mse']:.4f} | "
         f"{r['mse'] / f1['mse']:.3f} | {r['mse'] / f32['mse']:.3f} | "
         f"{r.get('R@1', float('nan')):.4f} |".replace("nan", "-"))
   lines += ["", "\\* RQ initialised with the K-means before the progressive-dimension one "
-            "(random seeds, no splitting; see \"RQ initialisation\")."]
+            "(random seeds, no splitting; see \"RQ initialisation\").",
+            "", "† not trained again: the kept best codec of the same training (the row of "
+            "the same group, init, lr and minutes) evaluated at this row's beam and "
+            "database (`--reeval`)."]
   commands = {}
   for r in q:
     commands.setdefault(r["tag"], set()).add(shown_command(r.get("command", "")))
@@ -199,7 +261,8 @@ def report(rows):
   # and lr of the "curve" rows (other groups' runs at those settings included).
   same = {(r["M"], r["L"], r["de"], r["dh"], r["lr"]) for r in q if r["tag"] == "curve"}
   curve = [r for r in q if (r["M"], r["L"], r["de"], r["dh"], r["lr"]) in same
-           and "dtype" not in r]  # float32 rows only
+           and "dtype" not in r  # float32 rows only
+           and "reeval_of" not in r]  # one point per training
   if curve:
     series = {}
     for r in curve:

@@ -4,7 +4,7 @@ One run on the fixed GloVe 6B 50-d split of `qj.data.load_glove()` (290k train, 
 validation, 90k database, 10k queries with exact ground truth):
 
   * QINCo2 (small qinco2-S: L=2, de=64, dh=128 by default), 8 bytes, trained with
-    `trainer.train_and_evaluate` for a wall-time budget (`--budget_min`, 25 minutes
+    `trainer.train_and_evaluate` for a wall-time budget (`--time_budget_s`, 25 minutes
     by default, held by the trainer's `TrainConfig.time_budget_s`), evaluated with a
     larger beam (`--eval_A/--eval_B`);
   * faiss baselines at the same code size, trained on the first `--faiss_train`
@@ -27,9 +27,9 @@ docs/rate_distortion.png.
 
 Usage:
   python experiments/bench_quantizers.py                    # full run (~40 min, 2 cores)
-  python experiments/bench_quantizers.py --budget_min 60 --eval_A 8 --eval_B 128
+  python experiments/bench_quantizers.py --time_budget_s 3600 --eval_A 8 --eval_B 128
                                                             # the issue's 60-min budget
-  python experiments/bench_quantizers.py --budget_min 15    # shorter QINCo2 training
+  python experiments/bench_quantizers.py --time_budget_s 900  # shorter QINCo2 training
   python experiments/bench_quantizers.py --quick            # smoke test (a few minutes;
                                                             # writes under runs/ only)
 """
@@ -208,9 +208,9 @@ def section(res: dict[str, Any]) -> str:
           f"{q['best_val_mse']:.4f}. Evaluated at A={q['A']}, B={q['B']}: on a CPU, "
           "training with a small beam and encoding with a large one is the practical "
           "recipe (the encode column shows what the large beam costs)."
-          + (f" The budget was cut from {a['budget_min']:.0f} minutes by "
-             "`--deadline_min`, which caps the whole run." if
-             q["budget_s"] < a["budget_min"] * 60 - 1 else ""), ""]
+          + (f" The budget was cut from {a['time_budget_s'] / 60:.0f} minutes by "
+             "`--deadline_s`, which caps the whole run." if
+             q["budget_s"] < a["time_budget_s"] - 1 else ""), ""]
   L += fmt_table(rows) + [""]
   L += [f"faiss baselines are trained on the first {a['faiss_train']:,} training vectors "
         f"(LSQ: {a['lsq_train']:,}, {a['lsq_iters']} training iterations; OPQ: "
@@ -284,10 +284,12 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true",
                  help="smoke test on a small slice, tiny budget; writes under runs/ only")
-  p.add_argument("--budget_min", type=float, default=25.0,
-                 help="QINCo2 training wall-time budget in minutes (per code size)")
-  p.add_argument("--deadline_min", type=float, default=None,
-                 help="optional cap on the whole run: the QINCo2 budget shrinks to fit")
+  p.add_argument("--time_budget_s", type=float, default=1500.0,
+                 help="QINCo2 training wall-time budget in seconds (TrainConfig."
+                 "time_budget_s)")
+  p.add_argument("--deadline_s", type=float, default=None,
+                 help="optional cap in seconds on the whole run: the QINCo2 budget "
+                 "shrinks to fit")
   p.add_argument("--bytes", type=int, nargs="+", default=[8],
                  help="code sizes for the QINCo2 and baseline table (16 is costly)")
   p.add_argument("--rd_bytes", type=int, nargs="*", default=[4, 16],
@@ -316,7 +318,7 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if args.quick:
     args.workdir = os.path.join(REPO_ROOT, "runs", "bench_quantizers_quick")
-    args.budget_min = min(args.budget_min, 1.5)
+    args.time_budget_s = min(args.time_budget_s, 90.0)
     args.loop = min(args.loop, 16_384)
     args.faiss_train, args.lsq_train = min(args.faiss_train, 5_000), min(args.lsq_train, 2_000)
     args.lsq_iters, args.opq_iters = min(args.lsq_iters, 2), min(args.opq_iters, 4)
@@ -364,9 +366,9 @@ def main(argv=None):
   log(f"throughput {res['throughput']['samples_s']:.0f} samples/s, "
       f"{res['throughput']['gflops']:.1f} GFLOP/s; matmul peak "
       f"{res['matmul_peak_gflops']:.1f} GFLOP/s")
-  budget_s = args.budget_min * 60
-  if args.deadline_min is not None:
-    left = args.deadline_min * 60 - (time.perf_counter() - t_start)
+  budget_s = args.time_budget_s
+  if args.deadline_s is not None:
+    left = args.deadline_s - (time.perf_counter() - t_start)
     eval_reserve = 240.0 * (len(ds.db) / 90_000) + 60.0
     if left - eval_reserve < budget_s:
       log(f"deadline: QINCo2 budget cut from {budget_s / 60:.1f} to "

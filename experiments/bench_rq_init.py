@@ -1,7 +1,7 @@
 """RQ initialisation next to faiss's ResidualQuantizer, and what it does to short trainings.
 
   python experiments/bench_rq_init.py                      # init table (~6 min)
-  python experiments/bench_rq_init.py --train_minutes=1,3  # + short trainings (~20 min)
+  python experiments/bench_rq_init.py --minutes=1,3  # + short trainings (~20 min)
 
 Init table: on each set (GloVe with few training vectors per centroid, GloVe's full
 training file, a 384-d embedding-like set), every option of `rq_init.train_rq` is
@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 F = flags.FLAGS
 flags.DEFINE_list("sets", ["glove18k", "glove", "emb384"], "data sets of the init table")
 flags.DEFINE_integer("M", 8, "bytes (K = 256)")
-flags.DEFINE_list("train_minutes", [], "budgets of the short trainings (empty: none)")
+flags.DEFINE_list("minutes", [], "budgets of the short trainings (empty: none)")
 flags.DEFINE_float("lr", 4e-3, "peak learning rate of the trainings")
 flags.DEFINE_string("workdir", "runs/bench_rq_init", "training workdirs")
 flags.DEFINE_string("doc", os.path.join(HERE, "..", "docs", "benchmarks.md"), "")
@@ -117,10 +117,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   tables = [init_rows(name) for name in F.sets]
   trainings = []
-  if F.train_minutes:
+  if F.minutes:
     ds = data.load_glove(with_gt=False)
     ev_ds = data.Dataset(ds.name, ds.train, ds.val, ds.db[:10_000], None, None)
-    for minutes in map(float, F.train_minutes):
+    for minutes in map(float, F.minutes):
       for old_init, noise in ((True, 0.1), (False, 0.1), (False, 0.0)):
         log(f"training {minutes:g} min (old init={old_init}, noise={noise})")
         trainings.append(training_row(ds, ev_ds, minutes, old_init, noise))
@@ -128,7 +128,7 @@ def main(argv):
 
 
 def report(tables, trainings):
-  flags_used = f" --train_minutes={','.join(F.train_minutes)}" if F.train_minutes else ""
+  flags_used = f" --minutes={','.join(F.minutes)}" if F.minutes else ""
   lines = [START, "## RQ initialisation (ours against faiss ResidualQuantizer)", "",
            f"`python experiments/bench_rq_init.py{flags_used}` (2-core CPU). "
            f"{F.M} bytes (K=256). Every quantiser is trained on the same vectors and "

@@ -13,6 +13,10 @@ sources: fixed settings per stage ((b)-(d)), and "ours (tuned)": the Pareto-opti
 settings of a `qinco_jax.sweep` over nprobe, efSearch, nshort and nmid_short run on
 held-out *validation* vectors as queries (not the test queries), then re-timed on the
 test queries. Writes its section of docs/benchmarks.md and docs/speed_recall.png.
+
+`--lever=fastscan` measures one lever only, in its own section: a faiss fast-scan
+(4-bit PQ) first stage whose candidates QINCo2 re-ranks, next to faiss's fast-scan and
+PQ8 indexes alone.
 """
 
 import argparse
@@ -151,6 +155,89 @@ def aq_stage_costs(searcher, queries):
   return out
 
 
+FS_START, FS_END = "<!-- bench_search_fastscan:start -->", "<!-- bench_search_fastscan:end -->"
+
+
+def fastscan_rerank_curve(searcher, key, train, db, queries, gt, nprobes, shortlists,
+                          batch=1024):
+  """The 4-bit first-stage lever, measured: a faiss fast-scan index `key` over the raw
+  database (its own 8 bytes per vector, beside our 8) returns S candidates per query,
+  which the full QINCo2 decoding of their stored codes re-ranks. Time per query = the
+  fast-scan search + the re-rank, both over batches of `batch` queries as the
+  pipeline runs them."""
+  index = faiss.index_factory(db.shape[1], key)
+  index.train(train)
+  index.add(db)
+  ivf, codec = searcher.index, searcher.codec
+  row_of = np.empty(int(ivf.ids.max()) + 1, np.int64)
+  row_of[ivf.ids] = np.arange(ivf.ntotal)
+
+  def search(nprobe, S):
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    out = np.empty((len(queries), min(S, 100)), np.int64)
+    for s in range(0, len(queries), batch):
+      q = queries[s:s + batch]
+      I = index.search(q, S)[1]
+      r = row_of[np.maximum(I, 0)]
+      full = np.concatenate([ivf.lists[r][..., None].astype(np.int64),
+                             ivf.codes[r].astype(np.int64)], 2).reshape(-1, ivf.M + 1)
+      x_hat = codec.decode(full, verbose=False).reshape(len(q), S, -1)
+      d = ((x_hat - q[:, None]) ** 2).sum(-1)
+      d[I < 0] = np.inf
+      out[s:s + batch] = np.take_along_axis(I, np.argsort(d, 1)[:, :out.shape[1]], 1)
+    return out
+
+  rows = []
+  for S in shortlists:
+    for r in timed_curve(lambda n: search(n, S), queries, gt, nprobes):
+      rows.append({"S": S, **r})
+  return rows
+
+
+def fastscan_lever(args, searcher, train, db, queries, gt, K_ivf):
+  """`--lever=fastscan`: the fast-scan first stage + QINCo2 re-rank against faiss's
+  fast-scan and PQ8 indexes alone, timed side by side; its own section of the doc."""
+  nprobes, shortlists = [1, 2, 4, 8], [2, 4, 10]
+  fs_key = f"OPQ16_48,IVF{K_ivf},PQ16x4fs"
+  curves = {k: faiss_curve(k, train, db, queries, gt, nprobes)[0]
+            for k in (fs_key, f"OPQ8_48,IVF{K_ivf},PQ8")}
+  lever = fastscan_rerank_curve(searcher, fs_key, train, db, queries, gt, nprobes,
+                                shortlists)
+  lines = [FS_START, "### The 4-bit first stage, measured (`--lever=fastscan`)", "",
+           f"`python experiments/bench_search.py --workdir={args.workdir} --nq={args.nq} "
+           f"--lever=fastscan` (same workdir, database and queries as above; "
+           f"{datetime.date.today()}, 2-core CPU). A faiss {fs_key} index over the raw "
+           "database chooses S candidates per query; the full QINCo2 decoding of their "
+           "8-byte codes re-ranks them. This stores 16 bytes per vector (8 fast-scan + 8 "
+           "QINCo2), so it is not an 8-byte index; it answers whether a fast-scan first "
+           "stage would win the fast end if the bytes were free. faiss qps: the faster "
+           "of 100 and 1 results.", "",
+           "| method | " + " | ".join(f"nprobe {n}" for n in nprobes) + " |",
+           "|---|" + "---|" * len(nprobes)]
+  for k, rows in curves.items():
+    lines.append(f"| faiss {k} | " + " | ".join(
+        f"{r['R@1']:.3f} @ {max(r['qps'], r['qps_k1']):,.0f} qps" for r in rows) + " |")
+  for S in shortlists:
+    rows = [r for r in lever if r["S"] == S]
+    lines.append(f"| {fs_key.split(',')[-1]} S={S} -> QINCo2 re-rank | " + " | ".join(
+        f"{r['R@1']:.3f} @ {r['qps']:,.0f} qps" for r in rows) + " |")
+  pq8 = curves[f"OPQ8_48,IVF{K_ivf},PQ8"]
+  verdict = []
+  for f in pq8:
+    f_qps = max(f["qps"], f["qps_k1"])
+    fast = [r for r in lever if r["qps"] >= f_qps]
+    best = max(fast, key=lambda r: r["R@1"]) if fast else None
+    verdict.append(f"nprobe {f['nprobe']}: " + (
+        f"{best['R@1'] / f['R@1']:.2f}x ({best['R@1']:.3f} at {best['qps']:,.0f} qps "
+        f"against {f['R@1']:.3f} at {f_qps:,.0f})" if best else
+        f"nothing this fast ({f_qps:,.0f} qps)"))
+  lines += ["", f"Against OPQ8_48,IVF{K_ivf},PQ8 at equal or higher speed: "
+            + "; ".join(verdict) + ".", FS_END]
+  block = "\n".join(lines)
+  write_section(args.doc, block, FS_START, FS_END)
+  print(block)
+
+
 def build_commands(workdir):
   """The search_bigann.py command lines that built the workdir (saved per stage)."""
   cmds = []
@@ -175,6 +262,9 @@ def main():
   ap.add_argument("--resume_tune", action="store_true",
                   help="reuse the sweep log of an earlier run (its timings included)")
   ap.add_argument("--doc", default="docs/benchmarks.md")
+  ap.add_argument("--lever", choices=["fastscan"], default=None,
+                  help="measure one lever only and write its own section: fastscan = "
+                  "a faiss fast-scan first stage re-ranked by QINCo2")
   args = ap.parse_args()
 
   ds = qj.data.load_glove()
@@ -188,6 +278,8 @@ def main():
   curves = {}
   build = {}
   train = np.ascontiguousarray(ds.train[: args.n_faiss_train], np.float32)
+  if args.lever == "fastscan":
+    return fastscan_lever(args, searcher, train, db, queries, gt, K_ivf)
   # PQ needs D % M == 0: OPQ rotates GloVe's 50 dims to 48 for PQ8 (8 bytes).
   for key in faiss_keys(K_ivf):
     curves["faiss " + key], build[key] = faiss_curve(key, train, db, queries, gt, nprobes)

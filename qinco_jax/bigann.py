@@ -42,8 +42,10 @@ def _arg(default, help: str):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SearchJob:
   """One run of the search job. Every field with a help text is a `qinco-search` flag
-  of the same name (`cli.search` declares them from these fields); the defaults are the
-  GloVe run of docs/benchmarks.md's search section."""
+  of the same name (`cli.search` declares them from these fields). The defaults are a
+  short GloVe run (6 epochs, encoding at the training beam); the run of
+  docs/benchmarks.md's search section is the config `qinco_jax/configs/search_glove.py`
+  (`--config=search_glove`: its command, run time and result)."""
 
   workdir: str = _arg("runs/search_glove", "all stages read and write here")
   stage: str = _arg("all", f"stage to run: one of {', '.join(STAGES)}, or all")
@@ -55,8 +57,9 @@ class SearchJob:
   de: int = _arg(64, "embedding width E (train stage)")
   dh: int = _arg(128, "hidden width H (train stage)")
   epochs: int = _arg(6, "training epochs, the warm-up epoch included")
-  train_min: float = _arg(0.0, "training wall-time budget in minutes (0: use --epochs); "
-                          "the cosine then ends with the budget")
+  time_budget_s: float = _arg(0.0, "training wall-time budget in seconds (0: use "
+                              "--epochs); the cosine then ends with the budget "
+                              "(TrainConfig.time_budget_s)")
   stop_patience: int = _arg(3, "train stage: stop after more than this many epochs "
                             "without a validation improvement (raise it for short epochs)")
   A: int = _arg(4, "candidates per beam for training (and encoding by default)")
@@ -149,7 +152,7 @@ def run(job: SearchJob):
 def _train(job: SearchJob, train_x, val, wd: pipeline.SearchWorkdir):
   cfg = preset("qinco2-S", M=job.M, L=job.L, de=job.de, dh=job.dh, A=job.A, B=job.B,
                ivf_K=job.ivf_K)
-  budget = job.train_min * 60 if job.train_min > 0 else None
+  budget = job.time_budget_s if job.time_budget_s > 0 else None
   tc = train.TrainConfig(epochs=job.epochs, warmup_epochs=1,
                          stop_patience=job.stop_patience,
                          loop=min(len(train_x), 10_000_000), time_budget_s=budget)

@@ -7,8 +7,9 @@ functions). Each is flags -> a config -> one library call:
   qinco-eval --model=runs/glove --A=16 --B=32                  # evaluate.evaluate
 
 `--config` takes a config by name (the files in `qinco_jax/configs/`) or any config
-file by path; `--config.train.lr=...` and the like override its fields (`--help`
-lists them with their defaults).
+file by path. For `qinco-train`, `--config.train.lr=...` and the like override its
+fields; for `qinco-search`, the config's values become the defaults of the flags of
+the same names (`--help` lists them with their defaults).
 """
 
 from __future__ import annotations
@@ -23,22 +24,30 @@ from typing import Any
 
 CONFIG_NAMES = ("glove_small", "synthetic_tiny", "qinco2_s", "qinco2_m", "qinco2_l",
                 "qinco1")
+SEARCH_CONFIG_NAMES = ("search_glove",)  # field values of a `bigann.SearchJob`
 
 
-def config_path(name_or_path: str) -> str:
-  """A packaged config's file by name ("glove_small"), or a path as given."""
-  if name_or_path in CONFIG_NAMES:
+def config_path(name_or_path: str, names: tuple[str, ...] = CONFIG_NAMES) -> str:
+  """A packaged config's file by name ("glove_small"; one of `names`, the configs of
+  one program), or a path as given."""
+  if name_or_path in names:
     return str(resources.files("qinco_jax.configs").joinpath(f"{name_or_path}.py"))
   return name_or_path
 
 
-def _argv(argv) -> list[str]:
+def _argv(argv, names: tuple[str, ...] = CONFIG_NAMES) -> list[str]:
+  """argv with `--config NAME` written `--config=FILE` (ml_collections wants a path)."""
   argv = list(sys.argv if argv is None else argv)
-  out = []
-  for a in argv:  # --config=NAME -> the packaged file (ml_collections wants a path)
+  out: list[str] = []
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a == "--config" and i + 1 < len(argv):
+      a, i = "--config=" + argv[i + 1], i + 1
     if a.startswith("--config="):
-      a = "--config=" + config_path(a[len("--config="):])
+      a = "--config=" + config_path(a[len("--config="):], names)
     out.append(a)
+    i += 1
   return out
 
 
@@ -133,20 +142,33 @@ def search(argv: list[str] | None = None):
   from absl import app, flags, logging
 
   from qinco_jax import bigann, distributed
-  argv = _argv(argv)
+  given = list(sys.argv if argv is None else argv)  # recorded as typed (config names)
+  argv = _argv(argv, SEARCH_CONFIG_NAMES)
   F = flags.FLAGS
   # One schema: a flag per SearchJob field that has a help text, typed after its
-  # default; --shard is written i/n.
+  # default; --shard is written i/n. A --config file sets the flags' defaults.
   define: dict[type, Any] = {int: flags.DEFINE_integer, float: flags.DEFINE_float,
                              str: flags.DEFINE_string}
-  defaults = bigann.SearchJob()
+  configs = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  config = configs[-1] if configs else ""  # the last one counts, as for any flag
+  defaults = _search_defaults(config)
+  flags.DEFINE_string("config", config, "search config: a name (" +
+                      ", ".join(SEARCH_CONFIG_NAMES) + ") or a file whose get_config() "
+                      "returns SearchJob field values; they become the flags' defaults")
   job_flags = [f for f in dataclasses.fields(bigann.SearchJob) if "help" in f.metadata]
+  schema = bigann.SearchJob()  # each flag's type is its dataclass default's
   for f in job_flags:
-    value = getattr(defaults, f.name)
+    value = defaults[f.name]
     if f.name == "shard":
-      flags.DEFINE_string("shard", "/".join(map(str, value)), f.metadata["help"])
+      shown = value if isinstance(value, str) else "/".join(map(str, value))
+      flags.DEFINE_string("shard", shown, f.metadata["help"])
     else:
-      define[type(value)](f.name, value, f.metadata["help"])
+      kind = type(getattr(schema, f.name))
+      ok = (int, float) if kind is float else (kind,)
+      if not isinstance(value, ok) or isinstance(value, bool):
+        raise SystemExit(f"--config={config}: {f.name} must be {kind.__name__}, got "
+                         f"{value!r}")
+      define[kind](f.name, kind(value), f.metadata["help"])
   distributed.define_flags()
   _key_flags(argv)
 
@@ -159,7 +181,7 @@ def search(argv: list[str] | None = None):
       raise app.UsageError(f"--shard must be i/n (e.g. 0/4), got {F.shard!r}") from None
     env = os.environ.get("QINCO_GLOVE_NPY")
     command = (f"QINCO_GLOVE_NPY={env} " if env and F.data == "glove" else "") + \
-        _command("python experiments/search_bigann.py", argv)
+        _command("python experiments/search_bigann.py", given)
     try:
       job = bigann.SearchJob(
           **{f.name: F[f.name].value for f in job_flags if f.name != "shard"},
@@ -172,6 +194,31 @@ def search(argv: list[str] | None = None):
       distributed.barrier("search done")  # the others wait for process 0's stages
 
   _run(main, argv)
+
+
+def _search_defaults(config: str) -> dict[str, Any]:
+  """The flag defaults a search config file sets: SearchJob's field defaults updated
+  with the file's get_config() values (the job itself is checked once the flags are
+  applied). A file that cannot be read or run, or a field SearchJob lacks, exits with
+  a one-line error."""
+  import runpy
+
+  from qinco_jax import bigann
+  fields = {f.name: f.default for f in dataclasses.fields(bigann.SearchJob)
+            if "help" in f.metadata}
+  if not config:
+    return fields
+  try:
+    values = dict(runpy.run_path(config)["get_config"]())
+  except Exception as e:  # any failure of the user's file: one line, no traceback
+    raise SystemExit(f"--config={config}: not a search config (a file whose get_config() "
+                     f"returns SearchJob field values; names: "
+                     f"{', '.join(SEARCH_CONFIG_NAMES)}): {e!r}") from None
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise SystemExit(f"--config={config}: SearchJob has no field {unknown[0]!r} (its "
+                     f"fields: {', '.join(fields)})")
+  return {**fields, **values}
 
 
 # ----------------------------------------------------------------------- eval

@@ -203,6 +203,53 @@ def test_search_program_flags_are_the_search_job_fields():
   assert "Traceback" not in r.stderr
 
 
+def test_search_config_file_sets_the_flag_defaults(tmp_path):
+  """`--config=search_glove` makes the packaged file's values the flags' defaults (a
+  flag still overrides them); a config naming a field SearchJob lacks, a value of the
+  wrong type or a file without get_config() is refused in one line."""
+  import runpy
+  import subprocess
+
+  from qinco_jax import cli
+  script = os.path.join(EXPERIMENTS, "search_bigann.py")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  values = runpy.run_path(cli.config_path("search_glove", cli.SEARCH_CONFIG_NAMES))[
+      "get_config"]()
+  assert values["time_budget_s"] == 1500 and (values["enc_A"], values["enc_B"]) == (16, 32)
+  r = subprocess.run([sys.executable, script, "--config=search_glove",
+                      "--help"], capture_output=True, text=True, timeout=120, env=env)
+  assert r.returncode == 0, r.stderr[-2000:]
+
+  def default(name):
+    return r.stdout.split(f"--{name}: ")[1][:400].split("(default: '")[1].split("'")[0]
+
+  assert float(default("time_budget_s")) == 1500.0
+  assert default("enc_A") == "16" and default("stop_patience") == "1000"
+  # A config file's value is used unless its flag is given ("--config FILE" form too):
+  # this one's stage is refused by SearchJob, so a run that gets to reading the data
+  # took --stage from the flag.
+  cfg = tmp_path / "job.py"
+  root = tmp_path / "missing"
+  cfg.write_text("def get_config():\n  return dict(stage='bogus', data='deep1b', "
+                 f"root={str(root)!r}, workdir={str(tmp_path / 'w')!r})\n")
+  r = subprocess.run([sys.executable, script, f"--config={cfg}"], capture_output=True,
+                     text=True, timeout=120, env=env)
+  assert r.returncode == 1 and "stage must be one of" in r.stderr, r.stderr[-2000:]
+  r = subprocess.run([sys.executable, script, "--config", str(cfg), "--stage=ivf"],
+                     capture_output=True, text=True, timeout=120, env=env)
+  assert r.returncode != 0 and "stage must be one of" not in r.stderr
+  assert str(root / "learn.fvecs") in r.stderr, r.stderr[-2000:]
+  for body, message in (("dict(ivf_k=16)", "SearchJob has no field 'ivf_k'"),
+                        ("dict(ivf_K=16.5)", "ivf_K must be int, got 16.5"),
+                        ("None", "not a search config")):
+    bad = tmp_path / "bad.py"
+    bad.write_text(f"def get_config():\n  return {body}\n")
+    r = subprocess.run([sys.executable, script, f"--config={bad}", "--stage=ivf"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_eval_program_reads_any_data_files(tmp_path):
   import subprocess
 
