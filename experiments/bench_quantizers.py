@@ -254,29 +254,17 @@ def section(res: dict[str, Any]) -> str:
 
 
 def plot(res: dict[str, Any], path: str):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
   rows = res["baselines"] + res["rd"]
-  for name in dict.fromkeys(r["method"] for r in rows):
-    pts = sorted((r["bytes"], r["mse"]) for r in rows if r["method"] == name)
-    ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "s", label=f"faiss {name}", ms=5)
+  series = {f"faiss {name}": [(r["bytes"], r["mse"]) for r in rows if r["method"] == name]
+            for name in dict.fromkeys(r["method"] for r in rows)}
   q = res.get("qinco")
   if q:
-    m = np.arange(1, len(q["per_step_mse"]) + 1)
-    ax.plot(m, q["per_step_mse"], "k*-", ms=8, lw=2,
-            label=f"QINCo2 prefixes (A={q['A']}, B={q['B']})")
-  ax.set_xlabel("bytes per vector (codes, K=256)")
-  ax.set_ylabel("database MSE (sum over dims)")
-  ax.set_yscale("log")
-  ax.set_title(f"Rate-distortion on {res['dataset']}")
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
+    series[f"QINCo2 prefixes (A={q['A']}, B={q['B']})"] = [
+        (m, v) for m, v in enumerate(q["per_step_mse"], 1)]
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  qj.plots.rate_distortion(series, path=path, xlabel="bytes per vector (codes, K=256)",
+                           ylabel="database MSE (sum over dims)",
+                           title=f"Rate-distortion on {res['dataset']}")
 
 
 # ------------------------------------------------------------------ main

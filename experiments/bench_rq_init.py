@@ -23,6 +23,7 @@ from absl import app, flags, logging
 import qinco_jax as qj
 from bench_common import write_section
 from qinco_jax import aq, data, rq_init, train, trainer
+from qinco_jax.baselines import FaissQuantizer
 from qinco_jax.evaluate import evaluate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,18 +65,15 @@ def mse(x, tables, B):
 
 
 def init_rows(name):
-  import faiss  # baseline only
-
   title, xt, xe = load(name)
   log(f"{title}: {xt.shape}, held out {len(xe):,}")
   rows = []
   for beam in (1, 5):
-    rq = faiss.ResidualQuantizer(xt.shape[1], F.M, 8)
-    rq.max_beam_size = beam
+    rq = FaissQuantizer("RQ", xt.shape[1], F.M, beam=beam)  # faiss's default training
     t0 = time.perf_counter()
     rq.train(xt)
     dt = time.perf_counter() - t0
-    tables = faiss.vector_to_array(rq.codebooks).reshape(F.M, K, -1)
+    tables = rq.codebooks()
     rows.append((f"faiss RQ, trained at beam {beam}", mse(xe, tables, 1), mse(xe, tables, 4),
                  dt))
   for opt, kw in OPTIONS.items():
