@@ -41,7 +41,7 @@ def test_synthetic_run_trains_evaluates_and_beats_its_initialisation(tmp_path, c
 # each config file's docstring and the paper's presets (spec section 10) state them.
 EXPECTED = {
     "glove_small": (dict(K=256, M=8, L=2, de=64, dh=128, A=4, B=4, init="rq"),
-                    dict(lr=8e-4, epochs=6, warmup_epochs=1.0, cosine_epochs=None,
+                    dict(lr=4e-3, epochs=6, warmup_epochs=1.0, cosine_epochs=None,
                          stop_patience=3, batch_per_device=1024, loop=290_000),
                     dict(name="glove", eval_AB=(8, 16), rq_beam=8, db=0)),
     "synthetic_tiny": (dict(K=16, M=3, L=1, de=16, dh=16, A=4, B=4, init="rq"),
