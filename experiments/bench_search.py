@@ -49,13 +49,17 @@ def timed_curve(search, queries, gt, nprobes):
   return rows
 
 
-def faiss_curve(key, train, db, queries, gt, nprobes):
+def faiss_index(key, train, db):
+  """The faiss index `key` trained on `train` and holding `db`, and its build seconds."""
   index = faiss.index_factory(db.shape[1], key)
   t0 = time.perf_counter()
   index.train(train)
   index.add(db)
-  build_s = time.perf_counter() - t0
+  return index, time.perf_counter() - t0
 
+
+def faiss_curve(index, queries, gt, nprobes):
+  """R@k and qps of a faiss IVF index for each nprobe (qps_k1: timed for 1 result)."""
   def search(nprobe, k=100):
     faiss.extract_index_ivf(index).nprobe = nprobe
     return index.search(queries, k)[1]
@@ -64,7 +68,7 @@ def faiss_curve(key, train, db, queries, gt, nprobes):
   # the equal-speed comparison uses its faster timing.
   for r, r1 in zip(rows, timed_curve(lambda n: search(n, 1), queries, gt, nprobes)):
     r["qps_k1"] = r1["qps"]
-  return rows, build_s
+  return rows
 
 
 def ours_curve(searcher, queries, gt, nprobes, **kw):
@@ -158,16 +162,12 @@ def aq_stage_costs(searcher, queries):
 FS_START, FS_END = "<!-- bench_search_fastscan:start -->", "<!-- bench_search_fastscan:end -->"
 
 
-def fastscan_rerank_curve(searcher, key, train, db, queries, gt, nprobes, shortlists,
-                          batch=1024):
-  """The 4-bit first-stage lever, measured: a faiss fast-scan index `key` over the raw
+def fastscan_rerank_curve(searcher, index, queries, gt, nprobes, shortlists, batch=1024):
+  """The 4-bit first-stage lever, measured: a faiss fast-scan `index` over the raw
   database (its own 8 bytes per vector, beside our 8) returns S candidates per query,
   which the full QINCo2 decoding of their stored codes re-ranks. Time per query = the
   fast-scan search + the re-rank, both over batches of `batch` queries as the
   pipeline runs them."""
-  index = faiss.index_factory(db.shape[1], key)
-  index.train(train)
-  index.add(db)
   ivf, codec = searcher.index, searcher.codec
   row_of = np.empty(int(ivf.ids.max()) + 1, np.int64)
   row_of[ivf.ids] = np.arange(ivf.ntotal)
@@ -199,8 +199,8 @@ def fastscan_lever(args, searcher, train, db, queries, gt, K_ivf):
   fast-scan and PQ8 indexes alone, timed side by side; its own section of the doc."""
   nprobes, shortlists = [1, 2, 4, 8], [2, 4, 10]
   fs_key = f"OPQ16_48,IVF{K_ivf},PQ16x4fs"
-  curves = {k: faiss_curve(k, train, db, queries, gt, nprobes)[0]
-            for k in (fs_key, f"OPQ8_48,IVF{K_ivf},PQ8")}
+  indexes = {k: faiss_index(k, train, db)[0] for k in (fs_key, f"OPQ8_48,IVF{K_ivf},PQ8")}
+  curves = {k: faiss_curve(index, queries, gt, nprobes) for k, index in indexes.items()}
   # faiss's own answer at 16 bytes: the fast-scan stage refined by a second, 8-byte RQ
   # code of the raw vectors, re-ranking k_factor x k candidates (k_factor = S for one
   # result).
@@ -209,6 +209,7 @@ def fastscan_lever(args, searcher, train, db, queries, gt, K_ivf):
   refined.train(train)
   refined.add(db)
   refine = faiss.downcast_index(refined)  # an IndexRefine around the OPQ + IVF index
+
   def refined_search(nprobe):  # one result: R@1 of exactly S re-ranked candidates
     faiss.extract_index_ivf(refined).nprobe = nprobe
     return refined.search(queries, 1)[1]
@@ -217,7 +218,7 @@ def fastscan_lever(args, searcher, train, db, queries, gt, K_ivf):
     refine.k_factor = float(S)
     rows = timed_curve(refined_search, queries, gt, nprobes)
     curves[f"{refine_key} k_factor={S}"] = [dict(r, qps_k1=r["qps"]) for r in rows]
-  lever = fastscan_rerank_curve(searcher, fs_key, train, db, queries, gt, nprobes,
+  lever = fastscan_rerank_curve(searcher, indexes[fs_key], queries, gt, nprobes,
                                 shortlists)
   lines = [FS_START, "### The 4-bit first stage, measured (`--lever=fastscan`)", "",
            f"`python experiments/bench_search.py --workdir={args.workdir} --nq={args.nq} "
@@ -240,21 +241,16 @@ def fastscan_lever(args, searcher, train, db, queries, gt, K_ivf):
     rows = [r for r in lever if r["S"] == S]
     lines.append(f"| {fs_key.split(',')[-1]} S={S} -> QINCo2 re-rank | " + " | ".join(
         f"{r['R@1']:.3f} @ {r['qps']:,.0f} qps" for r in rows) + " |")
-  def verdict(faiss_rows):
-    out = []
-    for f in faiss_rows:
-      f_qps = max(f["qps"], f["qps_k1"])
-      fast = [r for r in lever if r["qps"] >= f_qps]
-      best = max(fast, key=lambda r: r["R@1"]) if fast else None
-      out.append(f"nprobe {f['nprobe']}: " + (
-          f"{best['R@1'] / f['R@1']:.2f}x ({best['R@1']:.3f} at {best['qps']:,.0f} qps "
-          f"against {f['R@1']:.3f} at {f_qps:,.0f})" if best else
-          f"nothing this fast ({f_qps:,.0f} qps)"))
-    return "; ".join(out)
+  def verdict(name):
+    return "; ".join(
+        f"nprobe {r['nprobe']}: " + (
+            f"{r['ratio']:.2f}x ({r['ours_R@1']:.3f} at {r['ours_qps']:,.0f} qps against "
+            f"{r['faiss_R@1']:.3f} at {r['qps']:,.0f})" if r["ratio"] else
+            f"nothing this fast ({r['qps']:,.0f} qps)")
+        for r in equal_qps_ratios({name: curves[name], "ours lever": lever}, name))
 
   lines += ["", "The fast-scan + QINCo2 re-rank rows (any S) at equal or higher speed:"]
-  lines += [f"- against {k}: {verdict(rows)}." for k, rows in curves.items()
-            if k != fs_key]
+  lines += [f"- against {k}: {verdict(k)}." for k in curves if k != fs_key]
   lines.append(FS_END)
   block = "\n".join(lines)
   write_section(args.doc, block, FS_START, FS_END)
@@ -305,7 +301,8 @@ def main():
     return fastscan_lever(args, searcher, train, db, queries, gt, K_ivf)
   # PQ needs D % M == 0: OPQ rotates GloVe's 50 dims to 48 for PQ8 (8 bytes).
   for key in faiss_keys(K_ivf):
-    curves["faiss " + key], build[key] = faiss_curve(key, train, db, queries, gt, nprobes)
+    index, build[key] = faiss_index(key, train, db)
+    curves["faiss " + key] = faiss_curve(index, queries, gt, nprobes)
   curves["ours (b) AQ"] = ours_curve(searcher, queries, gt, nprobes, nshort=100,
                                      use_pairwise=False, use_qinco=False)
   curves["ours (c) + pairwise"] = ours_curve(searcher, queries, gt, nprobes, nshort=100,

@@ -156,14 +156,13 @@ def search(argv: list[str] | None = None):
                       ", ".join(SEARCH_CONFIG_NAMES) + ") or a file whose get_config() "
                       "returns SearchJob field values; they become the flags' defaults")
   job_flags = [f for f in dataclasses.fields(bigann.SearchJob) if "help" in f.metadata]
-  schema = bigann.SearchJob()  # each flag's type is its dataclass default's
-  for f in job_flags:
+  for f in job_flags:  # each flag's type is its dataclass default's
     value = defaults[f.name]
     if f.name == "shard":
       shown = value if isinstance(value, str) else "/".join(map(str, value))
       flags.DEFINE_string("shard", shown, f.metadata["help"])
     else:
-      kind = type(getattr(schema, f.name))
+      kind: Any = type(f.default)
       ok = (int, float) if kind is float else (kind,)
       if not isinstance(value, ok) or isinstance(value, bool):
         raise SystemExit(f"--config={config}: {f.name} must be {kind.__name__}, got "

@@ -123,11 +123,13 @@ class IVFIndex:
       raise ValueError(f"levels must be ({N_LEVELS},), got {self.levels.shape}")
     # Row storage with spare capacity (doubled when full), so that adding n rows in
     # many calls copies O(n) bytes in all; `lists`, `codes`, `ids` are views of the
-    # first `ntotal` rows.
+    # first `ntotal` rows. "ip" stores no norm byte, so it has no "vcodes" buffer.
     self._n = 0
     self._buf: dict[str, np.ndarray] = {
         "lists": np.zeros(0, np.int32), "codes": np.zeros((0, M), np.uint8),
-        "ids": np.zeros(0, np.int64), "vcodes": np.zeros(0, np.uint8)}
+        "ids": np.zeros(0, np.int64)}
+    if metric == "l2":
+      self._buf["vcodes"] = np.zeros(0, np.uint8)
     if coarse == "auto":
       coarse = "flat" if K_ivf <= FLAT_COARSE_MAX else "hnsw"
     self.coarse: Any  # a faiss index over the raw centroids
@@ -190,29 +192,30 @@ class IVFIndex:
 
   @property
   def _vcodes(self) -> np.ndarray:
-    return self._buf["vcodes"][:self._n]
+    """(ntotal,) uint8 norm bytes ("l2"; empty for "ip")."""
+    return self._buf["vcodes"][:self._n] if "vcodes" in self._buf else np.zeros(0, np.uint8)
 
   def _reserve(self, rows: int) -> None:
     """Makes room for `rows` rows in all (a no-op when there is room already)."""
     for name, buf in self._buf.items():
-      if len(buf) < rows and not (name == "vcodes" and self.metric == "ip"):
+      if len(buf) < rows:
         grown = np.zeros((rows,) + buf.shape[1:], buf.dtype)
         grown[:self._n] = buf[:self._n]
         self._buf[name] = grown
 
   def _append(self, **rows: np.ndarray) -> None:
-    """Writes rows after the last one, growing the buffers geometrically."""
+    """Writes rows (one array per buffer) after the last one, growing the buffers
+    geometrically."""
     need = self._n + len(rows["ids"])
     if len(self._buf["ids"]) < need:
       self._reserve(max(need, 2 * len(self._buf["ids"]), 1024))
     for name, v in rows.items():
-      if not (name == "vcodes" and self.metric == "ip"):  # "ip" stores no norm byte
-        self._buf[name][self._n:need] = v
+      self._buf[name][self._n:need] = v
     self._n = need
 
   def _keep(self, keep: np.ndarray) -> None:
     """Keeps the rows where `keep` (ntotal,) is True, in order (compact copies)."""
-    self._buf = {k: (v[:self._n][keep] if len(v) else v) for k, v in self._buf.items()}
+    self._buf = {k: v[:self._n][keep] for k, v in self._buf.items()}
     self._n = int(keep.sum())
 
   @property
@@ -248,17 +251,17 @@ class IVFIndex:
                        f"{ids.shape} dtype {ids.dtype}")
     if n and ids.min() < 0:
       raise ValueError(f"ids must be >= 0 (-1 marks a missing result), got {ids.min()}")
-    ids = ids.astype(np.int64)
-    if self.metric == "ip":
-      vcodes = np.zeros(0, np.uint8)
-    elif vcodes is None:
-      vcodes = np.concatenate([np.zeros(0, np.uint8)] + [
-          quantize_levels(norm_term(self.centroids, self.tables, codes[s:s + chunk]),
-                          self.levels) for s in range(0, n, chunk)])
-    elif np.shape(vcodes) != (n,):
-      raise ValueError(f"vcodes: expected shape ({n},), got {np.shape(vcodes)}")
+    rows = {"lists": codes[:, 0], "codes": codes[:, 1:], "ids": ids.astype(np.int64)}
+    if self.metric == "l2":  # the norm byte
+      if vcodes is None:
+        vcodes = np.concatenate([np.zeros(0, np.uint8)] + [
+            quantize_levels(norm_term(self.centroids, self.tables, codes[s:s + chunk]),
+                            self.levels) for s in range(0, n, chunk)])
+      elif np.shape(vcodes) != (n,):
+        raise ValueError(f"vcodes: expected shape ({n},), got {np.shape(vcodes)}")
+      rows["vcodes"] = vcodes
     start = self.ntotal
-    self._append(lists=codes[:, 0], codes=codes[:, 1:], ids=ids, vcodes=vcodes)
+    self._append(**rows)
     self._fill(np.arange(start, start + n, dtype=np.int64))
 
   def _fill(self, rows: np.ndarray):
@@ -354,12 +357,12 @@ class IVFIndex:
                 coarse=faiss.deserialize_index(np.asarray(a["coarse"])))
     lists, codes, ids = (np.asarray(a[k]) for k in ("lists", "codes", "ids"))
     vcodes = np.asarray(a["vcodes"]) if "vcodes" in a and metric == "l2" else None
-    step = LOAD_ROWS
     index._reserve(len(ids))
-    for s in range(0, len(ids), step):
-      index.add(np.concatenate([lists[s:s + step, None].astype(np.int64),
-                                codes[s:s + step].astype(np.int64)], 1), ids[s:s + step],
-                vcodes=None if vcodes is None else vcodes[s:s + step])
+    for s in range(0, len(ids), LOAD_ROWS):
+      e = s + LOAD_ROWS
+      index.add(np.concatenate([lists[s:e, None].astype(np.int64),
+                                codes[s:e].astype(np.int64)], 1), ids[s:e],
+                vcodes=None if vcodes is None else vcodes[s:e])
     return index
 
 

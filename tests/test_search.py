@@ -361,8 +361,12 @@ def test_many_small_adds_store_what_one_add_stores_with_few_copies(metric, monke
     parts.add(codes[s:s + 10], ids[s:s + 10])
     buffers.append(parts._buf["codes"])
   assert len({id(b) for b in buffers}) == 3  # 1024 rows, then doubled: 2048, 4096
-  for name in ("lists", "codes", "ids", "_vcodes"):
-    np.testing.assert_array_equal(getattr(parts, name), getattr(once, name))
+  # The rows are the inputs, in order (and the norm bytes those of one add).
+  np.testing.assert_array_equal(parts.lists, codes[:, 0])
+  np.testing.assert_array_equal(parts.codes, codes[:, 1:])
+  np.testing.assert_array_equal(parts.ids, ids)
+  np.testing.assert_array_equal(parts._vcodes, once._vcodes)
+  assert len(parts._vcodes) == (n if metric == "l2" else 0)
   for l in (0, 5, 15):
     for a, b in zip(_stored(parts, l), _stored(once, l)):
       np.testing.assert_array_equal(np.sort(a, axis=0), np.sort(b, axis=0))
