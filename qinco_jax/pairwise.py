@@ -5,10 +5,11 @@ A pairwise additive decoder approximates the IVF residual r = x - c_IVF[i_0] as
     r_hat = sum_t T_t[I_{a_t} * K + I_{b_t}],      T_t of shape (K * K, D),
 
 where I_p is the code at position p of an *extended* code: the M QINCo2 codes plus a
-few extra codes derived from the IVF list id (`ivf_extra_codes`, a weighted residual
-k-means over the IVF centroids). Each table sees two positions at once, so it captures
-pairwise dependencies that a plain additive (AQ) decoder cannot. It sits between the
-AQ look-up shortlist and the full neural decoder in the search pipeline.
+few extra codes derived from the IVF list id (`ivf_extra_codes`: the package's residual
+k-means, `rq_init.residual_kmeans`, over the IVF centroids weighted by their list
+sizes). Each table sees two positions at once, so it captures pairwise dependencies
+that a plain additive (AQ) decoder cannot. It sits between the AQ look-up shortlist
+and the full neural decoder in the search pipeline.
 
 Tables are chosen greedily (`fit_pairwise`): at each step every pair a < b is fitted
 as the per-combined-code mean of the current residual, the pair leaving the lowest MSE
@@ -28,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from tqdm.auto import tqdm
 
-from qinco_jax import data
+from qinco_jax import data, rq_init
 
 _FORMAT_VERSION = 1
 _CAST_CHUNK = 1 << 16
@@ -92,107 +93,19 @@ def _atomic_save_npz(path: str, arrays: dict) -> None:
 # Extra codes from the IVF ids (spec 12.2, step 1)
 
 
-def _initial_indices(rng: np.random.Generator, weights: np.ndarray, K: int) -> np.ndarray:
-  """K distinct indices, sampled with probability proportional to `weights`.
-
-  When fewer than K weights are positive, returns all of those followed by distinct
-  indices drawn uniformly among the zero-weight ones. Needs K <= len(weights).
-
-  Returns:
-    (K,) int64.
-  """
-  positive = np.flatnonzero(weights > 0)
-  if positive.size >= K:
-    p = weights[positive] / weights[positive].sum()
-    return rng.choice(positive, size=K, replace=False, p=p)
-  zero = np.flatnonzero(weights <= 0)
-  return np.concatenate([positive, rng.choice(zero, size=K - positive.size, replace=False)])
-
-
-def weighted_residual_kmeans(x: np.ndarray, weights: np.ndarray, n_stages: int, K: int,
-                             niter: int = 50, seed: int = 0,
-                             verbose: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """Weighted residual k-means: n_stages successive k-means on the running residual.
-
-  Each stage is initialised with K distinct points sampled (numpy rng, without
-  replacement) with probability proportional to their weight; when fewer than K points
-  have a nonzero weight, all of those are taken and the rest are sampled uniformly among
-  the zero-weight points. Then up to `niter` Lloyd iterations (exact L2 assignment with
-  a faiss flat index, weighted means in float64; a codeword whose cluster has zero total
-  weight keeps its value), stopping early when the assignment no longer changes. The
-  stage codes are the nearest codewords; the residual then loses the assigned codeword.
-
-  Args:
-    x: (n, D) real points.
-    weights: (n,) non-negative real weights, not all zero.
-    n_stages: number of stages (>= 1).
-    K: codewords per stage; capped at n when n < K.
-    niter: maximum Lloyd iterations per stage (>= 1).
-    seed: seed of the numpy generator used for the initial samples.
-    verbose: show a progress bar over stages.
-
-  Returns:
-    codes: (n, n_stages) int32 in 0..min(K, n)-1.
-    codebooks: (n_stages, min(K, n), D) float32; x ~= sum_s codebooks[s][codes[:, s]].
-
-  Raises:
-    ValueError: wrong shapes, NaN/inf points, negative/NaN weights, all-zero weights,
-      n_stages, K or niter < 1.
-  """
-  import faiss
-
-  x = data.as_float32(x, name="points", allow_empty=False)
-  n, D = x.shape
-  weights = np.asarray(weights)
-  if weights.shape != (n,):
-    raise ValueError(f"weights: expected shape ({n},), got {weights.shape}")
-  if weights.dtype.kind not in "iuf":
-    raise ValueError(f"weights: expected a real numeric array, got dtype {weights.dtype}")
-  weights = weights.astype(np.float64)
-  if not np.isfinite(weights).all() or (weights < 0).any():
-    raise ValueError("weights: must be finite and non-negative")
-  if weights.sum() <= 0:
-    raise ValueError("weights: at least one weight must be positive")
-  if n_stages < 1 or K < 1 or niter < 1:
-    raise ValueError(f"n_stages, K and niter must be >= 1, got {n_stages}, {K}, {niter}")
-  K = min(K, n)
-  rng = np.random.default_rng(seed)
-  residual = x.copy()
-  codes = np.empty((n, n_stages), np.int32)
-  codebooks = np.empty((n_stages, K, D), np.float32)
-  for s in tqdm(range(n_stages), desc="IVF extra codes", disable=not verbose, leave=False):
-    cb = residual[_initial_indices(rng, weights, K)]
-    index = faiss.IndexFlatL2(D)
-    assign = None
-    for _ in range(niter):
-      index.reset()
-      index.add(cb)
-      new = index.search(residual, 1)[1][:, 0]
-      if assign is not None and np.array_equal(new, assign):
-        break
-      assign = new
-      mass = np.bincount(assign, weights=weights, minlength=K)
-      sums = _segment_sum(assign, residual, K, weights=weights, dtype=np.float64)
-      nonempty = mass > 0
-      cb[nonempty] = (sums[nonempty] / mass[nonempty, None]).astype(np.float32)
-    else:
-      # Ran out of iterations right after an update: re-assign to the final codewords.
-      index.reset()
-      index.add(cb)
-      assign = index.search(residual, 1)[1][:, 0]
-    codes[:, s] = assign
-    codebooks[s] = cb
-    residual -= cb[assign]
-  return codes, codebooks
-
-
 def ivf_extra_codes(centroids: np.ndarray, list_sizes: np.ndarray, n_stages: int = 5,
                     K: int = 256, niter: int = 50, seed: int = 0,
                     verbose: bool = False) -> np.ndarray:
   """Lookup table IVF list id -> n_stages extra codes (spec 12.2, step 1).
 
-  A `weighted_residual_kmeans` over the IVF centroids themselves, each centroid weighted
-  by the number of training vectors in its list.
+  The package's residual k-means (`rq_init.residual_kmeans`) over the IVF centroids
+  themselves, each centroid weighted by the number of training vectors in its list:
+  stage s minimises sum_i size_i ||r_i - c||^2 over the running residuals r_i, by
+  weighted Lloyd from K distinct centroids drawn with probability proportional to
+  their size (init "random"), empty clusters re-seeded next to populated ones. The RQ
+  initialisation's progressive seeding and splitting of small clusters stay off: on
+  the 1,024 GloVe IVF centroids at K=256 (4 centroids per codeword) they leave a
+  weighted MSE of 0.234 after 5 stages against 0.162 without (mean of 4 seeds).
 
   Args:
     centroids: (K_IVF, D) real IVF centroids (raw units).
@@ -200,22 +113,33 @@ def ivf_extra_codes(centroids: np.ndarray, list_sizes: np.ndarray, n_stages: int
     n_stages: number of extra codes per list (5 in the paper).
     K: codewords per stage (256 in the paper); capped at K_IVF when K_IVF < K, so the
       codes are then in 0..K_IVF-1.
-    niter: maximum Lloyd iterations per stage.
-    seed: seed of the numpy generator.
+    niter: Lloyd iterations per stage (fewer once Lloyd has converged).
+    seed: seed of stage 0's k-means (stage s uses seed + s).
     verbose: show a progress bar.
 
   Returns:
     (K_IVF, n_stages) uint8 when K <= 256, else int32.
 
   Raises:
-    ValueError: wrong shapes, NaN/inf centroids, negative or all-zero list sizes.
+    ValueError: wrong shapes, NaN/inf centroids, negative or all-zero list sizes,
+      n_stages, K or niter < 1.
   """
+  centroids = data.as_float32(centroids, name="centroids", allow_empty=False)
   list_sizes = np.asarray(list_sizes)
   if list_sizes.ndim != 1 or list_sizes.dtype.kind not in "iu":
     raise ValueError(f"list_sizes: expected a 1-D integer array, got shape "
                      f"{list_sizes.shape} and dtype {list_sizes.dtype}")
-  codes, _ = weighted_residual_kmeans(centroids, list_sizes, n_stages=n_stages, K=K,
-                                      niter=niter, seed=seed, verbose=verbose)
+  if len(list_sizes) != len(centroids):
+    raise ValueError(f"list_sizes: expected one per centroid ({len(centroids)}), got "
+                     f"{len(list_sizes)}")
+  if (list_sizes < 0).any() or not (list_sizes > 0).any():
+    raise ValueError(f"list_sizes: expected non-negative sizes, not all zero, got "
+                     f"minimum {list_sizes.min()} and total {list_sizes.sum()}")
+  if niter < 1:
+    raise ValueError(f"niter must be >= 1, got {niter}")
+  codes, _ = rq_init.residual_kmeans(centroids, K, n_stages, n_iter=niter, seed=seed,
+                                     weights=list_sizes, init="random", split_iters=0,
+                                     verbose=verbose)
   return codes.astype(np.uint8 if K <= 256 else np.int32)
 
 
@@ -515,5 +439,4 @@ def fit_pairwise(codes_ext: np.ndarray, residuals: np.ndarray, K: int, n_tables:
   return PairwiseDecoder(K=K, pairs=pairs, tables=tables)
 
 
-__all__ = ["PairwiseDecoder", "fit_pairwise", "ivf_extra_codes", "extended_codes",
-           "weighted_residual_kmeans"]
+__all__ = ["PairwiseDecoder", "fit_pairwise", "ivf_extra_codes", "extended_codes"]

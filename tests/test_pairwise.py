@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from qinco_jax import pairwise
+from qinco_jax import pairwise, rq_init
 
 
 def _data(n=300, K=4, P=3, D=2, seed=0):
@@ -100,6 +100,10 @@ def _weighted_sse(x, w, codes, codebooks, stages):
   return float((w * ((x - rec) ** 2).sum(1)).sum())
 
 
+# ivf_extra_codes' K-means options (weighted random seeds, no splitting of small clusters)
+IVF_KMEANS = dict(init="random", split_iters=0)
+
+
 def test_ivf_extra_codes():
   rng = np.random.default_rng(0)
   n, D, K, S = 60, 3, 8, 3
@@ -109,9 +113,9 @@ def test_ivf_extra_codes():
   extra = pairwise.ivf_extra_codes(cents, sizes, n_stages=S, K=K, niter=10)
   assert extra.shape == (n, S) and extra.dtype == np.uint8
   assert extra.max() < K
-  codes, cbs = pairwise.weighted_residual_kmeans(cents, sizes, S, K, niter=10)
+  codes, cbs = rq_init.residual_kmeans(cents, K, S, n_iter=10, weights=sizes, **IVF_KMEANS)
   np.testing.assert_array_equal(codes, extra)
-  assert cbs.shape == (S, K, D)
+  assert codes.dtype == np.int32 and cbs.shape == (S, K, D) and cbs.dtype == np.float32
   errs = [_weighted_sse(cents, sizes, codes, cbs, s) for s in range(S + 1)]
   assert all(e1 < e0 for e0, e1 in zip(errs, errs[1:])), errs
   # Codes are the nearest codewords of each stage's residual.
@@ -121,25 +125,67 @@ def test_ivf_extra_codes():
   # K is capped at the number of centroids.
   small = pairwise.ivf_extra_codes(cents[:5], sizes[:5] + 1, n_stages=2, K=256)
   assert small.shape == (5, 2) and small.max() < 5
+  # Fewer lists of positive size than K: the empty lists complete the seeds.
+  few = np.zeros(n, np.int64)
+  few[:3] = [5, 1, 9]
+  extra = pairwise.ivf_extra_codes(cents, few, n_stages=2, K=K, niter=5)
+  assert extra.shape == (n, 2) and extra.max() < K
 
 
-def test_initial_centroids_have_weight():
-  weights = np.zeros(40)
-  heavy = np.arange(0, 40, 4)  # 10 weighted centroids
-  weights[heavy] = np.arange(1, 11)
-  for seed in range(20):
-    idx = pairwise._initial_indices(np.random.default_rng(seed), weights, 6)
-    assert len(set(idx.tolist())) == 6 and (weights[idx] > 0).all()
-  # Sampling is proportional to the weights.
-  rng = np.random.default_rng(0)
-  hits = np.bincount([pairwise._initial_indices(rng, weights, 1)[0] for _ in range(2000)],
-                     minlength=40)
-  np.testing.assert_allclose(hits[heavy] / 2000, weights[heavy] / weights.sum(), atol=0.03)
-  # Fewer weighted centroids than K: all of them, topped up with distinct others.
-  idx = pairwise._initial_indices(np.random.default_rng(0), weights, 15)
-  assert len(set(idx.tolist())) == 15
-  np.testing.assert_array_equal(np.sort(idx[:10]), heavy)
-  assert (weights[idx[10:]] == 0).all()
+def _np_weighted_residual_kmeans(x, w, n_stages, K, n_iter, seed):
+  """Weighted residual k-means in float64 NumPy, the plain way: stage s draws K distinct
+  rows of positive weight with probability proportional to the weight
+  (`np.random.default_rng(seed + s)`, the draw rq_init's weighted random seeding
+  makes), then n_iter weighted Lloyd iterations (a codeword without weight stays);
+  returns the weighted squared error left after each stage."""
+  r, objective = np.asarray(x, np.float64).copy(), []
+  positive = np.flatnonzero(w > 0)
+  for s in range(n_stages):
+    rng = np.random.default_rng(seed + s)
+    C = r[np.sort(rng.choice(positive, K, replace=False, p=w[positive] / w[positive].sum()))]
+    for _ in range(n_iter):
+      a = ((r[:, None, :] - C[None]) ** 2).sum(-1).argmin(1)
+      for k in range(K):
+        if w[a == k].sum() > 0:
+          C[k] = (w[a == k, None] * r[a == k]).sum(0) / w[a == k].sum()
+    r -= C[((r[:, None, :] - C[None]) ** 2).sum(-1).argmin(1)]
+    objective.append(float((w * (r ** 2).sum(1)).sum()))
+  return np.array(objective)
+
+
+@pytest.mark.parametrize("data_seed", [0, 1])
+def test_ivf_extra_codes_are_as_good_as_weighted_lloyd(data_seed):
+  """The weighted objective sum_i size_i ||residual_i||^2 after each stage is within 1%
+  of a float64 NumPy weighted Lloyd from the same seeds (same draws: the comparison
+  measures the implementation, not the luck of the draw), on clustered IVF-like
+  centroids with integer list sizes, some 0."""
+  rng = np.random.default_rng(data_seed)
+  n, D, K, S, n_iter = 300, 6, 12, 3, 15
+  centers = 3.0 * rng.standard_normal((20, D))
+  cents = (centers[rng.integers(0, 20, n)] + rng.standard_normal((n, D))).astype(np.float32)
+  sizes = rng.integers(0, 40, n)
+  for seed in (0, 7):
+    extra = pairwise.ivf_extra_codes(cents, sizes, n_stages=S, K=K, niter=n_iter, seed=seed)
+    codes, cbs = rq_init.residual_kmeans(cents, K, S, n_iter=n_iter, seed=seed, weights=sizes,
+                                         **IVF_KMEANS)
+    np.testing.assert_array_equal(codes, extra)
+    ours = np.array([_weighted_sse(cents, sizes, codes, cbs, s) for s in range(1, S + 1)])
+    ref = _np_weighted_residual_kmeans(cents, sizes, S, K, n_iter, seed)
+    assert (ours <= 1.01 * ref).all(), (ours / ref, data_seed, seed)
+
+
+def test_a_heavy_list_is_reconstructed_by_the_first_stage():
+  """Weights matter: a centroid weighing 10^6 times the others is (nearly) its own
+  stage-1 codeword; with unit weights it is not."""
+  rng = np.random.default_rng(3)
+  cents = rng.standard_normal((80, 4)).astype(np.float32)
+  heavy = 17
+  sizes = np.ones(80, np.int64)
+  sizes[heavy] = 10**6
+  for w, close in ((sizes, True), (np.ones(80, np.int64), False)):
+    codes, cbs = rq_init.residual_kmeans(cents, 4, 1, n_iter=10, weights=w, **IVF_KMEANS)
+    err = float(((cents[heavy] - cbs[0][codes[heavy, 0]]) ** 2).sum())
+    assert (err < 1e-6) if close else (err > 0.01), (err, close)
 
 
 def test_extended_codes_and_errors():
@@ -164,6 +210,16 @@ def test_extended_codes_and_errors():
     pairwise.PairwiseDecoder(K=4, pairs=[(0, 1)], tables=np.zeros((1, 15, 2)))
   with pytest.raises(ValueError, match="non-negative"):
     pairwise.ivf_extra_codes(np.zeros((4, 2)), np.array([1, -1, 2, 2]))
+  with pytest.raises(ValueError, match="not all zero"):
+    pairwise.ivf_extra_codes(np.zeros((4, 2)), np.zeros(4, np.int64))
+  with pytest.raises(ValueError, match=r"one per centroid \(4\), got 3"):
+    pairwise.ivf_extra_codes(np.zeros((4, 2)), np.ones(3, np.int64))
+  with pytest.raises(ValueError, match="1-D integer"):
+    pairwise.ivf_extra_codes(np.zeros((4, 2)), np.ones(4))
+  with pytest.raises(ValueError, match="niter"):
+    pairwise.ivf_extra_codes(np.zeros((4, 2)), np.ones(4, np.int64), niter=0)
+  with pytest.raises(ValueError, match="centroids.*NaN"):
+    pairwise.ivf_extra_codes(np.full((4, 2), np.nan), np.ones(4, np.int64))
 
 
 def test_holdout_fit_stops_on_noise_and_base_tables_round_trip(tmp_path):

@@ -147,3 +147,130 @@ def test_progressive_kmeans_replayed_in_numpy(monkeypatch, points):
   expected = C @ V[:, ::-1].T + x.mean(0)
   ours = rq_init.kmeans(x, K, n_iter=n_iter, seed=seed, init="progressive", split_iters=0)
   np.testing.assert_allclose(ours, expected, atol=2e-3)
+
+
+# --------------------------------------------------------------------------------------
+# Weighted K-means and the residual K-means (also used by pairwise.ivf_extra_codes)
+
+
+def _weighted_blobs(n=1500, d=5, k=10, seed=0):
+  x = _blobs(n, d, k, seed)
+  w = np.random.default_rng(seed + 1).integers(0, 30, n)  # some rows weigh 0
+  return x, w
+
+
+def test_weighted_kmeans_is_weighted_lloyd_and_stops_when_converged(monkeypatch):
+  """split_iters=0, init="random" with weights: K distinct rows of positive weight drawn
+  with probability proportional to the weight (`np.random.default_rng(seed).choice`
+  among them, sorted), then weighted means, replayed in float64 NumPy for 60
+  iterations; Lloyd converges well before, and kmeans stops there (fewer device
+  iterations, the same centroids, on_iteration still called 60 times)."""
+  x, w = _weighted_blobs()
+  K, seed = 12, 4
+  pos = np.flatnonzero(w > 0)
+  rng = np.random.default_rng(seed)
+  C = x[np.sort(rng.choice(pos, K, replace=False, p=w[pos] / w[pos].sum()))].astype(np.float64)
+  for _ in range(60):
+    a = ((x[:, None, :] - C[None]) ** 2).sum(-1).argmin(1)
+    mass = np.bincount(a, weights=w, minlength=K)
+    assert mass.min() > 0  # the test's premise
+    C = np.stack([(w[a == k, None] * x[a == k]).sum(0) / mass[k] for k in range(K)])
+  calls, ticks = [], []
+  lloyd = rq_init._lloyd_sums
+  monkeypatch.setattr(rq_init, "_lloyd_sums", lambda *a, **k: calls.append(1) or lloyd(*a, **k))
+  ours = rq_init.kmeans(x, K, n_iter=60, seed=seed, split_iters=0, weights=w,
+                        on_iteration=lambda: ticks.append(1))
+  np.testing.assert_allclose(ours, C, atol=1e-4)
+  assert len(calls) < 30 and len(ticks) == 60
+  # Stopping early changes nothing: the same centroids as running exactly that long.
+  np.testing.assert_array_equal(
+      rq_init.kmeans(x, K, n_iter=len(calls), seed=seed, split_iters=0, weights=w), ours)
+
+
+def test_integer_weights_count_as_repeated_rows():
+  x, w = _weighted_blobs(600, seed=2)
+  C0 = x[:8] + 0.5
+  ours = rq_init.kmeans(x, 8, n_iter=6, init=C0, split_iters=0, weights=w)
+  repeated = rq_init.kmeans(np.repeat(x, w, axis=0), 8, n_iter=6, init=C0, split_iters=0)
+  np.testing.assert_allclose(ours, repeated, atol=1e-4)
+
+
+def test_weighted_seeds_are_drawn_by_weight():
+  weights = np.zeros(40)
+  heavy = np.arange(0, 40, 4)  # 10 weighted rows
+  weights[heavy] = np.arange(1, 11)
+  for seed in range(20):
+    idx = rq_init._weighted_sample(np.random.default_rng(seed), weights, 6)
+    assert len(set(idx.tolist())) == 6 and (weights[idx] > 0).all()
+  # Sampling is proportional to the weights.
+  rng = np.random.default_rng(0)
+  hits = np.bincount([rq_init._weighted_sample(rng, weights, 1)[0] for _ in range(2000)],
+                     minlength=40)
+  np.testing.assert_allclose(hits[heavy] / 2000, weights[heavy] / weights.sum(), atol=0.03)
+  # Fewer weighted rows than K: all of them, topped up with distinct others.
+  idx = rq_init._weighted_sample(np.random.default_rng(0), weights, 15)
+  assert len(set(idx.tolist())) == 15 and set(heavy) <= set(idx.tolist())
+
+
+@pytest.mark.parametrize("init", ["random", "kmeans++", "progressive"])
+def test_rows_of_zero_weight_do_not_move_the_centroids(init):
+  """Far-away rows of weight 0 (with splitting, the default): no centroid goes near
+  them, and the weighted error is that of the same fit without them, give or take."""
+  x, w = _weighted_blobs(1200, seed=3)
+  w = np.maximum(w, 1)
+  far = 100.0 + np.random.default_rng(0).standard_normal((60, x.shape[1])).astype(np.float32)
+  C = rq_init.kmeans(np.concatenate([x, far]), 10, n_iter=8, init=init,
+                     weights=np.concatenate([w, np.zeros(60, np.int64)]))
+  assert np.abs(C).max() < 30
+  alone = rq_init.kmeans(x, 10, n_iter=8, init=init, weights=w)
+  err = [rq_init.assign(x, c, w.astype(np.float32))[1] for c in (C, alone)]
+  assert err[0] < 1.2 * err[1], err
+
+
+def test_weighted_split_never_splits_a_single_heavy_row():
+  """By hand, e = (+1, -1, +1) / 1024: cluster weights (0, 10, 50) of (0, 5, 1) rows:
+  cluster 2 is one row and cannot give, so cluster 1 does."""
+  c1, c2 = np.array([4.0, 5.0, 6.0]), np.array([1.0, 2.0, 3.0])
+  e = np.array([1.0, -1.0, 1.0]) / 1024
+  for seed in range(5):
+    C = np.stack([np.zeros(3), c1, c2]).astype(np.float32)
+    rq_init._split_empty(C, np.array([0.0, 10.0, 50.0]), np.random.default_rng(seed),
+                         points=np.array([0.0, 5.0, 1.0]))
+    np.testing.assert_allclose(C, np.stack([c1 * (1 + e), c1 * (1 - e), c2]), rtol=1e-6)
+
+
+def test_residual_kmeans_is_train_rqs_greedy_pass():
+  x = _blobs(1500, 6, 10, seed=4)
+  codes, cbs = rq_init.residual_kmeans(x, 16, 3, seed=5)
+  tables, mses = rq_init.train_rq(x, 16, 3, seed=5)
+  np.testing.assert_array_equal(cbs, np.stack(tables))
+  assert codes.shape == (1500, 3) and codes.dtype == np.int32
+  np.testing.assert_array_equal(codes, rq_init.rq_encode(x, cbs, B=1))
+  rec = sum(cbs[m][codes[:, m]] for m in range(3))
+  np.testing.assert_allclose(mses[-1], ((x - rec) ** 2).sum(1).mean(), rtol=1e-4)
+  # K is capped at the number of rows.
+  codes, cbs = rq_init.residual_kmeans(x[:5], 16, 2, weights=np.arange(5))
+  assert cbs.shape == (2, 5, 6) and codes.max() < 5
+
+
+def test_residual_kmeans_errors():
+  x, w = _weighted_blobs(50)
+  with pytest.raises(ValueError, match=r"weights: expected shape \(50,\) \(one per row\), "
+                                       r"got \(49,\)"):
+    rq_init.residual_kmeans(x, 4, 2, weights=w[:49])
+  with pytest.raises(ValueError, match="weights: expected a real numeric array, got dtype bool"):
+    rq_init.residual_kmeans(x, 4, 2, weights=w > 0)
+  with pytest.raises(ValueError, match="weights: expected finite values"):
+    rq_init.residual_kmeans(x, 4, 2, weights=np.where(w > 5, np.nan, 1.0))
+  with pytest.raises(ValueError, match="weights: expected non-negative values, got minimum -1"):
+    rq_init.residual_kmeans(x, 4, 2, weights=w - 1)
+  with pytest.raises(ValueError, match="at least one positive weight, got all zeros"):
+    rq_init.residual_kmeans(x, 4, 2, weights=np.zeros(50))
+  with pytest.raises(ValueError, match="n_stages >= 1.*got n_stages=0, K=4"):
+    rq_init.residual_kmeans(x, 4, 0)
+  with pytest.raises(ValueError, match="K=0"):
+    rq_init.residual_kmeans(x, 0, 2)
+  with pytest.raises(ValueError, match="x: contains NaN"):
+    rq_init.residual_kmeans(np.full((5, 2), np.nan), 2, 1)
+  with pytest.raises(ValueError, match="weights: expected shape"):
+    rq_init.kmeans(x, 4, weights=w[:3])

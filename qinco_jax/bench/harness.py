@@ -1,15 +1,22 @@
-"""Shared by the benchmark scripts: the FLOP model of the step networks, the timing
-harness (wall times that wait for JAX, matmul peak, adaptive repeat counts), the
-training-step throughput and writing a script's own section of docs/benchmarks.md.
-Scripts import this module, never each other."""
+"""Shared by the benchmarks: flags generated from a benchmark's config dataclass, the
+FLOP model of the step networks, the timing harness (wall times that wait for JAX,
+matmul peak, adaptive repeat counts), the training-step throughput and writing a
+benchmark's own section of docs/benchmarks.md. The benchmark modules import this one,
+never each other."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
+import shlex
 import statistics
+import sys
 import time
-from collections.abc import Callable
-from typing import Any
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +27,78 @@ from qinco_jax import train
 from qinco_jax.data import atomic_write
 
 LONG_CALL = 4  # a call this many times over the target time is not repeated
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DOC = os.path.join(REPO_ROOT, "docs", "benchmarks.md")  # the default document
+
+C = TypeVar("C")
+T = TypeVar("T")
 
 
+# ------------------------------------------------------------------ flags -> config
+def flag(default: Any, help: str) -> Any:
+  """A config field with its flag's help text: `x: int = flag(3, "what x is")`."""
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _flag_type(tp: Any) -> tuple[Any, bool]:
+  """(element type, is a tuple) of a config field's annotation: int, float, str, bool,
+  `X | None` or `tuple[X, ...]`."""
+  args = typing.get_args(tp)
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    (tp,) = [a for a in args if a is not type(None)]
+    args = typing.get_args(tp)
+  if typing.get_origin(tp) is tuple:
+    return args[0], True
+  return tp, False
+
+
+def parse_config(cls: type[C], argv: Sequence[str], description: str = "") -> C:
+  """A frozen config dataclass from command-line flags, one flag per field.
+
+  `--name value` or `--name=value`; `-` may stand for `_` (`--target-s`); booleans
+  are `--name` / `--no-name`; tuple fields take several values, space- or
+  comma-separated (`--bytes 8 16`, `--inits=rq,reference`). Each field's
+  `metadata["help"]` is its help text. Unknown flags and wrong types are refused
+  with argparse's usual one-line message (exit status 2).
+  """
+  hints = typing.get_type_hints(cls)
+  p = argparse.ArgumentParser(description=description.strip().split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  tuples = {}
+  for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    tp, many = _flag_type(hints[f.name])
+    names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+    kw: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", " "),
+                          "default": f.default}
+    if tp is bool:
+      kw["action"] = argparse.BooleanOptionalAction
+    elif many:
+      kw["nargs"] = "*"
+      tuples[f.name] = tp
+    else:
+      kw["type"] = tp
+    p.add_argument(*names, **kw)
+  ns = vars(p.parse_args(list(argv)))
+  for name, tp in tuples.items():
+    if isinstance(ns[name], list):
+      try:
+        ns[name] = tuple(tp(v) for item in ns[name] for v in item.split(",") if v)
+      except ValueError as e:
+        p.error(f"--{name}: expected {tp.__name__} values, got {ns[name]} ({e})")
+  return cls(**ns)
+
+
+def command_line(script: str, argv: Sequence[str]) -> str:
+  """The command as a user types it: `python experiments/NAME.py FLAGS`."""
+  return " ".join(["python", f"experiments/{os.path.basename(script)}",
+                   shlex.join(list(argv))]).strip()
+
+
+def script_main(cls: type[C], run: Callable[[C, str], object], script: str,
+                description: str, argv: Sequence[str] | None = None) -> None:
+  """The body of an `experiments/bench_*.py` script: flags -> config -> one call."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  run(parse_config(cls, argv, description), command_line(script, argv))
 
 
 def write_section(path: str, block: str, start: str, end: str) -> None:
@@ -124,12 +201,12 @@ def page_faults(fn: Callable[[], object]) -> int | None:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]],
+def interleaved_times(fns: Mapping[str, Callable[[], object]],
                       repeats: int) -> dict[str, float]:
   """Median wall time of each fn, timed round-robin so that load changes hit all."""
   for fn in fns.values():
     timed(fn)  # compile + warm-up
-  times = {k: [] for k in fns}
+  times: dict[str, list[float]] = {k: [] for k in fns}
   for _ in range(repeats):
     for k, fn in fns.items():
       times[k].append(timed(fn))
@@ -146,7 +223,7 @@ def matmul_peak(n: int, repeats: int) -> float:
   return 2 * n**3 / t / 1e9
 
 
-def bracketed(fn: Callable[[], object], n: int) -> tuple[object, float]:
+def bracketed(fn: Callable[[], T], n: int) -> tuple[T, float]:
   """Runs fn() between two matmul-peak measurements: (fn(), mean peak GFLOP/s).
 
   On a shared machine the load changes over time; measuring the peak on both sides

@@ -1,0 +1,111 @@
+"""The benchmark scripts' flags: generated from each benchmark's config dataclass
+(`qinco_jax.bench.harness.parse_config`), and every command quoted in the docs still
+parses into its config, so a reader can rerun what a table says it ran."""
+
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from qinco_jax.bench import budget, codec, harness, multihost, quantizers, rq_init, search
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {"bench_codec": codec.CodecBench, "bench_quantizers": quantizers.QuantizerBench,
+           "bench_search": search.SearchBench, "bench_budget": budget.BudgetBench,
+           "bench_rq_init": rq_init.RQInitBench, "bench_multihost": multihost.MultihostBench}
+
+
+@dataclasses.dataclass(frozen=True)
+class Toy:
+  n: int = harness.flag(3, "a count")
+  rate: float = 0.5
+  name: str | None = None
+  sizes: tuple[int, ...] = (8,)
+  words: tuple[str, ...] = ("a", "b")
+  on: bool = True
+  verbose: bool = False
+
+
+def test_defaults_come_from_the_dataclass():
+  assert harness.parse_config(Toy, []) == Toy()
+
+
+def test_each_spelling_sets_its_field():
+  c = harness.parse_config(Toy, ["--n=7", "--rate", "2.5e-3", "--name=x", "--sizes", "4",
+                                 "16", "--words=rq,reference", "--no-on", "--verbose"])
+  assert c == Toy(n=7, rate=2.5e-3, name="x", sizes=(4, 16), words=("rq", "reference"),
+                  on=False, verbose=True)
+  # '-' for '_' (the codec benchmark's historic spelling), and an empty tuple.
+  @dataclasses.dataclass(frozen=True)
+  class Hyphen:
+    target_s: float = 4.0
+    sweep_models: tuple[str, ...] = ("qinco2-S",)
+  assert harness.parse_config(Hyphen, ["--target-s", "1.5", "--sweep-models"]) == \
+      Hyphen(target_s=1.5, sweep_models=())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--m=3"], "unrecognized arguments: --m=3"),
+    (["--n=three"], "invalid int value: 'three'"),
+    (["--sizes=4,x"], "--sizes: expected int values"),
+])
+def test_bad_flags_are_refused_naming_the_problem(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    harness.parse_config(Toy, argv)
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_command_line_is_the_users():
+  assert harness.command_line("/x/experiments/bench_codec.py", ["--target-s", "1.5"]) == \
+      "python experiments/bench_codec.py --target-s 1.5"
+  assert harness.command_line("bench_search.py", []) == "python experiments/bench_search.py"
+
+
+def _quoted_commands():
+  """(script, argv) of every `python experiments/bench_*.py ...` in the docs."""
+  out = []
+  for doc in ("docs/benchmarks.md", "README.md", "docs/design.md"):
+    with open(os.path.join(ROOT, doc)) as f:
+      text = f.read().replace("\\\n", " ")
+    for m in re.finditer(r"python experiments/(bench_\w+)\.py([^`\n#]*)", text):
+      args = m.group(2).strip()
+      if "..." in args or "FLAGS" in args:
+        continue  # a placeholder, not a command
+      out.append((m.group(1), shlex.split(args)))
+  return out
+
+
+def test_every_quoted_benchmark_command_parses():
+  cmds = _quoted_commands()
+  assert {s for s, _ in cmds} >= {"bench_codec", "bench_quantizers", "bench_search",
+                                   "bench_budget", "bench_rq_init", "bench_multihost"}
+  for script, argv in cmds:
+    harness.parse_config(CONFIGS[script], argv)  # exits with status 2 on a stale flag
+
+
+def test_the_budget_tables_flag_lists_parse():
+  """bench_budget's section lists each group's flags as `--...` strings."""
+  with open(os.path.join(ROOT, "docs", "benchmarks.md")) as f:
+    text = f.read()
+  section = text[text.index("<!-- bench_budget:start -->"):
+                 text.index("<!-- bench_budget:end -->")]
+  flags = re.findall(r"`(--[^`]+)`", section)
+  assert len(flags) >= 5
+  for f in flags:
+    harness.parse_config(budget.BudgetBench, shlex.split(f))
+
+
+def test_scripts_are_wired_to_their_benchmark():
+  """Each script answers --help with its config's flags (imports and wiring work)."""
+  for script, cls in CONFIGS.items():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", f"{script}.py"),
+                        "--help"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in dataclasses.fields(cls):
+      assert f"--{f.name}" in r.stdout, (script, f.name)
