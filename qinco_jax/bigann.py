@@ -22,7 +22,7 @@ import numpy as np
 
 from qinco_jax import ann, data, distributed, ivf, pipeline, plots, sweep, train, trainer
 from qinco_jax.codec import load
-from qinco_jax.config import preset
+from qinco_jax.config import flag, preset
 
 STAGES = ("ivf", "train", "encode", "build", "search")
 # File names of each layout under its root: learn, base, queries, ground truth.
@@ -34,11 +34,6 @@ FILES = {
 }
 
 
-def _arg(default, help: str):
-  """A SearchJob field that is a `qinco-search` flag, with its help text."""
-  return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SearchJob:
   """One run of the search job. Every field with a help text is a `qinco-search` flag
@@ -47,27 +42,27 @@ class SearchJob:
   docs/benchmarks.md's search section is the config `qinco_jax/configs/search_glove.py`
   (`--config=search_glove`: its command, run time and result)."""
 
-  workdir: str = _arg("runs/search_glove", "all stages read and write here")
-  stage: str = _arg("all", f"stage to run: one of {', '.join(STAGES)}, or all")
-  data: str = _arg("glove", "dataset: glove, " + " or ".join(FILES))
-  root: str = _arg("", "directory of the BigANN/Deep1B files")
-  ivf_K: int = _arg(1024, "IVF lists (2**20 for 1B databases)")
-  M: int = _arg(8, "QINCo codes per vector (bytes)")
-  L: int = _arg(2, "residual blocks per step network (train stage)")
-  de: int = _arg(64, "embedding width E (train stage)")
-  dh: int = _arg(128, "hidden width H (train stage)")
-  epochs: int = _arg(6, "training epochs, the warm-up epoch included")
-  time_budget_s: float = _arg(0.0, "training wall-time budget in seconds (0: use "
+  workdir: str = flag("runs/search_glove", "all stages read and write here")
+  stage: str = flag("all", f"stage to run: one of {', '.join(STAGES)}, or all")
+  data: str = flag("glove", "dataset: glove, " + " or ".join(FILES))
+  root: str = flag("", "directory of the BigANN/Deep1B files")
+  ivf_K: int = flag(1024, "IVF lists (2**20 for 1B databases)")
+  M: int = flag(8, "QINCo codes per vector (bytes)")
+  L: int = flag(2, "residual blocks per step network (train stage)")
+  de: int = flag(64, "embedding width E (train stage)")
+  dh: int = flag(128, "hidden width H (train stage)")
+  epochs: int = flag(6, "training epochs, the warm-up epoch included")
+  time_budget_s: float = flag(0.0, "training wall-time budget in seconds (0: use "
                               "--epochs); the cosine then ends with the budget "
                               "(TrainConfig.time_budget_s)")
-  stop_patience: int = _arg(3, "train stage: stop after more than this many epochs "
+  stop_patience: int = flag(3, "train stage: stop after more than this many epochs "
                             "without a validation improvement (raise it for short epochs)")
-  A: int = _arg(4, "candidates per beam for training (and encoding by default)")
-  B: int = _arg(4, "beam size for training (and encoding by default)")
-  enc_A: int = _arg(-1, "encode/build stages: candidates per beam (-1: --A)")
-  enc_B: int = _arg(-1, "encode/build stages: beam size (-1: --B)")
-  shard: tuple[int, int] = _arg((0, 1), "encode stage: shard i/n of the database")
-  max_experiments: int = _arg(24, "search stage: settings measured at most")
+  A: int = flag(4, "candidates per beam for training (and encoding by default)")
+  B: int = flag(4, "beam size for training (and encoding by default)")
+  enc_A: int = flag(-1, "encode/build stages: candidates per beam (-1: --A)")
+  enc_B: int = flag(-1, "encode/build stages: beam size (-1: --B)")
+  shard: tuple[int, int] = flag((0, 1), "encode stage: shard i/n of the database")
+  max_experiments: int = flag(24, "search stage: settings measured at most")
   command: str = ""  # recorded in command.{stage}.txt (what built the workdir)
 
   def __post_init__(self):

@@ -16,6 +16,14 @@ MAX_K = 65536  # codes are stored as uint16 at most
 MAX_B = 65536
 
 
+def flag(default: Any, help: str, **meta: Any) -> Any:
+  """A config field that is also a command-line flag, with its help text (the
+  programs' and the benchmarks' flags are generated from such fields):
+  `x: int = flag(3, "what x is")`. `meta`: more of the field's metadata for the flag
+  parser (e.g. `empty_ok=True`: a tuple flag may be given no value)."""
+  return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QincoConfig:
   """Hyperparameters of a QINCo2 (or QINCo1-emulation) model.

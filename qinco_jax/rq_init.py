@@ -128,15 +128,17 @@ def _subset(rng: np.random.Generator, weights: np.ndarray | None, n: int,
   return _weighted_sample(rng, weights, m, proportional=False)
 
 
-@functools.partial(jax.jit, static_argnames=("K",))
-def _lloyd_sums(xs: jax.Array, ws: jax.Array, C: jax.Array, K: int):
+@functools.partial(jax.jit, static_argnames=("K", "with_points"))
+def _lloyd_sums(xs: jax.Array, ws: jax.Array, C: jax.Array, K: int,
+                with_points: bool = False):
   """Per-centroid weighted sums (K, D), weights (K,) and numbers of rows of positive
-  weight (K,) of the nearest-centroid assignment of every chunk: one Lloyd
-  iteration's statistics in one call."""
+  weight (K,; zeros unless with_points) of the nearest-centroid assignment of every
+  chunk: one Lloyd iteration's statistics in one call."""
   def body(carry, chunk):
     x, w = chunk
     idx, s, c, _ = _assign_accumulate(x, w, C, K)
-    p = jax.ops.segment_sum((w > 0).astype(jnp.float32), idx, num_segments=K)
+    p = (jax.ops.segment_sum((w > 0).astype(jnp.float32), idx, num_segments=K)
+         if with_points else 0.0)
     return (carry[0] + s, carry[1] + c, carry[2] + p), None
 
   zeros = jnp.zeros((K,), jnp.float32)
@@ -281,7 +283,8 @@ def kmeans(x: np.ndarray, K: int, n_iter: int = 10, seed: int = 0,
   xs, ws = _device_chunks(x, w)
   mean_size = (n if w is None else float(w.sum(dtype=np.float64))) / K
   for it in range(n_iter):
-    sums, counts, points = _lloyd_sums(xs, ws, jnp.asarray(C), K=K)
+    sums, counts, points = _lloyd_sums(xs, ws, jnp.asarray(C), K=K,
+                                       with_points=w is not None)
     sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
     new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1e-30)[:, None],
                    C).astype(np.float32)

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from qinco_jax.bench import budget, codec, harness, multihost, quantizers, rq_init, search
+from qinco_jax.config import flag
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"bench_codec": codec.CodecBench, "bench_quantizers": quantizers.QuantizerBench,
@@ -21,13 +22,18 @@ CONFIGS = {"bench_codec": codec.CodecBench, "bench_quantizers": quantizers.Quant
 
 @dataclasses.dataclass(frozen=True)
 class Toy:
-  n: int = harness.flag(3, "a count")
+  n: int = flag(3, "a count")
   rate: float = 0.5
   name: str | None = None
   sizes: tuple[int, ...] = (8,)
   words: tuple[str, ...] = ("a", "b")
   on: bool = True
   verbose: bool = False
+  extra: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.n < 0:
+      raise ValueError(f"n: expected >= 0, got {self.n}")
 
 
 def test_defaults_come_from_the_dataclass():
@@ -36,28 +42,43 @@ def test_defaults_come_from_the_dataclass():
 
 def test_each_spelling_sets_its_field():
   c = harness.parse_config(Toy, ["--n=7", "--rate", "2.5e-3", "--name=x", "--sizes", "4",
-                                 "16", "--words=rq,reference", "--no-on", "--verbose"])
+                                 "16", "--words=rq, reference", "--no-on", "--verbose",
+                                 "--extra"])
   assert c == Toy(n=7, rate=2.5e-3, name="x", sizes=(4, 16), words=("rq", "reference"),
-                  on=False, verbose=True)
+                  on=False, verbose=True, extra=())
   # '-' for '_' (the codec benchmark's historic spelling), and an empty tuple.
   @dataclasses.dataclass(frozen=True)
   class Hyphen:
     target_s: float = 4.0
-    sweep_models: tuple[str, ...] = ("qinco2-S",)
+    sweep_models: tuple[str, ...] = flag(("qinco2-S",), "none: no sweep", empty_ok=True)
   assert harness.parse_config(Hyphen, ["--target-s", "1.5", "--sweep-models"]) == \
       Hyphen(target_s=1.5, sweep_models=())
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--m=3"], "unrecognized arguments: --m=3"),
+    (["--verb"], "unrecognized arguments: --verb"),  # no abbreviations
     (["--n=three"], "invalid int value: 'three'"),
     (["--sizes=4,x"], "--sizes: expected int values"),
+    (["--sizes"], "--sizes: expected at least one argument"),  # its default is not empty
+    (["--n=-1"], "n: expected >= 0, got -1"),  # the config's own check, in one line
 ])
 def test_bad_flags_are_refused_naming_the_problem(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
     harness.parse_config(Toy, argv)
   assert e.value.code == 2
   assert message in capsys.readouterr().err
+
+
+def test_a_field_without_default_is_a_required_flag(capsys):
+  @dataclasses.dataclass(frozen=True)
+  class Needs:
+    workdir: str
+    runs: tuple[int, ...] = dataclasses.field(default_factory=lambda: (1, 2))
+  assert harness.parse_config(Needs, ["--workdir=w"]) == Needs(workdir="w", runs=(1, 2))
+  with pytest.raises(SystemExit):
+    harness.parse_config(Needs, [])
+  assert "the following arguments are required: --workdir" in capsys.readouterr().err
 
 
 def test_command_line_is_the_users():

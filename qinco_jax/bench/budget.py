@@ -1,8 +1,5 @@
 """Quality per CPU-minute: QINCo2 trained for a wall-time budget, next to faiss RQ.
-
-  python experiments/bench_budget.py --minutes=1,3,10,30,60 --inits=rq,reference
-  python experiments/bench_budget.py --minutes=3 --lr=8e-4,4e-3,1.6e-2 --tag=lr  # ablation
-  python experiments/bench_budget.py --minutes=60 --M=16 --n_db=0 --eval_A=8 --eval_B=128
+Run by experiments/bench_budget.py (its docstring: usage).
 
 Every (init, lr, minutes) run trains a fresh codec on the GloVe split with
 `TrainConfig.time_budget_s` (the trainer plans the cosine to end with the budget, RQ
@@ -15,10 +12,7 @@ again (`--replace` runs them again; the later line of a key wins); the table (th
 latest row of each key in that file) goes to docs/benchmarks.md, the plot to
 docs/budget.png. `--reeval` trains no codec: it evaluates the kept best codecs of runs
 already trained at another beam or database (faiss RQ is measured there if it was not
-yet), e.g.
-
-  python experiments/bench_budget.py --minutes=60 --lr=4e-3 --n_db=0 --eval_A=8 \
-      --eval_B=128 --reeval
+yet).
 """
 
 import dataclasses
@@ -31,7 +25,8 @@ from absl import logging
 
 import qinco_jax as qj
 from qinco_jax import data, rq_init, train, trainer
-from qinco_jax.bench.harness import DOC, REPO_ROOT, flag, log, write_section
+from qinco_jax.bench.harness import DOC, RUNS, log, write_section
+from qinco_jax.config import flag
 from qinco_jax.evaluate import evaluate, faiss_rq_baseline
 
 
@@ -60,9 +55,9 @@ class BudgetBench:
                     "this command already trained (same tag, model, init, lr and minutes, "
                     "any evaluation settings) at this evaluation beam and database; the "
                     "row copies the training figures")
-  workdir: str = flag("runs/bench_budget", "checkpoints and runs.jsonl")
+  workdir: str = flag(os.path.join(RUNS, "bench_budget"), "checkpoints and runs.jsonl")
   doc: str = DOC
-  plot: str = os.path.join(REPO_ROOT, "docs", "budget.png")
+  plot: str = os.path.join("docs", "budget.png")
 
   def __post_init__(self):
     if self.dtype not in ("float32", "bfloat16"):

@@ -14,11 +14,7 @@ Measures, in one run and on the default JAX device:
 
 The networks are untrained (at initialisation): throughput does not depend on the
 weights. Results are printed and written to docs/benchmarks.md, replacing only this
-script's section.
-
-Usage:
-  python experiments/bench_codec.py            # full run (a few minutes on 2 CPU cores)
-  python experiments/bench_codec.py --quick    # smoke test (under a minute, no doc)
+benchmark's section. Run by experiments/bench_codec.py (its docstring: usage).
 """
 
 from __future__ import annotations
@@ -46,7 +42,6 @@ from qinco_jax.bench.harness import (
   bracketed,
   decode_flops,
   encode_flops,
-  flag,
   interleaved_times,
   log,
   page_faults,
@@ -55,6 +50,7 @@ from qinco_jax.bench.harness import (
   train_throughput,
   write_section,
 )
+from qinco_jax.config import flag
 
 D = 128
 MODELS = ("qinco2-S", "qinco2-L")
@@ -246,7 +242,8 @@ class CodecBench:
   peak_n: int | None = flag(None, "matmul size for the peak (default 2048 on CPU, 8192 "
                             "otherwise)")
   sweep_models: tuple[str, ...] = flag(("qinco2-S",), "models whose encode rate is also "
-                                       "measured per chunk size")
+                                       "measured per chunk size (none: no sweep)",
+                                       empty_ok=True)
   sweep_chunks: tuple[int, ...] = (8, 16, 32, 128)
   breakdown_iters: int | None = flag(None, "network steps per timed call in the breakdown "
                                      "(default: as many as fit in ~target-s/4, at most M-1)")

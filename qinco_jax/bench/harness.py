@@ -27,19 +27,15 @@ from qinco_jax import train
 from qinco_jax.data import atomic_write
 
 LONG_CALL = 4  # a call this many times over the target time is not repeated
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DOC = os.path.join(REPO_ROOT, "docs", "benchmarks.md")  # the default document
+# Default outputs, relative to the directory the benchmark runs in (a clone's root):
+DOC = os.path.join("docs", "benchmarks.md")  # the benchmarks' document
+RUNS = "runs"  # work directories
 
 C = TypeVar("C")
 T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ flags -> config
-def flag(default: Any, help: str) -> Any:
-  """A config field with its flag's help text: `x: int = flag(3, "what x is")`."""
-  return dataclasses.field(default=default, metadata={"help": help})
-
-
 def _flag_type(tp: Any) -> tuple[Any, bool]:
   """(element type, is a tuple) of a config field's annotation: int, float, str, bool,
   `X | None` or `tuple[X, ...]`."""
@@ -57,23 +53,31 @@ def parse_config(cls: type[C], argv: Sequence[str], description: str = "") -> C:
 
   `--name value` or `--name=value`; `-` may stand for `_` (`--target-s`); booleans
   are `--name` / `--no-name`; tuple fields take several values, space- or
-  comma-separated (`--bytes 8 16`, `--inits=rq,reference`). Each field's
-  `metadata["help"]` is its help text. Unknown flags and wrong types are refused
-  with argparse's usual one-line message (exit status 2).
+  comma-separated (`--bytes 8 16`, `--inits=rq,reference`), at least one unless
+  the default is empty or the field's metadata says `empty_ok`. Each field's
+  `metadata["help"]` is its help text. Unknown or abbreviated flags and wrong types
+  are refused with argparse's usual one-line message (exit status 2).
   """
   hints = typing.get_type_hints(cls)
   p = argparse.ArgumentParser(description=description.strip().split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              allow_abbrev=False)  # no flag is taken for another
   tuples = {}
   for f in dataclasses.fields(cls):  # type: ignore[arg-type]
     tp, many = _flag_type(hints[f.name])
     names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-    kw: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", " "),
-                          "default": f.default}
+    kw: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", " ")}
+    if f.default is not dataclasses.MISSING:
+      kw["default"] = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+      kw["default"] = f.default_factory()
+    else:
+      kw["required"] = True
     if tp is bool:
       kw["action"] = argparse.BooleanOptionalAction
     elif many:
-      kw["nargs"] = "*"
+      # At least one value, unless the default is empty or the field allows none.
+      kw["nargs"] = "*" if kw.get("default") == () or f.metadata.get("empty_ok") else "+"
       tuples[f.name] = tp
     else:
       kw["type"] = tp
@@ -82,10 +86,15 @@ def parse_config(cls: type[C], argv: Sequence[str], description: str = "") -> C:
   for name, tp in tuples.items():
     if isinstance(ns[name], list):
       try:
-        ns[name] = tuple(tp(v) for item in ns[name] for v in item.split(",") if v)
+        ns[name] = tuple(tp(v.strip()) for item in ns[name] for v in item.split(",")
+                         if v.strip())
       except ValueError as e:
         p.error(f"--{name}: expected {tp.__name__} values, got {ns[name]} ({e})")
-  return cls(**ns)
+  try:
+    return cls(**ns)
+  except ValueError as e:  # the config's own checks (__post_init__)
+    p.error(str(e))
+    raise  # p.error exits; for the type checker
 
 
 def command_line(script: str, argv: Sequence[str]) -> str:

@@ -1,15 +1,13 @@
 """What cross-process collectives cost: training throughput of the same run laid out as
-1 process x N devices and as N processes x 1 device (the same global batch), side by
-side on this machine.
-
-  python experiments/bench_multihost.py                  # GloVe small model, ~5 min on 2 cores
-  python experiments/bench_multihost.py --layouts=1x2,2x1,1x1 --epochs=4
+1 process x N devices and as N processes x 1 device (the same global batch),
+side by side on this machine. Run by experiments/bench_multihost.py (its docstring:
+usage).
 
 Each layout runs the `qinco-train` program (config glove_small, `--loop` samples
 per epoch, evaluation on 1,000 database vectors only) as processes started with
 `qinco_jax.distributed.launch_local`; samples/s are read from each run's
 metrics.jsonl over the epochs after the first (which compiles). Results go to
-docs/benchmarks.md (this script's section).
+docs/benchmarks.md (this benchmark's section).
 """
 
 import dataclasses
@@ -17,9 +15,12 @@ import os
 import sys
 
 from qinco_jax import distributed, trainer
-from qinco_jax.bench.harness import DOC, flag, log, write_section
+from qinco_jax.bench.harness import DOC, RUNS, log, write_section
+from qinco_jax.config import flag
 
-# `qinco-train` (experiments/train_bigann.py) as a command that needs no clone.
+# `qinco-train` (experiments/train_bigann.py) as a command that needs no clone. (`-c`
+# puts the current directory first on the children's sys.path: run from a clone's
+# root, they import the clone's qinco_jax, as the parent does with an editable install.)
 TRAIN = [sys.executable, "-c", "from qinco_jax import cli; cli.train()"]
 
 
@@ -29,7 +30,7 @@ class MultihostBench:
   layouts: tuple[str, ...] = flag(("1x2", "2x1"), "PROCESSESxDEVICES per layout")
   loop: int = flag(60_000, "training samples per epoch")
   epochs: int = flag(3, "epochs per run (the first is not timed)")
-  workdir: str = flag("runs/bench_multihost", "one sub-directory per layout")
+  workdir: str = flag(os.path.join(RUNS, "bench_multihost"), "one sub-directory per layout")
   doc: str = DOC
 
 

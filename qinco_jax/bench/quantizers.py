@@ -22,16 +22,8 @@ Metrics: MSE (sum over dimensions, mean over database vectors, `qj.metrics.mse`)
 1-recall@1/10/100 of the raw queries searched exhaustively among the decoded database
 (`qj.metrics.knn`, `qj.metrics.recall_at`), training time, encode and decode time per
 vector. Results are printed, saved as JSON under the work directory, written to
-docs/benchmarks.md (replacing only this script's section) and plotted to
-docs/rate_distortion.png.
-
-Usage:
-  python experiments/bench_quantizers.py                    # full run (~40 min, 2 cores)
-  python experiments/bench_quantizers.py --time_budget_s 3600 --eval_A 8 --eval_B 128
-                                                            # the issue's 60-min budget
-  python experiments/bench_quantizers.py --time_budget_s 900  # shorter QINCo2 training
-  python experiments/bench_quantizers.py --quick            # smoke test (a few minutes;
-                                                            # writes under runs/ only)
+docs/benchmarks.md (replacing only this benchmark's section) and plotted to
+docs/rate_distortion.png. Run by experiments/bench_quantizers.py (its docstring: usage).
 """
 
 from __future__ import annotations
@@ -55,16 +47,16 @@ from qinco_jax import data, train, trainer
 from qinco_jax.baselines import FaissQuantizer
 from qinco_jax.bench.harness import (
   DOC,
-  REPO_ROOT,
-  flag,
+  RUNS,
   log,
   matmul_peak,
   train_throughput,
   write_section,
 )
+from qinco_jax.config import flag
 from qinco_jax.evaluate import evaluate
 
-DEFAULT_PLOT = os.path.join(REPO_ROOT, "docs", "rate_distortion.png")
+DEFAULT_PLOT = os.path.join("docs", "rate_distortion.png")
 DOC_START = "<!-- bench_quantizers:start -->"
 DOC_END = "<!-- bench_quantizers:end -->"
 RQ_BEAMS = (1, 5, 32)
@@ -282,7 +274,7 @@ class QuantizerBench:
   bytes: tuple[int, ...] = flag((8,), "code sizes for the QINCo2 and baseline table "
                               "(16 is costly)")
   rd_bytes: tuple[int, ...] = flag((4, 16), "extra code sizes of the cheap baselines, "
-                                 "for the plot")
+                                 "for the plot", empty_ok=True)
   de: int = 64
   dh: int = 128
   train_A: int = 4
@@ -298,7 +290,7 @@ class QuantizerBench:
   faiss_threads: int | None = flag(None, "OpenMP threads of faiss (default: faiss's own; 1 "
                                  "is faster when the cores are shared with other jobs)")
   tp_steps: int = flag(30, "timed steps of the throughput measurement")
-  workdir: str = os.path.join(REPO_ROOT, "runs", "bench_quantizers")
+  workdir: str = os.path.join(RUNS, "bench_quantizers")
   doc: str | None = flag(None, "markdown file (default docs/benchmarks.md)")
   plot: str | None = flag(None, "PNG (default docs/rate_distortion.png)")
   verbose: bool = flag(False, "training progress bars")
@@ -308,7 +300,7 @@ class QuantizerBench:
     c = self
     if c.quick:
       c = dataclasses.replace(
-          c, workdir=os.path.join(REPO_ROOT, "runs", "bench_quantizers_quick"),
+          c, workdir=os.path.join(RUNS, "bench_quantizers_quick"),
           time_budget_s=min(c.time_budget_s, 90.0), loop=min(c.loop, 16_384),
           faiss_train=min(c.faiss_train, 5_000), lsq_train=min(c.lsq_train, 2_000),
           lsq_iters=min(c.lsq_iters, 2), opq_iters=min(c.opq_iters, 4),

@@ -1,7 +1,6 @@
 """RQ initialisation next to faiss's ResidualQuantizer, and what it does to short trainings.
 
-  python experiments/bench_rq_init.py                      # init table (~6 min)
-  python experiments/bench_rq_init.py --minutes=1,3  # + short trainings (~20 min)
+Run by experiments/bench_rq_init.py (its docstring: usage).
 
 Init table: on each set (GloVe with few training vectors per centroid, GloVe's full
 training file, a 384-d embedding-like set), every option of `rq_init.train_rq` is
@@ -24,7 +23,8 @@ from absl import logging
 import qinco_jax as qj
 from qinco_jax import aq, data, rq_init, train, trainer
 from qinco_jax.baselines import FaissQuantizer
-from qinco_jax.bench.harness import DOC, flag, log, write_section
+from qinco_jax.bench.harness import DOC, RUNS, log, write_section
+from qinco_jax.config import flag
 from qinco_jax.evaluate import evaluate
 
 
@@ -35,7 +35,7 @@ class RQInitBench:
   M: int = flag(8, "bytes (K = 256)")
   minutes: tuple[float, ...] = flag((), "budgets of the short trainings (empty: none)")
   lr: float = flag(4e-3, "peak learning rate of the trainings")
-  workdir: str = flag("runs/bench_rq_init", "training workdirs")
+  workdir: str = flag(os.path.join(RUNS, "bench_rq_init"), "training workdirs")
   doc: str = DOC
 
 

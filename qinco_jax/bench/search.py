@@ -1,7 +1,7 @@
 """Search benchmark on the GloVe default: IVF-QINCo2 pipeline vs faiss IVF-RQ / IVF-PQ.
 
-  python experiments/search_bigann.py --workdir=runs/search_glove   # build first
-  python experiments/bench_search.py --workdir=runs/search_glove
+Run by experiments/bench_search.py after experiments/search_bigann.py has built the
+workdir (their docstrings: usage).
 
 Measures, in one run and on the same 380k database / 10k queries: R@1, R@10 and
 queries per second for the 8-byte faiss indexes of `faiss_keys` (trained on the same
@@ -31,7 +31,8 @@ import numpy as np
 
 import qinco_jax as qj
 from qinco_jax import ann, pipeline, plots, sweep
-from qinco_jax.bench.harness import log, write_section
+from qinco_jax.bench.harness import DOC, RUNS, log, write_section
+from qinco_jax.config import flag
 from qinco_jax.search import SearchParams
 
 START, END = "<!-- bench_search:start -->", "<!-- bench_search:end -->"
@@ -275,17 +276,15 @@ def plot_title(n_db: int, nq: int) -> str:
 @dataclasses.dataclass(frozen=True)
 class SearchBench:
   """What `run` measures (flags of experiments/bench_search.py)."""
-  workdir: str = "runs/search_glove"
-  nq: int = dataclasses.field(default=10_000, metadata={"help": "queries used"})
+  workdir: str = os.path.join(RUNS, "search_glove")
+  nq: int = flag(10_000, "queries used")
   n_faiss_train: int = 100_000
-  n_tune: int = dataclasses.field(default=2000, metadata={
-      "help": "validation vectors used as queries by the parameter sweep"})
-  resume_tune: bool = dataclasses.field(default=False, metadata={
-      "help": "reuse the sweep log of an earlier run (its timings included)"})
-  doc: str = "docs/benchmarks.md"
-  lever: str | None = dataclasses.field(default=None, metadata={
-      "help": "measure one lever only and write its own section: fastscan = a faiss "
-              "fast-scan first stage re-ranked by QINCo2"})
+  n_tune: int = flag(2000, "validation vectors used as queries by the parameter sweep")
+  resume_tune: bool = flag(False, "reuse the sweep log of an earlier run (its timings "
+                           "included)")
+  doc: str = DOC
+  lever: str | None = flag(None, "measure one lever only and write its own section: "
+                           "fastscan = a faiss fast-scan first stage re-ranked by QINCo2")
 
   def __post_init__(self):
     if self.lever not in (None, "fastscan"):
