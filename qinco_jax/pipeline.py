@@ -145,8 +145,9 @@ def extra_codes_K(ivf_K: int, K: int = 256) -> int:
   extra codes would nearly repeat the list id, and a pair table (code, extra code)
   would have too few training vectors per entry, so we keep >= 64 lists per codeword:
   min(K, max(16, ivf_K // 64)), i.e. 16 for 1,024 lists, 64 for 4,096. On the GloVe
-  search default (1,024 lists, same shrinkage) this takes the pairwise decoder's
-  database MSE from 2.494 to 2.452 (AQ: 2.539; see docs/design.md).
+  search default (1,024 lists, same shrinkage) this took the pairwise decoder's
+  database MSE from 2.494 to 2.452 (AQ: 2.539; measured with the extra codes' earlier,
+  faiss-based K-means; see docs/design.md).
   """
   return int(min(K, max(16, ivf_K // 64)))
 

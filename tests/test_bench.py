@@ -130,3 +130,32 @@ def test_scripts_are_wired_to_their_benchmark():
     assert r.returncode == 0, r.stderr[-2000:]
     for f in dataclasses.fields(cls):
       assert f"--{f.name}" in r.stdout, (script, f.name)
+
+
+@pytest.mark.parametrize("minutes, lr, init, dtype, L", [(60.0, 4e-3, "rq", "float32", 2),
+                                                          (3.0, 1.6e-2, "reference",
+                                                           "bfloat16", 4)])
+def test_budget_recipes_are_glove_small_plus_what_the_benchmarks_vary(minutes, lr, init,
+                                                                      dtype, L):
+  """The benchmarks that train for a budget resolve their recipe from the glove_small
+  config file plus overrides. The oracle is the recipe each benchmark wrote out field by
+  field when its published rows were measured: the same configs, the same figures."""
+  import qinco_jax as qj
+  from qinco_jax import train
+
+  b = budget.BudgetBench(L=L, train_A=2, train_B=8, dtype=dtype)
+  assert budget.recipe(b, init, lr, minutes, 290_000) == (
+      qj.preset("qinco2-S", M=8, L=L, de=64, dh=128, A=2, B=8, init=init, dtype=dtype),
+      train.TrainConfig(lr=lr, warmup_epochs=1, stop_patience=1000, batch_per_device=1024,
+                        loop=290_000, time_budget_s=minutes * 60))
+  r = rq_init.RQInitBench(lr=lr)
+  assert rq_init.recipe(r, minutes, 0.1, 290_000) == (
+      qj.preset("qinco2-S", M=8, L=2, de=64, dh=128, A=4, B=4, init="rq",
+                codebook_noise_init=0.1),
+      train.TrainConfig(lr=lr, warmup_epochs=1, stop_patience=1000, batch_per_device=1024,
+                        loop=290_000, time_budget_s=minutes * 60))
+  q = quantizers.QuantizerBench(batch=512, train_A=8)
+  assert quantizers.recipe(q, 16, minutes * 60, 100_000) == (
+      qj.preset("qinco2-S", M=16, L=2, de=64, dh=128, A=8, B=4),
+      train.TrainConfig(warmup_epochs=1, stop_patience=5, batch_per_device=512,
+                        loop=100_000, time_budget_s=minutes * 60))

@@ -25,7 +25,7 @@ from absl import logging
 
 import qinco_jax as qj
 from qinco_jax import data, rq_init, train, trainer
-from qinco_jax.bench.harness import DOC, RUNS, log, write_section
+from qinco_jax.bench.harness import DOC, RUNS, glove_small_recipe, log, write_section
 from qinco_jax.config import flag
 from qinco_jax.evaluate import evaluate, faiss_rq_baseline
 
@@ -95,12 +95,18 @@ def run_dir(opts, init, lr, minutes) -> str:
   return os.path.join(opts.workdir, f"{opts.tag}_{init}_{lr:g}_{minutes:g}min_M{opts.M}")
 
 
+def recipe(opts: BudgetBench, init: str, lr: float, minutes: float,
+           loop: int) -> tuple[qj.QincoConfig, train.TrainConfig]:
+  """glove_small with this run's model, init, dtype and lr, trained for `minutes` (the
+  plan seeded by TrainConfig's default epochs) without early stopping."""
+  return glove_small_recipe(
+      dict(M=opts.M, L=opts.L, de=opts.de, dh=opts.dh, A=opts.train_A, B=opts.train_B,
+           init=init, dtype=opts.dtype),
+      dict(lr=lr, epochs=None, stop_patience=1000, time_budget_s=minutes * 60), loop)
+
+
 def qinco_row(opts, ds, ev_ds, init, lr, minutes) -> dict:
-  cfg = qj.preset("qinco2-S", M=opts.M, L=opts.L, de=opts.de, dh=opts.dh, A=opts.train_A,
-                  B=opts.train_B, init=init, dtype=opts.dtype)
-  tc = train.TrainConfig(lr=lr, warmup_epochs=1, stop_patience=1000,
-                         batch_per_device=1024, loop=len(ds.train),
-                         time_budget_s=minutes * 60)
+  cfg, tc = recipe(opts, init, lr, minutes, len(ds.train))
   work = run_dir(opts, init, lr, minutes)
   if os.path.isdir(work):
     shutil.rmtree(work)  # an unfinished earlier attempt: this run starts afresh

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import qinco_jax as qj
-from qinco_jax import train
+from qinco_jax import experiment, train
+from qinco_jax.configs import glove_small
 from qinco_jax.data import atomic_write
 
 LONG_CALL = 4  # a call this many times over the target time is not repeated
@@ -108,6 +109,19 @@ def script_main(cls: type[C], run: Callable[[C, str], object], script: str,
   """The body of an `experiments/bench_*.py` script: flags -> config -> one call."""
   argv = sys.argv[1:] if argv is None else list(argv)
   run(parse_config(cls, argv, description), command_line(script, argv))
+
+
+def glove_small_recipe(model: dict[str, Any], train: dict[str, Any],
+                       loop: int) -> tuple[qj.QincoConfig, train.TrainConfig]:
+  """The README's main job's config file (`configs/glove_small`) with overrides: the
+  `model` and `train` fields given (None: the dataclass's default, e.g. `epochs=None`
+  for TrainConfig's), one epoch = `loop` samples. The benchmarks that train for a
+  budget start from it, so a recipe is a config file plus what the benchmark varies."""
+  c = glove_small.get_config()
+  c.model.update(**model)
+  c.train.update(**train)
+  c.ds.loop = loop
+  return experiment.model_config(c, 0), experiment.train_config(c)
 
 
 def write_section(path: str, block: str, start: str, end: str) -> None:

@@ -48,6 +48,7 @@ from qinco_jax.baselines import FaissQuantizer
 from qinco_jax.bench.harness import (
   DOC,
   RUNS,
+  glove_small_recipe,
   log,
   matmul_peak,
   train_throughput,
@@ -119,18 +120,26 @@ def rd_baselines(ds: data.Dataset, sizes: list[int], args) -> list[dict[str, Any
 
 
 # ------------------------------------------------------------------ QINCo2
+def recipe(args: QuantizerBench, M: int, budget_s: float,
+           loop: int) -> tuple[qj.QincoConfig, train.TrainConfig]:
+  """glove_small (L=2, warm-up 1 epoch) at M bytes with this run's de, dh, training
+  beam and batch, TrainConfig's default lr, trained for `budget_s` seconds, early
+  stopping after 5 epochs without improvement. The trainer holds the budget: the
+  warm-up is the first epoch and the cosine is re-planned from the measured time per
+  step after every epoch, so the default `epochs` only seeds a plan that the first
+  re-plan replaces."""
+  return glove_small_recipe(
+      dict(M=M, de=args.de, dh=args.dh, A=args.train_A, B=args.train_B),
+      dict(lr=None, epochs=None, stop_patience=5, batch_per_device=args.batch,
+           time_budget_s=budget_s), loop)
+
+
 def qinco_run(ds: data.Dataset, M: int, budget_s: float, args) -> dict[str, Any]:
-  cfg = qj.preset("qinco2-S", M=M, L=2, de=args.de, dh=args.dh, A=args.train_A,
-                  B=args.train_B)
   G = args.batch
   loop = min(args.loop, len(ds.train))
   steps = loop // G
+  cfg, tc = recipe(args, M, budget_s, loop)
   log(f"QINCo2 {M} bytes: training for {budget_s / 60:.1f} min")
-  # The trainer holds the budget (time_budget_s): the warm-up is the first epoch and the
-  # cosine is re-planned from the measured time per step after every epoch, so the
-  # `epochs` here only seeds a plan that the first re-plan replaces.
-  tc = train.TrainConfig(warmup_epochs=1, stop_patience=5, batch_per_device=G, loop=loop,
-                         time_budget_s=budget_s)
   workdir = os.path.join(args.workdir, f"qinco_{M}B")
   if os.path.isdir(workdir):
     shutil.rmtree(workdir)  # a fresh run each time (the trainer refuses to overwrite)

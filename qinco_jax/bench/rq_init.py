@@ -23,7 +23,7 @@ from absl import logging
 import qinco_jax as qj
 from qinco_jax import aq, data, rq_init, train, trainer
 from qinco_jax.baselines import FaissQuantizer
-from qinco_jax.bench.harness import DOC, RUNS, log, write_section
+from qinco_jax.bench.harness import DOC, RUNS, glove_small_recipe, log, write_section
 from qinco_jax.config import flag
 from qinco_jax.evaluate import evaluate
 
@@ -86,12 +86,18 @@ def init_rows(opts, name):
   return title, len(xt), rows
 
 
+def recipe(opts: RQInitBench, minutes: float, noise: float,
+           loop: int) -> tuple[qj.QincoConfig, train.TrainConfig]:
+  """glove_small (L=2, de=64, dh=128, A=B=4, RQ init) at M bytes, codebook noise and
+  lr, trained for `minutes` (the plan seeded by TrainConfig's default epochs) without
+  early stopping."""
+  return glove_small_recipe(
+      dict(M=opts.M, init="rq", codebook_noise_init=noise),
+      dict(lr=opts.lr, epochs=None, stop_patience=1000, time_budget_s=minutes * 60), loop)
+
+
 def training_row(opts, ds, ev_ds, minutes, old_init, noise):
-  cfg = qj.preset("qinco2-S", M=opts.M, L=2, de=64, dh=128, A=4, B=4, init="rq",
-                  codebook_noise_init=noise)
-  tc = train.TrainConfig(lr=opts.lr, warmup_epochs=1, stop_patience=1000,
-                         batch_per_device=1024, loop=len(ds.train),
-                         time_budget_s=minutes * 60)
+  cfg, tc = recipe(opts, minutes, noise, len(ds.train))
   work = os.path.join(opts.workdir, f"{minutes:g}min_{'old' if old_init else 'new'}_{noise:g}")
   if os.path.isdir(work):
     shutil.rmtree(work)
