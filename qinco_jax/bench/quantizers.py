@@ -179,6 +179,19 @@ def fmt_table(rows: list[dict[str, Any]]) -> list[str]:
   return lines
 
 
+def _early_stop_note(q: dict[str, Any]) -> str:
+  """A sentence when early stopping, not the budget, ended the training."""
+  if q["train_s"] >= 0.95 * q["budget_s"]:
+    return ""
+  val = q["val_mse"]
+  best = min(range(len(val)), key=val.__getitem__)
+  return (f" Early stopping ended this run after {q['train_s'] / 60:.1f} of the "
+          f"{q['budget_s'] / 60:.0f} minutes: the validation MSE had not improved for "
+          f"more than the recipe's 5 epochs (best after epoch {best + 1} of {len(val)}), "
+          "while the cosine's lr was still well above its floor; the remaining minutes "
+          "were not used.")
+
+
 def section(res: dict[str, Any]) -> str:
   a = res["args"]
   q = res.get("qinco")
@@ -214,7 +227,8 @@ def section(res: dict[str, Any]) -> str:
           "recipe (the encode column shows what the large beam costs)."
           + (f" The budget was cut from {a['time_budget_s'] / 60:.0f} minutes by "
              "`--deadline_s`, which caps the whole run." if
-             q["budget_s"] < a["time_budget_s"] - 1 else ""), ""]
+             q["budget_s"] < a["time_budget_s"] - 1 else "")
+          + _early_stop_note(q), ""]
   L += fmt_table(rows) + [""]
   L += [f"faiss baselines are trained on the first {a['faiss_train']:,} training vectors "
         f"(LSQ: {a['lsq_train']:,}, {a['lsq_iters']} training iterations; OPQ: "

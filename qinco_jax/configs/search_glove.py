@@ -7,8 +7,9 @@ Runs the stages ivf, train, encode, build and search into the workdir (any field
 overridden by its flag, e.g. --stage=encode or --time_budget_s=360). Measured on a
 2-core CPU: ivf about a minute; train 25 minutes (the budget; 38 epochs, validation
 MSE 2.04 at A=4, B=4); encode 12.5 minutes (380,000 vectors at A=16, B=32); build and
-the search sweep a few minutes each. Result (docs/benchmarks.md, "Search"): R@1 0.225
-at 13,850 queries/s (nprobe 1, AQ stage only) up to 0.468 with QINCo2 re-ranking;
+the search sweep a few minutes each (build: 38 s). Result (docs/benchmarks.md,
+"Search"): R@1 0.225 at 9,858 queries/s (nprobe 1, AQ stage only) up to 0.468 with
+QINCo2 re-ranking;
 the codes' exhaustive ceiling is R@1 0.4714. Without --config, qinco-search uses the
 `SearchJob` defaults: 6 epochs and encoding at the training beam (A=4, B=4).
 """
