@@ -159,3 +159,22 @@ def test_budget_recipes_are_glove_small_plus_what_the_benchmarks_vary(minutes, l
       qj.preset("qinco2-S", M=16, L=2, de=64, dh=128, A=8, B=4),
       train.TrainConfig(warmup_epochs=1, stop_patience=5, batch_per_device=512,
                         loop=100_000, time_budget_s=minutes * 60))
+
+
+def test_a_run_folder_is_cleared_only_when_a_training_run_wrote_it(tmp_path):
+  """A benchmark starts a run afresh by removing its earlier attempt; a folder holding
+  anything else (the user's) is refused and left byte for byte as it was."""
+  earlier = tmp_path / "earlier"
+  (earlier / "ckpt" / "3").mkdir(parents=True)
+  for name in ("metrics.jsonl", "ckpt_meta.json", ".lock", ".ckpt_meta.json.tmp"):
+    (earlier / name).write_text("{}")
+  harness.clear_run_dir(str(earlier))
+  assert not earlier.exists()
+  users = tmp_path / "users"
+  (users / "best").mkdir(parents=True)
+  (users / "metrics.jsonl").write_text("{}")
+  (users / "thesis.tex").write_text("mine")
+  with pytest.raises(ValueError, match=r"training run does not write \(\['thesis.tex'\]\)"):
+    harness.clear_run_dir(str(users))
+  assert (users / "thesis.tex").read_text() == "mine" and (users / "best").is_dir()
+  harness.clear_run_dir(str(tmp_path / "absent"))  # nothing to clear

@@ -18,14 +18,19 @@ yet).
 import dataclasses
 import json
 import os
-import shutil
-import time
 
 from absl import logging
 
 import qinco_jax as qj
 from qinco_jax import data, rq_init, train, trainer
-from qinco_jax.bench.harness import DOC, RUNS, glove_small_recipe, log, write_section
+from qinco_jax.bench.harness import (
+  DOC,
+  RUNS,
+  fresh_training,
+  glove_small_recipe,
+  log,
+  write_section,
+)
 from qinco_jax.config import flag
 from qinco_jax.evaluate import evaluate, faiss_rq_baseline
 
@@ -107,24 +112,16 @@ def recipe(opts: BudgetBench, init: str, lr: float, minutes: float,
 
 def qinco_row(opts, ds, ev_ds, init, lr, minutes) -> dict:
   cfg, tc = recipe(opts, init, lr, minutes, len(ds.train))
-  work = run_dir(opts, init, lr, minutes)
-  if os.path.isdir(work):
-    shutil.rmtree(work)  # an unfinished earlier attempt: this run starts afresh
   log(f"QINCo2 {opts.M} bytes, init={init}, lr={lr:g}: {minutes:g} min")
-  t0, c0 = time.perf_counter(), time.process_time()
-  codec = trainer.train_and_evaluate(cfg, tc, ds, work, verbose=False)
-  train_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
-  recs = trainer.read_metrics(work)
-  epochs = [r for r in recs if "train_s" in r]
-  val = [r["val_mse"] for r in recs if "val_mse" in r]
-  ev = evaluate(codec, ev_ds, A=opts.eval_A, B=opts.eval_B, verbose=False)
-  log(f"  MSE {ev['mse']:.4f} after {len(epochs)} epochs ({train_s / 60:.1f} min)")
+  run = fresh_training(cfg, tc, ds, run_dir(opts, init, lr, minutes))
+  ev = evaluate(run.codec, ev_ds, A=opts.eval_A, B=opts.eval_B, verbose=False)
+  log(f"  MSE {ev['mse']:.4f} after {len(run.epochs)} epochs ({run.train_s / 60:.1f} min)")
   return {"method": "QINCo2", "init": init, "lr": lr, "minutes": minutes,
           "rq_kmeans": rq_init.KMEANS_INIT,
-          "train_s": train_s, "cpu_s": cpu_s, "epochs": len(epochs),
-          "samples": sum(r["samples"] for r in epochs), "val_init": val[0],
-          "val_best": min(val), **{k: ev[k] for k in ("mse", "R@1", "R@10", "R@100")
-                                    if k in ev}}
+          "train_s": run.train_s, "cpu_s": run.cpu_s, "epochs": len(run.epochs),
+          "samples": run.samples, "val_init": run.val[0],
+          "val_best": min(run.val), **{k: ev[k] for k in ("mse", "R@1", "R@10", "R@100")
+                                       if k in ev}}
 
 
 TRAINING = ("rq_kmeans", "train_s", "cpu_s", "epochs", "samples", "val_init", "val_best")

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qinco_jax as qj
-from qinco_jax import experiment, train
+from qinco_jax import data, experiment, train, trainer
 from qinco_jax.configs import glove_small
 from qinco_jax.data import atomic_write
 
@@ -122,6 +123,55 @@ def glove_small_recipe(model: dict[str, Any], train: dict[str, Any],
   c.train.update(**train)
   c.ds.loop = loop
   return experiment.model_config(c, 0), experiment.train_config(c)
+
+
+# What a training run leaves in its workdir (trainer.train_and_evaluate, its lock and
+# atomic writes start with "."): a folder holding only these is an earlier attempt.
+RUN_FILES = frozenset({"best", "ckpt", "ckpt_meta.json", "metrics.jsonl", "tb"})
+
+
+def clear_run_dir(path: str) -> None:
+  """Removes `path`, a benchmark's own run folder left by an earlier attempt, so that a
+  run starts afresh (the trainer refuses to overwrite a checkpoint). A folder holding
+  anything a training run does not write is refused (ValueError naming it), never
+  deleted: it may be the user's."""
+  if not os.path.isdir(path):
+    return
+  foreign = sorted(n for n in os.listdir(path) if n not in RUN_FILES and n[0] != ".")
+  if foreign:
+    raise ValueError(f"{path} holds files a training run does not write ({foreign[:5]}): "
+                     "it is not an earlier run of this benchmark, so it is left as it is; "
+                     "move it or choose another --workdir")
+  shutil.rmtree(path)
+
+
+@dataclasses.dataclass
+class Training:
+  """A fresh training run (`fresh_training`): the best codec, wall and CPU seconds,
+  the epoch records of metrics.jsonl and every validation MSE (the initial model's
+  first)."""
+  codec: qj.Codec
+  train_s: float
+  cpu_s: float
+  epochs: list[dict[str, Any]]
+  val: list[float]
+
+  @property
+  def samples(self) -> int:
+    return sum(r["samples"] for r in self.epochs)
+
+
+def fresh_training(cfg: qj.QincoConfig, tc: train.TrainConfig, ds: data.Dataset,
+                   workdir: str, verbose: bool = False) -> Training:
+  """`trainer.train_and_evaluate` from scratch in the benchmark's run folder `workdir`
+  (an earlier attempt there is removed first, `clear_run_dir`), timed."""
+  clear_run_dir(workdir)
+  w0, c0 = time.perf_counter(), time.process_time()
+  codec = trainer.train_and_evaluate(cfg, tc, ds, workdir, verbose=verbose)
+  train_s, cpu_s = time.perf_counter() - w0, time.process_time() - c0
+  recs = trainer.read_metrics(workdir)
+  return Training(codec, train_s, cpu_s, [r for r in recs if "train_s" in r],
+                  [r["val_mse"] for r in recs if "val_mse" in r])
 
 
 def write_section(path: str, block: str, start: str, end: str) -> None:

@@ -34,7 +34,6 @@ import functools
 import json
 import os
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,11 +42,12 @@ import jax
 import numpy as np
 
 import qinco_jax as qj
-from qinco_jax import data, train, trainer
+from qinco_jax import data, train
 from qinco_jax.baselines import FaissQuantizer
 from qinco_jax.bench.harness import (
   DOC,
   RUNS,
+  fresh_training,
   glove_small_recipe,
   log,
   matmul_peak,
@@ -140,27 +140,21 @@ def qinco_run(ds: data.Dataset, M: int, budget_s: float, args) -> dict[str, Any]
   steps = loop // G
   cfg, tc = recipe(args, M, budget_s, loop)
   log(f"QINCo2 {M} bytes: training for {budget_s / 60:.1f} min")
-  workdir = os.path.join(args.workdir, f"qinco_{M}B")
-  if os.path.isdir(workdir):
-    shutil.rmtree(workdir)  # a fresh run each time (the trainer refuses to overwrite)
-  w0, c0 = time.perf_counter(), time.process_time()
-  codec = trainer.train_and_evaluate(cfg, tc, ds, workdir, verbose=args.verbose)
-  train_s, train_cpu_s = time.perf_counter() - w0, time.process_time() - c0
-  records = trainer.read_metrics(workdir)
-  epochs = [r for r in records if "train_s" in r]
-  log(f"QINCo2 trained: {len(epochs)} epochs in {train_s / 60:.1f} min; evaluating at "
-      f"A={args.eval_A}, B={args.eval_B}")
-  ev = evaluate(codec, ds, A=args.eval_A, B=args.eval_B, verbose=False)
+  run = fresh_training(cfg, tc, ds, os.path.join(args.workdir, f"qinco_{M}B"),
+                       verbose=args.verbose)
+  log(f"QINCo2 trained: {len(run.epochs)} epochs in {run.train_s / 60:.1f} min; "
+      f"evaluating at A={args.eval_A}, B={args.eval_B}")
+  ev = evaluate(run.codec, ds, A=args.eval_A, B=args.eval_B, verbose=False)
   out = {"method": f"QINCo2 (A={args.eval_A}, B={args.eval_B})", "bytes": M,
-         "model": repr(codec), "L": cfg.L, "de": cfg.de, "dh": cfg.dh,
+         "model": repr(run.codec), "L": cfg.L, "de": cfg.de, "dh": cfg.dh,
          "train_A": cfg.A, "train_B": cfg.B, "batch": G, "budget_s": budget_s,
          "loop": steps * G,
-         "epochs": len(epochs),
-         "samples": sum(r["samples"] for r in epochs), "train_s": train_s,
-         "train_cpu_s": train_cpu_s,
-         "epoch_train_s": [r["train_s"] for r in epochs],
-         "val_mse": [r["val_mse"] for r in epochs],
-         "best_val_mse": min([r["val_mse"] for r in records if "val_mse" in r]),
+         "epochs": len(run.epochs),
+         "samples": run.samples, "train_s": run.train_s,
+         "train_cpu_s": run.cpu_s,
+         "epoch_train_s": [r["train_s"] for r in run.epochs],
+         "val_mse": [r["val_mse"] for r in run.epochs],
+         "best_val_mse": min(run.val),
          **ev}
   log(f"QINCo2 {M} bytes: MSE {out['mse']:.4f}, R@1 {out.get('R@1', float('nan')):.4f}")
   return out

@@ -14,16 +14,22 @@ Results go to docs/benchmarks.md.
 
 import dataclasses
 import os
-import shutil
 import time
 
 import numpy as np
 from absl import logging
 
 import qinco_jax as qj
-from qinco_jax import aq, data, rq_init, train, trainer
+from qinco_jax import aq, data, rq_init, train
 from qinco_jax.baselines import FaissQuantizer
-from qinco_jax.bench.harness import DOC, RUNS, glove_small_recipe, log, write_section
+from qinco_jax.bench.harness import (
+  DOC,
+  RUNS,
+  fresh_training,
+  glove_small_recipe,
+  log,
+  write_section,
+)
 from qinco_jax.config import flag
 from qinco_jax.evaluate import evaluate
 
@@ -99,18 +105,15 @@ def recipe(opts: RQInitBench, minutes: float, noise: float,
 def training_row(opts, ds, ev_ds, minutes, old_init, noise):
   cfg, tc = recipe(opts, minutes, noise, len(ds.train))
   work = os.path.join(opts.workdir, f"{minutes:g}min_{'old' if old_init else 'new'}_{noise:g}")
-  if os.path.isdir(work):
-    shutil.rmtree(work)
   saved = rq_init.SPLIT_ITERS, rq_init.KMEANS_INIT
   if old_init:  # the K-means before this benchmark: random seeds, no splitting
     rq_init.SPLIT_ITERS, rq_init.KMEANS_INIT = 0, "random"
   try:
-    codec = trainer.train_and_evaluate(cfg, tc, ds, work, verbose=False)
+    run = fresh_training(cfg, tc, ds, work)
   finally:
     rq_init.SPLIT_ITERS, rq_init.KMEANS_INIT = saved
-  recs = trainer.read_metrics(work)
-  val = [r["val_mse"] for r in recs if "val_mse" in r]
-  ev = evaluate(codec, ev_ds, A=16, B=32, verbose=False)
+  val = run.val
+  ev = evaluate(run.codec, ev_ds, A=16, B=32, verbose=False)
   label = f"{'old' if old_init else 'new'} RQ init, codebook noise {noise:g}"
   log(f"  {minutes:g} min, {label}: val init {val[0]:.4f} best {min(val):.4f}, "
       f"db MSE {ev['mse']:.4f}")
