@@ -96,7 +96,6 @@ def parse_config(cls: type[C], argv: Sequence[str], description: str = "") -> C:
     return cls(**ns)
   except ValueError as e:  # the config's own checks (__post_init__)
     p.error(str(e))
-    raise  # p.error exits; for the type checker
 
 
 def command_line(script: str, argv: Sequence[str]) -> str:

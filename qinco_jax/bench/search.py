@@ -207,9 +207,7 @@ def fastscan_lever(args, searcher, train, db, queries, gt, K_ivf):
   # code of the raw vectors, re-ranking k_factor x k candidates (k_factor = S for one
   # result).
   refine_key = f"{fs_key},Refine(RQ8x8)"
-  refined = faiss.index_factory(db.shape[1], refine_key)
-  refined.train(train)
-  refined.add(db)
+  refined = faiss_index(refine_key, train, db)[0]
   refine = faiss.downcast_index(refined)  # an IndexRefine around the OPQ + IVF index
 
   def refined_search(nprobe):  # one result: R@1 of exactly S re-ranked candidates
