@@ -1,10 +1,12 @@
-"""Command-line programs: `qinco-train`, `qinco-search`, `qinco-eval` (installed with the
-package; `experiments/train_bigann.py`, `search_bigann.py` and `eval.py` call the same
-functions). Each is flags -> a config -> one library call:
+"""Command-line programs: `qinco-train`, `qinco-search`, `qinco-eval`, `qinco-compile`
+(installed with the package; `experiments/train_bigann.py`, `search_bigann.py`,
+`eval.py` and `compile_pods.py` call the same functions). Each is flags -> a config ->
+one library call:
 
   qinco-train --config=glove_small --workdir=runs/glove        # experiment.run
   qinco-search --workdir=runs/search_glove --stage=all         # bigann.run
   qinco-eval --model=runs/glove --A=16 --B=32                  # evaluate.evaluate
+  qinco-compile --config=qinco2_l --target=v5p-128             # aot.job.run
 
 `--config` takes a config by name (the files in `qinco_jax/configs/`) or any config
 file by path. For `qinco-train`, `--config.train.lr=...` and the like override its
@@ -261,3 +263,13 @@ def evaluate(argv: list[str] | None = None):
     print(json.dumps(out, indent=2))
 
   _run(main, argv)
+
+
+# ----------------------------------------------------------------------- compile
+def compile_pods(argv: list[str] | None = None):
+  """`qinco-compile`: compiles the training step, encoder and decoder for a TPU slice or
+  GPU host ahead of time and reports memory, FLOPs, collectives and a roofline
+  prediction per chip (`qinco_jax.aot`; docs/pods.md)."""
+  from qinco_jax.aot import job
+  argv = list(sys.argv if argv is None else argv)
+  sys.exit(job.main(argv[1:]))

@@ -34,20 +34,28 @@ N_INIT = 1_000_000  # training vectors used by the RQ initialisation (spec 8.1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "A", "B"))
-def _encode_chunk(graphdef, state, x, A: int, B: int):
+def encode_chunk(graphdef, state, x, A: int, B: int):
+  """One compiled encoder call (what `Codec.encode` runs per chunk): x (chunk, d)
+  float32 raw -> (codes (chunk, M_tot) int32, x_hat (chunk, d) float32 raw)."""
   model = nnx.merge(graphdef, state)
   res = beam_search(model, normalize(model, x), A=A, B=B)
   return res.codes, denormalize(model, res.x_hat)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _decode_chunk(graphdef, state, codes):
+def decode_chunk(graphdef, state, codes):
+  """One compiled decoder call (what `Codec.decode` runs per chunk): codes (chunk, m)
+  int32 -> (chunk, d) float32 raw."""
   model = nnx.merge(graphdef, state)
   return denormalize(model, decode_steps(model, codes)[0])
 
 
-def _local_mesh() -> jax.sharding.Mesh:
-  return jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+def local_mesh(devices=None) -> jax.sharding.Mesh:
+  """The mesh encode and decode split their chunks over: this process's devices on one
+  ("data",) axis (each process of a multi-host job encodes its own rows). devices:
+  default `jax.local_devices()` (the ahead-of-time compile passes a target host's)."""
+  return jax.sharding.Mesh(np.array(jax.local_devices() if devices is None else devices),
+                           ("data",))
 
 
 class Codec:
@@ -192,26 +200,30 @@ class Codec:
 
   def _device_state(self):
     if self._placed is None or self._placed[1] is not self.state:
-      mesh = _local_mesh()
+      mesh = local_mesh()
       placed = jax.device_put(self.state, NamedSharding(mesh, P()))
       self._placed = (mesh, self.state, placed)
     return self._placed[0], self._placed[2]
 
   # ---------------------------------------------------------------- encode
-  def chunk_size(self, A: int, B: int) -> int:
-    """Vectors per encoder call: chunk * B * (A or K) <= enc_max_bs (spec 6.3).
+  def chunk_size(self, A: int, B: int, *, platform: str | None = None,
+                 devices: int | None = None) -> int:
+    """Vectors per encoder call: each device scores at most enc_max_bs candidates,
+    chunk / devices * B * (A or K) <= enc_max_bs (spec 6.3, per device).
 
     On CPU the budget is further capped at CPU_ENC_ROWS candidate rows: smaller calls
     keep the block activations in cache and encode 1.2-1.3x faster (docs/benchmarks.md,
     codec section) with identical codes.
+
+    platform, devices: the backend and the number of local devices the chunk is split
+    over (default: this process's; the ahead-of-time compile passes a target's).
     """
     per_vector = B * (A if A > 0 else self.K)
     rows = self.cfg.enc_max_bs
-    if jax.default_backend() == "cpu":
+    if (platform or jax.default_backend()) == "cpu":
       rows = min(rows, CPU_ENC_ROWS)
-    chunk = max(1, rows // per_vector)
-    ndev = jax.local_device_count()
-    return -(-chunk // ndev) * ndev
+    ndev = jax.local_device_count() if devices is None else devices
+    return max(1, rows // per_vector) * ndev
 
   def _check_AB(self, A: int | None, B: int | None) -> tuple[int, int]:
     A = self.cfg.A if A is None else A
@@ -270,7 +282,7 @@ class Codec:
                   disable=not verbose or n <= 16 * chunk):
       e = min(s + chunk, n)
       xc = _pad(data.as_float32(x[s:e], d=self.d, name="x", row_offset=s), chunk)
-      out = _encode_chunk(self.graphdef, state, jax.device_put(xc, sharding), A=A, B=B)
+      out = encode_chunk(self.graphdef, state, jax.device_put(xc, sharding), A=A, B=B)
       if pending is not None:
         collect(pending)  # overlaps host work with the chunk just dispatched
       pending = (s, e, out)
@@ -349,7 +361,7 @@ class Codec:
       e = min(s + chunk, n)
       cc = _pad(np.asarray(codes[s:e], np.int32), min(chunk, -(-(e - s) // bucket) * bucket))
       out[s:e] = np.asarray(
-          _decode_chunk(self.graphdef, state, jax.device_put(cc, sharding)))[: e - s]
+          decode_chunk(self.graphdef, state, jax.device_put(cc, sharding)))[: e - s]
     return out
 
   # ------------------------------------------------------------ validation

@@ -8,12 +8,17 @@ pre-selection, every one of the K codes is scored), B beam size (1 = greedy).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from typing import Any, Literal
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Literal, NoReturn, TypeVar
 
 Dtype = Literal["float32", "bfloat16"]  # compute dtype of the step networks
 MAX_K = 65536  # codes are stored as uint16 at most
 MAX_B = 65536
+C = TypeVar("C")
 
 
 def flag(default: Any, help: str, **meta: Any) -> Any:
@@ -22,6 +27,73 @@ def flag(default: Any, help: str, **meta: Any) -> Any:
   `x: int = flag(3, "what x is")`. `meta`: more of the field's metadata for the flag
   parser (e.g. `empty_ok=True`: a tuple flag may be given no value)."""
   return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def _flag_type(tp: Any) -> tuple[Any, bool]:
+  """(element type, is a tuple) of a config field's annotation: int, float, str, bool,
+  `X | None` or `tuple[X, ...]`."""
+  args = typing.get_args(tp)
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    (tp,) = [a for a in args if a is not type(None)]
+    args = typing.get_args(tp)
+  if typing.get_origin(tp) is tuple:
+    return args[0], True
+  return tp, False
+
+
+class _OneLineParser(argparse.ArgumentParser):
+  """argparse, but a refused flag is one line (`prog: error: ...`), without the usage."""
+
+  def error(self, message) -> NoReturn:
+    self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def parse_config(cls: type[C], argv: Sequence[str], description: str = "") -> C:
+  """A frozen config dataclass from command-line flags, one flag per field.
+
+  `--name value` or `--name=value`; `-` may stand for `_` (`--target-s`); booleans
+  are `--name` / `--no-name`; tuple fields take several values, space- or
+  comma-separated (`--bytes 8 16`, `--inits=rq,reference`), at least one unless
+  the default is empty or the field's metadata says `empty_ok`. Each field's
+  `metadata["help"]` is its help text. Unknown or abbreviated flags, wrong types and
+  the config's own checks are refused in one line naming the problem (exit status 2).
+  """
+  hints = typing.get_type_hints(cls)
+  p = _OneLineParser(description=description.strip().split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              allow_abbrev=False)  # no flag is taken for another
+  tuples = {}
+  for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    tp, many = _flag_type(hints[f.name])
+    names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+    kw: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", " ")}
+    if f.default is not dataclasses.MISSING:
+      kw["default"] = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+      kw["default"] = f.default_factory()
+    else:
+      kw["required"] = True
+    if tp is bool:
+      kw["action"] = argparse.BooleanOptionalAction
+    elif many:
+      # At least one value, unless the default is empty or the field allows none.
+      kw["nargs"] = "*" if kw.get("default") == () or f.metadata.get("empty_ok") else "+"
+      tuples[f.name] = tp
+    else:
+      kw["type"] = tp
+    p.add_argument(*names, **kw)
+  ns = vars(p.parse_args(list(argv)))
+  for name, tp in tuples.items():
+    if isinstance(ns[name], list):
+      try:
+        ns[name] = tuple(tp(v.strip()) for item in ns[name] for v in item.split(",")
+                         if v.strip())
+      except ValueError as e:
+        p.error(f"--{name}: expected {tp.__name__} values, got {ns[name]} ({e})")
+  try:
+    return cls(**ns)
+  except ValueError as e:  # the config's own checks (__post_init__)
+    p.error(str(e))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

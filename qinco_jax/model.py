@@ -10,6 +10,7 @@ of `(graphdef, state, ...)` (see `encode.py`, `decode.py`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -45,11 +46,38 @@ def expand_to_rank(v: Array, ndim: int) -> Array:
 
 
 def _mm(x: Array, w: Array, dtype) -> Array:
-  """x @ w with both operands in `dtype` (the compute dtype), result float32."""
+  """x @ w with both operands in `dtype` (the compute dtype), result float32.
+
+  x: (..., I) float32, w: (I, O) float32 -> (..., O) float32. In a reduced dtype the
+  gradients are accumulated in float32 as well (`_mixed_mm`)."""
   if dtype == jnp.float32:
     return x @ w
-  return jnp.matmul(x.astype(dtype), w.astype(dtype),
-                    preferred_element_type=jnp.float32)
+  return _mixed_mm(x.astype(jnp.float32), w.astype(jnp.float32), jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_mm(x: Array, w: Array, dtype) -> Array:
+  return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_mm_fwd(x, w, dtype):
+  xc, wc = x.astype(dtype), w.astype(dtype)
+  return jnp.matmul(xc, wc, preferred_element_type=jnp.float32), (xc, wc)
+
+
+def _mixed_mm_bwd(dtype, res, g):
+  # Both gradients come out of float32-accumulating matmuls. JAX's own rule returns
+  # them in the compute dtype, so that data-parallel training summed the weight
+  # gradients of the devices in bfloat16 (the compiler reduces the per-device matmul
+  # result before the cast back to float32; seen in the TPU compile).
+  xc, wc = res
+  gc = g.astype(dtype)
+  dx = jnp.matmul(gc, wc.T, preferred_element_type=jnp.float32)
+  dw = jnp.einsum("...i,...o->io", xc, gc, preferred_element_type=jnp.float32)
+  return dx, dw
+
+
+_mixed_mm.defvjp(_mixed_mm_fwd, _mixed_mm_bwd)
 
 
 class ResidualBlock(nnx.Module):

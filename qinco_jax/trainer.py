@@ -70,6 +70,33 @@ class BatchOrder:
     return out
 
 
+def data_mesh(devices=None) -> jax.sharding.Mesh:
+  """The training mesh: one ("data",) axis over every device of every process.
+
+  devices: the run's devices (default `jax.devices()`; the ahead-of-time compile passes
+  a target's). On several TPU slices (devices with distinct `slice_index`) the axis is
+  ordered slice by slice (`create_hybrid_device_mesh`), so that the gradient
+  all-reduce runs over ICI inside each slice and crosses the data-centre network once;
+  `jax.make_mesh` refuses such device sets. The axis is Auto: the compiler propagates
+  the batch sharding through the beam search.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  auto = (jax.sharding.AxisType.Auto,)
+  slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+  if len(slices) > 1:
+    from jax.experimental import mesh_utils
+    per = len(devices) // len(slices)
+    grid = mesh_utils.create_hybrid_device_mesh((per,), (len(slices),), devices)
+    return jax.sharding.Mesh(grid.reshape(-1), ("data",), axis_types=auto)
+  return jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=auto)
+
+
+def shardings(mesh: jax.sharding.Mesh) -> tuple[NamedSharding, NamedSharding]:
+  """(train state's, global batch's) shardings on the training mesh: the state
+  replicated on every device, the batch split along "data" (data parallel)."""
+  return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
 def _read_rows(x, idx: np.ndarray) -> np.ndarray:
   order = np.argsort(idx, kind="stable")
   rows = np.asarray(x[idx[order]])
@@ -231,9 +258,7 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
   workdir = Path(workdir).absolute()  # Orbax wants absolute paths
   main = dist.is_main()  # process 0 reads and writes the workdir; the others never do
   verbose = verbose and main
-  # Auto axes: the compiler propagates the batch sharding through the beam search.
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = data_mesh()
   G = train_cfg.batch_per_device * jax.device_count()
   n = len(ds.train)
   S = min(train_cfg.loop, n)
@@ -306,13 +331,12 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
            clock, t_call, mesh, G, n, S, steps, order, tx) -> Codec:
   """The body of `train_and_evaluate`, once the workdir is locked and read."""
   main = dist.is_main()
-  replicated = NamedSharding(mesh, P())
+  replicated, batch_sharding = shardings(mesh)
   codec, state, meta = _initial_state(model_cfg, train_cfg, ds, workdir, start, ckpts,
                                       verbose=verbose, ivf_centroids=ivf_centroids, n=n,
                                       tx=tx, replicated=replicated)
   plan = budget.Planner(train_cfg, steps, meta, t_call, clock)
   step_fn = train.make_train_step(codec.graphdef, tx, codec.cfg.A, codec.cfg.B)
-  batch_sharding = NamedSharding(mesh, P("data"))
   writer = MetricWriter(workdir)
   if meta["best_val"] is None and main and writer.path.exists():
     writer.path.unlink()  # a fresh run: drop the log of a run whose checkpoints are gone

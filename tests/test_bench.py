@@ -11,13 +11,23 @@ import sys
 
 import pytest
 
-from qinco_jax.bench import budget, codec, harness, multihost, quantizers, rq_init, search
+from qinco_jax.bench import (
+    budget,
+    codec,
+    harness,
+    multihost,
+    pods,
+    quantizers,
+    rq_init,
+    search,
+)
 from qinco_jax.config import flag
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"bench_codec": codec.CodecBench, "bench_quantizers": quantizers.QuantizerBench,
            "bench_search": search.SearchBench, "bench_budget": budget.BudgetBench,
-           "bench_rq_init": rq_init.RQInitBench, "bench_multihost": multihost.MultihostBench}
+           "bench_rq_init": rq_init.RQInitBench, "bench_multihost": multihost.MultihostBench,
+           "bench_pods": pods.PodsBench}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +100,7 @@ def test_command_line_is_the_users():
 def _quoted_commands():
   """(script, argv) of every `python experiments/bench_*.py ...` in the docs."""
   out = []
-  for doc in ("docs/benchmarks.md", "README.md", "docs/design.md"):
+  for doc in ("docs/benchmarks.md", "README.md", "docs/design.md", "docs/pods.md"):
     with open(os.path.join(ROOT, doc)) as f:
       text = f.read().replace("\\\n", " ")
     for m in re.finditer(r"python experiments/(bench_\w+)\.py([^`\n#]*)", text):

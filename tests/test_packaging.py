@@ -34,7 +34,8 @@ def test_wheel_holds_programs_configs_licence_and_version(wheel):
   (ep,) = [n for n in names if n.endswith("entry_points.txt")]
   text = zipfile.ZipFile(wheel).read(ep).decode()
   for line in ("qinco-train = qinco_jax.cli:train", "qinco-search = qinco_jax.cli:search",
-               "qinco-eval = qinco_jax.cli:evaluate"):
+               "qinco-eval = qinco_jax.cli:evaluate",
+               "qinco-compile = qinco_jax.cli:compile_pods"):
     assert line in text
   assert not any(n.startswith(("tests/", "experiments/")) for n in names)
 
@@ -59,7 +60,7 @@ def test_installed_programs_run_from_another_directory(wheel, tmp_path):
 
   r = run(str(py), "-c", "import qinco_jax; print(qinco_jax.__file__)")
   assert str(venv) in r.stdout, (r.stdout, r.stderr[-2000:])  # the wheel's copy
-  for prog in ("qinco-train", "qinco-search", "qinco-eval"):
+  for prog in ("qinco-train", "qinco-search", "qinco-eval", "qinco-compile"):
     r = run(str(bin_dir / prog), "--help")
     assert r.returncode == 0, r.stderr[-2000:]
   assert "--config" in run(str(bin_dir / "qinco-train"), "--help").stdout

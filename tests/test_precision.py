@@ -44,9 +44,8 @@ def test_bfloat16_runs_the_matmuls_in_bfloat16(trained):
   c = jnp.ones((3, 16), jnp.float32)
 
   def dot_operand_dtypes(f):
-    eqns = jax.make_jaxpr(f)(c).jaxpr.eqns
-    return [{str(v.aval.dtype) for v in e.invars} for e in eqns
-            if e.primitive.name == "dot_general"]
+    return [{str(v.aval.dtype) for v in e.invars}
+            for e in _eqns(jax.make_jaxpr(f)(c).jaxpr) if e.primitive.name == "dot_general"]
 
   dots = dot_operand_dtypes(lambda c: net(c, c))
   # E = D here: the concat layer and 2 blocks x (up, down), all in bfloat16
@@ -56,6 +55,40 @@ def test_bfloat16_runs_the_matmuls_in_bfloat16(trained):
   g, st = nnx.split(m32.steps)
   net32 = nnx.merge(g, jax.tree.map(lambda a: a[0], st))
   assert all(d == {"float32"} for d in dot_operand_dtypes(lambda c: net32(c, c)))
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, those of its sub-jaxprs (custom_vjp, scan, ...) too."""
+  for e in jaxpr.eqns:
+    yield e
+    for v in e.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else [v]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _eqns(inner)
+
+
+def test_bfloat16_weight_gradients_are_accumulated_in_float32():
+  """A data-parallel step sums the devices' weight gradients as the matmul produced
+  them: they must come out of the matmul in float32 (the TPU compile showed JAX's own
+  rule handing bfloat16 gradients to the all-reduce)."""
+  from qinco_jax.model import _mm
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((64, 9, 48)).astype(np.float32)
+  w = rng.standard_normal((48, 24)).astype(np.float32)
+  g = rng.standard_normal((64, 9, 24)).astype(np.float32)
+  _, vjp = jax.vjp(lambda x, w: _mm(x, w, jnp.bfloat16), jnp.asarray(x), jnp.asarray(w))
+  dx, dw = vjp(jnp.asarray(g))
+  assert dx.dtype == dw.dtype == jnp.float32
+
+  def bf16(a):  # the operands as the bfloat16 matmul sees them, in float64
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+  dw_ref = np.einsum("nbi,nbo->io", bf16(x), bf16(g))  # float64: the exact sum
+  dx_ref = bf16(g) @ bf16(w).T
+  # float32 accumulation: ~1e-6 relative; a bfloat16 result would be off by ~1e-3.
+  assert np.abs(np.asarray(dw) - dw_ref).max() < 1e-5 * np.abs(dw_ref).max()
+  assert np.abs(np.asarray(dx) - dx_ref).max() < 1e-5 * np.abs(dx_ref).max()
 
 
 def test_short_bfloat16_training_is_within_2_percent_of_float32(trained, tmp_path):

@@ -6,7 +6,6 @@ never each other."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shlex
@@ -14,8 +13,6 @@ import shutil
 import statistics
 import sys
 import time
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -25,8 +22,16 @@ import numpy as np
 
 import qinco_jax as qj
 from qinco_jax import data, experiment, train, trainer
+from qinco_jax.config import parse_config
 from qinco_jax.configs import glove_small
 from qinco_jax.data import atomic_write
+from qinco_jax.flops import (  # noqa: F401  (the benchmarks' FLOP model, re-exported)
+    candidate_flops,
+    decode_flops,
+    encode_flops,
+    tail_flops,
+    train_flops,
+)
 
 LONG_CALL = 4  # a call this many times over the target time is not repeated
 # Default outputs, relative to the directory the benchmark runs in (a clone's root):
@@ -38,66 +43,6 @@ T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ flags -> config
-def _flag_type(tp: Any) -> tuple[Any, bool]:
-  """(element type, is a tuple) of a config field's annotation: int, float, str, bool,
-  `X | None` or `tuple[X, ...]`."""
-  args = typing.get_args(tp)
-  if typing.get_origin(tp) in (typing.Union, types.UnionType):
-    (tp,) = [a for a in args if a is not type(None)]
-    args = typing.get_args(tp)
-  if typing.get_origin(tp) is tuple:
-    return args[0], True
-  return tp, False
-
-
-def parse_config(cls: type[C], argv: Sequence[str], description: str = "") -> C:
-  """A frozen config dataclass from command-line flags, one flag per field.
-
-  `--name value` or `--name=value`; `-` may stand for `_` (`--target-s`); booleans
-  are `--name` / `--no-name`; tuple fields take several values, space- or
-  comma-separated (`--bytes 8 16`, `--inits=rq,reference`), at least one unless
-  the default is empty or the field's metadata says `empty_ok`. Each field's
-  `metadata["help"]` is its help text. Unknown or abbreviated flags and wrong types
-  are refused with argparse's usual one-line message (exit status 2).
-  """
-  hints = typing.get_type_hints(cls)
-  p = argparse.ArgumentParser(description=description.strip().split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              allow_abbrev=False)  # no flag is taken for another
-  tuples = {}
-  for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-    tp, many = _flag_type(hints[f.name])
-    names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-    kw: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", " ")}
-    if f.default is not dataclasses.MISSING:
-      kw["default"] = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-      kw["default"] = f.default_factory()
-    else:
-      kw["required"] = True
-    if tp is bool:
-      kw["action"] = argparse.BooleanOptionalAction
-    elif many:
-      # At least one value, unless the default is empty or the field allows none.
-      kw["nargs"] = "*" if kw.get("default") == () or f.metadata.get("empty_ok") else "+"
-      tuples[f.name] = tp
-    else:
-      kw["type"] = tp
-    p.add_argument(*names, **kw)
-  ns = vars(p.parse_args(list(argv)))
-  for name, tp in tuples.items():
-    if isinstance(ns[name], list):
-      try:
-        ns[name] = tuple(tp(v.strip()) for item in ns[name] for v in item.split(",")
-                         if v.strip())
-      except ValueError as e:
-        p.error(f"--{name}: expected {tp.__name__} values, got {ns[name]} ({e})")
-  try:
-    return cls(**ns)
-  except ValueError as e:  # the config's own checks (__post_init__)
-    p.error(str(e))
-
-
 def command_line(script: str, argv: Sequence[str]) -> str:
   """The command as a user types it: `python experiments/NAME.py FLAGS`."""
   return " ".join(["python", f"experiments/{os.path.basename(script)}",
@@ -188,58 +133,6 @@ def write_section(path: str, block: str, start: str, end: str) -> None:
   atomic_write(path, lambda f: f.write(text.encode()))
 
 
-# ------------------------------------------------------------------ FLOP counts
-def _dims(cfg: qj.QincoConfig, d: int) -> tuple[int, int, bool]:
-  """(E, H, has_proj) of the step networks for data dimension d."""
-  E = cfg.embed_dim(d)
-  return E, cfg.dh, E != d
-
-
-def candidate_flops(cfg: qj.QincoConfig, d: int) -> int:
-  """FLOPs to evaluate and score one candidate: L blocks, P_out, ||r - f||^2."""
-  E, H, proj = _dims(cfg, d)
-  return cfg.L * 2 * (2 * E * H) + proj * 2 * E * d + 3 * d
-
-
-def encode_flops(cfg: qj.QincoConfig, d: int, A: int, B: int, chunk: int) -> float:
-  """FLOPs per encoded vector of the beam search in `qinco_jax.encode`.
-
-  step 0: 2KD (distances to the K codewords). Each of the M-1 network steps keeps B
-  beam slots and evaluates A_eff = (A or K) candidates per slot:
-    pre-selection (A > 0, Ls = 0)  2BKD
-    per candidate (B * A_eff)      L * 2(2EH) + [E != D] 2ED + 3D
-    per beam slot (B)              2DE (the x_hat half of the first layer)
-    codeword table, per chunk      K([E != D] 2DE + 2E^2), divided by the chunk size
-  With a pre-selection network (Ls > 0) the 2BKD distances become B*K evaluations
-  of its tail (Ls blocks of width dh_pre, P_out, score) plus its own beam term and
-  codeword table.
-  """
-  K, M = cfg.K, cfg.M
-  E, H, proj = _dims(cfg, d)
-  a_eff = A if A > 0 else K
-  table = K * (proj * 2 * d * E + 2 * E * E) / chunk
-  step = B * a_eff * candidate_flops(cfg, d) + B * 2 * d * E + table
-  if A > 0 and cfg.Ls == 0:
-    step += B * K * 2 * d
-  elif A > 0:
-    pre = cfg.Ls * 4 * E * cfg.dh_pre + proj * 2 * E * d + 3 * d
-    step += B * K * pre + B * 2 * d * E + table
-  return 2 * K * d + (M - 1) * step
-
-
-def decode_flops(cfg: qj.QincoConfig, d: int) -> float:
-  """FLOPs per decoded vector: per network step P_in, concat layer, L blocks, P_out."""
-  E, H, proj = _dims(cfg, d)
-  step = proj * 2 * d * E + 2 * (E + d) * E + cfg.L * 2 * (2 * E * H) + proj * 2 * E * d
-  return (cfg.M - 1) * step
-
-
-def tail_flops(cfg: qj.QincoConfig, d: int, rows: int) -> float:
-  """FLOPs of `StepNet.tail` (L blocks + P_out) on `rows` candidates."""
-  E, H, proj = _dims(cfg, d)
-  return rows * (cfg.L * 4 * E * H + proj * 2 * E * d)
-
-
 # ------------------------------------------------------------------ timing
 _T0 = time.perf_counter()
 
@@ -326,12 +219,6 @@ def adaptive_rate(run_chunks: Callable[[int], object], chunk: int, target_s: flo
 
 
 # ------------------------------------------------------------------ training throughput
-def train_flops(cfg: qj.QincoConfig, d: int, batch: int) -> float:
-  """Per training sample: encode forward at the training (A, B) + ~3x decode forward
-  (forward and backward of the decoder). The small pre-selection loss is left out."""
-  return encode_flops(cfg, d, cfg.A, cfg.B, batch) + 3 * decode_flops(cfg, d)
-
-
 def train_throughput(cfg: qj.QincoConfig, x: np.ndarray, batch: int, steps: int,
                      warmup: int = 3) -> dict[str, Any]:
   """Times `steps` calls of the jitted training step (after `warmup` calls, which
