@@ -37,6 +37,7 @@ class EncodeResult(NamedTuple):
   x_hat: Array  # (N, D) float32, normalised space
   target_mean: Array | None  # (M, D) batch mean of each step's target x - x_hat_m
   target_std: Array | None  # (M, D) batch std (unbiased) of the same
+  target_count: Array | None = None  # (M,) valid beams the statistics are over
 
 
 def sq_dists(x: Array, c: Array) -> Array:
@@ -49,13 +50,14 @@ def sq_dists(x: Array, c: Array) -> Array:
           + expand_to_rank(jnp.sum(c * c, -1), x.ndim))
 
 
-def _masked_stats(r: Array, valid: Array) -> tuple[Array, Array]:
-  """Per-dimension mean and unbiased std of r (N, F, D) over valid (N, F) rows."""
+def _masked_stats(r: Array, valid: Array) -> tuple[Array, Array, Array]:
+  """Per-dimension mean and unbiased std of r (N, F, D) over valid (N, F) rows, and
+  the count they are over (at least 2)."""
   w = valid.astype(r.dtype)[..., None]
   cnt = jnp.maximum(jnp.sum(w), 2.0)
   mean = jnp.sum(r * w, axis=(0, 1)) / cnt
   var = jnp.sum(w * (r - mean[None, None, :]) ** 2, axis=(0, 1)) / (cnt - 1.0)
-  return mean, jnp.sqrt(var)
+  return mean, jnp.sqrt(var), cnt
 
 
 def _take(a: Array, idx: Array) -> Array:
@@ -263,4 +265,5 @@ def beam_search(model: Qinco, x: Array, *, A: int, B: int,
     return EncodeResult(history[:, 0], x_hat[:, 0], None, None)
   means = jnp.concatenate([jnp.atleast_2d(s[0]) for s in stats])
   stds = jnp.concatenate([jnp.atleast_2d(s[1]) for s in stats])
-  return EncodeResult(history[:, 0], x_hat[:, 0], means, stds)
+  counts = jnp.concatenate([jnp.atleast_1d(s[2]) for s in stats])
+  return EncodeResult(history[:, 0], x_hat[:, 0], means, stds, counts)

@@ -77,9 +77,11 @@ def tail_flops(cfg: QincoConfig, d: int, rows: int) -> float:
 
 
 
-def train_flops(cfg: QincoConfig, d: int, batch: int) -> float:
+def train_flops(cfg: QincoConfig, d: int, batch: int, chunk: int | None = None) -> float:
   """Per training sample, with `batch` samples per device: the beam search at the
-  training (A, B) plus 3x the decoder (forward, and a backward of twice its cost),
-  each with its per-call codeword table. The pre-selection loss has no matmul when
-  Ls = 0 (the presets); with Ls > 0 its network is left out."""
-  return encode_flops(cfg, d, cfg.A, cfg.B, batch) + 3 * decode_flops(cfg, d, batch)
+  training (A, B), in calls of `chunk` vectors (default: the whole batch), plus 3x the
+  decoder (forward, and a backward of twice its cost), each with its per-call codeword
+  table. The pre-selection loss has no matmul when Ls = 0 (the presets); with Ls > 0
+  its network is left out."""
+  return (encode_flops(cfg, d, cfg.A, cfg.B, min(chunk or batch, batch))
+          + 3 * decode_flops(cfg, d, batch))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from qinco_jax.decode import decode_steps, normalize
 from qinco_jax.encode import beam_search, pre_predict
@@ -193,10 +194,18 @@ def init_state(graphdef, state: nnx.State, tx: optax.GradientTransformation,
 
 
 def loss_fn(params, rest, graphdef, x: Array, A: int, B: int):
-  """Spec 9.1. x: (N, D) normalised. Returns (loss, aux)."""
+  """Spec 9.1. x: (N, D) normalised. Returns (loss, aux): the beam search of the whole
+  batch (`beam_search`, frozen parameters), then `decode_loss`."""
   frozen = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest)
   enc = beam_search(frozen, x, A=A, B=B, with_stats=True)
-  codes = enc.codes  # (N, M), no gradient
+  loss, (step_mse, pre_loss) = decode_loss(params, rest, graphdef, x, enc.codes, A)
+  return loss, (enc.codes, enc.target_mean, enc.target_std, step_mse, pre_loss)
+
+
+def decode_loss(params, rest, graphdef, x: Array, codes: Array, A: int):
+  """The loss of given codes (spec 9.1): the sum over steps of the decoder's MSE plus,
+  with pre-selection (A > 0), the pre-selection loss. x: (N, D) normalised; codes:
+  (N, M_tot) int32 (no gradient). Returns (loss, (step_mse (M_tot,), pre_loss))."""
   model = nnx.merge(graphdef, params, rest)
   _, partials = decode_steps(model, codes)  # (M_tot, N, D), with gradient
   step_mse = jnp.mean((partials - x[None]) ** 2, axis=(1, 2))  # (M_tot,)
@@ -213,20 +222,78 @@ def loss_fn(params, rest, graphdef, x: Array, A: int, B: int):
     else:
       g = Cp  # Ls = 0: pre_predict is the codeword itself
     pre_loss = jnp.sum(jnp.mean((entering + g - x[None]) ** 2, axis=(1, 2)))
-  return loss + pre_loss, (codes, enc.target_mean, enc.target_std, step_mse, pre_loss)
+  return loss + pre_loss, (step_mse, pre_loss)
+
+
+def encode_batch(model, x: Array, A: int, B: int, chunk: int | None = None,
+                 axis: str | None = None) -> tuple[Array, Array, Array]:
+  """The training step's beam search: (codes (N, M_tot) int32, target_mean (S, D),
+  target_std (S, D)), as `beam_search(..., with_stats=True)` over the whole batch.
+
+  chunk: vectors per beam-search call (`lax.map` over groups of rows; default: all
+  N at once): the candidates' activations then stay small (on a TPU, on chip; the
+  pod compiles showed the whole-batch search bound by memory traffic). axis: inside
+  `shard_map`, the mesh axis the batch is split over: the statistics are combined
+  over every device's rows. Chunks and devices are combined exactly (Chan's pairwise
+  mean and M2), so the statistics are those of the whole batch.
+  """
+  n, d = x.shape
+  c = n if not chunk or chunk >= n else chunk
+  n_chunks = -(-n // c)
+  while n % n_chunks:
+    n_chunks += 1
+  c = n // n_chunks
+  # Group j holds rows j, j + n_chunks, ...: a strided split keeps each group on
+  # every device when the batch itself is split (no row moves).
+  xr = x.reshape(c, n_chunks, d).swapaxes(0, 1)  # (n_chunks, c, D)
+  res = jax.lax.map(lambda xc: beam_search(model, xc, A=A, B=B, with_stats=True), xr)
+  codes = res.codes.swapaxes(0, 1).reshape(n, -1)
+  cnt = res.target_count[:, :, None]  # (n_chunks, S, 1)
+  total = jnp.sum(cnt, axis=0)  # (S, 1)
+  s1 = jnp.sum(cnt * res.target_mean, axis=0)  # (S, D)
+  if axis is not None:
+    total, s1 = jax.lax.psum((total, s1), axis)
+  mean = s1 / total
+  m2 = jnp.sum((cnt - 1) * res.target_std ** 2 + cnt * (res.target_mean - mean[None]) ** 2,
+               axis=0)
+  if axis is not None:
+    m2 = jax.lax.psum(m2, axis)
+  return codes, mean, jnp.sqrt(m2 / (total - 1))
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, A: int, B: int,
-                    momentum: float = 0.1):
+                    momentum: float = 0.1, *, mesh: jax.sharding.Mesh | None = None,
+                    chunk: int | None = None):
   """Builds the jitted `train_step(state, batch) -> (state, metrics)`.
 
   batch: (N, D) float32 raw vectors, sharded along the data axis.
+  mesh: the ("data",) mesh the batch is split over (`trainer.data_mesh`): the beam
+    search then runs on each device's own rows (`shard_map`), with no collective but
+    its statistics' sums (left to the compiler, the CPU backend gathers the whole
+    batch for every top-k). None: the compiler partitions it.
+  chunk: vectors per device per beam-search call (`encode_batch`); None: the whole
+    batch of the device at once.
+  The decoder's loss and its gradient (`decode_loss`) are data parallel as usual: the
+  compiler sums the devices' gradients.
   """
+  def encode(params, rest, x):
+    frozen = nnx.merge(graphdef, jax.lax.stop_gradient(params), rest)
+    if mesh is None:
+      return encode_batch(frozen, x, A, B, chunk)
+
+    def local(p, r, xs):
+      return encode_batch(nnx.merge(graphdef, p, r), xs, A, B, chunk, axis="data")
+    # check_vma off: the beam search's loop state starts replicated (constants) and
+    # becomes per-device, which the varying-axes check would refuse.
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("data")),
+                         out_specs=(P("data"), P(), P()), check_vma=False)(params, rest, x)
+
   def train_step(state: TrainState, batch: Array):
     model = nnx.merge(graphdef, state.params, state.rest)
     x = normalize(model, batch)
-    (loss, (codes, t_mean, t_std, step_mse, pre_loss)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params, state.rest, graphdef, x, A, B)
+    codes, t_mean, t_std = encode(state.params, state.rest, x)
+    (loss, (step_mse, pre_loss)), grads = jax.value_and_grad(decode_loss, has_aux=True)(
+        state.params, state.rest, graphdef, x, codes, A)
     updates, opt = tx.update(grads, state.opt, state.params)
     params = optax.apply_updates(state.params, updates)
     # Running target statistics (9.8): EMA with momentum 0.1 over the global batch.

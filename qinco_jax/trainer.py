@@ -97,6 +97,16 @@ def shardings(mesh: jax.sharding.Mesh) -> tuple[NamedSharding, NamedSharding]:
   return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
 
+def make_step(codec: Codec, tx, mesh: jax.sharding.Mesh, platform: str | None = None):
+  """The jitted training step the trainer runs for `codec` on `mesh`: the beam search
+  on each device's own rows in the encoder's chunks (`Codec.chunk_size` per device, on
+  `platform`, default this process's backend), the decoder's gradient data parallel.
+  The ahead-of-time compile and the benchmarks take it from here."""
+  A, B = codec.cfg.A, codec.cfg.B
+  return train.make_train_step(codec.graphdef, tx, A, B, mesh=mesh,
+                               chunk=codec.chunk_size(A, B, platform=platform, devices=1))
+
+
 def _read_rows(x, idx: np.ndarray) -> np.ndarray:
   order = np.argsort(idx, kind="stable")
   rows = np.asarray(x[idx[order]])
@@ -336,7 +346,7 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
                                       verbose=verbose, ivf_centroids=ivf_centroids, n=n,
                                       tx=tx, replicated=replicated)
   plan = budget.Planner(train_cfg, steps, meta, t_call, clock)
-  step_fn = train.make_train_step(codec.graphdef, tx, codec.cfg.A, codec.cfg.B)
+  step_fn = make_step(codec, tx, mesh)
   writer = MetricWriter(workdir)
   if meta["best_val"] is None and main and writer.path.exists():
     writer.path.unlink()  # a fresh run: drop the log of a run whose checkpoints are gone

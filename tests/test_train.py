@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import qinco_jax as qj
 from qinco_jax import train, trainer
+from qinco_jax.decode import normalize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,6 +83,34 @@ def test_one_and_two_devices_give_the_same_training():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p2)
   np.testing.assert_array_equal(u1, u2)  # usage summed over both devices
   assert u1.sum() == 3 * 256 * 3
+
+
+@pytest.mark.parametrize("chunk", [None, 32, 48])
+def test_the_steps_sharded_chunked_beam_search_is_the_whole_batch_search(chunk):
+  """The step's encoder (`train.encode_batch` on each device's rows under shard_map, in
+  chunks; 48 does not divide the 128 rows of a device) against `beam_search` of the
+  whole batch at once (`train.loss_fn`): the same codes, and the target statistics
+  of every step those of the whole batch."""
+  codec, x = _tiny()
+  mesh = trainer.data_mesh(jax.devices()[:2])
+  params, rest = codec.state.split(nnx.Param, ...)
+  model = nnx.merge(codec.graphdef, codec.state)
+  xn = normalize(model, jnp.asarray(x[:256]))
+  _, (codes, mean, std, _, _) = train.loss_fn(params, rest, codec.graphdef, xn, 3, 2)
+
+  def local(p, r, xs):
+    return train.encode_batch(nnx.merge(codec.graphdef, p, r), xs, 3, 2, chunk,
+                              axis="data")
+  sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("data")),
+                                  out_specs=(P("data"), P(), P()), check_vma=False))
+  c2, m2, s2 = sharded(params, rest, jax.device_put(xn, NamedSharding(mesh, P("data"))))
+  np.testing.assert_array_equal(np.asarray(c2), np.asarray(codes))
+  np.testing.assert_allclose(np.asarray(m2), np.asarray(mean), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(s2), np.asarray(std), rtol=1e-5)
+  # and without a mesh (one device, chunks only)
+  c3, m3, s3 = train.encode_batch(model, xn, 3, 2, chunk)
+  np.testing.assert_array_equal(np.asarray(c3), np.asarray(codes))
+  np.testing.assert_allclose(np.asarray(s3), np.asarray(std), rtol=1e-5)
 
 
 def test_training_lowers_the_loss():

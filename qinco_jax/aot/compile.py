@@ -1,11 +1,11 @@
 """Ahead-of-time compiles of the programs a run executes, for a target it does not have.
 
-Nothing here is a copy: the training step is `train.make_train_step` on the mesh of
-`trainer.data_mesh` with `trainer.shardings`; the encoder and decoder are
-`codec.encode_chunk` and `codec.decode_chunk` on `codec.local_mesh` of one host, at
-the chunk `Codec.chunk_size` gives that host. Only the inputs are abstract
-(`jax.ShapeDtypeStruct`s carrying the shardings the run gives its arrays), so the
-compiler sees exactly the program a pod or GPU host would run.
+Nothing here is a copy: the training step is `trainer.make_step` (the trainer's
+`train.make_train_step`) on the mesh of `trainer.data_mesh` with `trainer.shardings`;
+the encoder and decoder are `codec.encode_chunk` and `codec.decode_chunk` on
+`codec.local_mesh` of one host, at the chunk `Codec.chunk_size` gives that host. Only
+the inputs are abstract (`jax.ShapeDtypeStruct`s carrying the shardings the run gives
+its arrays), so the compiler sees exactly the program a pod or GPU host would run.
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ def train_step(cfg: QincoConfig, tc: train.TrainConfig, d: int, target: Target,
   graphdef, state = nnx.split(abstract_model(cfg, d))
   st = _sds(jax.eval_shape(lambda s: train.init_state(graphdef, s, tx), state), replicated)
   batch = jax.ShapeDtypeStruct((G, d), jnp.float32, sharding=batch_sharding)
-  step_fn = train.make_train_step(graphdef, tx, cfg.A, cfg.B)
+  c = codec_mod.Codec(cfg, d, state)
+  step_fn = trainer.make_step(c, tx, mesh, platform=target.chip.platform)
+  chunk = c.chunk_size(cfg.A, cfg.B, platform=target.chip.platform, devices=1)
 
   def next_step_differs(lowered) -> bool:
     # The state a step returns is the next step's input: a change of shape, dtype or
@@ -143,7 +145,7 @@ def train_step(cfg: QincoConfig, tc: train.TrainConfig, d: int, target: Target,
 
   return _compile(f"train step (A={cfg.A}, B={cfg.B})", batch_per_chip, target,
                   lambda: step_fn.lower(st, batch),
-                  flops.train_flops(cfg, d, batch_per_chip) * batch_per_chip,
+                  flops.train_flops(cfg, d, batch_per_chip, chunk) * batch_per_chip,
                   check_state=next_step_differs, global_batch=G)
 
 

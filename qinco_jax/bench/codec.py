@@ -525,7 +525,7 @@ default comes from `enc_max_bs` = 65,536 candidate rows per call, capped on CPU 
 `CPU_ENC_ROWS` = 8,192):
 
 {sweep}
-Training-step throughput (`train.make_train_step`, jitted, {steps} steps after 3
+Training-step throughput (`trainer.make_step`, jitted, {steps} steps after 3
 warm-up steps) of a qinco2-S codec at A={tA}, B={tB}, batch {batch}, on the same
 synthetic training vectors, per compute dtype:
 

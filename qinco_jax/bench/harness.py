@@ -229,7 +229,7 @@ def train_throughput(cfg: qj.QincoConfig, x: np.ndarray, batch: int, steps: int,
   tc = train.TrainConfig(batch_per_device=batch, epochs=10, warmup_epochs=1)
   tx = train.make_optimizer(tc, steps_per_epoch=max(1, len(x) // batch))
   state = train.init_state(codec.graphdef, codec.state, tx)
-  step_fn = train.make_train_step(codec.graphdef, tx, cfg.A, cfg.B)
+  step_fn = trainer.make_step(codec, tx, trainer.data_mesh(jax.devices()[:1]))
   n_batches = max(1, min(len(x) // batch, warmup + steps))
   batches = [jnp.asarray(np.asarray(x[i * batch:(i + 1) * batch], np.float32))
              for i in range(n_batches)]

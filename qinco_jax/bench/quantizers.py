@@ -250,7 +250,7 @@ def section(res: dict[str, Any]) -> str:
           for m, v in enumerate(q["per_step_mse"], 1)]
   L += ["", "### Training throughput (qinco2-S size)", "",
         f"{tp['model']}, trained at A={tp['A']}, B={tp['B']}, batch {tp['batch']}: "
-        f"{tp['steps']} steps of `qinco_jax.train.make_train_step` on GloVe batches, "
+        f"{tp['steps']} steps of `qinco_jax.trainer.make_step` on GloVe batches, "
         "timed after warm-up (compilation).", "",
         "| samples/s | samples per CPU-second | FLOPs/sample | GFLOP/s | "
         "matmul peak GFLOP/s | fraction of peak |", "|---|---|---|---|---|---|",
