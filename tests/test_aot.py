@@ -111,7 +111,8 @@ def test_bad_targets_and_batches_fail_in_one_line(tmp_path, monkeypatch, capsys)
       (["--target=v5e:2x2", "--global_batch=10"], "does not divide over the 4 chips"),
       (["--config=qinco9"], "no such config"),
       (["--beams=16-32"], "A/B pairs"),
-      (["--batch_per_chip=0"], "batch_per_chip must be >= 1")):
+      (["--batch_per_chip=0"], "batch_per_chip must be >= 1"),
+      (["--enc_max_bs=-4"], "enc_max_bs must be >= 0")):
     with pytest.raises(SystemExit) as e:
       job.main(flags)
     said = (str(e.value.code) if isinstance(e.value.code, str) else "") + capsys.readouterr().err

@@ -42,6 +42,8 @@ class CompileJob:
   d: int = flag(128, "data dimension (BigANN 128, Deep1B 96)")
   dtype: str = flag("bfloat16", "compute dtype of the step networks' matmuls "
                     "(bfloat16 or float32)")
+  enc_max_bs: int = flag(0, "encoder candidate rows per device per call (0: the model's, "
+                         "65,536); the training step's beam search uses the same chunks")
   what: tuple[str, ...] = flag(("train", "encode", "decode"),
                                "programs to compile: train, encode, decode")
   beams: tuple[str, ...] = flag(("16/32", "32/64"), "encoder beams A/B (the paper "
@@ -55,6 +57,8 @@ class CompileJob:
   def __post_init__(self):
     if self.install_plugin not in ("", "tpu", "gpu"):
       raise ValueError(f"--install_plugin must be tpu or gpu, got {self.install_plugin!r}")
+    if self.enc_max_bs < 0:
+      raise ValueError(f"--enc_max_bs must be >= 0, got {self.enc_max_bs}")
     for name in ("batch_per_chip", "d"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -127,7 +131,8 @@ def compile_target(job: CompileJob, target: targets.Target) -> int:
     print(msg, file=sys.stderr, flush=True)
 
   cfg, tc = model_configs(job.config, job.d)
-  cfg = cfg.replace(dtype=job.dtype)
+  cfg = cfg.replace(dtype=job.dtype, **({"enc_max_bs": job.enc_max_bs} if job.enc_max_bs
+                                         else {}))
   t0 = time.perf_counter()
   devices = target.devices()
   n = len(devices)
