@@ -4,6 +4,7 @@ accumulation, against float32 and against one large batch."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -71,6 +72,12 @@ def test_short_bfloat16_training_is_within_2_percent_of_float32(trained, tmp_pat
 
 
 def test_gradient_accumulation_equals_one_large_batch():
+  """`accumulate` batches make the update of one batch that many times larger: the
+  optimiser receives their mean gradient, nothing is applied before the last batch,
+  and every batch's codes are counted. The gradient received is read from Adam's
+  moments after the update (mu = (1 - b1) g, nu = (1 - b2) g^2): Adam's step hides a
+  gradient's scale, so a sum instead of the mean shows there, and under the recipe's
+  element-wise clip at 0.1 it would also clip gradients `accumulate` times larger."""
   rng = np.random.default_rng(0)
   x = (rng.standard_normal((1024, 8)) * 2).astype(np.float32)
   cfg = qj.QincoConfig(K=8, M=3, L=1, de=6, dh=8, A=3, B=2)
@@ -78,20 +85,28 @@ def test_gradient_accumulation_equals_one_large_batch():
 
   def run(accumulate, batches):
     tc = train.TrainConfig(lr=1e-2, accumulate=accumulate, warmup_epochs=0)
+    assert tc.grad_clip == 0.1
     tx = train.make_optimizer(tc, steps_per_epoch=8)
     state = train.init_state(codec.graphdef, codec.state, tx)
     step = train.make_train_step(codec.graphdef, tx, 3, 2)
+    params = []  # host copies after each batch (the step donates its state)
     for b in batches:
       state, m = step(state, jnp.asarray(b))
-    return jax.tree.map(np.asarray, state.params), np.asarray(state.usage), m
+      params.append(jax.tree.map(np.array, state.params))
+    moments = [jax.tree.leaves(optax.tree_utils.tree_get(state.opt, k)) for k in ("mu", "nu")]
+    return params, np.asarray(state.usage), moments, m
 
-  p_big, u_big, _ = run(1, [x])
-  p_acc, u_acc, m = run(2, [x[:512], x[512:]])
+  (p_big,), u_big, (mu_big, nu_big), _ = run(1, [x])
+  (p_half, p_acc), u_acc, (mu_acc, nu_acc), m = run(2, [x[:512], x[512:]])
   for a, b in zip(jax.tree.leaves(p_big), jax.tree.leaves(p_acc)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  g_big = [np.asarray(v) / 0.1 for v in mu_big]  # the clipped gradient of the big batch
+  for g, mu, nu_a, nu_b in zip(g_big, mu_acc, nu_acc, nu_big):
+    np.testing.assert_allclose(np.asarray(mu) / 0.1, g, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(nu_a, nu_b, rtol=2e-4, atol=1e-12)
+  assert sum(int((np.abs(g) < 0.02).sum()) for g in g_big) > 100  # well below the clip
   np.testing.assert_array_equal(u_big, u_acc)  # codes counted over both halves
   # After only the first half nothing has been applied yet.
-  p_half, _, _ = run(2, [x[:512]])
   init = jax.tree.map(np.asarray, codec.state.filter(nnx.Param))
   for a, b in zip(jax.tree.leaves(p_half), jax.tree.leaves(init)):
     np.testing.assert_array_equal(a, b)
