@@ -10,6 +10,8 @@ from flax import nnx
 
 import qinco_jax as qj
 from qinco_jax import train, trainer
+from qinco_jax.decode import decode_steps, normalize
+from qinco_jax.encode import beam_search
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,61 @@ def test_bfloat16_runs_the_matmuls_in_bfloat16(trained):
   g, st = nnx.split(m32.steps)
   net32 = nnx.merge(g, jax.tree.map(lambda a: a[0], st))
   assert all(d == {"float32"} for d in dot_operand_dtypes(lambda c: net32(c, c)))
+
+
+def test_bfloat16_loss_is_reduced_in_float32(trained):
+  """Only the step networks' matmuls run in bfloat16: the squared errors, their means
+  and the loss are float32, equal to a float64 NumPy reduction of the same bfloat16
+  forward (the decoder's partial reconstructions and the pre-selection codewords)."""
+  ds, _, _, codec = trained
+  c16 = codec.with_dtype("bfloat16")
+  model = c16.model()
+  params, rest = c16.state.split(nnx.Param, ...)
+  x = normalize(model, jnp.asarray(ds.val))
+  loss, (codes, _, _, step_mse, pre_loss) = jax.jit(
+      lambda p, r, x: train.loss_fn(p, r, c16.graphdef, x, 4, 4))(params, rest, x)
+  assert loss.dtype == step_mse.dtype == pre_loss.dtype == jnp.float32
+  _, partials = jax.jit(decode_steps)(model, codes)  # (M, N, D) the bfloat16 forward
+  part, xs = np.asarray(partials, np.float64), np.asarray(x, np.float64)
+  want = ((part - xs[None]) ** 2).mean(axis=(1, 2))
+  np.testing.assert_allclose(step_mse, want, rtol=1e-6)
+  Cp = np.asarray(model.pre_codebooks[...], np.float64)  # Ls = 0: C'[code] predicts
+  chosen = np.stack([Cp[m][np.asarray(codes)[:, m + 1]] for m in range(len(Cp))])
+  want_pre = ((part[:-1] + chosen - xs[None]) ** 2).mean(axis=(1, 2)).sum()
+  np.testing.assert_allclose(pre_loss, want_pre, rtol=1e-6)
+  np.testing.assert_allclose(loss, want.sum() + want_pre, rtol=1e-6)
+
+
+def test_bfloat16_encoder_ranks_by_float32_distances(trained):
+  """The encoder scores candidates by float32 distances of the bfloat16 network's
+  outputs: each greedy choice (A=0, B=1) is the nearest candidate by a float64 NumPy
+  distance to the same outputs. Distances rounded to bfloat16 (8 bits) would tie or
+  swap candidates less than 0.4% apart."""
+  ds, _, _, codec = trained
+  c16 = codec.with_dtype("bfloat16")
+  model = c16.model()
+  x = normalize(model, jnp.asarray(ds.val))
+  codes = np.asarray(jax.jit(lambda m, x: beam_search(m, x, A=0, B=1).codes)(model, x))
+  net_def, net_state = nnx.split(model.steps)
+  C_all = model.codebooks[...]
+
+  @jax.jit
+  def candidates(m, x_hat):  # f_m(C[k], x_hat) for every k, as the encoder evaluates it
+    net = nnx.merge(net_def, jax.tree.map(lambda a: a[m], net_state))
+    h0 = net.code_table(C_all[m])[None] + net.beam_term(x_hat)[:, None]
+    return net.tail(h0, jnp.broadcast_to(C_all[m], h0.shape[:2] + C_all.shape[-1:]))
+
+  xs = np.asarray(x, np.float64)
+  x_hat = np.asarray(model.codebook0[...], np.float64)[codes[:, 0]]
+  rows = np.arange(len(xs))
+  worse = []
+  for m in range(codes.shape[1] - 1):
+    f = np.asarray(candidates(m, jnp.asarray(x_hat, jnp.float32)), np.float64)
+    dist = ((xs[:, None] - x_hat[:, None] - f) ** 2).sum(-1)  # (N, K)
+    best = dist.min(1)
+    worse.append((dist[rows, codes[:, m + 1]] - best) / best)
+    x_hat = x_hat + f[rows, codes[:, m + 1]]
+  assert np.max(worse) < 1e-5, np.max(worse)
 
 
 def test_short_bfloat16_training_is_within_2_percent_of_float32(trained, tmp_path):
