@@ -3,8 +3,10 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import qinco_jax as qj
 from qinco_jax import encode as encode_mod
@@ -186,6 +188,33 @@ def test_failed_save_keeps_existing_checkpoint(trained, tmp_path, monkeypatch):
   qj.load(tmp_path / "c")  # the old one is intact
 
 
+@pytest.mark.parametrize("fault", [OSError(5, "I/O error (injected)"),
+                                   KeyboardInterrupt("injected")])
+def test_a_save_failing_between_its_renames_keeps_the_earlier_checkpoint(trained, tmp_path,
+                                                                      monkeypatch, fault):
+  """A failure injected between the two steps of the swap (the old copy moved out of
+  the way, the new one not yet moved in) must leave the earlier checkpoint at the path,
+  bit for bit, and nothing beside it."""
+  codec = trained[0]
+  path = tmp_path / "c"
+  codec.save(path)
+  real_replace = os.replace
+
+  def replace(src, dst):
+    if os.fspath(dst) == str(path) and os.path.basename(src).startswith(".c.tmp-"):
+      raise fault  # moving the new copy in fails
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", replace)
+  with pytest.raises(type(fault), match="injected"):
+    reference.randomize(codec, scale=0.5, seed=9).save(path)
+  monkeypatch.setattr(os, "replace", real_replace)
+  assert sorted(os.listdir(tmp_path)) == ["c"]
+  back = qj.load(path)
+  for a, b in zip(jax.tree.leaves(back.state), jax.tree.leaves(codec.state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("bad,match", [
     (np.zeros((4, D + 1), np.float32), "dimension"),
     (np.zeros((D,), np.float32), "2-D"),
@@ -324,6 +353,32 @@ def test_load_detects_corrupted_array_bytes(tmp_path):
   data_file.write_bytes(bytes(raw))
   with pytest.raises(ValueError, match="corrupt|cannot read"):
     qj.load(tmp_path / "c")
+
+
+def test_load_verifies_checksums_of_arrays_the_storage_layer_reads(trained, tmp_path):
+  """One byte of a stored array flipped by hand and written back through Orbax (a
+  finite value, the right shape and dtype: Orbax reads it without complaint) must be
+  refused by our own checksums, with an error naming the checkpoint and the array."""
+  import orbax.checkpoint as ocp
+  codec = trained[0]
+  path = tmp_path / "c"
+  codec.save(path)
+  arrays = jax.tree.map(np.array, nnx.to_pure_dict(codec.state))
+  damaged = arrays["codebooks"]
+  damaged.view(np.uint8).reshape(-1)[4 * 7] ^= 1  # the lowest mantissa bit of one weight
+  assert np.isfinite(damaged).all() and not np.array_equal(
+      damaged, np.asarray(codec.state["codebooks"][...]))
+  ck = ocp.StandardCheckpointer()
+  try:
+    ck.save(path / "state", arrays, force=True)
+    ck.wait_until_finished()
+    stored = ck.restore(path / "state", jax.tree.map(np.zeros_like, arrays))
+  finally:
+    ck.close()
+  np.testing.assert_array_equal(stored["codebooks"], damaged)  # the storage layer reads it
+  with pytest.raises(ValueError, match="corrupt") as e:
+    qj.load(path)
+  assert str(path) in str(e.value) and "'codebooks'" in str(e.value), e.value
 
 
 def test_create_accepts_a_list_of_vectors():

@@ -83,6 +83,63 @@ def test_one_and_two_devices_give_the_same_training():
   assert u1.sum() == 3 * 256 * 3
 
 
+def _documented_rows(n, S, G, seed, epoch, step):
+  """The global batch of update `step` of `epoch` as the docs define it, one row at a
+  time: pass p is the permutation default_rng([seed, p]).permutation(n), and epoch e
+  covers positions [e*S, e*S + steps*G) of the passes laid end to end."""
+  perms = {}
+  rows = []
+  for pos in range(epoch * S + step * G, epoch * S + (step + 1) * G):
+    p = pos // n
+    if p not in perms:
+      perms[p] = np.random.default_rng([seed, p]).permutation(n)
+    rows.append(perms[p][pos % n])
+  return np.array(rows)
+
+
+def test_each_device_trains_on_its_own_rows_of_the_documented_order(tmp_path, monkeypatch):
+  """The trainer on 2 devices: every update equals one device computing the whole
+  global batch of the documented order from the same state, and each device holds its
+  own slice of that batch (here an epoch is 600 of the 1,000 rows, so epoch 1's last
+  batch runs across the end of the first pass)."""
+  assert jax.device_count() == 2
+  ds = qj.data.load_synthetic(n_train=1000, n_db=10, n_queries=1, d=8, n_val=100)
+  cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
+  tc = train.TrainConfig(epochs=2, warmup_epochs=0, batch_per_device=128, loop=600,
+                         seed=3, log_every=100)
+  make_step = train.make_train_step
+  seen = []  # (state before, the batch's shards, state after) of every update
+
+  def recording(*a, **k):
+    step = make_step(*a, **k)
+
+    def run(state, batch):
+      before = jax.tree.map(np.array, state)  # host copy (the step donates its state)
+      shards = sorted((s.index[0].start or 0, np.array(s.data))
+                      for s in batch.addressable_shards)
+      out = step(state, batch)
+      seen.append((before, shards, jax.tree.map(np.array, out[0])))
+      return out
+    return run
+
+  monkeypatch.setattr(train, "make_train_step", recording)
+  codec = trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  steps, G = 600 // 256, 256
+  assert len(seen) == 2 * steps
+  tx = train.make_optimizer(tc, steps)
+  one = jax.devices()[0]
+  reference_step = make_step(codec.graphdef, tx, cfg.A, cfg.B)
+  for i, (before, shards, after) in enumerate(seen):
+    rows = _documented_rows(1000, 600, G, tc.seed, *divmod(i, steps))
+    want, _ = reference_step(jax.device_put(before, one),
+                             jax.device_put(ds.train[rows], one))
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert [start for start, _ in shards] == [0, 128]
+    for start, got in shards:
+      np.testing.assert_array_equal(got, ds.train[rows[start:start + 128]])
+
+
 def test_training_lowers_the_loss():
   codec, x = _tiny(seed=1)
   tc = train.TrainConfig(lr=3e-3, warmup_epochs=0)
