@@ -72,17 +72,6 @@ def _run_steps(codec, x, devices, n_steps=3, tc=None, same_batch=False):
   return losses, jax.tree.map(np.asarray, state.params), np.asarray(state.usage)
 
 
-def test_one_and_two_devices_give_the_same_training():
-  assert jax.device_count() >= 2
-  codec, x = _tiny()
-  l1, p1, u1 = _run_steps(codec, x, jax.devices()[:1])
-  l2, p2, u2 = _run_steps(codec, x, jax.devices()[:2])
-  np.testing.assert_allclose(l1, l2, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p2)
-  np.testing.assert_array_equal(u1, u2)  # usage summed over both devices
-  assert u1.sum() == 3 * 256 * 3
-
-
 def _documented_rows(n, S, G, seed, epoch, step):
   """The global batch of update `step` of `epoch` as the docs define it, one row at a
   time: pass p is the permutation default_rng([seed, p]).permutation(n), and epoch e
@@ -118,7 +107,7 @@ def test_each_device_trains_on_its_own_rows_of_the_documented_order(tmp_path, mo
       shards = sorted((s.index[0].start or 0, np.array(s.data))
                       for s in batch.addressable_shards)
       out = step(state, batch)
-      seen.append((before, shards, jax.tree.map(np.array, out[0])))
+      seen.append((before, shards, jax.tree.map(np.array, out)))
       return out
     return run
 
@@ -131,9 +120,8 @@ def test_each_device_trains_on_its_own_rows_of_the_documented_order(tmp_path, mo
   reference_step = make_step(codec.graphdef, tx, cfg.A, cfg.B)
   for i, (before, shards, after) in enumerate(seen):
     rows = _documented_rows(1000, 600, G, tc.seed, *divmod(i, steps))
-    want, _ = reference_step(jax.device_put(before, one),
-                             jax.device_put(ds.train[rows], one))
-    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(want)):
+    want = reference_step(jax.device_put(before, one), jax.device_put(ds.train[rows], one))
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(want)):  # state and metrics
       np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-6)
     assert [start for start, _ in shards] == [0, 128]
     for start, got in shards:
