@@ -36,7 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / ".mutation"  # coverage data, durations, results (git-ignored)
+# Coverage data, durations, results (git-ignored; MUTATE_WORK: the checkout's, when the
+# coverage run works in a scratch copy).
+WORK = Path(os.environ.get("MUTATE_WORK", ROOT / ".mutation"))
 SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
         ast.FloorDiv: ast.Div, ast.Pow: ast.Mult, ast.Lt: ast.LtE, ast.LtE: ast.Lt,
         ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
@@ -199,9 +201,20 @@ def _scratch() -> Path:
 
 
 def run_coverage(tests: list[str]):
+  """Runs `_coverage` in a scratch copy, whose sitecustomize.py measures children."""
+  WORK.mkdir(exist_ok=True)
+  scratch = _scratch()
+  try:
+    subprocess.run([sys.executable, "-m", "tests.mutate", "_coverage", "--tests", *tests],
+                   cwd=scratch, env={**os.environ, "PYTHONPATH": str(scratch),
+                                     "MUTATE_WORK": str(WORK)}, check=True)
+  finally:
+    shutil.rmtree(scratch.parent, ignore_errors=True)
+
+
+def _coverage(tests: list[str]):
   import coverage
   import pytest
-  WORK.mkdir(exist_ok=True)
   data = WORK / "coverage"
   for f in WORK.glob("coverage*"):
     f.unlink()
@@ -220,19 +233,20 @@ def run_coverage(tests: list[str]):
   for f in cov_data.measured_files():
     rel = "qinco_jax/" + f.split("/qinco_jax/", 1)[1]
     by_line = cov_data.contexts_by_lineno(f)
-    lines[rel] = {int(k): sorted(c for c in v if c) for k, v in by_line.items()}
+    lines[rel] = {int(k): sorted(v) for k, v in by_line.items()}  # "": at import
   (WORK / "covered.json").write_text(json.dumps({"tests": tests, "lines": lines,
                                                  "durations": plugin.durations}))
   print(f"coverage of {len(plugin.durations)} tests written ({rc=})")
 
 
 def covering(m: dict, info: dict) -> list[str]:
-  """Tests that run any line of the slipped node, fastest first."""
+  """Tests that run the slipped line, fastest first; for a line run only at import
+  (module constants, default values), every test that runs any line of the module."""
   by_line = info["lines"].get(m["module"], {})
-  end_line = m["line"] + m["_new"].count("\n") + m["old"].count("\n")
-  tests = set()
-  for line in range(m["line"], max(m["line"], end_line) + 1):
-    tests.update(by_line.get(str(line), []))
+  tests = set(by_line.get(str(m["line"]), []))
+  if tests == {""}:
+    tests = {t for ts in by_line.values() for t in ts}
+  tests.discard("")
   return sorted(tests, key=lambda t: info["durations"].get(t, 1e9))
 
 
@@ -311,7 +325,7 @@ def report(modules: list[str]):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("command", choices=["coverage", "run", "report", "list"])
+  ap.add_argument("command", choices=["coverage", "_coverage", "run", "report", "list"])
   ap.add_argument("modules", nargs="*")
   ap.add_argument("--tests", nargs="*", default=[])
   ap.add_argument("--sample", type=int, default=None, help="slips per module (default all)")
@@ -319,6 +333,8 @@ def main():
   a = ap.parse_args()
   if a.command == "coverage":
     run_coverage(a.tests)
+  elif a.command == "_coverage":
+    _coverage(a.tests)
   elif a.command == "run":
     run(a.modules, a.sample, a.seed)
   elif a.command == "report":

@@ -199,10 +199,12 @@ def test_a_save_failing_between_its_renames_keeps_the_earlier_checkpoint(trained
   path = tmp_path / "c"
   codec.save(path)
   real_replace = os.replace
+  failed = []
 
   def replace(src, dst):
-    if os.fspath(dst) == str(path):
-      raise fault  # moving the new copy in fails
+    if os.fspath(dst) == str(path) and not failed:
+      failed.append(src)
+      raise fault  # the first move into the path (the new copy's) fails
     return real_replace(src, dst)
 
   monkeypatch.setattr(os, "replace", replace)
