@@ -3,7 +3,8 @@ execute the slipped line; a slip that no test catches ("survivor") marks a gap i
 tests or an equivalent change. A development tool, not part of the suite.
 
   python -m tests.mutate coverage --tests tests/test_train.py tests/test_codec.py ...
-  python -m tests.mutate run qinco_jax/trainer.py [--sample 80 --seed 0]
+  python -m tests.mutate run qinco_jax/trainer.py [--sample 40 --seed 0] \
+      [--only tests/test_train.py ...]
   python -m tests.mutate report [qinco_jax/trainer.py ...]
 
 `coverage` runs the test files once under coverage.py (pip install coverage) with one
@@ -258,7 +259,7 @@ def _done() -> set[tuple]:
   return {(r["module"], r["start"], r["op"]) for r in map(json.loads, f.read_text().splitlines())}
 
 
-def run(modules: list[str], sample: int | None, seed: int):
+def run(modules: list[str], sample: int | None, seed: int, only: list[str]):
   info = json.loads((WORK / "covered.json").read_text())
   scratch = _scratch()
   env = {**os.environ, "PYTHONPATH": str(scratch), "MUTATE_COVERAGE": "",
@@ -274,7 +275,7 @@ def run(modules: list[str], sample: int | None, seed: int):
     for i, m in enumerate(todo):
       if (m["module"], m["start"], m["op"]) in done:
         continue
-      tests = covering(m, info)
+      tests = [t for t in covering(m, info) if not only or t.split("::")[0] in only]
       rec = {k: v for k, v in m.items() if not k.startswith("_")}
       t0 = time.monotonic()
       if not tests:
@@ -330,13 +331,14 @@ def main():
   ap.add_argument("--tests", nargs="*", default=[])
   ap.add_argument("--sample", type=int, default=None, help="slips per module (default all)")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--only", nargs="*", default=[], help="run: only these test files")
   a = ap.parse_args()
   if a.command == "coverage":
     run_coverage(a.tests)
   elif a.command == "_coverage":
     _coverage(a.tests)
   elif a.command == "run":
-    run(a.modules, a.sample, a.seed)
+    run(a.modules, a.sample, a.seed, a.only)
   elif a.command == "report":
     report(a.modules)
   else:
