@@ -48,8 +48,9 @@ def _launch(script, args, n_procs, *, die="", timeout=900):
   devices). Returns [(rc, stdout, stderr, seconds until it exited)] per process.
   die: "i:barrier" for QINCO_TEST_DIE_AFTER. timeout: a guard against a hung job (a
   deadlock fails the test instead of blocking the suite), not a speed check."""
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith("JAX_") or k == "JAX_NUMPY_RANK_PROMOTION"}
+  keep = ("JAX_NUMPY_RANK_PROMOTION", "JAX_COMPILATION_CACHE_DIR",
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")  # tests/conftest.py
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k in keep}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, QINCO_TEST_DIE_AFTER=die)
   t0 = time.monotonic()
   procs = distributed.launch_local(
