@@ -9,17 +9,19 @@ tests or an equivalent change. A development tool, not part of the suite.
 
 `coverage` runs the test files once under coverage.py (pip install coverage) with one
 context per test, also inside the processes the tests start, and records each test's
-duration. `run` mutates a scratch copy of the repository (never this checkout): per
-slip it runs the covering tests, fastest first, stopping at the first failure, with a
-timeout of 3x their measured time + 60 s (a timeout counts as caught). Results are
-appended to `.mutation/results.jsonl` (a slip already there is not rerun); `report`
-prints the score per module and the survivors. One sweep at a time: it is CPU-heavy.
+duration (merged into earlier runs, so new tests can be measured alone). `run`
+mutates a scratch copy of the repository (never this checkout): per slip it runs the
+covering tests, fastest first, stopping at the first failure, with a timeout of 3x
+their measured time + 60 s (a timeout counts as caught). Results are appended to
+`.mutation/results.jsonl`; a slip already there is not run again, except survivors
+with --rerun. `report` prints the score per module and the survivors. One sweep at a
+time: it is CPU-heavy.
 
 Slips (at every place outside docstrings, messages, asserts, annotations and raise):
   + <-> -, * <-> /, // -> /, ** -> *; <, <=, >, >=, ==, != to their neighbours; and <->
   or; `not x` -> x; x += -> x -=; integer n -> n + 1; float f -> 2f (0.0 -> 1.0); True
   <-> False; break <-> continue; a call statement -> pass; a call without its last
-  argument (keyword or positional).
+  keyword argument, or its last positional one where the callee has a default for it.
 """
 
 from __future__ import annotations
@@ -230,42 +232,48 @@ def _coverage(tests: list[str]):
   combined = coverage.Coverage(data_file=str(data))
   combined.combine([str(WORK)])
   cov_data = combined.get_data()
-  lines: dict[str, dict[int, list[str]]] = {}
+  old = WORK / "covered.json"  # merged into (new tests, or tests measured again)
+  info = json.loads(old.read_text()) if old.exists() else {"lines": {}, "durations": {}}
   for f in cov_data.measured_files():
     rel = "qinco_jax/" + f.split("/qinco_jax/", 1)[1]
-    by_line = cov_data.contexts_by_lineno(f)
-    lines[rel] = {int(k): sorted(v) for k, v in by_line.items()}  # "": at import
-  (WORK / "covered.json").write_text(json.dumps({"tests": tests, "lines": lines,
-                                                 "durations": plugin.durations}))
+    by_line = info["lines"].setdefault(rel, {})
+    for k, v in cov_data.contexts_by_lineno(f).items():  # context "": at import
+      by_line[str(k)] = sorted(set(by_line.get(str(k), [])) | set(v))
+  info["durations"].update(plugin.durations)
+  old.write_text(json.dumps(info))
   print(f"coverage of {len(plugin.durations)} tests written ({rc=})")
 
 
 def covering(m: dict, info: dict) -> list[str]:
-  """Tests that run the slipped line, fastest first; for a line run only at import
-  (module constants, default values), every test that runs any line of the module."""
+  """Tests that run the slipped line, fastest first; for a line run at import (module
+  constants, default values), every test that runs any line of the module."""
   by_line = info["lines"].get(m["module"], {})
   tests = set(by_line.get(str(m["line"]), []))
-  if tests == {""}:
+  if "" in tests:  # run at import (a def line's defaults, a constant): any test may see it
     tests = {t for ts in by_line.values() for t in ts}
   tests.discard("")
   return sorted(tests, key=lambda t: info["durations"].get(t, 1e9))
 
 
 # ---------------------------------------------------------------------- runs
-def _done() -> set[tuple]:
+def _done(rerun: bool) -> set[tuple]:
+  """Slips with a result (rerun: only the caught ones, so survivors run again)."""
   f = WORK / "results.jsonl"
   if not f.exists():
     return set()
-  return {(r["module"], r["start"], r["op"]) for r in map(json.loads, f.read_text().splitlines())}
+  latest = {(r["module"], r["start"], r["op"]): r["status"]
+            for r in map(json.loads, f.read_text().splitlines())}
+  return {k for k, v in latest.items() if not rerun or v in ("killed", "timeout")}
 
 
-def run(modules: list[str], sample: int | None, seed: int, only: list[str]):
+def run(modules: list[str], sample: int | None, seed: int, only: list[str],
+        rerun: bool = False):
   info = json.loads((WORK / "covered.json").read_text())
   scratch = _scratch()
   env = {**os.environ, "PYTHONPATH": str(scratch), "MUTATE_COVERAGE": "",
          "JAX_COMPILATION_CACHE_DIR": str(WORK / "jax_cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-  done = _done()
+  done = _done(rerun)
   for module in modules:
     path = ROOT / module
     todo = mutants(path)
@@ -332,13 +340,14 @@ def main():
   ap.add_argument("--sample", type=int, default=None, help="slips per module (default all)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--only", nargs="*", default=[], help="run: only these test files")
+  ap.add_argument("--rerun", action="store_true", help="run: survivors again")
   a = ap.parse_args()
   if a.command == "coverage":
     run_coverage(a.tests)
   elif a.command == "_coverage":
     _coverage(a.tests)
   elif a.command == "run":
-    run(a.modules, a.sample, a.seed, a.only)
+    run(a.modules, a.sample, a.seed, a.only, a.rerun)
   elif a.command == "report":
     report(a.modules)
   else:

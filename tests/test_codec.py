@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 import qinco_jax as qj
+from qinco_jax import checkpoint, rq_init
 from qinco_jax import encode as encode_mod
-from qinco_jax import rq_init
 from tests import reference
 
 D = 6
@@ -168,8 +168,8 @@ def test_save_load_round_trip(trained, tmp_path):
 def test_save_load_with_relative_path(trained, tmp_path, monkeypatch):
   codec, train = trained
   monkeypatch.chdir(tmp_path)
-  codec.save("rel/codec")
-  np.testing.assert_array_equal(qj.load("rel/codec").encode(train[:5], verbose=False),
+  codec.save("rel/sub/codec")  # missing parent directories are created
+  np.testing.assert_array_equal(qj.load("rel/sub/codec").encode(train[:5], verbose=False),
                                 codec.encode(train[:5], verbose=False))
 
 
@@ -340,6 +340,48 @@ def test_load_restores_a_copy_left_by_a_save_killed_between_its_renames(trained,
   assert _parked_copies(tmp_path) == []  # leftovers removed by the next save
 
 
+def test_recovery_skips_a_left_copy_whose_arrays_do_not_verify(trained, tmp_path):
+  """Of the copies an interrupted save left, the newest whose checksums verify is
+  restored: here the newer one has a flipped bit, so the older one comes back."""
+  codec, train = trained
+  path = tmp_path / "c"
+  codec.save(tmp_path / "good")
+  other = reference.randomize(codec, scale=0.5, seed=9)
+  other.save(tmp_path / "bad")
+  _flip_one_weight_bit(other, tmp_path / "bad")
+  os.replace(tmp_path / "good", tmp_path / ".c.old-0000beef")
+  os.replace(tmp_path / "bad", tmp_path / ".c.tmp-0000dead")
+  t = os.stat(tmp_path / ".c.old-0000beef" / "qinco_jax.json").st_mtime
+  os.utime(tmp_path / ".c.tmp-0000dead" / "qinco_jax.json", (t + 60, t + 60))  # newer
+  with pytest.warns(UserWarning, match="restored the complete copy '.c.old-0000beef'"):
+    assert checkpoint.recover(path) is True
+  np.testing.assert_array_equal(qj.load(path).encode(train[:20], verbose=False),
+                                codec.encode(train[:20], verbose=False))
+  assert checkpoint.recover(path) is False  # something is at the path
+
+
+def test_a_failed_save_after_an_interrupted_one_keeps_the_left_copy(trained, tmp_path,
+                                                                   monkeypatch):
+  """A save at a path that an interrupted save left empty (its old copy parked beside
+  it) first restores that copy, so a second failure cannot lose it."""
+  codec, train = trained
+  path = tmp_path / "c"
+  codec.save(path)
+  os.replace(path, tmp_path / ".c.old-0000beef")  # killed between the renames
+
+  def boom(*a, **k):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(checkpoint.json, "dump", boom)
+  with pytest.warns(UserWarning, match="restored the complete copy"):
+    with pytest.raises(OSError, match="No space"):
+      reference.randomize(codec, scale=0.5, seed=9).save(path)
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == ["c"]
+  np.testing.assert_array_equal(qj.load(path).encode(train[:20], verbose=False),
+                                codec.encode(train[:20], verbose=False))
+
+
 def test_load_detects_corrupted_array_bytes(tmp_path):
   rng = np.random.default_rng(0)  # tables large enough that the data files hold them
   codec = qj.Codec.create(qj.QincoConfig(K=256, M=3, L=1, de=None, dh=8, A=3, B=2),
@@ -357,17 +399,14 @@ def test_load_detects_corrupted_array_bytes(tmp_path):
     qj.load(tmp_path / "c")
 
 
-def test_load_verifies_checksums_of_arrays_the_storage_layer_reads(trained, tmp_path):
-  """One byte of a stored array flipped by hand and written back through Orbax (a
-  finite value, the right shape and dtype: Orbax reads it without complaint) must be
-  refused by our own checksums, with an error naming the checkpoint and the array."""
+def _flip_one_weight_bit(codec, path):
+  """Rewrites the arrays of the codec saved at `path` through Orbax with the lowest
+  mantissa bit of one weight flipped (finite, same shape and dtype); checks that Orbax
+  reads the damaged value back."""
   import orbax.checkpoint as ocp
-  codec = trained[0]
-  path = tmp_path / "c"
-  codec.save(path)
   arrays = jax.tree.map(np.array, nnx.to_pure_dict(codec.state))
   damaged = arrays["codebooks"]
-  damaged.view(np.uint8).reshape(-1)[4 * 7] ^= 1  # the lowest mantissa bit of one weight
+  damaged.view(np.uint8).reshape(-1)[4 * 7] ^= 1
   assert np.isfinite(damaged).all() and not np.array_equal(
       damaged, np.asarray(codec.state["codebooks"][...]))
   ck = ocp.StandardCheckpointer()
@@ -378,6 +417,16 @@ def test_load_verifies_checksums_of_arrays_the_storage_layer_reads(trained, tmp_
   finally:
     ck.close()
   np.testing.assert_array_equal(stored["codebooks"], damaged)  # the storage layer reads it
+
+
+def test_load_verifies_checksums_of_arrays_the_storage_layer_reads(trained, tmp_path):
+  """One bit of a stored weight flipped by hand and written back through Orbax (Orbax
+  reads it without complaint) must be refused by our own checksums, with an error
+  naming the checkpoint and the array."""
+  codec = trained[0]
+  path = tmp_path / "c"
+  codec.save(path)
+  _flip_one_weight_bit(codec, path)
   with pytest.raises(ValueError, match="corrupt") as e:
     qj.load(path)
   assert str(path) in str(e.value) and "'codebooks'" in str(e.value), e.value
