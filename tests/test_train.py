@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import qinco_jax as qj
-from qinco_jax import train, trainer
+from qinco_jax import checkpoint, train, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,6 +177,34 @@ def test_existing_workdir_needs_resume(tmp_path):
   trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
   with pytest.raises(ValueError, match="resume"):
     trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+
+
+def test_training_checkpoint_with_a_flipped_bit_is_refused_on_restore(tmp_path):
+  """A training checkpoint whose arrays Orbax reads back fine but whose bytes changed
+  after the save (one bit of one weight, rewritten through Orbax by hand) is refused
+  by the checksums saved with it, naming the checkpoint and the array."""
+  import orbax.checkpoint as ocp
+  rng = np.random.default_rng(0)
+  state = {"params": {"w": rng.standard_normal((4, 3)).astype(np.float32)},
+           "step": np.asarray(7, np.int32)}
+  ckpts = checkpoint.TrainCheckpoints(tmp_path / "ckpt")
+  try:
+    ckpts.save(1, state, {"epoch": 1})
+    back, meta = ckpts.restore(state)
+    assert meta == {"epoch": 1} and np.array_equal(back["params"]["w"], state["params"]["w"])
+    damaged = jax.tree.map(np.array, state)
+    damaged["params"]["w"].view(np.uint8)[0, 0] ^= 1  # lowest mantissa bit of w[0, 0]
+    ck = ocp.StandardCheckpointer()
+    try:
+      ck.save(tmp_path / "ckpt" / "1" / "state", damaged, force=True)
+      ck.wait_until_finished()
+    finally:
+      ck.close()
+    with pytest.raises(ValueError, match="corrupt") as e:
+      ckpts.restore(state)
+  finally:
+    ckpts.close()
+  assert str(tmp_path / "ckpt" / "1") in str(e.value) and "params/w" in str(e.value)
 
 
 _CHILD = textwrap.dedent("""
