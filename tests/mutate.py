@@ -54,6 +54,13 @@ if os.environ.get("MUTATE_COVERAGE"):  # child processes of a test (tests/mutate
                            include=["*/qinco_jax/*"], context=os.environ.get("MUTATE_TEST"))
   _cov.start()
   atexit.register(lambda: (_cov.stop(), _cov.save()))
+  _exit = os._exit
+
+  def _save_then_exit(code):  # distributed.exit_on_error leaves through os._exit
+    _cov.stop()
+    _cov.save()
+    _exit(code)
+  os._exit = _save_then_exit
 '''
 
 
@@ -104,8 +111,9 @@ def _skipped(tree: ast.AST) -> set[int]:
     if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body and isinstance(
         n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant):
       drop(n.body[0])
-    if isinstance(n, ast.Call) and _name(n.func) in ("print", "set_postfix"):
-      drop(n)
+    if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call) and _name(
+        n.value.func) in ("print", "set_postfix"):
+      drop(n)  # output only
   return skip
 
 

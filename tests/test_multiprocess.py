@@ -88,6 +88,57 @@ def _assert_same_codec(a, b, rtol=1e-5):
                                 b.encode(held_out, A=4, B=8, verbose=False))
 
 
+def test_initialize_checks_its_arguments_before_joining(monkeypatch):
+  """Inconsistent process arguments (flags or environment) are refused, naming the
+  problem, before anything is started; one process joins nothing."""
+  for k in distributed.ENV + distributed._AUTO_ENV:
+    monkeypatch.delenv(k, raising=False)
+  init = distributed.initialize
+  assert init() is False
+  assert init(num_processes=1, process_id=0) is False
+  assert init("127.0.0.1:1", 1, 0) is False  # one process: nothing to join
+  with pytest.raises(ValueError, match=r"num_processes=2, process_id=1 need a coordinator"):
+    init(num_processes=2, process_id=1)
+  with pytest.raises(ValueError, match=r"num_processes=2, process_id=None need a coordin"):
+    init(num_processes=2)
+  with pytest.raises(ValueError, match="given without the number of processes"):
+    init("127.0.0.1:1")
+  with pytest.raises(ValueError, match="given without the number of processes"):
+    init("127.0.0.1:1", 2, -1)  # -1: the flags' "unset"
+  with pytest.raises(ValueError, match="num_processes must be >= 1, got 0"):
+    init("127.0.0.1:1", 0, 0)
+  with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\) \(num_processes=2\), "
+                                       r"got 2"):
+    init("127.0.0.1:1", 2, 2)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "3")
+  monkeypatch.setenv("JAX_PROCESS_ID", "5")
+  with pytest.raises(ValueError, match=r"process_id must be in \[0, 3\)"):
+    init()
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  with pytest.raises(ValueError, match="num_processes must be an integer, got 'two'"):
+    init()
+  assert not jax.distributed.is_initialized()
+
+
+def test_one_process_passes_errors_through_unchanged():
+  """With one process no error is a lost peer: the guards re-raise what came."""
+  with pytest.raises(RuntimeError, match="gloo: connection reset"):
+    with distributed.peer_guard("a step"):
+      raise RuntimeError("gloo: connection reset")
+  with pytest.raises(KeyError):
+    with distributed.exit_on_error():
+      raise KeyError("k")
+  assert distributed.lost_processes() == []
+  # What counts as a peer's failure (with several processes): runtime errors that speak
+  # of the link, or anything from gloo or the coordination service.
+  looks = distributed._looks_like_peer_failure
+  assert looks(RuntimeError("UNAVAILABLE: Connection reset by peer"))
+  assert looks(ValueError("gloo: read failed"))
+  assert not looks(RuntimeError("shapes (3,) and (4,) differ"))
+  assert not looks(ValueError("connection string is empty"))
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
   """The tiny synthetic config trained by 2 processes x 1 device, uninterrupted."""

@@ -36,6 +36,21 @@ def test_lr_schedule_matches_spec():
                              [0.5, 1.0, 1e-3], rtol=1e-5)
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("lr", 0.0, "lr must be > 0"), ("batch_per_device", 0, "batch_per_device must be > 0"),
+    ("loop", 0, "loop must be > 0"), ("epochs", 0, "epochs must be > 0"),
+    ("accumulate", 0, "accumulate must be > 0"),
+    ("cosine_epochs", 0.0, "cosine_epochs must be > 0 or None"),
+    ("optimizer", "sgd", "optimizer must be 'adamw' or 'adam', got 'sgd'"),
+    ("schedule", "step", "schedule must be 'cosine' or 'plateau', got 'step'")])
+def test_train_config_refuses_what_it_cannot_train_with(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    train.TrainConfig(**{field: value})
+  smallest = {"lr": 1e-9, "batch_per_device": 1, "loop": 1, "epochs": 1, "accumulate": 1,
+              "cosine_epochs": 1e-3, "optimizer": "adam", "schedule": "plateau"}[field]
+  assert getattr(train.TrainConfig(**{field: smallest}), field) == smallest
+
+
 def test_optimizer_lr_follows_fractional_epochs():
   cfg = train.TrainConfig(lr=1.0, warmup_epochs=1, epochs=3)  # a 2-epoch cosine
   tx = train.make_optimizer(cfg, steps_per_epoch=4)
