@@ -267,7 +267,12 @@ def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
   for x, y in zip(fa, fb):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   log_a = trainer.read_metrics(tmp_path / "a" / "metrics.jsonl")
+  log_b = trainer.read_metrics(tmp_path / "b" / "metrics.jsonl")
   assert any(r.get("epoch") == 2 and "val_mse" in r for r in log_a)
+  # The resumed run counts its updates on from the checkpoint's, as the other counts.
+  after = [(r["epoch"], r["step"]) for r in log_a if r.get("epoch", -1) >= 1 and "step" in r]
+  assert after == [(r["epoch"], r["step"]) for r in log_b
+                   if r.get("epoch", -1) >= 1 and "step" in r]
   assert sum(sum(r["resets"]) for r in log_a if r.get("epoch", -1) >= 1 and "resets" in r) > 0
 
 

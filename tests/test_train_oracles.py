@@ -97,7 +97,8 @@ def test_loss_and_gradient_match_numpy(ivf, Ls):
 
 def test_running_statistics_follow_a_numpy_replay():
   """After 3 updates the EMA buffers (momentum 0.1) equal a NumPy replay of the mean
-  and unbiased std of every step's targets x - x_hat_m over all entering beams."""
+  and unbiased std of every step's targets x - x_hat_m over all entering beams; each
+  update reports its batch's loss and last-step MSE, and counts itself and its codes."""
   codec = _codec(de=None, K=4, M=3, A=2, B=3, seed=2)
   rng = np.random.default_rng(3)
   tx = train.make_optimizer(train.TrainConfig(lr=1e-2), steps_per_epoch=10)
@@ -115,7 +116,12 @@ def test_running_statistics_follow_a_numpy_replay():
       r = np.array([zi - xh for zi, tr in zip(z, traces) for xh in tr[m]])
       mean_ref[m] = 0.9 * mean_ref[m] + 0.1 * r.mean(0)
       std_ref[m] = 0.9 * std_ref[m] + 0.1 * r.std(0, ddof=1)
-    state, _ = step(state, jnp.asarray(x))
+    state, metrics = step(state, jnp.asarray(x))
+    codes = np.array([reference.np_beam(p, zi, 2, 3)[0] for zi in z])
+    last = np.array([reference.np_decode(p, c) for c in codes])
+    assert float(metrics["loss"]) == pytest.approx(reference.np_loss(p, z, codes), rel=1e-4)
+    assert float(metrics["mse"]) == pytest.approx(((last - z) ** 2).mean(), rel=1e-4)
+  assert int(state.step) == 3 and int(np.asarray(state.usage).sum()) == 3 * 16 * codec.M
   np.testing.assert_allclose(np.asarray(state.rest["xtarget_mean"][...]), mean_ref,
                              rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(state.rest["xtarget_std"][...]), std_ref,
