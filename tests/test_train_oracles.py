@@ -146,15 +146,19 @@ def test_dead_code_reset_draws_rows_at_the_target_statistics(code_scale):
   rest["xtarget_mean"][...] = jnp.asarray(mu)
   rest["xtarget_std"][...] = jnp.asarray(sigma)
   usage = np.ones((M, K), np.int32)
+  usage[0, :50] = 0  # step 0 (plain RQ): the first 50 rows dead
   usage[1] = 0  # step 1: every row dead
   usage[2, :100] = 0  # step 2: the first 100 rows dead
   state = state._replace(rest=rest, usage=jnp.asarray(usage))
   before = jax.tree.map(np.asarray, state.params)
   new, n_reset = train.reset_dead_codes(state, jax.random.key(0), 0.1,
                                         code_scale=code_scale)
-  np.testing.assert_array_equal(n_reset, [0, K, 100])
+  np.testing.assert_array_equal(n_reset, [50, K, 100])
   after = jax.tree.map(np.asarray, new.params)
-  np.testing.assert_array_equal(after["codebook0"][...], before["codebook0"][...])
+  C0_b, C0_a = before["codebook0"][...], after["codebook0"][...]
+  np.testing.assert_array_equal(C0_a[50:], C0_b[50:])
+  u0 = (C0_a[:50] - mu[0]) / sigma[0]  # 250 of the table's standardised draws
+  assert abs(u0.mean()) < 0.3 and 0.8 < u0.std() < 1.2 and np.abs(u0).max() < 1.05 * 3 ** .5
   C1 = after["codebooks"][...][0] / code_scale  # the drawn rows, as they decode
   u = (C1 - mu[1]) / sigma[1]  # standardised over the table: mean 0, std 1 exactly
   assert abs(u.mean()) < 1e-5 and abs(u.std() - 1) < 1e-4
