@@ -153,7 +153,7 @@ def test_training_lowers_the_loss():
 
 
 def test_dead_code_reset_replaces_only_unused_rows():
-  codec, _ = _tiny()
+  codec, x = _tiny()
   tx = train.make_optimizer(train.TrainConfig(), 10)
   state = train.init_state(codec.graphdef, codec.state, tx)
   usage = np.ones((3, 8), np.int32)
@@ -173,6 +173,15 @@ def test_dead_code_reset_replaces_only_unused_rows():
   diff = new_p[0, 5] - new_c[0, 5]
   assert 0 < np.abs(diff).max() < 0.2 * np.abs(new_c[0, 5]).max() + 1e-3
   assert np.asarray(new.usage).sum() == 0
+  # M = 1: a plain RQ step and no network step.
+  rq = qj.Codec.create(qj.QincoConfig(K=8, M=1, A=0, B=1), x[:500], verbose=False)
+  state = train.init_state(rq.graphdef, rq.state, tx)
+  state = state._replace(usage=jnp.asarray(usage[:1]))
+  new, n_reset = train.reset_dead_codes(state, jax.random.key(0), 0.1)
+  np.testing.assert_array_equal(n_reset, [1])
+  changed = np.any(np.asarray(new.params["codebook0"][...])
+                   != np.asarray(state.params["codebook0"][...]), axis=1)
+  np.testing.assert_array_equal(changed, usage[0] == 0)
 
 
 def test_divergence_stops_with_a_clear_error_and_keeps_best(tmp_path):
