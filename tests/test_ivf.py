@@ -36,7 +36,8 @@ def test_ivf_centroids_are_frozen_and_not_counted():
   assert codec.num_params == 3 * per_net_step
 
 
-@pytest.mark.parametrize("A,B", [(2, 3), (0, 2), (4, 1)])
+# (2, 12): B > K, so the first network step, from the one IVF beam, cannot fill the beam.
+@pytest.mark.parametrize("A,B", [(2, 3), (0, 2), (4, 1), (2, 12)])
 def test_ivf_beam_search_matches_reference(A, B):
   codec, _, _, rng = _ivf_codec()
   x = (rng.standard_normal((40, D)) * 2 + 1).astype(np.float32)
