@@ -53,6 +53,15 @@ def test_ivf_beam_search_matches_reference(A, B):
       rtol=1e-4, atol=1e-4)
 
 
+def test_ivf_with_a_single_network_step_matches_reference():
+  codec, _, _, rng = _ivf_codec(M=1)
+  x = (rng.standard_normal((40, D)) * 2 + 1).astype(np.float32)
+  p, z = reference.normalised(codec, x)
+  codes = codec.encode(x, A=2, B=3, verbose=False)
+  assert codes.shape == (40, 2)
+  reference.assert_same_codes(p, z, codes, [reference.np_beam(p, zi, 2, 3)[0] for zi in z])
+
+
 def codec_centroids_raw(codec):
   m = codec.model()
   return np.asarray(m.ivf_centroids[...]) * float(m.data_std[...]) + np.asarray(
