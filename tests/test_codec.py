@@ -3,12 +3,14 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import qinco_jax as qj
+from qinco_jax import checkpoint, rq_init
 from qinco_jax import encode as encode_mod
-from qinco_jax import rq_init
 from tests import reference
 
 D = 6
@@ -166,8 +168,8 @@ def test_save_load_round_trip(trained, tmp_path):
 def test_save_load_with_relative_path(trained, tmp_path, monkeypatch):
   codec, train = trained
   monkeypatch.chdir(tmp_path)
-  codec.save("rel/codec")
-  np.testing.assert_array_equal(qj.load("rel/codec").encode(train[:5], verbose=False),
+  codec.save("rel/sub/codec")  # missing parent directories are created
+  np.testing.assert_array_equal(qj.load("rel/sub/codec").encode(train[:5], verbose=False),
                                 codec.encode(train[:5], verbose=False))
 
 
@@ -184,6 +186,35 @@ def test_failed_save_keeps_existing_checkpoint(trained, tmp_path, monkeypatch):
     codec.save(tmp_path / "c")
   assert sorted(os.listdir(tmp_path)) == ["c"]  # no temporary left behind
   qj.load(tmp_path / "c")  # the old one is intact
+
+
+@pytest.mark.parametrize("fault", [OSError(5, "I/O error (injected)"),
+                                   KeyboardInterrupt("injected")])
+def test_a_save_failing_between_its_renames_keeps_the_earlier_checkpoint(trained, tmp_path,
+                                                                      monkeypatch, fault):
+  """A failure injected between the two steps of the swap (the old copy moved out of
+  the way, the new one not yet moved in) must leave the earlier checkpoint at the path,
+  bit for bit, and nothing beside it."""
+  codec = trained[0]
+  path = tmp_path / "c"
+  codec.save(path)
+  real_replace = os.replace
+  failed = []
+
+  def replace(src, dst):
+    if os.fspath(dst) == str(path) and not failed:
+      failed.append(src)
+      raise fault  # the first move into the path (the new copy's) fails
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", replace)
+  with pytest.raises(type(fault), match="injected"):
+    reference.randomize(codec, scale=0.5, seed=9).save(path)
+  monkeypatch.setattr(os, "replace", real_replace)
+  assert sorted(os.listdir(tmp_path)) == ["c"]
+  back = qj.load(path)
+  for a, b in zip(jax.tree.leaves(back.state), jax.tree.leaves(codec.state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -309,6 +340,48 @@ def test_load_restores_a_copy_left_by_a_save_killed_between_its_renames(trained,
   assert _parked_copies(tmp_path) == []  # leftovers removed by the next save
 
 
+def test_recovery_skips_a_left_copy_whose_arrays_do_not_verify(trained, tmp_path):
+  """Of the copies an interrupted save left, the newest whose checksums verify is
+  restored: here the newer one has a flipped bit, so the older one comes back."""
+  codec, train = trained
+  path = tmp_path / "c"
+  codec.save(tmp_path / "good")
+  other = reference.randomize(codec, scale=0.5, seed=9)
+  other.save(tmp_path / "bad")
+  _flip_one_weight_bit(other, tmp_path / "bad")
+  os.replace(tmp_path / "good", tmp_path / ".c.old-0000beef")
+  os.replace(tmp_path / "bad", tmp_path / ".c.tmp-0000dead")
+  t = os.stat(tmp_path / ".c.old-0000beef" / "qinco_jax.json").st_mtime
+  os.utime(tmp_path / ".c.tmp-0000dead" / "qinco_jax.json", (t + 60, t + 60))  # newer
+  with pytest.warns(UserWarning, match="restored the complete copy '.c.old-0000beef'"):
+    assert checkpoint.recover(path) is True
+  np.testing.assert_array_equal(qj.load(path).encode(train[:20], verbose=False),
+                                codec.encode(train[:20], verbose=False))
+  assert checkpoint.recover(path) is False  # something is at the path
+
+
+def test_a_failed_save_after_an_interrupted_one_keeps_the_left_copy(trained, tmp_path,
+                                                                   monkeypatch):
+  """A save at a path that an interrupted save left empty (its old copy parked beside
+  it) first restores that copy, so a second failure cannot lose it."""
+  codec, train = trained
+  path = tmp_path / "c"
+  codec.save(path)
+  os.replace(path, tmp_path / ".c.old-0000beef")  # killed between the renames
+
+  def boom(*a, **k):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(checkpoint.json, "dump", boom)
+  with pytest.warns(UserWarning, match="restored the complete copy"):
+    with pytest.raises(OSError, match="No space"):
+      reference.randomize(codec, scale=0.5, seed=9).save(path)
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == ["c"]
+  np.testing.assert_array_equal(qj.load(path).encode(train[:20], verbose=False),
+                                codec.encode(train[:20], verbose=False))
+
+
 def test_load_detects_corrupted_array_bytes(tmp_path):
   rng = np.random.default_rng(0)  # tables large enough that the data files hold them
   codec = qj.Codec.create(qj.QincoConfig(K=256, M=3, L=1, de=None, dh=8, A=3, B=2),
@@ -324,6 +397,39 @@ def test_load_detects_corrupted_array_bytes(tmp_path):
   data_file.write_bytes(bytes(raw))
   with pytest.raises(ValueError, match="corrupt|cannot read"):
     qj.load(tmp_path / "c")
+
+
+def _flip_one_weight_bit(codec, path):
+  """Rewrites the arrays of the codec saved at `path` through Orbax with the lowest
+  mantissa bit of one weight flipped (finite, same shape and dtype); checks that Orbax
+  reads the damaged value back."""
+  import orbax.checkpoint as ocp
+  arrays = jax.tree.map(np.array, nnx.to_pure_dict(codec.state))
+  damaged = arrays["codebooks"]
+  damaged.view(np.uint8).reshape(-1)[4 * 7] ^= 1
+  assert np.isfinite(damaged).all() and not np.array_equal(
+      damaged, np.asarray(codec.state["codebooks"][...]))
+  ck = ocp.StandardCheckpointer()
+  try:
+    ck.save(path / "state", arrays, force=True)
+    ck.wait_until_finished()
+    stored = ck.restore(path / "state", jax.tree.map(np.zeros_like, arrays))
+  finally:
+    ck.close()
+  np.testing.assert_array_equal(stored["codebooks"], damaged)  # the storage layer reads it
+
+
+def test_load_verifies_checksums_of_arrays_the_storage_layer_reads(trained, tmp_path):
+  """One bit of a stored weight flipped by hand and written back through Orbax (Orbax
+  reads it without complaint) must be refused by our own checksums, with an error
+  naming the checkpoint and the array."""
+  codec = trained[0]
+  path = tmp_path / "c"
+  codec.save(path)
+  _flip_one_weight_bit(codec, path)
+  with pytest.raises(ValueError, match="corrupt") as e:
+    qj.load(path)
+  assert str(path) in str(e.value) and "'codebooks'" in str(e.value), e.value
 
 
 def test_create_accepts_a_list_of_vectors():

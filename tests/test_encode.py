@@ -50,6 +50,17 @@ def test_beam_with_preselection_matches_reference(A, B):
   reference.assert_same_codes(p, z, ours, ref)
 
 
+def test_a_single_network_step_preselects_like_the_reference():
+  """M = 2: the plain RQ step, then one network step, whose pre-selection applies."""
+  codec, rng = _codec(K=6, M=2, A=2, B=3, de=7)
+  x = rng.standard_normal((40, D)).astype(np.float32) * 2
+  p, z = reference.normalised(codec, x)
+  ref = np.array([reference.np_beam(p, zi, 2, 3)[0] for zi in z])
+  reference.assert_same_codes(p, z, codec.encode(x, A=2, B=3, verbose=False), ref)
+  full = np.array([reference.np_beam(p, zi, 0, 3)[0] for zi in z])
+  assert (full != ref).any()  # pre-selection changes codes here (the test can tell)
+
+
 def test_A_equal_K_equals_no_preselection():
   codec, rng = _codec(K=6, M=4, A=3, B=3)
   x = rng.standard_normal((50, D)).astype(np.float32) * 2

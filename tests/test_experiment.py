@@ -61,8 +61,9 @@ EXPECTED = {
                  dict(name="bigann", eval_AB=(32, 64))),
     "qinco1": (dict(K=256, M=8, L=16, de=None, dh=256, A=0, B=1, qinco1_mode=True,
                     init="reference", codebook_noise_init=1.0),
-               dict(lr=1e-4, optimizer="adam", schedule="plateau", weight_decay=0.0,
-                    grad_clip=None, stop_patience=20, reset_dead_codes=False, epochs=71),
+               dict(lr=1e-4, optimizer="adam", schedule="plateau", plateau_patience=10,
+                    weight_decay=0.0, grad_clip=None, stop_patience=20,
+                    reset_dead_codes=False, epochs=71),
                dict(name="bigann", eval_AB=(0, 1), db=1_000_000)),
 }
 

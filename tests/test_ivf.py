@@ -36,7 +36,8 @@ def test_ivf_centroids_are_frozen_and_not_counted():
   assert codec.num_params == 3 * per_net_step
 
 
-@pytest.mark.parametrize("A,B", [(2, 3), (0, 2), (4, 1)])
+# (2, 12): B > K, so the first network step, from the one IVF beam, cannot fill the beam.
+@pytest.mark.parametrize("A,B", [(2, 3), (0, 2), (4, 1), (2, 12)])
 def test_ivf_beam_search_matches_reference(A, B):
   codec, _, _, rng = _ivf_codec()
   x = (rng.standard_normal((40, D)) * 2 + 1).astype(np.float32)
@@ -50,6 +51,15 @@ def test_ivf_beam_search_matches_reference(A, B):
       codec.decode(codes, verbose=False),
       np.stack([reference.np_decode(p, c) for c in codes]) * p["std"] + p["mean"],
       rtol=1e-4, atol=1e-4)
+
+
+def test_ivf_with_a_single_network_step_matches_reference():
+  codec, _, _, rng = _ivf_codec(M=1)
+  x = (rng.standard_normal((40, D)) * 2 + 1).astype(np.float32)
+  p, z = reference.normalised(codec, x)
+  codes = codec.encode(x, A=2, B=3, verbose=False)
+  assert codes.shape == (40, 2)
+  reference.assert_same_codes(p, z, codes, [reference.np_beam(p, zi, 2, 3)[0] for zi in z])
 
 
 def codec_centroids_raw(codec):

@@ -48,8 +48,9 @@ def _launch(script, args, n_procs, *, die="", timeout=900):
   devices). Returns [(rc, stdout, stderr, seconds until it exited)] per process.
   die: "i:barrier" for QINCO_TEST_DIE_AFTER. timeout: a guard against a hung job (a
   deadlock fails the test instead of blocking the suite), not a speed check."""
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith("JAX_") or k == "JAX_NUMPY_RANK_PROMOTION"}
+  keep = ("JAX_NUMPY_RANK_PROMOTION", "JAX_COMPILATION_CACHE_DIR",
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")  # tests/conftest.py
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k in keep}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, QINCO_TEST_DIE_AFTER=die)
   t0 = time.monotonic()
   procs = distributed.launch_local(
@@ -85,6 +86,57 @@ def _assert_same_codec(a, b, rtol=1e-5):
                                     n_val=0).db
   np.testing.assert_array_equal(a.encode(held_out, A=4, B=8, verbose=False),
                                 b.encode(held_out, A=4, B=8, verbose=False))
+
+
+def test_initialize_checks_its_arguments_before_joining(monkeypatch):
+  """Inconsistent process arguments (flags or environment) are refused, naming the
+  problem, before anything is started; one process joins nothing."""
+  for k in distributed.ENV + distributed._AUTO_ENV:
+    monkeypatch.delenv(k, raising=False)
+  init = distributed.initialize
+  assert init() is False
+  assert init(num_processes=1, process_id=0) is False
+  assert init("127.0.0.1:1", 1, 0) is False  # one process: nothing to join
+  with pytest.raises(ValueError, match=r"num_processes=2, process_id=1 need a coordinator"):
+    init(num_processes=2, process_id=1)
+  with pytest.raises(ValueError, match=r"num_processes=2, process_id=None need a coordin"):
+    init(num_processes=2)
+  with pytest.raises(ValueError, match="given without the number of processes"):
+    init("127.0.0.1:1")
+  with pytest.raises(ValueError, match="given without the number of processes"):
+    init("127.0.0.1:1", 2, -1)  # -1: the flags' "unset"
+  with pytest.raises(ValueError, match="num_processes must be >= 1, got 0"):
+    init("127.0.0.1:1", 0, 0)
+  with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\) \(num_processes=2\), "
+                                       r"got 2"):
+    init("127.0.0.1:1", 2, 2)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "3")
+  monkeypatch.setenv("JAX_PROCESS_ID", "5")
+  with pytest.raises(ValueError, match=r"process_id must be in \[0, 3\)"):
+    init()
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  with pytest.raises(ValueError, match="num_processes must be an integer, got 'two'"):
+    init()
+  assert not jax.distributed.is_initialized()
+
+
+def test_one_process_passes_errors_through_unchanged():
+  """With one process no error is a lost peer: the guards re-raise what came."""
+  with pytest.raises(RuntimeError, match="gloo: connection reset"):
+    with distributed.peer_guard("a step"):
+      raise RuntimeError("gloo: connection reset")
+  with pytest.raises(KeyError):
+    with distributed.exit_on_error():
+      raise KeyError("k")
+  assert distributed.lost_processes() == []
+  # What counts as a peer's failure (with several processes): runtime errors that speak
+  # of the link, or anything from gloo or the coordination service.
+  looks = distributed._looks_like_peer_failure
+  assert looks(RuntimeError("UNAVAILABLE: Connection reset by peer"))
+  assert looks(ValueError("gloo: read failed"))
+  assert not looks(RuntimeError("shapes (3,) and (4,) differ"))
+  assert not looks(ValueError("connection string is empty"))
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,14 @@ accumulation, against float32 and against one large batch."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import qinco_jax as qj
 from qinco_jax import train, trainer
+from qinco_jax.decode import decode_steps, normalize
+from qinco_jax.encode import beam_search
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +94,61 @@ def test_bfloat16_weight_gradients_are_accumulated_in_float32():
   assert np.abs(np.asarray(dx) - dx_ref).max() < 1e-5 * np.abs(dx_ref).max()
 
 
+def test_bfloat16_loss_is_reduced_in_float32(trained):
+  """Only the step networks' matmuls run in bfloat16: the squared errors, their means
+  and the loss are float32, equal to a float64 NumPy reduction of the same bfloat16
+  forward (the decoder's partial reconstructions and the pre-selection codewords)."""
+  ds, _, _, codec = trained
+  c16 = codec.with_dtype("bfloat16")
+  model = c16.model()
+  params, rest = c16.state.split(nnx.Param, ...)
+  x = normalize(model, jnp.asarray(ds.val))
+  loss, (codes, _, _, step_mse, pre_loss) = jax.jit(
+      lambda p, r, x: train.loss_fn(p, r, c16.graphdef, x, 4, 4))(params, rest, x)
+  assert loss.dtype == step_mse.dtype == pre_loss.dtype == jnp.float32
+  _, partials = jax.jit(decode_steps)(model, codes)  # (M, N, D) the bfloat16 forward
+  part, xs = np.asarray(partials, np.float64), np.asarray(x, np.float64)
+  want = ((part - xs[None]) ** 2).mean(axis=(1, 2))
+  np.testing.assert_allclose(step_mse, want, rtol=1e-6)
+  Cp = np.asarray(model.pre_codebooks[...], np.float64)  # Ls = 0: C'[code] predicts
+  chosen = np.stack([Cp[m][np.asarray(codes)[:, m + 1]] for m in range(len(Cp))])
+  want_pre = ((part[:-1] + chosen - xs[None]) ** 2).mean(axis=(1, 2)).sum()
+  np.testing.assert_allclose(pre_loss, want_pre, rtol=1e-6)
+  np.testing.assert_allclose(loss, want.sum() + want_pre, rtol=1e-6)
+
+
+def test_bfloat16_encoder_ranks_by_float32_distances(trained):
+  """The encoder scores candidates by float32 distances of the bfloat16 network's
+  outputs: each greedy choice (A=0, B=1) is the nearest candidate by a float64 NumPy
+  distance to the same outputs. Distances rounded to bfloat16 (8 bits) would tie or
+  swap candidates less than 0.4% apart."""
+  ds, _, _, codec = trained
+  c16 = codec.with_dtype("bfloat16")
+  model = c16.model()
+  x = normalize(model, jnp.asarray(ds.val))
+  codes = np.asarray(jax.jit(lambda m, x: beam_search(m, x, A=0, B=1).codes)(model, x))
+  net_def, net_state = nnx.split(model.steps)
+  C_all = model.codebooks[...]
+
+  @jax.jit
+  def candidates(m, x_hat):  # f_m(C[k], x_hat) for every k, as the encoder evaluates it
+    net = nnx.merge(net_def, jax.tree.map(lambda a: a[m], net_state))
+    h0 = net.code_table(C_all[m])[None] + net.beam_term(x_hat)[:, None]
+    return net.tail(h0, jnp.broadcast_to(C_all[m], h0.shape[:2] + C_all.shape[-1:]))
+
+  xs = np.asarray(x, np.float64)
+  x_hat = np.asarray(model.codebook0[...], np.float64)[codes[:, 0]]
+  rows = np.arange(len(xs))
+  worse = []
+  for m in range(codes.shape[1] - 1):
+    f = np.asarray(candidates(m, jnp.asarray(x_hat, jnp.float32)), np.float64)
+    dist = ((xs[:, None] - x_hat[:, None] - f) ** 2).sum(-1)  # (N, K)
+    best = dist.min(1)
+    worse.append((dist[rows, codes[:, m + 1]] - best) / best)
+    x_hat = x_hat + f[rows, codes[:, m + 1]]
+  assert np.max(worse) < 1e-5, np.max(worse)
+
+
 def test_short_bfloat16_training_is_within_2_percent_of_float32(trained, tmp_path):
   ds, cfg, tc, codec = trained
   bf = trainer.train_and_evaluate(cfg.replace(dtype="bfloat16"), tc, ds, tmp_path / "bf16",
@@ -104,6 +162,12 @@ def test_short_bfloat16_training_is_within_2_percent_of_float32(trained, tmp_pat
 
 
 def test_gradient_accumulation_equals_one_large_batch():
+  """`accumulate` batches make the update of one batch that many times larger: the
+  optimiser receives their mean gradient, nothing is applied before the last batch,
+  and every batch's codes are counted. The gradient received is read from Adam's
+  moments after the update (mu = (1 - b1) g, nu = (1 - b2) g^2): Adam's step hides a
+  gradient's scale, so a sum instead of the mean shows there, and under the recipe's
+  element-wise clip at 0.1 it would also clip gradients `accumulate` times larger."""
   rng = np.random.default_rng(0)
   x = (rng.standard_normal((1024, 8)) * 2).astype(np.float32)
   cfg = qj.QincoConfig(K=8, M=3, L=1, de=6, dh=8, A=3, B=2)
@@ -111,20 +175,28 @@ def test_gradient_accumulation_equals_one_large_batch():
 
   def run(accumulate, batches):
     tc = train.TrainConfig(lr=1e-2, accumulate=accumulate, warmup_epochs=0)
+    assert tc.grad_clip == 0.1
     tx = train.make_optimizer(tc, steps_per_epoch=8)
     state = train.init_state(codec.graphdef, codec.state, tx)
     step = train.make_train_step(codec.graphdef, tx, 3, 2)
+    params = []  # host copies after each batch (the step donates its state)
     for b in batches:
       state, m = step(state, jnp.asarray(b))
-    return jax.tree.map(np.asarray, state.params), np.asarray(state.usage), m
+      params.append(jax.tree.map(np.array, state.params))
+    moments = [jax.tree.leaves(optax.tree_utils.tree_get(state.opt, k)) for k in ("mu", "nu")]
+    return params, np.asarray(state.usage), moments, m
 
-  p_big, u_big, _ = run(1, [x])
-  p_acc, u_acc, m = run(2, [x[:512], x[512:]])
+  (p_big,), u_big, (mu_big, nu_big), _ = run(1, [x])
+  (p_half, p_acc), u_acc, (mu_acc, nu_acc), m = run(2, [x[:512], x[512:]])
   for a, b in zip(jax.tree.leaves(p_big), jax.tree.leaves(p_acc)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  g_big = [np.asarray(v) / 0.1 for v in mu_big]  # the clipped gradient of the big batch
+  for g, mu, nu_a, nu_b in zip(g_big, mu_acc, nu_acc, nu_big):
+    np.testing.assert_allclose(np.asarray(mu) / 0.1, g, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(nu_a, nu_b, rtol=2e-4, atol=1e-12)
+  assert sum(int((np.abs(g) < 0.02).sum()) for g in g_big) > 100  # well below the clip
   np.testing.assert_array_equal(u_big, u_acc)  # codes counted over both halves
   # After only the first half nothing has been applied yet.
-  p_half, _, _ = run(2, [x[:512]])
   init = jax.tree.map(np.asarray, codec.state.filter(nnx.Param))
   for a, b in zip(jax.tree.leaves(p_half), jax.tree.leaves(init)):
     np.testing.assert_array_equal(a, b)

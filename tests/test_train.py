@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import qinco_jax as qj
-from qinco_jax import train, trainer
+from qinco_jax import checkpoint, train, trainer
 from qinco_jax.decode import normalize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +36,21 @@ def test_lr_schedule_matches_spec():
   tiny = train.TrainConfig(epochs=2, warmup_epochs=3)
   np.testing.assert_allclose(train.lr_factor(jnp.array([0.5, 1.0, 2.0]), tiny),
                              [0.5, 1.0, 1e-3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("lr", 0.0, "lr must be > 0"), ("batch_per_device", 0, "batch_per_device must be > 0"),
+    ("loop", 0, "loop must be > 0"), ("epochs", 0, "epochs must be > 0"),
+    ("accumulate", 0, "accumulate must be > 0"),
+    ("cosine_epochs", 0.0, "cosine_epochs must be > 0 or None"),
+    ("optimizer", "sgd", "optimizer must be 'adamw' or 'adam', got 'sgd'"),
+    ("schedule", "step", "schedule must be 'cosine' or 'plateau', got 'step'")])
+def test_train_config_refuses_what_it_cannot_train_with(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    train.TrainConfig(**{field: value})
+  smallest = {"lr": 1e-9, "batch_per_device": 1, "loop": 1, "epochs": 1, "accumulate": 1,
+              "cosine_epochs": 1e-3, "optimizer": "adam", "schedule": "plateau"}[field]
+  assert getattr(train.TrainConfig(**{field: smallest}), field) == smallest
 
 
 def test_optimizer_lr_follows_fractional_epochs():
@@ -74,15 +89,60 @@ def _run_steps(codec, x, devices, n_steps=3, tc=None, same_batch=False):
   return losses, jax.tree.map(np.asarray, state.params), np.asarray(state.usage)
 
 
-def test_one_and_two_devices_give_the_same_training():
-  assert jax.device_count() >= 2
-  codec, x = _tiny()
-  l1, p1, u1 = _run_steps(codec, x, jax.devices()[:1])
-  l2, p2, u2 = _run_steps(codec, x, jax.devices()[:2])
-  np.testing.assert_allclose(l1, l2, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p2)
-  np.testing.assert_array_equal(u1, u2)  # usage summed over both devices
-  assert u1.sum() == 3 * 256 * 3
+def _documented_rows(n, S, G, seed, epoch, step):
+  """The global batch of update `step` of `epoch` as the docs define it, one row at a
+  time: pass p is the permutation default_rng([seed, p]).permutation(n), and epoch e
+  covers positions [e*S, e*S + steps*G) of the passes laid end to end."""
+  perms = {}
+  rows = []
+  for pos in range(epoch * S + step * G, epoch * S + (step + 1) * G):
+    p = pos // n
+    if p not in perms:
+      perms[p] = np.random.default_rng([seed, p]).permutation(n)
+    rows.append(perms[p][pos % n])
+  return np.array(rows)
+
+
+def test_each_device_trains_on_its_own_rows_of_the_documented_order(tmp_path, monkeypatch):
+  """The trainer on 2 devices: every update equals one device computing the whole
+  global batch of the documented order from the same state, and each device holds its
+  own slice of that batch (here an epoch is 600 of the 1,000 rows, so epoch 1's last
+  batch runs across the end of the first pass)."""
+  assert jax.device_count() == 2
+  ds = qj.data.load_synthetic(n_train=1000, n_db=10, n_queries=1, d=8, n_val=100)
+  cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
+  tc = train.TrainConfig(epochs=2, warmup_epochs=0, batch_per_device=128, loop=600,
+                         seed=3, log_every=100)
+  make_step = train.make_train_step
+  seen = []  # (state before, the batch's shards, state after) of every update
+
+  def recording(*a, **k):
+    step = make_step(*a, **k)
+
+    def run(state, batch):
+      before = jax.tree.map(np.array, state)  # host copy (the step donates its state)
+      shards = sorted((s.index[0].start or 0, np.array(s.data))
+                      for s in batch.addressable_shards)
+      out = step(state, batch)
+      seen.append((before, shards, jax.tree.map(np.array, out)))
+      return out
+    return run
+
+  monkeypatch.setattr(train, "make_train_step", recording)
+  codec = trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  steps, G = 600 // 256, 256
+  assert len(seen) == 2 * steps
+  tx = train.make_optimizer(tc, steps)
+  one = jax.devices()[0]
+  reference_step = make_step(codec.graphdef, tx, cfg.A, cfg.B)
+  for i, (before, shards, after) in enumerate(seen):
+    rows = _documented_rows(1000, 600, G, tc.seed, *divmod(i, steps))
+    want = reference_step(jax.device_put(before, one), jax.device_put(ds.train[rows], one))
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(want)):  # state and metrics
+      np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert [start for start, _ in shards] == [0, 128]
+    for start, got in shards:
+      np.testing.assert_array_equal(got, ds.train[rows[start:start + 128]])
 
 
 @pytest.mark.parametrize("chunk", [None, 32, 48])
@@ -123,7 +183,7 @@ def test_training_lowers_the_loss():
 
 
 def test_dead_code_reset_replaces_only_unused_rows():
-  codec, _ = _tiny()
+  codec, x = _tiny()
   tx = train.make_optimizer(train.TrainConfig(), 10)
   state = train.init_state(codec.graphdef, codec.state, tx)
   usage = np.ones((3, 8), np.int32)
@@ -143,6 +203,15 @@ def test_dead_code_reset_replaces_only_unused_rows():
   diff = new_p[0, 5] - new_c[0, 5]
   assert 0 < np.abs(diff).max() < 0.2 * np.abs(new_c[0, 5]).max() + 1e-3
   assert np.asarray(new.usage).sum() == 0
+  # M = 1: a plain RQ step and no network step.
+  rq = qj.Codec.create(qj.QincoConfig(K=8, M=1, A=0, B=1), x[:500], verbose=False)
+  state = train.init_state(rq.graphdef, rq.state, tx)
+  state = state._replace(usage=jnp.asarray(usage[:1]))
+  new, n_reset = train.reset_dead_codes(state, jax.random.key(0), 0.1)
+  np.testing.assert_array_equal(n_reset, [1])
+  changed = np.any(np.asarray(new.params["codebook0"][...])
+                   != np.asarray(state.params["codebook0"][...]), axis=1)
+  np.testing.assert_array_equal(changed, usage[0] == 0)
 
 
 def test_divergence_stops_with_a_clear_error_and_keeps_best(tmp_path):
@@ -162,6 +231,34 @@ def test_existing_workdir_needs_resume(tmp_path):
   trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
   with pytest.raises(ValueError, match="resume"):
     trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+
+
+def test_training_checkpoint_with_a_flipped_bit_is_refused_on_restore(tmp_path):
+  """A training checkpoint whose arrays Orbax reads back fine but whose bytes changed
+  after the save (one bit of one weight, rewritten through Orbax by hand) is refused
+  by the checksums saved with it, naming the checkpoint and the array."""
+  import orbax.checkpoint as ocp
+  rng = np.random.default_rng(0)
+  state = {"params": {"w": rng.standard_normal((4, 3)).astype(np.float32)},
+           "step": np.asarray(7, np.int32)}
+  ckpts = checkpoint.TrainCheckpoints(tmp_path / "ckpt")
+  try:
+    ckpts.save(1, state, {"epoch": 1})
+    back, meta = ckpts.restore(state)
+    assert meta == {"epoch": 1} and np.array_equal(back["params"]["w"], state["params"]["w"])
+    damaged = jax.tree.map(np.array, state)
+    damaged["params"]["w"].view(np.uint8)[0, 0] ^= 1  # lowest mantissa bit of w[0, 0]
+    ck = ocp.StandardCheckpointer()
+    try:
+      ck.save(tmp_path / "ckpt" / "1" / "state", damaged, force=True)
+      ck.wait_until_finished()
+    finally:
+      ck.close()
+    with pytest.raises(ValueError, match="corrupt") as e:
+      ckpts.restore(state)
+  finally:
+    ckpts.close()
+  assert str(tmp_path / "ckpt" / "1") in str(e.value) and "params/w" in str(e.value)
 
 
 _CHILD = textwrap.dedent("""
@@ -209,7 +306,12 @@ def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
   for x, y in zip(fa, fb):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   log_a = trainer.read_metrics(tmp_path / "a" / "metrics.jsonl")
+  log_b = trainer.read_metrics(tmp_path / "b" / "metrics.jsonl")
   assert any(r.get("epoch") == 2 and "val_mse" in r for r in log_a)
+  # The resumed run counts its updates on from the checkpoint's, as the other counts.
+  after = [(r["epoch"], r["step"]) for r in log_a if r.get("epoch", -1) >= 1 and "step" in r]
+  assert after == [(r["epoch"], r["step"]) for r in log_b
+                   if r.get("epoch", -1) >= 1 and "step" in r]
   assert sum(sum(r["resets"]) for r in log_a if r.get("epoch", -1) >= 1 and "resets" in r) > 0
 
 

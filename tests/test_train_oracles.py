@@ -97,7 +97,8 @@ def test_loss_and_gradient_match_numpy(ivf, Ls):
 
 def test_running_statistics_follow_a_numpy_replay():
   """After 3 updates the EMA buffers (momentum 0.1) equal a NumPy replay of the mean
-  and unbiased std of every step's targets x - x_hat_m over all entering beams."""
+  and unbiased std of every step's targets x - x_hat_m over all entering beams; each
+  update reports its batch's loss and last-step MSE, and counts itself and its codes."""
   codec = _codec(de=None, K=4, M=3, A=2, B=3, seed=2)
   rng = np.random.default_rng(3)
   tx = train.make_optimizer(train.TrainConfig(lr=1e-2), steps_per_epoch=10)
@@ -115,7 +116,12 @@ def test_running_statistics_follow_a_numpy_replay():
       r = np.array([zi - xh for zi, tr in zip(z, traces) for xh in tr[m]])
       mean_ref[m] = 0.9 * mean_ref[m] + 0.1 * r.mean(0)
       std_ref[m] = 0.9 * std_ref[m] + 0.1 * r.std(0, ddof=1)
-    state, _ = step(state, jnp.asarray(x))
+    state, metrics = step(state, jnp.asarray(x))
+    codes = np.array([reference.np_beam(p, zi, 2, 3)[0] for zi in z])
+    last = np.array([reference.np_decode(p, c) for c in codes])
+    assert float(metrics["loss"]) == pytest.approx(reference.np_loss(p, z, codes), rel=1e-4)
+    assert float(metrics["mse"]) == pytest.approx(((last - z) ** 2).mean(), rel=1e-4)
+  assert int(state.step) == 3 and int(np.asarray(state.usage).sum()) == 3 * 16 * codec.M
   np.testing.assert_allclose(np.asarray(state.rest["xtarget_mean"][...]), mean_ref,
                              rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(state.rest["xtarget_std"][...]), std_ref,
@@ -140,15 +146,19 @@ def test_dead_code_reset_draws_rows_at_the_target_statistics(code_scale):
   rest["xtarget_mean"][...] = jnp.asarray(mu)
   rest["xtarget_std"][...] = jnp.asarray(sigma)
   usage = np.ones((M, K), np.int32)
+  usage[0, :50] = 0  # step 0 (plain RQ): the first 50 rows dead
   usage[1] = 0  # step 1: every row dead
   usage[2, :100] = 0  # step 2: the first 100 rows dead
   state = state._replace(rest=rest, usage=jnp.asarray(usage))
   before = jax.tree.map(np.asarray, state.params)
   new, n_reset = train.reset_dead_codes(state, jax.random.key(0), 0.1,
                                         code_scale=code_scale)
-  np.testing.assert_array_equal(n_reset, [0, K, 100])
+  np.testing.assert_array_equal(n_reset, [50, K, 100])
   after = jax.tree.map(np.asarray, new.params)
-  np.testing.assert_array_equal(after["codebook0"][...], before["codebook0"][...])
+  C0_b, C0_a = before["codebook0"][...], after["codebook0"][...]
+  np.testing.assert_array_equal(C0_a[50:], C0_b[50:])
+  u0 = (C0_a[:50] - mu[0]) / sigma[0]  # 250 of the table's standardised draws
+  assert abs(u0.mean()) < 0.3 and 0.8 < u0.std() < 1.2 and np.abs(u0).max() < 1.05 * 3 ** .5
   C1 = after["codebooks"][...][0] / code_scale  # the drawn rows, as they decode
   u = (C1 - mu[1]) / sigma[1]  # standardised over the table: mean 0, std 1 exactly
   assert abs(u.mean()) < 1e-5 and abs(u.std() - 1) < 1e-4
