@@ -489,6 +489,7 @@ class WorkdirLock:
       with os.fdopen(fd, "w") as f:
         json.dump(me, f)
       self.held = True
+      _held_workdir_locks.add(self)
       return
     raise RuntimeError(f"could not take the lock {str(self.path)!r}")
 
@@ -504,6 +505,17 @@ class WorkdirLock:
       if self._holder().get("pid") == os.getpid():
         self.path.unlink(missing_ok=True)
       self.held = False
+      _held_workdir_locks.discard(self)
+
+
+_held_workdir_locks: set[WorkdirLock] = set()  # held by this process
+
+
+def release_workdir_locks():
+  """Releases every workdir lock this process holds (a process that stops at once,
+  on Ctrl-C, leaves no lock behind)."""
+  for lock in list(_held_workdir_locks):
+    lock.release()
 
 
 def _alive(pid) -> bool:
