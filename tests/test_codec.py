@@ -338,7 +338,8 @@ def test_rq_initialisation_reports_progress_per_kmeans_iteration(capsys):
   qj.Codec.create(qj.QincoConfig(K=4, M=3, A=0, B=1), rng.standard_normal((300, D)),
                   verbose=True)
   err = capsys.readouterr().err
-  assert "RQ init (K=4, M=3)" in err and "/30 [" in err  # 3 stages x 10 iterations
+  # 3 stages x (10 iterations + 27 that place the seeds: 9 progressive stages x 3)
+  assert "RQ init (K=4, M=3)" in err and "/111 [" in err
 
 
 def _same_codes(a, b, x):
