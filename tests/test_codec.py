@@ -361,27 +361,31 @@ def test_save_refuses_to_replace_files_it_did_not_write(trained, tmp_path):
 
 
 def test_concurrent_saves_to_one_path_wait_for_each_other(trained, tmp_path, monkeypatch):
-  """Save A is held inside its array write until save B reaches its own (without the
-  lock, B would by then have removed A's temporary directory as a leftover); with
-  the lock B waits for A, so A goes on after a grace period and both saves succeed."""
+  """Save A is held after writing its arrays into its temporary directory until save
+  B reaches its own array write (without the lock, B has by then removed A's
+  temporary directory as a leftover, and A fails writing its metadata there); with
+  the lock B waits for A, so A goes on after a grace period and both succeed."""
   import threading
 
   from qinco_jax import checkpoint
   codec, train = trained
   real_ckpt = checkpoint._ckpt
-  a_writing, b_writing = threading.Event(), threading.Event()
+  a_written, b_writing = threading.Event(), threading.Event()
 
   class Held:
     def __init__(self):
       self.ck = real_ckpt()
 
     def save(self, *a, **k):
-      if not a_writing.is_set():
-        a_writing.set()
-        b_writing.wait(5)  # the grace period: B is blocked at the lock (or racing)
-      else:
+      if threading.current_thread().name == "B":
         b_writing.set()
       return self.ck.save(*a, **k)
+
+    def wait_until_finished(self):
+      self.ck.wait_until_finished()
+      if threading.current_thread().name == "A":
+        a_written.set()
+        b_writing.wait(5)  # the grace period: B is blocked at the lock (or racing)
 
     def __getattr__(self, name):
       return getattr(self.ck, name)
@@ -396,10 +400,10 @@ def test_concurrent_saves_to_one_path_wait_for_each_other(trained, tmp_path, mon
     except Exception as e:  # reported below
       errors.append(e)
 
-  ta = threading.Thread(target=save, args=(codec,))
+  ta = threading.Thread(target=save, args=(codec,), name="A")
   ta.start()
-  assert a_writing.wait(60)
-  tb = threading.Thread(target=save, args=(other,))
+  assert a_written.wait(60)
+  tb = threading.Thread(target=save, args=(other,), name="B")
   tb.start()
   ta.join()
   tb.join()
