@@ -10,19 +10,29 @@ Saving never loses what was there: the directory is written complete under a
 temporary sibling name (`.NAME.tmp-*`), then swapped in by two renames (the old copy
 is parked as `.NAME.old-*` in between). A crash between the renames leaves complete
 copies beside the path, and `load` restores the newest that verifies (saying so).
-A save only ever replaces a qinco-jax codec directory (or an empty one): any other
-directory at the path is an error and is left untouched. The next save at a path
+A save only ever replaces what a save wrote: a qinco-jax codec directory (or an empty
+one) holding nothing else. Any other directory, or a codec directory into which
+something else was put, is an error and is left untouched. The next save at a path
 removes the temporary directories that interrupted saves left there.
+
+Saves at one path are serialised (an exclusive lock on the parent directory, across
+threads and processes of this machine): a second save waits for the first, then
+replaces its result. A path that is a symbolic link is saved through: the link stays,
+its target is replaced. A save into the current directory (or one above it) leaves
+the process in the new directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,98 +103,224 @@ def _is_codec_dir(path: Path) -> bool:
     return False
 
 
-def atomic_replace_dir(tmp: Path, path: Path):
-  """Moves directory tmp to path, replacing path if it exists, never losing both."""
-  old = None
-  if path.exists():
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(path, old)
+def resolve(path: str | os.PathLike) -> Path:
+  """The absolute path a save at `path` writes: a symbolic link's target (followed to
+  the end), so that the link stays a link and the temporaries sit beside the target
+  (on its file system)."""
+  path = Path(path).absolute()
+  return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+_locks = threading.local()  # {parent directory: depth} held by this thread
+
+
+@contextlib.contextmanager
+def save_lock(path: str | os.PathLike) -> Iterator[None]:
+  """Holds the lock of the saves at `path` (an exclusive `flock` on its parent
+  directory): threads and processes of this machine that save there wait for each
+  other. Re-entrant within a thread. Where the file system has no such locks, nothing
+  is locked."""
+  parent = str(resolve(path).parent)
+  depth = getattr(_locks, "held", None)
+  if depth is None:
+    depth = _locks.held = {}
+  if depth.get(parent):
+    depth[parent] += 1
+    try:
+      yield
+    finally:
+      depth[parent] -= 1
+    return
+  fd = None
   try:
-    os.replace(tmp, path)
-  except BaseException:
+    import fcntl
+    fd = os.open(parent, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+  except (ImportError, OSError):
+    if fd is not None:
+      os.close(fd)
+    fd = None  # no lock where the file system has none (best effort)
+  depth[parent] = 1
+  try:
+    yield
+  finally:
+    depth[parent] = 0
+    if fd is not None:
+      os.close(fd)  # releases the flock
+
+
+def foreign_entries(path: Path, ours: set[str] | frozenset[str]) -> list[str]:
+  """The names in directory `path` that are not among `ours` (what a save writes)."""
+  try:
+    return sorted(set(os.listdir(path)) - set(ours))
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+
+
+def _refuse_foreign(path: Path, foreign: list[str], what: str = ""):
+  shown = ", ".join(map(repr, foreign[:5])) + (" ..." if len(foreign) > 5 else "")
+  raise ValueError(
+      f"cannot save {what}to {str(path)!r}: it holds {shown}, which no save wrote, and a "
+      "save replaces the whole directory. Move that out of the directory (or save to "
+      "another path); nothing was changed.")
+
+
+def atomic_replace_dir(tmp: Path, path: Path, also_ours: frozenset[str] = frozenset()):
+  """Moves directory tmp to path, replacing path if it exists, never losing both.
+
+  An existing `path` may hold only names that `tmp` holds (what this save wrote, or
+  `also_ours`): anything else is a ValueError and nothing is moved. A symbolic link at
+  `path` stays, its target is replaced. When this process's current directory is
+  `path` (or inside it), it follows the new directory.
+  """
+  tmp = Path(tmp).absolute()
+  path = resolve(path)
+  with save_lock(path):
+    foreign = foreign_entries(path, set(os.listdir(tmp)) | set(also_ours))
+    if foreign:
+      _refuse_foreign(path, foreign)
+    if tmp.parent != path.parent:  # a link's target: swap beside it (same file system)
+      near = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+      try:
+        os.replace(tmp, near)
+      except OSError:  # another file system: copy
+        shutil.copytree(tmp, near, symlinks=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+      tmp = near
+    try:
+      cwd = os.getcwd()
+    except OSError:
+      cwd = None
+    inside = cwd is not None and os.path.commonpath([cwd, str(path)]) == str(path)
+    old = None
+    if path.exists():
+      old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+      os.replace(path, old)
+    try:
+      os.replace(tmp, path)
+    except BaseException:
+      if old is not None:
+        os.replace(old, path)
+      raise
+    finally:
+      if inside and cwd is not None:  # follow the new directory (the old goes away)
+        target = path / os.path.relpath(cwd, path)
+        os.chdir(target if target.is_dir() else path)
     if old is not None:
-      os.replace(old, path)
-    raise
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
+      shutil.rmtree(old, ignore_errors=True)
+
+
+_CODEC_NAMES = frozenset({META_FILE, STATE_DIR})  # what a codec save writes
 
 
 def save_state(path: str | os.PathLike, state: nnx.State, meta: dict[str, Any]):
   """Writes meta (JSON-able) and every array of state to directory `path` atomically.
 
-  Raises ValueError, touching nothing, when `path` is a file or a non-empty directory
-  that is not a qinco-jax codec checkpoint (a save never deletes a user's folder).
+  Raises ValueError, touching nothing, when `path` is a file, a non-empty directory
+  that is not a qinco-jax codec checkpoint, or a codec checkpoint holding anything a
+  save did not write (a save never deletes a user's files).
   """
-  path = Path(path).absolute()
+  path = resolve(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with save_lock(path):
+    _check_codec_target(path)
+    if not path.exists():
+      recover(path)  # a complete copy parked by an interrupted save is the old state
+      _check_codec_target(path)
+    for leftover in _siblings(path, "tmp") + _siblings(path, "old"):
+      shutil.rmtree(leftover, ignore_errors=True)  # interrupted saves' temporaries
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+      tmp.mkdir()
+      # Host (NumPy) arrays: the checkpoint names no device, so any process can load it.
+      arrays = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+      ck = _ckpt()
+      try:
+        ck.save(tmp / STATE_DIR, arrays)
+        ck.wait_until_finished()
+      finally:
+        ck.close()
+      with open(tmp / META_FILE, "w") as f:
+        json.dump({"format": FORMAT, "version": VERSION, **meta,
+                   "checksums": checksums(arrays)}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+      atomic_replace_dir(tmp, path)
+    finally:
+      if tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_codec_target(path: Path):
+  """Raises ValueError when a codec save may not replace what is at `path`."""
   if path.exists() and not path.is_dir():
     raise ValueError(f"cannot save codec to {str(path)!r}: it exists and is not a directory")
-  if path.is_dir() and any(path.iterdir()) and not _is_codec_dir(path):
-    raise ValueError(
-        f"cannot save codec to {str(path)!r}: it is a directory that is not a qinco-jax "
-        f"codec checkpoint (no {META_FILE} of format {FORMAT!r}), and a save would replace "
-        "everything in it. Choose another path (e.g. a sub-directory).")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if not path.exists():
-    recover(path)  # a complete copy parked by an interrupted save is the old state
-  for leftover in _siblings(path, "tmp") + _siblings(path, "old"):
-    shutil.rmtree(leftover, ignore_errors=True)  # interrupted saves' temporaries
-  tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-  try:
-    tmp.mkdir()
-    # Host (NumPy) arrays: the checkpoint names no device, so any process can load it.
-    arrays = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
-    ck = _ckpt()
-    try:
-      ck.save(tmp / STATE_DIR, arrays)
-      ck.wait_until_finished()
-    finally:
-      ck.close()
-    with open(tmp / META_FILE, "w") as f:
-      json.dump({"format": FORMAT, "version": VERSION, **meta,
-                 "checksums": checksums(arrays)}, f, indent=2)
-      f.flush()
-      os.fsync(f.fileno())
-    atomic_replace_dir(tmp, path)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
+  if path.is_dir() and any(path.iterdir()):
+    if not _is_codec_dir(path):
+      raise ValueError(
+          f"cannot save codec to {str(path)!r}: it is a directory that is not a qinco-jax "
+          f"codec checkpoint (no {META_FILE} of format {FORMAT!r}), and a save would "
+          "replace everything in it. Choose another path (e.g. a sub-directory).")
+    foreign = foreign_entries(path, _CODEC_NAMES)
+    if foreign:
+      _refuse_foreign(path, foreign, "codec ")
 
 
 def recover(path: str | os.PathLike) -> bool:
   """When nothing is at `path` but an interrupted save left complete copies beside it
   (`.NAME.tmp-*` written in full, or `.NAME.old-*` parked), moves the newest one
   whose arrays verify back to `path` and says so. Returns True if it restored one."""
-  path = Path(path).absolute()
-  if path.exists():
+  path = resolve(path)
+  if path.exists() or not path.parent.is_dir():
     return False
-  found = []
-  for cand in _siblings(path, "tmp") + _siblings(path, "old"):
-    if _is_codec_dir(cand):
-      found.append(((cand / META_FILE).stat().st_mtime, cand))
-  for _, cand in sorted(found, reverse=True):
-    try:
-      meta = read_meta(cand, _recover=False)
-      _check_arrays(cand, meta)
-    except (ValueError, OSError):
-      continue
-    os.replace(cand, path)
-    warnings.warn(f"{str(path)!r} was missing after an interrupted save; restored the "
-                  f"complete copy {cand.name!r}", stacklevel=2)
-    return True
+  with save_lock(path):  # not while a save is between its renames
+    if path.exists():
+      return False
+    found = []
+    for cand in _siblings(path, "tmp") + _siblings(path, "old"):
+      if _is_codec_dir(cand):
+        found.append(((cand / META_FILE).stat().st_mtime, cand))
+    for _, cand in sorted(found, reverse=True):
+      try:
+        meta = read_meta(cand, _recover=False)
+        _check_arrays(cand, meta)
+      except (ValueError, OSError):
+        continue
+      os.replace(cand, path)
+      warnings.warn(f"{str(path)!r} was missing after an interrupted save; restored the "
+                    f"complete copy {cand.name!r}", stacklevel=2)
+      return True
   return False
 
 
 def _check_arrays(path: Path, meta: dict[str, Any]):
   ck = _ckpt()
   try:
-    stored = getattr(ck.metadata(path / STATE_DIR).item_metadata, "tree", None)
-    arrays = ck.restore(path / STATE_DIR, jax.tree.map(
-        lambda m: np.empty(m.shape, m.dtype), stored))
-  except Exception as e:
-    raise ValueError(f"cannot read the arrays of {str(path)!r}: {e}") from e
+    stored = _stored_tree(ck, path)
+    try:
+      arrays = ck.restore(path / STATE_DIR, jax.tree.map(
+          lambda m: np.empty(m.shape, m.dtype), stored))
+    except Exception as e:
+      raise ValueError(f"cannot read the arrays of {str(path)!r}: {e}") from e
   finally:
     ck.close()
   verify_checksums(arrays, meta.get("checksums"), f"checkpoint {str(path)!r}")
+
+
+def _stored_tree(ck, path: Path) -> Any:
+  """{key: ArrayMetadata(shape, dtype)} of the arrays saved in `path`/state, or a
+  ValueError naming the checkpoint when Orbax's index of them cannot be read."""
+  damaged = (f"checkpoint {str(path)!r} is damaged: the index of its arrays "
+             f"({STATE_DIR}/_METADATA, {STATE_DIR}/manifest.ocdbt) cannot be read")
+  try:
+    meta = ck.metadata(path / STATE_DIR).item_metadata
+  except Exception as e:  # orbax raises many types for missing/corrupt files
+    raise ValueError(f"{damaged} ({type(e).__name__}: {str(e)[:200]}); restore it from "
+                     "a copy") from e
+  stored = getattr(meta, "tree", meta)
+  if not isinstance(stored, dict) or not stored:  # Orbax logs the failure, returns None
+    raise ValueError(f"{damaged}; restore it from a copy")
+  return stored
 
 
 def read_meta(path: str | os.PathLike, _recover: bool = True) -> dict[str, Any]:
@@ -234,11 +370,7 @@ def load_state(path: str | os.PathLike, abstract: nnx.State,
 
 
 def _load_state(ck, path: Path, abstract, target, expected_checksums):
-  try:
-    meta = ck.metadata(path / STATE_DIR).item_metadata
-  except Exception as e:  # orbax raises many types for missing/corrupt files
-    raise ValueError(f"cannot read the arrays of checkpoint {str(path)!r}: {e}") from e
-  stored = getattr(meta, "tree", meta)  # {key: ArrayMetadata(shape, dtype, ...)}
+  stored = _stored_tree(ck, path)  # {key: ArrayMetadata(shape, dtype, ...)}
   flat_t = _flat(target)
   flat_s = _flat(stored)
   if set(flat_t) != set(flat_s):
@@ -307,12 +439,17 @@ class TrainCheckpoints:
     the latest)."""
     import orbax.checkpoint as ocp
     step = self._mngr.latest_step() if step is None else step
+    where = f"training checkpoint {str(self.directory / str(step))!r}"
     target = jax.tree.map(lambda a: np.empty(np.shape(a), a.dtype), like)
-    r = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    meta = dict(r.meta)
-    verify_checksums(r.state, meta.pop("checksums", None),
-                     f"training checkpoint {str(self.directory / str(step))!r}")
+    try:
+      r = self._mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      meta = dict(r.meta)
+    except Exception as e:  # a damaged file: Orbax raises many types
+      raise ValueError(f"cannot read {where} ({type(e).__name__}: {str(e)[:300]}): the "
+                       "checkpoint is damaged; delete that step's directory to resume "
+                       "from the one before, or restore it from a copy") from e
+    verify_checksums(r.state, meta.pop("checksums", None), where)
     return r.state, meta
 
   def close(self):
@@ -352,6 +489,7 @@ class WorkdirLock:
       with os.fdopen(fd, "w") as f:
         json.dump(me, f)
       self.held = True
+      _held_workdir_locks.add(self)
       return
     raise RuntimeError(f"could not take the lock {str(self.path)!r}")
 
@@ -367,6 +505,17 @@ class WorkdirLock:
       if self._holder().get("pid") == os.getpid():
         self.path.unlink(missing_ok=True)
       self.held = False
+      _held_workdir_locks.discard(self)
+
+
+_held_workdir_locks: set[WorkdirLock] = set()  # held by this process
+
+
+def release_workdir_locks():
+  """Releases every workdir lock this process holds (a process that stops at once,
+  on Ctrl-C, leaves no lock behind)."""
+  for lock in list(_held_workdir_locks):
+    lock.release()
 
 
 def _alive(pid) -> bool:

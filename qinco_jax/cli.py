@@ -16,11 +16,13 @@ the same names (`--help` lists them with their defaults).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shlex
 import sys
+from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
@@ -38,7 +40,9 @@ def config_path(name_or_path: str, names: tuple[str, ...] = CONFIG_NAMES) -> str
 
 
 def _argv(argv, names: tuple[str, ...] = CONFIG_NAMES) -> list[str]:
-  """argv with `--config NAME` written `--config=FILE` (ml_collections wants a path)."""
+  """argv with `--config NAME` written `--config=FILE` (ml_collections wants a path).
+  A value that is neither a config name nor a file exits with one line listing the
+  names."""
   argv = list(sys.argv if argv is None else argv)
   out: list[str] = []
   i = 0
@@ -47,7 +51,15 @@ def _argv(argv, names: tuple[str, ...] = CONFIG_NAMES) -> list[str]:
     if a == "--config" and i + 1 < len(argv):
       a, i = "--config=" + argv[i + 1], i + 1
     if a.startswith("--config="):
-      a = "--config=" + config_path(a[len("--config="):], names)
+      value = a[len("--config="):]
+      a = "--config=" + config_path(value, names)
+      if value not in names and value and not os.path.isfile(value.split(":")[0]):
+        import difflib
+        near = difflib.get_close_matches(value, names, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        print(f"error: --config={value}: no config of that name and no such file{hint} "
+              f"(names: {', '.join(names)}; or the path of a config file)", file=sys.stderr)
+        raise SystemExit(2)
     out.append(a)
     i += 1
   return out
@@ -66,10 +78,19 @@ def _key_flags(argv: list[str]):
 
 
 def _run(main, argv: list[str], **kw):
-  """absl's app.run, but `--help` exits with status 0 (absl uses 1)."""
+  """absl's app.run, but `--help` exits with status 0 (absl uses 1), and a usage
+  error (a bad flag value found by the program) is one line, not the whole help."""
   from absl import app
+
+  def one_line_usage_errors(args):
+    try:
+      return main(args)
+    except app.UsageError as e:
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(e.exitcode) from None
+
   try:
-    app.run(main, argv=argv, **kw)
+    app.run(one_line_usage_errors, argv=argv, **kw)
   except SystemExit as e:
     if e.code == 1 and any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?")
                            for a in argv[1:]):
@@ -89,53 +110,120 @@ def train(argv: list[str] | None = None):
   from qinco_jax import distributed, experiment
   argv = _argv(argv)
   sys.argv = argv  # ml_collections applies --config.* overrides when the flag is defined
-  experiment.define_config_flag(config_path("glove_small"))
+  default = config_path("glove_small")
+  experiment.define_config_flag(default)
   flags.DEFINE_string("workdir", "runs/glove", "checkpoints, metrics and eval output")
   flags.DEFINE_bool("print_config", False,
                     "print the model and training configs the flags resolve to, and exit")
   distributed.define_flags()
+  chosen = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")),
+                default)
   flags.FLAGS["config"].help = ("experiment config: a name (" + ", ".join(CONFIG_NAMES)
                                 + ") or a file. Its fields, overridable as "
-                                "--config.FIELD=VALUE (None = the preset's value):\n"
-                                + _config_help())
+                                "--config.FIELD=VALUE, with the values of "
+                                f"{os.path.basename(chosen)}:\n" + _config_help(chosen))
   _key_flags(argv)
 
   def main(args):
     del args
     logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save info lines out
     c = flags.FLAGS.config
+    try:  # a bad value in the config or the flags: one line
+      description = experiment.describe(c)
+    except (ValueError, TypeError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(2) from None
     if flags.FLAGS.print_config:
-      print(experiment.describe(c))
+      print(description)
       return
-    distributed.initialize_from_flags()
-    with distributed.exit_on_error():
+    try:
+      distributed.initialize_from_flags()
+    except (distributed.StartupError, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(1) from None
+    with _stop_at_once_on_ctrl_c(), distributed.exit_on_error():
       experiment.run(c, flags.FLAGS.workdir)
 
   _run(main, argv, flags_parser=experiment.parse_flags)
 
 
-def _config_help() -> str:
-  try:
-    from qinco_jax.configs import common
-    c = common.base()
-  except Exception:  # ml_collections missing: --help still works
-    return ""
+def _config_help(path: str) -> str:
+  """The fields of the config file `path`, with the values it resolves to (the
+  dataclass defaults where it cannot be read)."""
   import dataclasses
 
   from qinco_jax.config import QincoConfig
   from qinco_jax.train import TrainConfig
-  defaults = {name: {f.name: f.default for f in dataclasses.fields(cls)}
-              for name, cls in (("model", QincoConfig), ("train", TrainConfig))}
+  try:
+    from ml_collections.config_flags import config_flags
+
+    from qinco_jax import experiment
+    c = config_flags._ConfigFileParser(name="config").parse(path)
+    resolved = {"model": experiment.model_config(c, 0).to_dict(),
+                "train": dataclasses.asdict(experiment.train_config(c))}
+    note = f"the values of {os.path.basename(path)} (de=None: E = D)"
+  except Exception:  # ml_collections missing, a broken file: --help still works
+    try:
+      from qinco_jax.configs import common
+      c = common.base()
+    except Exception:
+      return ""
+    resolved = {name: {f.name: f.default for f in dataclasses.fields(cls)}
+                for name, cls in (("model", QincoConfig), ("train", TrainConfig))}
+    note = "the dataclass defaults (the config's preset may set others)"
   lines = []
   for section in ("model", "train", "data", "ds", "eval"):
-    d = defaults.get(section, {})
+    d = resolved.get(section, {})
     fields = ", ".join(f"{k}={d.get(k, v)!r}" for k, v in c[section].items())
     lines.append(f"  {section}: {fields}")
-  lines.append("  model: every QincoConfig field, shown with the dataclass default (a "
-               "config's preset may set others); train: every TrainConfig field but loop "
+  lines.append(f"  model, train: {note}; train: every TrainConfig field but loop "
                "(= ds.loop). Meanings: help(qinco_jax.config.QincoConfig), "
                "help(qinco_jax.train.TrainConfig)")
   return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _stop_at_once_on_ctrl_c() -> Iterator[None]:
+  """Ctrl-C (SIGINT) ends the training at once, even inside a long compilation (where
+  Python's KeyboardInterrupt waits for it to end, and the interpreter's shutdown then
+  could crash): a watcher thread, woken through `signal.set_wakeup_fd`, releases the
+  workdir lock, says how to resume and exits with status 130. What was saved stays
+  intact (every checkpoint and codec save is atomic)."""
+  import signal
+  import threading
+
+  from qinco_jax import checkpoint
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  r, w = os.pipe()
+  os.set_blocking(w, False)
+
+  def watch():
+    while True:
+      try:
+        got = os.read(r, 64)
+      except OSError:
+        return
+      if not got:
+        return
+      if signal.SIGINT in got:
+        checkpoint.release_workdir_locks()
+        sys.stdout.flush()
+        print("\ninterrupted: stopped at once; the last checkpoint is intact (continue "
+              "with --config.resume=True)", file=sys.stderr, flush=True)
+        os._exit(130)
+
+  old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+  old_handler = signal.signal(signal.SIGINT, lambda *_: None)  # the watcher acts
+  threading.Thread(target=watch, daemon=True, name="ctrl-c").start()
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, old_handler)
+    signal.set_wakeup_fd(old_fd)
+    os.close(w)
+    os.close(r)
 
 
 # ----------------------------------------------------------------------- search
@@ -189,7 +277,11 @@ def search(argv: list[str] | None = None):
           shard=(i, n), command=command)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
-    distributed.initialize_from_flags()
+    try:
+      distributed.initialize_from_flags()
+    except (distributed.StartupError, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(1) from None
     with distributed.exit_on_error():
       bigann.run(job)
       distributed.barrier("search done")  # the others wait for process 0's stages

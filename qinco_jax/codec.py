@@ -249,7 +249,7 @@ class Codec:
       x: (n, d) vectors in raw units (NumPy array or memmap, any real dtype).
       A: candidates per beam (0 = exhaustive over K); default cfg.A.
       B: beam size (1 = greedy); default cfg.B.
-      chunk_size: vectors per compiled call (default `chunk_size(A, B)`, from
+      chunk_size: vectors per compiled call, >= 1 (default `chunk_size(A, B)`, from
         cfg.enc_max_bs, capped on CPU).
       verbose: show a progress bar on long inputs.
       return_x_hat: also return the encoder's reconstruction (n, d) float32.
@@ -264,7 +264,7 @@ class Codec:
                                            verbose=verbose, return_x_hat=return_x_hat)
     A, B = self._check_AB(A, B)
     n = self._check_vectors(x)
-    chunk = chunk_size or self.chunk_size(A, B)
+    chunk = self.chunk_size(A, B) if chunk_size is None else _check_chunk(chunk_size)
     codes = np.empty((n, self.n_codes), self.code_dtype)
     x_hat = np.empty((n, self.d), np.float32) if return_x_hat else None
     mesh, state = self._device_state()
@@ -341,6 +341,7 @@ class Codec:
     Args:
       codes: (n, m) integer codes, 1 <= m <= M; m < M decodes the first m steps
         (dynamic rate).
+      chunk_size: codes per compiled call, >= 1.
       dtype: compute dtype of the step networks for this call (see `encode`).
     Returns:
       (n, d) float32.
@@ -348,6 +349,7 @@ class Codec:
     if dtype not in (None, self.cfg.dtype):
       return self.with_dtype(dtype).decode(codes, chunk_size=chunk_size, verbose=verbose)
     codes = self._check_codes(codes)
+    chunk_size = _check_chunk(chunk_size)
     n, m = codes.shape
     out = np.empty((n, self.d), np.float32)
     mesh, state = self._device_state()
@@ -391,7 +393,9 @@ class Codec:
     """Saves to an Orbax checkpoint directory, atomically.
 
     An existing codec checkpoint (or empty directory) at `path` is replaced; any other
-    existing directory is refused with a ValueError and left untouched.
+    existing directory, or a codec checkpoint holding files a save did not write, is
+    refused with a ValueError and left untouched. A symbolic link is saved through
+    (its target is replaced); saves at one path wait for each other.
     """
     checkpoint.save_state(path, self.state, {
         "d": self.d, "config": self.cfg.to_dict(), "info": self.info})
@@ -423,6 +427,15 @@ def _check_centroids(c, ivf_K: int, d: int) -> np.ndarray:
   return c
 
 
+def _check_chunk(chunk_size) -> int:
+  """chunk_size as a positive int, or a ValueError naming it."""
+  if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) \
+      or chunk_size < 1:
+    raise ValueError(f"chunk_size (vectors per compiled call) must be an int >= 1, got "
+                     f"{chunk_size!r}")
+  return int(chunk_size)
+
+
 def _pad(a: np.ndarray, rows: int) -> np.ndarray:
   if len(a) == rows:
     return a
@@ -437,9 +450,11 @@ def load(path: str | os.PathLike) -> Codec:
   Raises FileNotFoundError for a missing path and ValueError for a directory that is
   not a qinco-jax codec or whose arrays do not match its own config.
   """
-  if os.path.isdir(os.path.join(path, "best")) and not os.path.exists(
-      os.path.join(path, checkpoint.META_FILE)):
-    path = os.path.join(path, "best")  # a training workdir: its best codec
+  if os.path.isdir(path) and not os.path.exists(os.path.join(path, checkpoint.META_FILE)):
+    best = os.path.join(path, "best")
+    # A training workdir: its best codec (restored first if a save of it was cut short).
+    if os.path.isdir(best) or checkpoint.recover(best):
+      path = best
   meta = checkpoint.read_meta(path)
   try:
     cfg = QincoConfig.from_dict(meta["config"])

@@ -7,11 +7,14 @@ queries among the decoded database, codebook usage, and encode/decode time.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from qinco_jax import metrics
 from qinco_jax.baselines import FaissQuantizer
@@ -40,7 +43,7 @@ def evaluate(codec, ds: Dataset, A: int | None = None, B: int | None = None,
   prefix: Callable[[Any, int], np.ndarray] | None
   if isinstance(codec, FaissQuantizer):
     A = B = None
-    encode = lambda x, verbose=False: codec.encode(x)  # noqa: E731
+    encode = lambda x, verbose=False: _encode_chunks(codec, x, verbose)  # noqa: E731
     decode = codec.decode
     prefix = codec.prefix_decode if codec.additive else None
     n_codes, n_ivf, K = codec.M, 0, codec.K
@@ -74,6 +77,39 @@ def evaluate(codec, ds: Dataset, A: int | None = None, B: int | None = None,
   return out
 
 
+def _encode_chunks(q: FaissQuantizer, x, verbose: bool, chunk: int = 8192) -> np.ndarray:
+  """q.encode(x) a chunk at a time, with a progress bar when verbose (the same codes:
+  each vector is encoded alone)."""
+  parts = [q.encode(x[s:s + chunk]) for s in tqdm(
+      range(0, len(x), chunk), desc=f"{q.name}: encode", unit="chunk", leave=False,
+      disable=not verbose)]
+  return np.concatenate(parts) if parts else q.encode(x[:0])
+
+
+@contextlib.contextmanager
+def ticking(desc: str, enabled: bool = True) -> Iterator[None]:
+  """Shows `desc` and the time elapsed, updated every second, while the body runs
+  (a long call that reports no progress of its own, e.g. faiss training)."""
+  if not enabled:
+    yield
+    return
+  bar = tqdm(desc=desc, bar_format="{desc}: {elapsed} elapsed", leave=False)
+  stop = threading.Event()
+
+  def tick():
+    while not stop.wait(1.0):
+      bar.refresh()
+
+  thread = threading.Thread(target=tick, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    thread.join()
+    bar.close()
+
+
 def _recalls(ds: Dataset, x_hat: np.ndarray, n_db: int | None) -> dict[str, float]:
   assert ds.db is not None  # checked by evaluate
   if ds.queries is None or ds.gt is None or (n_db is not None and n_db < len(ds.db)):
@@ -83,13 +119,15 @@ def _recalls(ds: Dataset, x_hat: np.ndarray, n_db: int | None) -> dict[str, floa
 
 
 def faiss_rq_baseline(ds: Dataset, M: int, nbits: int = 8, beam: int = 32,
-                      n_train: int = 100_000) -> dict[str, Any]:
+                      n_train: int = 100_000, verbose: bool = False) -> dict[str, Any]:
   """faiss ResidualQuantizer (M steps of nbits, beam `beam`) trained on the first
-  n_train training vectors, evaluated by `evaluate` (MSE, per-step MSE, R@k)."""
+  n_train training vectors, evaluated by `evaluate` (MSE, per-step MSE, R@k).
+  verbose: the training's elapsed time, then the encoding's progress."""
   q = FaissQuantizer("RQ", ds.d, M, nbits=nbits, beam=beam)
+  n = int(min(n_train, len(ds.train)))
   t0 = time.perf_counter()
-  q.train(ds.train[:n_train])
+  with ticking(f"{q.name}: training on {n:,} vectors", verbose):
+    q.train(ds.train[:n_train])
   train_s = time.perf_counter() - t0
-  return {"method": q.name, "train_s": train_s,
-          "n_train": int(min(n_train, len(ds.train))),
-          **evaluate(q, ds, verbose=False)}
+  return {"method": q.name, "train_s": train_s, "n_train": n,
+          **evaluate(q, ds, verbose=verbose)}

@@ -108,7 +108,7 @@ def run(c, workdir: str) -> dict[str, Any]:
       say(f"faiss RQ baseline: beam {c.eval.rq_beam}, trained on {n_rq:,} vectors")
       summary["faiss_rq"] = faiss_rq_baseline(
           ev, mcfg.M, nbits=(mcfg.K - 1).bit_length(), beam=c.eval.rq_beam,
-          n_train=c.eval.rq_train)
+          n_train=c.eval.rq_train, verbose=True)
     summary["total_s"] = time.perf_counter() - t0
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(summary, f, indent=2)
@@ -172,9 +172,15 @@ def define_config_flag(default_path: str):
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for the scripts (`app.run(main, flags_parser=parse_flags)`),
   with `define_config_flag`'s one-line errors for unknown `--config.*` fields."""
+  import sys
+
   from absl import flags
   try:
     return flags.FLAGS(argv)
+  except flags.Error as e:  # as absl's own parser: one line, then where help is
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
   except (AttributeError, KeyError) as e:
     default = flags.FLAGS["config"].default_as_str
     _exit_on_unknown_field(argv, _config_path(argv, (default or "").strip("'\"")), e)

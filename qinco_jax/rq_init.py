@@ -37,48 +37,84 @@ SPLIT_ITERS = 3
 PROGRESSIVE_STEPS = 10
 PROGRESSIVE_ITERS = 3
 PROGRESSIVE_POINTS = 256
+# Below this many rows per centroid the seeds are K random rows instead: with about one
+# row per centroid (K=65536 on 66,536 rows) the 27 seeding iterations would cost almost
+# three times the 10 that follow and place nothing better than the rows themselves.
+PROGRESSIVE_MIN_POINTS = 2
 KMEANS_INIT = "progressive"  # train_rq's default seeding (docs/benchmarks.md)
+# Large K (above LARGE_K): the device chunks hold at most MAX_ENTRIES distances (rows x
+# K; 64 MB), and the nearest centroid is found in two levels (_argmin), 3x faster on
+# a CPU at K=16384 with the same result. K <= LARGE_K keeps the one-level path.
+LARGE_K = 1024
+MAX_ENTRIES = 1 << 24
+_BLOCK = 128
+
+
+def _argmin(D: jax.Array) -> jax.Array:
+  """argmin over the last axis of D (rows, K): jnp.argmin, or for K > LARGE_K the
+  minimum of each block of _BLOCK columns, then the first block holding the least,
+  then the first index in it: the same index (the first of the smallest values) with a
+  vectorised reduction over most of the K columns."""
+  rows, K = D.shape
+  if K <= LARGE_K:
+    return jnp.argmin(D, axis=1)
+  nb = -(-K // _BLOCK)
+  Db = jnp.pad(D, ((0, 0), (0, nb * _BLOCK - K)), constant_values=jnp.inf
+               ).reshape(rows, nb, _BLOCK)
+  block = jnp.argmin(Db.min(-1), axis=1)  # (rows,)
+  inner = jnp.take_along_axis(Db, block[:, None, None], axis=1)[:, 0]  # (rows, _BLOCK)
+  return block * _BLOCK + jnp.argmin(inner, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("K",))
 def _assign_accumulate(x: jax.Array, w: jax.Array, C: jax.Array, K: int):
   """Nearest centroid of each row, plus per-centroid sums and counts (weights w)."""
-  idx = jnp.argmin(sq_dists(x, C), axis=1)
+  idx = _argmin(sq_dists(x, C))
   sums = jax.ops.segment_sum(x * w[:, None], idx, num_segments=K)
   counts = jax.ops.segment_sum(w, idx, num_segments=K)
   err = jnp.sum(w * jnp.sum((x - C[idx]) ** 2, -1))
   return idx, sums, counts, err
 
 
-def _chunks(n: int):
-  for s in range(0, n, _CHUNK):
-    yield s, min(s + _CHUNK, n)
+def _rows_for(K: int) -> int:
+  """Rows of a distance chunk against K centroids: _CHUNK, fewer for K > LARGE_K (at
+  most MAX_ENTRIES distances, at least 64 rows)."""
+  return _CHUNK if K <= LARGE_K else max(64, min(_CHUNK, MAX_ENTRIES // K))
 
 
-def _chunk_rows(n: int) -> int:
-  """Rows of the device chunks for n rows: _CHUNK, or for fewer rows the next power of
-  two (at least 64), so that small inputs (IVF centroids) are not padded 16-fold.
-  (The padding rows weigh 0: the Lloyd sums are the same. `assign` keeps _CHUNK rows,
-  so its float32 error totals, train_rq's reported MSEs, do not change either.)"""
-  return _CHUNK if n >= _CHUNK else max(64, 1 << (n - 1).bit_length())
+def _chunks(n: int, rows: int = _CHUNK):
+  for s in range(0, n, rows):
+    yield s, min(s + rows, n)
 
 
-def _padded(x: np.ndarray, s: int, e: int, weights: np.ndarray | None = None):
-  """Rows s:e of x padded to _CHUNK rows (fixed shape: one compilation), with weights
+def _chunk_rows(n: int, K: int = 0) -> int:
+  """Rows of the device chunks for n rows: _CHUNK (`_rows_for(K)`), or for fewer rows
+  the next power of two (at least 64), so that small inputs (IVF centroids) are not
+  padded 16-fold. (The padding rows weigh 0: the Lloyd sums are the same. `assign`
+  keeps _CHUNK rows for K <= LARGE_K, so its float32 error totals, train_rq's
+  reported MSEs, do not change either.)"""
+  rows = _rows_for(K)
+  return rows if n >= rows else max(64, 1 << (n - 1).bit_length())
+
+
+def _padded(x: np.ndarray, s: int, e: int, weights: np.ndarray | None = None,
+            rows: int = _CHUNK):
+  """Rows s:e of x padded to `rows` rows (fixed shape: one compilation), with weights
   (those of `weights`, 1 when None; 0 on the padding)."""
-  xc = np.zeros((_CHUNK, x.shape[1]), np.float32)
+  xc = np.zeros((rows, x.shape[1]), np.float32)
   xc[: e - s] = x[s:e]
-  w = np.zeros((_CHUNK,), np.float32)
+  w = np.zeros((rows,), np.float32)
   w[: e - s] = 1.0 if weights is None else weights[s:e]
   return xc, w
 
 
-def _device_chunks(x: np.ndarray, weights: np.ndarray | None = None
+def _device_chunks(x: np.ndarray, weights: np.ndarray | None = None, K: int = 0
                    ) -> tuple[jax.Array, jax.Array]:
-  """x as (n_chunks, rows, D) zero-padded chunks on the device (rows: `_chunk_rows`),
-  with row weights (those of `weights`, 1 when None; 0 on the padding)."""
+  """x as (n_chunks, rows, D) zero-padded chunks on the device (rows: `_chunk_rows`,
+  for distances to K centroids), with row weights (those of `weights`, 1 when None;
+  0 on the padding)."""
   n, d = x.shape
-  rows = _chunk_rows(n)
+  rows = _chunk_rows(n, K)
   nc = max(-(-n // rows), 1)
   xs = np.zeros((nc * rows, d), np.float32)
   xs[:n] = x
@@ -153,8 +189,9 @@ def assign(x: np.ndarray, C: np.ndarray,
   per-row `weights` when given)."""
   ids, total = np.empty(len(x), np.int32), 0.0
   Cj = jnp.asarray(C)
-  for s, e in _chunks(len(x)):
-    xc, w = _padded(x, s, e, weights)
+  rows = _rows_for(len(C))
+  for s, e in _chunks(len(x), rows):
+    xc, w = _padded(x, s, e, weights, rows)
     idx, _, _, err = _assign_accumulate(jnp.asarray(xc), jnp.asarray(w), Cj, K=len(C))
     ids[s:e] = np.asarray(idx)[: e - s]
     total += float(err)
@@ -198,24 +235,80 @@ def _split_empty(C: np.ndarray, counts: np.ndarray, rng: np.random.Generator,
 
   Weighted K-means passes the clusters' weights as `counts` and their numbers of rows
   of positive weight as `points`: the size beyond one point is then
-  weight * (points - 1) / points (a cluster of one heavy row cannot be split)."""
+  weight * (points - 1) / points (a cluster of one heavy row cannot be split).
+
+  Each draw is `rng.choice(K, p=sizes / sizes.sum())`'s (one `rng.random()` against
+  the cumulative sizes), found in a sum tree that each split updates in O(log K): a
+  large K with many small clusters (K=65536 on as many rows) costs milliseconds per
+  iteration instead of seconds."""
   counts = counts.astype(np.float64).copy()
   if points is not None:
     points = points.astype(np.float64).copy()
   eps = np.where(np.arange(C.shape[1]) % 2 == 0, 1.0, -1.0) / 1024
-  for i in np.flatnonzero(counts <= below):
+
+  def size(k: int) -> float:  # the draw weight of cluster k (as sizes below)
     if points is None:
-      p = np.maximum(counts - 1, 0)
-    else:
-      p = counts * np.maximum(points - 1, 0) / np.maximum(points, 1)
-    if p.sum() == 0:
+      return max(counts[k] - 1, 0.0)
+    return counts[k] * max(points[k] - 1, 0.0) / max(points[k], 1.0)
+
+  small = np.flatnonzero(counts <= below)
+  if small.size == 0:
+    return
+  sizes = (np.maximum(counts - 1, 0) if points is None else
+           counts * np.maximum(points - 1, 0) / np.maximum(points, 1))
+  tree = _SumTree(sizes)
+  for i in small.tolist():
+    if tree.total == 0:
       return  # every cluster holds at most one point: nothing to split
-    j = rng.choice(len(C), p=p / p.sum())
+    j = tree.find(rng.random() * tree.total)
     C[i] = C[j] * (1 + eps)
     C[j] = C[j] * (1 - eps)
     counts[i] = counts[j] = counts[j] / 2
     if points is not None:
       points[i] = points[j] = points[j] / 2
+    tree.set(i, size(i))
+    tree.set(j, size(j))
+
+
+class _SumTree:
+  """Non-negative weights w (K,) in a binary tree of partial sums: set one weight and
+  find the first index whose cumulative weight exceeds a value, in O(log K). Every
+  node is the sum of its children (recomputed, not adjusted), so all-zero weights
+  total exactly 0."""
+
+  def __init__(self, w: np.ndarray):
+    self.size = 1 << max(len(w) - 1, 0).bit_length()
+    self.t = np.zeros(2 * self.size, np.float64)
+    self.t[self.size:self.size + len(w)] = w
+    level = self.size
+    while level > 1:
+      self.t[level // 2:level] = self.t[level:2 * level:2] + self.t[level + 1:2 * level:2]
+      level //= 2
+
+  @property
+  def total(self) -> float:
+    return float(self.t[1])
+
+  def set(self, k: int, w: float):
+    node = self.size + int(k)
+    self.t[node] = w
+    node //= 2
+    while node >= 1:
+      self.t[node] = self.t[2 * node] + self.t[2 * node + 1]
+      node //= 2
+
+  def find(self, target: float) -> int:
+    """The first index whose cumulative weight exceeds `target` (in [0, total)), never
+    one of weight 0."""
+    node = 1
+    while node < self.size:
+      left, right = self.t[2 * node], self.t[2 * node + 1]
+      if target < left or right == 0:
+        node = 2 * node
+      else:
+        target -= left
+        node = 2 * node + 1
+    return node - self.size
 
 
 def kmeans(x: np.ndarray, K: int, n_iter: int = 10, seed: int = 0,
@@ -227,7 +320,8 @@ def kmeans(x: np.ndarray, K: int, n_iter: int = 10, seed: int = 0,
   init: "random" (K distinct data points), "kmeans++" (seeded from at most 65,536
     of the points: the same cost as one Lloyd iteration over them), "progressive"
     (`_progressive_kmeans`: PROGRESSIVE_ITERS iterations in each of the growing
-    principal subspaces, n_iter in the last, the full space), or a (K, D) array of
+    principal subspaces, n_iter in the last, the full space; "random" when there are
+    fewer than PROGRESSIVE_MIN_POINTS rows per centroid), or a (K, D) array of
     starting centroids.
   split_iters: Lloyd iterations (from the first) after which clusters holding at
     most a quarter of the mean cluster size are re-seeded next to large ones (None:
@@ -236,7 +330,8 @@ def kmeans(x: np.ndarray, K: int, n_iter: int = 10, seed: int = 0,
     later RQ stages and Lloyd's iterations do not undo it in time.
   max_points: fit on a random subset of at most max_points * K rows (None: all).
   on_iteration: called after each Lloyd iteration (progress reporting; also once for
-    each iteration skipped after convergence).
+    each iteration skipped after convergence), the seeding stages' included:
+    `iterations(n_iter, init, n, K, max_points)` calls in all.
   weights: optional (n,) non-negative per-row weights, not all zero: the centroids
     are weighted means, "random" draws its K distinct seeds with probability
     proportional to the weight (all rows of positive weight, then uniformly among
@@ -264,7 +359,7 @@ def kmeans(x: np.ndarray, K: int, n_iter: int = 10, seed: int = 0,
     if init.shape != (K, x.shape[1]):
       raise ValueError(f"init centroids: expected shape ({K}, {x.shape[1]}), got {init.shape}")
     C = np.array(init, np.float32, copy=True)
-  elif init == "progressive":
+  elif init == "progressive" and n >= PROGRESSIVE_MIN_POINTS * K:
     return _progressive_kmeans(x, K, n_iter, seed, on_iteration, split_iters, weights=w)
   elif init == "kmeans++":
     sub, wsub = x, w
@@ -273,14 +368,14 @@ def kmeans(x: np.ndarray, K: int, n_iter: int = 10, seed: int = 0,
       sub, wsub = x[keep], None if w is None else w[keep]
     C = np.asarray(_kmeanspp(jnp.asarray(sub), jax.random.key(seed), K,
                              None if wsub is None else jnp.asarray(wsub)), np.float32)
-  elif init == "random":
+  elif init in ("random", "progressive"):  # progressive: fewer than 2 rows per centroid
     rows = (np.sort(rng.choice(n, K, replace=False)) if w is None
             else _weighted_sample(rng, w, K))
     C = x[rows].astype(np.float32)
   else:
     raise ValueError(f"init must be 'random', 'kmeans++', 'progressive' or a (K, D) array, "
                      f"got {init!r}")
-  xs, ws = _device_chunks(x, w)
+  xs, ws = _device_chunks(x, w, K)
   mean_size = (n if w is None else float(w.sum(dtype=np.float64))) / K
   for it in range(n_iter):
     sums, counts, points = _lloyd_sums(xs, ws, jnp.asarray(C), K=K,
@@ -300,6 +395,20 @@ def kmeans(x: np.ndarray, K: int, n_iter: int = 10, seed: int = 0,
     if on_iteration is not None:
       on_iteration()
   return C
+
+
+def iterations(n_iter: int, init: str | np.ndarray, n: int | None = None,
+               K: int | None = None, max_points: int | None = None) -> int:
+  """Lloyd iterations (`on_iteration` calls) of one `kmeans` of n rows into K
+  clusters: n_iter, plus those of the seeding stages with init="progressive" (when it
+  applies: at least PROGRESSIVE_MIN_POINTS rows per centroid; n, K None: it does)."""
+  if not (isinstance(init, str) and init == "progressive"):
+    return n_iter
+  if n is not None and K is not None:
+    n = n if max_points is None else min(n, max_points * K)
+    if n < PROGRESSIVE_MIN_POINTS * K:
+      return n_iter
+  return n_iter + (PROGRESSIVE_STEPS - 1) * PROGRESSIVE_ITERS
 
 
 def _progressive_kmeans(x, K, n_iter, seed, on_iteration, split_iters, steps=None,
@@ -337,9 +446,8 @@ def _progressive_kmeans(x, K, n_iter, seed, on_iteration, split_iters, steps=Non
     init = "random" if C is None else np.pad(C, ((0, 0), (0, di - C.shape[1])))
     last = i == steps - 1
     C = kmeans(np.ascontiguousarray((y if last else sub)[:, :di]), K,
-               n_iter if last else PROGRESSIVE_ITERS, seed,
-               on_iteration if last else None, init, split_iters,
-               weights=weights if last else wsub)
+               n_iter if last else PROGRESSIVE_ITERS, seed, on_iteration, init,
+               split_iters, weights=weights if last else wsub)
   return (C @ V.T + mean).astype(np.float32)
 
 
@@ -381,7 +489,7 @@ def _residual_stages(x: np.ndarray, K: int, M: int, bar, *, n_iter: int, seed: i
   """Greedy residual K-means: M `kmeans` (seed + m at stage m) on the running residual,
   which then loses each row's nearest codeword. Returns the codes (n, M) int32, the
   codebooks (M, K, D) float32 and the (weighted) squared error left after each stage;
-  `bar` (tqdm) counts the Lloyd iterations."""
+  `bar` (tqdm) counts the Lloyd iterations, the seeding stages' included."""
   residual = np.array(x, dtype=np.float32, copy=True)
   codes = np.empty((len(x), M), np.int32)
   codebooks, errs = [], []
@@ -433,12 +541,13 @@ def residual_kmeans(x: np.ndarray, K: int, n_stages: int, n_iter: int = 10, seed
                      f"{n_stages}, K={K}, n_iter={n_iter}")
   w = None if weights is None else _check_weights(weights, len(x))
   K = min(K, len(x))
-  with tqdm(total=n_stages * n_iter, desc=f"residual K-means (K={K}, {n_stages} stages)",
-            unit="iter", disable=not verbose, leave=False) as bar:
+  init = KMEANS_INIT if init is None else init
+  with tqdm(total=n_stages * iterations(n_iter, init, len(x), K, max_points),
+            desc=f"residual K-means (K={K}, {n_stages} stages)", unit="iter",
+            disable=not verbose, leave=False) as bar:
     codes, codebooks, _ = _residual_stages(
-        x, K, n_stages, bar, weights=w, n_iter=n_iter, seed=seed,
-        init=KMEANS_INIT if init is None else init, split_iters=split_iters,
-        max_points=max_points)
+        x, K, n_stages, bar, weights=w, n_iter=n_iter, seed=seed, init=init,
+        split_iters=split_iters, max_points=max_points)
   return codes, codebooks
 
 
@@ -449,11 +558,16 @@ def train_rq(x: np.ndarray, K: int, M: int, n_iter: int = 10, seed: int = 0,
   """Greedy residual quantiser in the units of x (`residual_kmeans`), then optionally
   a joint refit.
 
-  Cost: M stages of `n_iter` Lloyd iterations, each about 2 n K D flops (the
-  distances), so 2 M n_iter n K D in all: linear in K. For 1M vectors of D=128 that
-  is 2.6 TFLOP at K=256, M=8 (seconds on a GPU, a few minutes on a 2-core CPU) and
-  about 670 TFLOP at K=65536 (hours on that CPU). `verbose` shows a progress bar
-  over all M x n_iter iterations, with the time left.
+  Cost: M stages of `n_iter` Lloyd iterations (plus 27 cheaper ones that place the
+  seeds, with the default progressive seeding), each about 2 n K D flops (the
+  distances), so about 2 M n_iter n K D in all: linear in K. For 1M vectors of D=128
+  that is 2.6 TFLOP at K=256, M=8 (seconds on a GPU, a few minutes on a 2-core CPU)
+  and about 670 TFLOP at K=65536 (hours on that CPU). `verbose` shows a progress bar
+  over all M x `iterations(n_iter, init, n, K)` iterations, with the time left. With
+  fewer than two vectors per codeword the seeds are random vectors (no progressive
+  stages), and above K=1024 the distances are computed in chunks of at most 64 MB:
+  K=65536 on 66,536 vectors of D=8 (M=2) took 354 s on a shared 2-core CPU (20
+  iterations of about 21 s; docs/design.md, "RQ initialisation").
 
   Args:
     x: (n, D) float32 training vectors.
@@ -470,8 +584,9 @@ def train_rq(x: np.ndarray, K: int, M: int, n_iter: int = 10, seed: int = 0,
     vectors) after each stage (of the greedy pass).
   """
   init = KMEANS_INIT if init is None else init
-  with tqdm(total=M * n_iter + refine, desc=f"RQ init (K={K}, M={M})", unit="iter",
-            disable=not verbose, leave=False) as bar:
+  with tqdm(total=M * iterations(n_iter, init, len(x), K, max_points) + refine,
+            desc=f"RQ init (K={K}, M={M})",
+            unit="iter", disable=not verbose, leave=False) as bar:
     _, tables, errs = _residual_stages(x, K, M, bar, n_iter=n_iter, seed=seed, init=init,
                                        split_iters=split_iters, max_points=max_points)
     codebooks = list(tables)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -33,7 +34,7 @@ class TrainConfig:
 
   lr: float = 8e-4  # peak learning rate
   weight_decay: float = 0.1  # decoupled (AdamW), on every parameter
-  grad_clip: float | None = 0.1  # element-wise value clip; None = off
+  grad_clip: float | None = 0.1  # element-wise value clip; None or 0 = off
   optimizer: Literal["adamw", "adam"] = "adamw"  # "adam": the qinco1 recipe (lr 1e-4, no decay)
   schedule: Literal["cosine", "plateau"] = "cosine"  # warm-up + quarter cosine; "plateau": qinco1
   warmup_epochs: float = 3.0
@@ -69,9 +70,25 @@ class TrainConfig:
       raise ValueError(f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
     if self.schedule not in ("cosine", "plateau"):
       raise ValueError(f"schedule must be 'cosine' or 'plateau', got {self.schedule!r}")
-    for name in ("lr", "batch_per_device", "loop", "epochs", "accumulate"):
-      if getattr(self, name) <= 0:
+    for name in ("lr", "batch_per_device", "loop", "epochs", "accumulate", "log_every"):
+      if not getattr(self, name) > 0:  # also refuses NaN
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+    for name in ("lr", "weight_decay", "warmup_epochs", "lr_min_fact", "grad_clip",
+                 "cosine_epochs", "time_budget_s"):
+      v = getattr(self, name)
+      if v is not None and not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    for name in ("weight_decay", "warmup_epochs", "lr_min_fact"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+    if self.grad_clip is not None and self.grad_clip < 0:
+      raise ValueError(f"grad_clip must be >= 0 (0 or None: off), got {self.grad_clip!r}")
+    if self.stop_patience < 0:
+      raise ValueError(f"stop_patience must be >= 0 (epochs without improvement before "
+                       f"training stops; a large value turns early stopping off), got "
+                       f"{self.stop_patience!r}")
+    if self.plateau_patience < 1:
+      raise ValueError(f"plateau_patience must be >= 1, got {self.plateau_patience!r}")
     if self.cosine_epochs is not None and not self.cosine_epochs > 0:
       raise ValueError(f"cosine_epochs must be > 0 or None, got {self.cosine_epochs!r}")
 

@@ -2,7 +2,10 @@
 
 Resume order (first that applies): a checkpoint in `workdir/ckpt` when `resume=True`
 (an existing checkpoint with `resume=False` is an error, never overwritten) -> a fresh,
-RQ-initialised codec. Each epoch ends with validation, the dead-codeword reset, an
+RQ-initialised codec. A fresh start never replaces the results of a run that wrote a
+checkpoint (`best`, `metrics.jsonl`, `ckpt_meta.json` without `ckpt`), nor files of
+those names that a training did not write: only those of a start that stopped before
+its first checkpoint. Each epoch ends with validation, the dead-codeword reset, an
 Orbax checkpoint of the full training state (params, optimiser, usage, step, epoch,
 best validation MSE; atomic) and, when validation improved, an atomic save of the
 best codec to `workdir/best` (`qj.load(workdir)` loads it). The data order is a
@@ -18,6 +21,7 @@ decides (docs/design.md, "Several processes").
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -194,32 +198,126 @@ def _save(ckpts: checkpoint.TrainCheckpoints, epoch: int, state: train.TrainStat
   ckpts.save(epoch, dist.host(state), meta)
 
 
+RUN_META = "ckpt_meta.json"  # the run's model, data dimension, recipe and data
+_RESULTS = ("best", "metrics.jsonl", RUN_META)  # what a fresh start would replace
+
+
+def fingerprint(x) -> str:
+  """A short hash of a training set: its shape, dtype and 64 rows spread over it (the
+  first and last included), read from a memory map without loading the rest. Two
+  files of the same shape with other vectors differ in it (almost surely)."""
+  n = len(x)
+  rows = np.unique(np.linspace(0, max(n - 1, 0), min(n, 64)).astype(np.int64))
+  sample = np.ascontiguousarray(np.asarray(x[rows]))
+  h = hashlib.blake2b(f"{tuple(x.shape)} {sample.dtype.str}".encode(), digest_size=8)
+  h.update(sample.tobytes())
+  return h.hexdigest()
+
+
+def _read_run_meta(workdir: Path) -> dict[str, Any]:
+  """workdir/ckpt_meta.json, or a ValueError naming the file and what to do."""
+  path = workdir / RUN_META
+  try:
+    meta = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise ValueError(f"{str(path)!r} is missing: it records the model and data of the "
+                     f"checkpoints in {str(workdir / 'ckpt')!r}, which cannot be resumed "
+                     "without it. Restore it from a copy, or train in another "
+                     "workdir") from None
+  except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError included
+    raise ValueError(f"{str(path)!r} is damaged ({type(e).__name__}: {str(e)[:200]}); "
+                     "restore it from a copy, or train in another workdir") from None
+  if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or \
+      not isinstance(meta.get("d"), int):
+    raise ValueError(f"{str(path)!r} is damaged: expected a JSON object with the run's "
+                     "'model' and 'd'; restore it from a copy, or train in another workdir")
+  return meta
+
+
+def _fresh_start_error(workdir: Path) -> str | None:
+  """Why a fresh start may not write into `workdir` (None: it may). It would replace
+  `best`, `metrics.jsonl` and `ckpt_meta.json`: allowed only when they are those of a
+  start that stopped before its first checkpoint (`ckpt_meta.json` says so)."""
+  present = [n for n in _RESULTS if (workdir / n).exists() or (workdir / n).is_symlink()]
+  if not present:
+    return None
+  try:
+    meta = _read_run_meta(workdir)
+    QincoConfig.from_dict(meta["model"])
+  except (ValueError, TypeError):
+    meta = None  # not a run's record: the files are the user's
+  if meta is not None and not meta.get("checkpointed", _trained_before(workdir)):
+    return None
+  why = ("the results of an earlier training" if meta is not None else
+         "files that no training wrote here")
+  return (f"{str(workdir)!r} holds {', '.join(present)} ({why}) but no checkpoint to "
+          f"resume from ({str(workdir / 'ckpt')!r} is missing or empty), and a new "
+          "training would replace them. Train in another workdir, or move them away "
+          "first.")
+
+
+def _trained_before(workdir: Path) -> bool:
+  """For a ckpt_meta.json written before it said whether a checkpoint followed: True
+  unless metrics.jsonl exists and holds no epoch's record (a start stopped early)."""
+  try:
+    return any(r.get("epoch", -1) >= 0 for r in read_metrics(workdir / "metrics.jsonl"))
+  except (OSError, ValueError, AttributeError):
+    return True
+
+
+def _mark_checkpointed(workdir: Path):
+  """Records in ckpt_meta.json that this run wrote a checkpoint (from then on a fresh
+  start never replaces its results)."""
+  meta = _read_run_meta(workdir)
+  if not meta.get("checkpointed"):
+    meta["checkpointed"] = True
+    data.atomic_write(str(workdir / RUN_META), lambda f: f.write(json.dumps(meta).encode()))
+
+
 # Model fields that do not change the model (a resume may change them freely).
 _FREE_MODEL_FIELDS = ("enc_max_bs", "dtype")
 
 
-def _start(workdir: Path, ckpts, resume: bool, model_cfg: QincoConfig,
-           train_cfg: train.TrainConfig, n_train: int) -> dict[str, Any]:
-  """Process 0's view of the workdir: {"step": latest checkpoint or None, "meta":
-  ckpt_meta.json, "changed": training settings that differ from the checkpoint's} or
-  {"error": message}."""
-  step = ckpts.latest_step()
-  if step is None:
-    return {"step": None}
-  if not resume:
-    return {"error": f"{str(workdir)!r} already holds a training checkpoint; pass "
-                     "resume=True (--config.resume=True) or use another workdir"}
-  meta = json.loads((workdir / "ckpt_meta.json").read_text())
-  saved = QincoConfig.from_dict(meta["model"]).to_dict()
-  asked = model_cfg.to_dict()
-  diff = {k: (saved[k], asked[k]) for k in saved
-          if saved[k] != asked[k] and k not in _FREE_MODEL_FIELDS}
-  if diff:
-    listed = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} asked" for k, (a, b) in
-                       sorted(diff.items()))
-    return {"error": f"cannot resume {str(workdir)!r} with another model ({listed}); "
-                     "resume with the checkpoint's model config, or train the new model "
-                     "in another workdir"}
+def _start(workdir: Path, resume: bool, model_cfg: QincoConfig,
+           train_cfg: train.TrainConfig, n_train: int, d: int, data_fp: str
+           ) -> tuple[checkpoint.TrainCheckpoints | None, dict[str, Any]]:
+  """Process 0's view of the workdir: the checkpoints (None when an error stops the
+  run) and {"step": latest checkpoint or None, "meta": ckpt_meta.json, "changed":
+  training settings that differ from the checkpoint's} or {"error": message}."""
+  ckpts = None
+  try:
+    if (workdir / "ckpt").is_dir():
+      ckpts = checkpoint.TrainCheckpoints(workdir / "ckpt")
+    step = None if ckpts is None else ckpts.latest_step()
+    if step is None:
+      error = _fresh_start_error(workdir)
+      if error is not None:
+        raise ValueError(error)
+      if ckpts is None:
+        ckpts = checkpoint.TrainCheckpoints(workdir / "ckpt")
+      return ckpts, {"step": None}
+    if not resume:
+      raise ValueError(f"{str(workdir)!r} already holds a training checkpoint; pass "
+                       "resume=True (--config.resume=True) or use another workdir")
+    meta = _read_run_meta(workdir)
+    saved = QincoConfig.from_dict(meta["model"]).to_dict()
+    asked = model_cfg.to_dict()
+    diff = {k: (saved[k], asked[k]) for k in saved
+            if saved[k] != asked[k] and k not in _FREE_MODEL_FIELDS}
+    if diff:
+      listed = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} asked" for k, (a, b) in
+                         sorted(diff.items()))
+      raise ValueError(f"cannot resume {str(workdir)!r} with another model ({listed}); "
+                       "resume with the checkpoint's model config, or train the new "
+                       "model in another workdir")
+    if meta["d"] != d:
+      raise ValueError(f"cannot resume {str(workdir)!r} on vectors of dimension {d}: its "
+                       f"model was trained on dimension {meta['d']}. Resume with that "
+                       "training data, or train in another workdir")
+  except ValueError as e:
+    if ckpts is not None:
+      ckpts.close()
+    return None, {"error": str(e)}
   changed = {}
   if "train" in meta:
     now = dataclasses.asdict(train_cfg)
@@ -227,7 +325,9 @@ def _start(workdir: Path, ckpts, resume: bool, model_cfg: QincoConfig,
                if meta["train"].get(k) != v}
   if meta.get("n_train", n_train) != n_train:
     changed["n_train"] = [meta["n_train"], n_train]
-  return {"step": step, "meta": meta, "changed": changed}
+  if meta.get("train_data", data_fp) != data_fp:  # the same size, other vectors
+    changed["train_data"] = [meta["train_data"], data_fp]
+  return ckpts, {"step": step, "meta": meta, "changed": changed}
 
 
 def validate(codec: Codec, val: np.ndarray, A: int, B: int, mse_scale: float):
@@ -280,6 +380,13 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
   tx = train.make_optimizer(train_cfg, steps)
   data.as_float32(ds.val, d=ds.d, name="validation vectors (the val split)",
                   allow_empty=False)
+  data_fp = fingerprint(ds.train)
+  # The processes meet in every step: each must run this same training on the same data.
+  dist.agree_on("the training settings", {
+      "model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
+      "resume": resume, "train_data": {"shape": list(ds.train.shape),
+                                       "fingerprint": data_fp},
+      "val_data": list(ds.val.shape)})
   ckpts = lock = None
   start = None
   if main:
@@ -289,15 +396,14 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
     except RuntimeError as e:
       start = {"error": str(e), "busy": True}
     if start is None:
-      ckpts = checkpoint.TrainCheckpoints(workdir / "ckpt")
-      start = _start(workdir, ckpts, resume, model_cfg, train_cfg, n)
+      ckpts, start = _start(workdir, resume, model_cfg, train_cfg, n, ds.d, data_fp)
   start = dist.broadcast_json(start)
   try:
     if "error" in start:
       raise (RuntimeError if start.get("busy") else ValueError)(start["error"])
     return _train(model_cfg, train_cfg, ds, workdir, start, ckpts, verbose=verbose,
                   ivf_centroids=ivf_centroids, clock=clock, t_call=t_call, mesh=mesh,
-                  G=G, n=n, S=S, steps=steps, order=order, tx=tx)
+                  G=G, n=n, S=S, steps=steps, order=order, tx=tx, data_fp=data_fp)
   finally:
     if ckpts is not None:
       ckpts.close()
@@ -306,7 +412,7 @@ def train_and_evaluate(model_cfg: QincoConfig, train_cfg: train.TrainConfig,
 
 
 def _initial_state(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose,
-                   ivf_centroids, n, tx, replicated):
+                   ivf_centroids, n, tx, replicated, data_fp):
   """(codec, train state on the devices, meta): a new RQ-initialised codec, or the
   checkpoint `start` names (read by process 0, sent to the others)."""
   main = dist.is_main()
@@ -322,9 +428,10 @@ def _initial_state(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose,
     # bit-identical even across hosts whose floating point differs.
     codec = codec.replace_state(jax.tree.map(jnp.asarray, dist.broadcast(codec.state)))
     if main:
-      data.atomic_write(str(workdir / "ckpt_meta.json"), lambda f: f.write(json.dumps({
+      data.atomic_write(str(workdir / RUN_META), lambda f: f.write(json.dumps({
           "model": model_cfg.to_dict(), "d": codec.d,
-          "train": dataclasses.asdict(train_cfg), "n_train": n}).encode()))
+          "train": dataclasses.asdict(train_cfg), "n_train": n, "train_data": data_fp,
+          "checkpointed": False}).encode()))
   state = train.init_state(codec.graphdef, codec.state, tx)
   if resuming:
     host_state = dist.host(state)
@@ -338,13 +445,13 @@ def _initial_state(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose,
 
 
 def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_centroids,
-           clock, t_call, mesh, G, n, S, steps, order, tx) -> Codec:
+           clock, t_call, mesh, G, n, S, steps, order, tx, data_fp) -> Codec:
   """The body of `train_and_evaluate`, once the workdir is locked and read."""
   main = dist.is_main()
   replicated, batch_sharding = shardings(mesh)
   codec, state, meta = _initial_state(model_cfg, train_cfg, ds, workdir, start, ckpts,
                                       verbose=verbose, ivf_centroids=ivf_centroids, n=n,
-                                      tx=tx, replicated=replicated)
+                                      tx=tx, replicated=replicated, data_fp=data_fp)
   plan = budget.Planner(train_cfg, steps, meta, t_call, clock)
   step_fn = make_step(codec, tx, mesh)
   writer = MetricWriter(workdir)
@@ -356,6 +463,8 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
     if main:
       warnings.warn(note, stacklevel=2)
     writer.write({"epoch": meta["epoch"], "warning": note, "changed": start["changed"]})
+  if start["step"] is not None and main:
+    _write_pending_record(writer, meta.get("record"))
   A, B = codec.cfg.A, codec.cfg.B
 
   def current_codec():
@@ -379,11 +488,14 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
     plan.reserve = clock() - t_val  # the first-epoch guard keeps one validation back
     meta["best_val"] = v["val_mse"]
     writer.write({"epoch": -1, "step": 0, **v})
+    if verbose:
+      print(f"initial val MSE {v['val_mse']:.5g}", flush=True)
     if main:
       current_codec().save(workdir / "best")
     dist.barrier("initial-best")
   gstep = int(dist.host(state.step))  # updates done (host copy of state.step)
   plan.start(meta["epoch"], gstep)
+  marked = False  # ckpt_meta.json says that a checkpoint was written
   for epoch in range(meta["epoch"], plan.epochs):
     if plan.done(gstep):
       break
@@ -425,9 +537,6 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
     state = _between_epochs(state, train_cfg, codec, epoch, meta["bad_epochs"])
     meta["epoch"] = epoch + 1
     plan.end_epoch(epoch, gstep)  # elapsed time; a budget re-plans from it
-    if main:
-      _save(ckpts, epoch + 1, state, meta)
-    dist.barrier(f"epoch-{epoch}")  # the others wait while process 0 writes
     record = {"epoch": epoch, "step": gstep, "train_s": train_s,
               "samples": done * G, "samples_s": done * G / max(train_s, 1e-9),
               "unused_codes": n_unused,
@@ -435,6 +544,15 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
               "resets": n_unused if train_cfg.reset_dead_codes else [0] * codec.M,
               "elapsed_s": meta["elapsed_s"], "plan_steps": meta["plan_steps"],
               "best_val_mse": meta["best_val"], **v}
+    # The record travels in the checkpoint: a run stopped before it reaches
+    # metrics.jsonl writes it when resumed (_write_pending_record).
+    meta["record"] = record
+    if main:
+      _save(ckpts, epoch + 1, state, meta)
+      if not marked:
+        _mark_checkpointed(workdir)
+        marked = True
+    dist.barrier(f"epoch-{epoch}")  # the others wait while process 0 writes
     writer.write(record)
     if verbose:
       print(f"epoch {epoch}: val MSE {v['val_mse']:.5g} (best {meta['best_val']:.5g}), "
@@ -443,6 +561,19 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
     if meta["bad_epochs"] > train_cfg.stop_patience:
       break
   return _best_codec(workdir, codec)
+
+
+def _write_pending_record(writer: MetricWriter, record: dict[str, Any] | None):
+  """Appends the record of the checkpoint's last epoch to metrics.jsonl when the run
+  stopped between that checkpoint and the record (the only time it is missing)."""
+  if record is None:
+    return
+  try:
+    done = read_metrics(writer.path) if writer.path.exists() else []
+  except ValueError:
+    done = []
+  if not any(r.get("epoch") == record["epoch"] and "val_mse" in r for r in done):
+    writer.write(record)
 
 
 def _between_epochs(state: train.TrainState, train_cfg: train.TrainConfig, codec: Codec,

@@ -262,3 +262,16 @@ def test_an_interrupted_save_keeps_the_earlier_index(setup, tmp_path, monkeypatc
   np.testing.assert_array_equal(I2, I)
   np.testing.assert_array_equal(D2, D)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_saving_again_refuses_to_replace_files_the_save_did_not_write(setup, tmp_path):
+  ds, _, index = setup
+  index.save(tmp_path / "idx")
+  I = qj.load_index(tmp_path / "idx").search(ds.queries[:10], 5, nprobe=4)[1]
+  (tmp_path / "idx" / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="holds 'notes.txt', which no save wrote"):
+    index.save(tmp_path / "idx")
+  assert (tmp_path / "idx" / "notes.txt").read_text() == "mine"
+  np.testing.assert_array_equal(
+      qj.load_index(tmp_path / "idx").search(ds.queries[:10], 5, nprobe=4)[1], I)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]

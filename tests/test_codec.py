@@ -444,4 +444,169 @@ def test_rq_initialisation_reports_progress_per_kmeans_iteration(capsys):
   qj.Codec.create(qj.QincoConfig(K=4, M=3, A=0, B=1), rng.standard_normal((300, D)),
                   verbose=True)
   err = capsys.readouterr().err
-  assert "RQ init (K=4, M=3)" in err and "/30 [" in err  # 3 stages x 10 iterations
+  # 3 stages x (10 iterations + 27 that place the seeds: 9 progressive stages x 3)
+  assert "RQ init (K=4, M=3)" in err and "/111 [" in err
+
+
+def _same_codes(a, b, x):
+  np.testing.assert_array_equal(a.encode(x, verbose=False), b.encode(x, verbose=False))
+
+
+def test_save_refuses_to_replace_files_it_did_not_write(trained, tmp_path):
+  codec, train = trained
+  path = tmp_path / "c"
+  codec.save(path)
+  (path / "notes.txt").write_text("mine")
+  other = reference.randomize(codec, scale=0.5, seed=3)
+  with pytest.raises(ValueError, match=r"holds 'notes.txt', which no save wrote"):
+    other.save(path)
+  assert (path / "notes.txt").read_text() == "mine"
+  assert sorted(os.listdir(path)) == ["notes.txt", "qinco_jax.json", "state"]
+  _same_codes(qj.load(path), codec, train[:20])  # the saved codec is intact too
+  assert sorted(os.listdir(tmp_path)) == ["c"]  # no temporary left
+
+
+def test_concurrent_saves_to_one_path_wait_for_each_other(trained, tmp_path, monkeypatch):
+  """Save A is held after writing its arrays into its temporary directory until save
+  B reaches its own array write (without the lock, B has by then removed A's
+  temporary directory as a leftover, and A fails writing its metadata there); with
+  the lock B waits for A, so A goes on after a grace period and both succeed."""
+  import threading
+
+  from qinco_jax import checkpoint
+  codec, train = trained
+  real_ckpt = checkpoint._ckpt
+  a_written, b_writing = threading.Event(), threading.Event()
+
+  class Held:
+    def __init__(self):
+      self.ck = real_ckpt()
+
+    def save(self, *a, **k):
+      if threading.current_thread().name == "B":
+        b_writing.set()
+      return self.ck.save(*a, **k)
+
+    def wait_until_finished(self):
+      self.ck.wait_until_finished()
+      if threading.current_thread().name == "A":
+        a_written.set()
+        b_writing.wait(5)  # the grace period: B is blocked at the lock (or racing)
+
+    def __getattr__(self, name):
+      return getattr(self.ck, name)
+
+  monkeypatch.setattr(checkpoint, "_ckpt", Held)
+  other = reference.randomize(codec, scale=0.5, seed=4)
+  errors = []
+
+  def save(c):
+    try:
+      c.save(tmp_path / "c")
+    except Exception as e:  # reported below
+      errors.append(e)
+
+  ta = threading.Thread(target=save, args=(codec,), name="A")
+  ta.start()
+  assert a_written.wait(60)
+  tb = threading.Thread(target=save, args=(other,), name="B")
+  tb.start()
+  ta.join()
+  tb.join()
+  monkeypatch.setattr(checkpoint, "_ckpt", real_ckpt)
+  assert errors == []
+  _same_codes(qj.load(tmp_path / "c"), other, train[:20])  # B saved last
+  assert sorted(os.listdir(tmp_path)) == ["c"]
+
+
+_SAVER = """
+import os, sys, time
+import qinco_jax as qj
+codec = qj.load(sys.argv[1])
+codec.save(sys.argv[3])  # warm-up (compiles nothing, imports Orbax), then start together
+open(sys.argv[3] + ".ready", "w").close()
+while not os.path.exists(os.path.join(os.path.dirname(sys.argv[2]), "go")):
+  time.sleep(0.01)
+for _ in range(10):
+  codec.save(sys.argv[2])
+"""
+
+
+def test_two_processes_saving_one_path_both_succeed(trained, tmp_path):
+  import subprocess
+  import sys
+  codec, train = trained
+  codec.save(tmp_path / "src")
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "JAX_PLATFORMS": "cpu"}
+  (tmp_path / "shared").mkdir()
+  procs = [subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path / "src"),
+                             str(tmp_path / "shared" / "c"), str(tmp_path / f"own{i}")],
+                            env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  import time
+  while not all((tmp_path / f"own{i}.ready").exists() or procs[i].poll() is not None
+                for i in range(2)):
+    time.sleep(0.01)
+  (tmp_path / "shared" / "go").touch()  # both save 10 times at once
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+  _same_codes(qj.load(tmp_path / "shared" / "c"), codec, train[:20])
+  assert sorted(os.listdir(tmp_path / "shared")) == ["c", "go"]
+
+
+def test_save_through_a_symbolic_link_keeps_the_link(trained, tmp_path):
+  codec, train = trained
+  codec.save(tmp_path / "real")
+  (tmp_path / "link").symlink_to(tmp_path / "real")
+  other = reference.randomize(codec, scale=0.5, seed=5)
+  other.save(tmp_path / "link")
+  assert (tmp_path / "link").is_symlink()
+  _same_codes(qj.load(tmp_path / "real"), other, train[:20])
+  _same_codes(qj.load(tmp_path / "link"), other, train[:20])
+  assert sorted(os.listdir(tmp_path)) == ["link", "real"]  # no parked copy left
+
+
+def test_save_into_the_current_directory_stays_in_it(trained, tmp_path, monkeypatch):
+  codec, train = trained
+  here = tmp_path / "here"
+  here.mkdir()
+  monkeypatch.chdir(here)
+  codec.save(".")
+  assert os.getcwd() == str(here)  # the process is not left in a deleted directory
+  assert sorted(os.listdir(".")) == ["qinco_jax.json", "state"]
+  codec.save(".")  # replacing the codec it is in
+  assert sorted(os.listdir(".")) == ["qinco_jax.json", "state"]
+  _same_codes(qj.load("."), codec, train[:20])
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.5])
+def test_encode_and_decode_refuse_a_chunk_size_below_one(trained, size):
+  codec, train = trained
+  with pytest.raises(ValueError, match=r"chunk_size .* must be an int >= 1"):
+    codec.encode(train[:10], chunk_size=size, verbose=False)
+  codes = codec.encode(train[:10], verbose=False)
+  with pytest.raises(ValueError, match=r"chunk_size .* must be an int >= 1"):
+    codec.decode(codes, chunk_size=size, verbose=False)
+
+
+@pytest.mark.parametrize("name", ["_METADATA", "manifest.ocdbt"])
+def test_load_names_a_damaged_array_index(trained, tmp_path, name):
+  codec = trained[0]
+  codec.save(tmp_path / "c")
+  f = tmp_path / "c" / "state" / name
+  f.write_bytes(bytes(255 - b for b in f.read_bytes()))
+  with pytest.raises(ValueError, match=f"checkpoint '{tmp_path / 'c'}' is damaged: the "
+                                       "index of its arrays"):
+    qj.load(tmp_path / "c")
+
+
+def test_load_of_a_workdir_restores_its_interrupted_best_save(trained, tmp_path):
+  codec, train = trained
+  work = tmp_path / "work"
+  codec.save(work / "best")
+  (work / "ckpt").mkdir()
+  os.replace(work / "best", work / ".best.tmp-0000dead")  # killed between the renames
+  with pytest.warns(UserWarning, match="restored the complete copy '.best.tmp-0000dead'"):
+    back = qj.load(work)
+  _same_codes(back, codec, train[:20])

@@ -120,3 +120,22 @@ def test_evaluate_without_a_database_names_it():
   ds = qj.data.Dataset("no-db", x, x[:10], None, None, None)
   with pytest.raises(ValueError, match="no database vectors"):
     evaluate(q, ds, verbose=False)
+
+
+def test_faiss_rq_baseline_says_what_it_does_and_encodes_in_chunks(capsys, monkeypatch):
+  from qinco_jax import evaluate as evaluate_mod
+  ds = qj.data.load_synthetic(n_train=3_000, n_db=500, n_queries=40, d=8, n_val=200)
+  quiet = faiss_rq_baseline(ds, M=2, nbits=4, beam=2, n_train=2_000)
+  capsys.readouterr()
+  calls = []
+  real = evaluate_mod._encode_chunks
+  monkeypatch.setattr(evaluate_mod, "_encode_chunks",
+                      lambda q, x, verbose, chunk=8192: calls.append(len(x)) or real(
+                          q, x, verbose, chunk=128))  # 4 chunks of the 500 vectors
+  loud = faiss_rq_baseline(ds, M=2, nbits=4, beam=2, n_train=2_000, verbose=True)
+  err = capsys.readouterr().err
+  assert "faiss RQ 2x4 beam 2: training on 2,000 vectors" in err
+  assert "faiss RQ 2x4 beam 2: encode" in err and "/4 [" in err  # a bar of 4 chunks
+  assert calls == [500]
+  for k in ("mse", "per_step_mse", "R@1", "R@10", "R@100"):
+    assert loud[k] == quiet[k], k  # the same codes, chunked

@@ -273,3 +273,74 @@ def test_eval_program_reads_any_data_files(tmp_path):
   assert out["n"] == 300 and out["mse"] == pytest.approx(want, rel=1e-5)
   assert 0 < out["R@100"] <= 1 and "evaluating" in r.stderr
   assert "INFO" not in r.stderr  # no Orbax chatter
+
+
+def _program(*args, prog="train_bigann.py", driver=None, timeout=300):
+  import subprocess
+  root = os.path.dirname(EXPERIMENTS)
+  cmd = [sys.executable] + (["-c", driver] if driver else []) + [
+      os.path.join(EXPERIMENTS, prog), *args]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workdr=x"], "Unknown command line flag 'workdr'. Did you mean: workdir ?"),
+    (["--config.train.lr=abc"], "--config.train.lr=abc: could not convert string to float"),
+    (["--config=glove_smal"], "error: --config=glove_smal: no config of that name and no "
+                              "such file; did you mean 'glove_small'? (names: glove_small, "
+                              "synthetic_tiny"),
+    (["--config.train.stop_patience=-1"], "error: stop_patience must be >= 0"),
+    (["--config=synthetic_tiny", "--config.train.lr=nan"], "error: lr must be > 0, got nan")])
+def test_training_program_errors_are_one_line(args, message, tmp_path):
+  r = _program(*args, f"--workdir={tmp_path / 'w'}")
+  assert r.returncode != 0 and message in r.stderr, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_training_help_shows_the_values_of_the_chosen_config():
+  r = _program("--config=glove_small", "--help")
+  assert r.returncode == 0, r.stderr[-2000:]
+  text = " ".join(r.stdout.split())  # absl wraps the help text
+  assert "with the values of glove_small.py" in text
+  for field in ("A=4", "B=4", "de=64", "epochs=6", "lr=0.004", "stop_patience=3"):
+    assert f" {field}," in text, field
+  tiny = " ".join(_program("--config=synthetic_tiny", "--help").stdout.split())
+  assert " K=16," in tiny and " epochs=3," in tiny
+
+
+def test_search_program_bad_value_is_one_line():
+  r = _program("--stage=bogus", prog="search_bigann.py")
+  assert r.returncode == 1 and r.stderr.strip() == (
+      "error: stage must be one of ('ivf', 'train', 'encode', 'build', 'search', 'all'), "
+      "got 'bogus'"), r.stderr[-2000:]
+
+
+# The first training step sends this process Ctrl-C, then blocks as a long compilation
+# does (a KeyboardInterrupt would wait for it to end).
+_CTRL_C_IN_COMPILATION = """
+import os, runpy, signal, sys, time
+from qinco_jax import train
+make = train.make_train_step
+def make_then_interrupt(*a, **k):
+  step = make(*a, **k)
+  def first_call(*args, **kw):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(300)
+    return step(*args, **kw)
+  return first_call
+train.make_train_step = make_then_interrupt
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_ctrl_c_during_compilation_stops_at_once_and_cleanly(tmp_path):
+  work = tmp_path / "w"
+  r = _program("--config=synthetic_tiny", f"--workdir={work}",
+               driver=_CTRL_C_IN_COMPILATION)
+  assert r.returncode == 130, r.stderr[-3000:]
+  assert "interrupted: stopped at once; the last checkpoint is intact" in r.stderr
+  assert "Traceback" not in r.stderr and "Fatal Python error" not in r.stderr
+  assert not (work / ".lock").exists()  # the workdir is free for the next run

@@ -207,3 +207,66 @@ def test_two_process_encode_writes_the_codes_of_one_process(tmp_path):
   assert codes[1].shape == (1_001, 3)
   np.testing.assert_array_equal(codes[1], codes[2])
   np.testing.assert_array_equal(codes[1], codec.encode(ds.db, A=2, B=4, verbose=False))
+
+
+def _start(args_per_process, timeout=300):
+  """Starts the training script once per entry of args_per_process (each a list of
+  flags after the common ones), on one coordinator port; returns [(rc, stderr)]."""
+  port = distributed.free_port()
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("JAX_") or k == "JAX_NUMPY_RANK_PROMOTION"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_NUM_CPU_DEVICES="1")
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _DRIVER, TRAIN, TINY, f"--coordinator_address=127.0.0.1:{port}",
+       *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for args in args_per_process]
+  out = []
+  for p in procs:
+    _, err = p.communicate(timeout=timeout)  # a guard against a hang, not a speed check
+    out.append((p.returncode, err))
+  return out
+
+
+def _one_line(err):
+  """The error line of a process's stderr, checked to come without a traceback or a
+  C++ stack."""
+  assert "Traceback" not in err and "Check failure" not in err, err[-3000:]
+  (line,) = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+  return line
+
+
+def test_a_process_that_never_starts_is_named_within_the_startup_timeout(tmp_path):
+  (rc, err), = _start([[f"--workdir={tmp_path / 'w'}", "--num_processes=2",
+                        "--process_id=0", "--startup_timeout_s=2"]])
+  assert rc != 0
+  assert "process 1 of 2 did not start within 2 s (--startup_timeout_s)" in _one_line(err)
+
+
+def test_two_processes_with_one_process_id_are_named(tmp_path):
+  res = _start([[f"--workdir={tmp_path / 'w'}", "--num_processes=3", f"--process_id={i}"]
+                for i in (0, 1, 1)])
+  for rc, err in res:
+    assert rc != 0
+    assert "two processes were started with --process_id=1" in _one_line(err)
+
+
+def test_different_numbers_of_processes_are_named(tmp_path):
+  res = _start([[f"--workdir={tmp_path / 'w'}", f"--num_processes={n}", f"--process_id={i}"]
+                for i, n in ((0, 2), (1, 3))])
+  for rc, err in res:
+    assert rc != 0
+    assert ("process 1 was started with --num_processes=3, process 0 with "
+            "--num_processes=2") in _one_line(err)
+
+
+def test_processes_compare_their_settings_and_name_the_differences(tmp_path):
+  res = _start([[f"--workdir={tmp_path / 'w'}", "--num_processes=2", "--process_id=0"],
+                [f"--workdir={tmp_path / 'w'}", "--num_processes=2", "--process_id=1",
+                 "--config.train.lr=0.001", "--config.model.L=2"]])
+  for rc, err in res:
+    assert rc != 0
+    line = _one_line(err)
+    assert "the processes disagree on the training settings" in line
+    assert "model.L: process 0 has 1, process 1 has 2" in line
+    assert "train.lr: process 0 has 0.0008, process 1 has 0.001" in line
+  assert not (tmp_path / "w" / "ckpt").exists()  # stopped before touching the workdir

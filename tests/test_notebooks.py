@@ -55,3 +55,32 @@ def test_colab_badge_and_install_follow_the_repository_url(path):
 def test_readme_install_line_follows_the_repository_url():
   readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
   assert f'@ git+{_repository()}"' in readme
+
+
+def _readme_python() -> str:
+  readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+  return "\n".join(block.split("```", 1)[0] for block in readme.split("```python\n")[1:])
+
+
+def test_readme_snippets_can_run_again_in_the_same_folder():
+  """Every training in the README's snippets resumes (a second run of a snippet
+  continues or reloads its run instead of stopping at the workdir's checkpoint)."""
+  import re
+  code = _readme_python()
+  calls = re.findall(r"train_and_evaluate\((.*?)\)\s*(?:#|\n)", code, flags=re.S)
+  assert calls and all("resume=True" in call for call in calls), calls
+
+
+def test_what_readme_snippets_write_is_ignored_by_git():
+  """The paths the README's snippets save to (workdirs, codecs, indexes, exports)
+  are in .gitignore, so following the README leaves `git status` clean."""
+  import re
+  import subprocess
+  root = pathlib.Path(__file__).parent.parent
+  code = _readme_python()
+  written = set(re.findall(r'(?:save|export_npz\(codec,|workdir=)\s*\(?\s*"([^"]+)"', code))
+  written |= set(re.findall(r'train_and_evaluate\([^)]*?"(runs/[^"]+)"', code))
+  assert {"my_codec", "my_index", "codec.npz", "runs/quick", "runs/ivf"} <= written, written
+  r = subprocess.run(["git", "check-ignore", "--no-index", *sorted(written)], cwd=root,
+                     capture_output=True, text=True)
+  assert sorted(r.stdout.split()) == sorted(written), (written, r.stdout, r.stderr)

@@ -40,14 +40,34 @@ def test_wheel_holds_programs_configs_licence_and_version(wheel):
   assert not any(n.startswith(("tests/", "experiments/")) for n in names)
 
 
+def _venv_with_our_dependencies(venv) -> str:
+  """A new virtual environment whose Python also imports every package the suite's
+  Python imports, however that one was installed (the system's, a venv, conda): their
+  directories are listed in a .pth file (no `--system-site-packages`, which from inside
+  a venv means the base interpreter's packages, without jax). The directories' own .pth
+  hooks do not run, so an editable install of this checkout does not shadow the wheel.
+  Returns the new Python."""
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                 timeout=300)
+  py = str(venv / "bin" / "python")
+  site_dir = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()"
+                             "['purelib'])"], capture_output=True, text=True, check=True,
+                            timeout=60).stdout.strip()
+  ours = [p for p in sys.path if os.path.isdir(p)
+          and os.path.basename(p) in ("site-packages", "dist-packages")]
+  with open(os.path.join(site_dir, "_suite_packages.pth"), "w") as f:
+    f.write("".join(p + "\n" for p in ours))
+  return py
+
+
 def test_installed_programs_run_from_another_directory(wheel, tmp_path):
   venv = tmp_path / "venv"
   # The dependencies come from this environment; the package itself from the wheel.
-  subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                 check=True, timeout=300)
-  py, bin_dir = venv / "bin" / "python", venv / "bin"
-  r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
-                     capture_output=True, text=True, timeout=300)
+  py, bin_dir = _venv_with_our_dependencies(venv), venv / "bin"
+  # --ignore-installed: the suite's own qinco_jax (visible through the .pth file) is
+  # neither taken for this one nor uninstalled.
+  r = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
+                      str(wheel)], capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
@@ -58,7 +78,7 @@ def test_installed_programs_run_from_another_directory(wheel, tmp_path):
     return subprocess.run(list(args), cwd=elsewhere, env=env, capture_output=True,
                           text=True, timeout=600)
 
-  r = run(str(py), "-c", "import qinco_jax; print(qinco_jax.__file__)")
+  r = run(py, "-c", "import qinco_jax; print(qinco_jax.__file__)")
   assert str(venv) in r.stdout, (r.stdout, r.stderr[-2000:])  # the wheel's copy
   for prog in ("qinco-train", "qinco-search", "qinco-eval", "qinco-compile"):
     r = run(str(bin_dir / prog), "--help")

@@ -5,6 +5,7 @@ tested against lstsq in test_aq.py.)"""
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -274,3 +275,84 @@ def test_residual_kmeans_errors():
     rq_init.residual_kmeans(np.full((5, 2), np.nan), 2, 1)
   with pytest.raises(ValueError, match="weights: expected shape"):
     rq_init.kmeans(x, 4, weights=w[:3])
+
+
+def test_progress_counts_every_lloyd_iteration_the_seeding_included():
+  """The bar of a large K must move while the seeds are placed (9 progressive stages
+  of 3 iterations each before the n_iter in the full space), not sit at 0."""
+  x = _blobs(600, 8, 10, seed=3)
+  ticks = []
+  rq_init.kmeans(x, 8, n_iter=5, seed=0, init="progressive",
+                 on_iteration=lambda: ticks.append(1))
+  assert len(ticks) == rq_init.iterations(5, "progressive") == 5 + 9 * 3
+  ticks.clear()
+  rq_init.kmeans(x, 8, n_iter=5, seed=0, init="random", on_iteration=lambda: ticks.append(1))
+  assert len(ticks) == rq_init.iterations(5, "random") == 5
+  # Fewer than 2 rows per centroid: the seeds are random rows, no seeding stages.
+  few = x[:30]
+  ticks.clear()
+  C = rq_init.kmeans(few, 20, n_iter=5, seed=0, init="progressive",
+                     on_iteration=lambda: ticks.append(1))
+  np.testing.assert_array_equal(C, rq_init.kmeans(few, 20, n_iter=5, seed=0, init="random"))
+  assert len(ticks) == rq_init.iterations(5, "progressive", n=30, K=20) == 5
+
+
+def test_large_K_bounds_its_distance_chunks_and_finds_the_same_nearest_centroids(
+    monkeypatch):
+  """Above LARGE_K a device chunk holds at most MAX_ENTRIES distances (K=65536: 256
+  rows, 64 MB, instead of 16,384 rows, 4 GB), and the two-level argmin returns the
+  one-level one's index: checked on K=300 (not a multiple of the block) with the
+  threshold lowered, against jnp.argmin and a float64 NumPy search."""
+  assert rq_init._chunk_rows(10**6, 65536) * 65536 <= rq_init.MAX_ENTRIES
+  assert rq_init._chunk_rows(10**6, 256) == rq_init._CHUNK  # small K: as before
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1000, 6)).astype(np.float32)
+  C = rng.standard_normal((300, 6)).astype(np.float32)
+  D = np.asarray(rq_init.sq_dists(jnp.asarray(x), jnp.asarray(C)))
+  one_level = np.asarray(jnp.argmin(jnp.asarray(D), axis=1))
+  monkeypatch.setattr(rq_init, "LARGE_K", 16)
+  monkeypatch.setattr(rq_init, "MAX_ENTRIES", 64 * 300)
+  rq_init._assign_accumulate.clear_cache()
+  np.testing.assert_array_equal(np.asarray(rq_init._argmin(jnp.asarray(D))), one_level)
+  ids, err = rq_init.assign(x, C)
+  d64 = ((x[:, None, :].astype(np.float64) - C[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(ids, one_level)
+  np.testing.assert_allclose(d64[np.arange(len(x)), ids], d64.min(1), rtol=1e-5)
+  assert err == pytest.approx(d64.min(1).sum(), rel=1e-5)
+  rq_init._assign_accumulate.clear_cache()
+
+
+def _split_by_hand(C, counts, rng, below=0, points=None):
+  """_split_empty as first written: every draw rng.choice over all the sizes."""
+  counts = counts.astype(np.float64).copy()
+  points = None if points is None else points.astype(np.float64).copy()
+  eps = np.where(np.arange(C.shape[1]) % 2 == 0, 1.0, -1.0) / 1024
+  for i in np.flatnonzero(counts <= below):
+    p = (np.maximum(counts - 1, 0) if points is None else
+         counts * np.maximum(points - 1, 0) / np.maximum(points, 1))
+    if p.sum() == 0:
+      return
+    j = rng.choice(len(C), p=p / p.sum())
+    C[i], C[j] = C[j] * (1 + eps), C[j] * (1 - eps)
+    counts[i] = counts[j] = counts[j] / 2
+    if points is not None:
+      points[i] = points[j] = points[j] / 2
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_split_draws_as_rng_choice_over_all_sizes(trial):
+  """The sum tree finds the cluster rng.choice would draw: the same centroids as the
+  loop over all sizes, weighted or not, few or many small clusters (K up to 600)."""
+  r = np.random.default_rng(trial)
+  K = int(r.integers(1, 600))
+  C = r.standard_normal((K, 5)).astype(np.float32)
+  counts = r.poisson(r.uniform(0.3, 5), K).astype(np.float64)
+  below = [0, 0.25 * counts.mean(), 2.0][trial % 3]
+  points = None
+  if trial % 4 == 0:
+    points = np.minimum(counts, r.integers(0, 4, K)).astype(np.float64)
+    counts = counts * r.uniform(0.5, 3, K)
+  ours, ref = C.copy(), C.copy()
+  rq_init._split_empty(ours, counts, np.random.default_rng(trial), below, points)
+  _split_by_hand(ref, counts, np.random.default_rng(trial), below, points)
+  np.testing.assert_array_equal(ours, ref)

@@ -545,3 +545,149 @@ def test_bad_values_in_the_data_are_named_with_their_rows(tmp_path):
   # them, and named by their row in the training set.
   with pytest.raises(ValueError, match="training vector 900 "):
     trainer._read_rows(x, np.array([3, 900, 1]))
+
+
+def _files(work):
+  """{relative path: bytes} of every file under work (what a run must not change)."""
+  return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*"))
+          if p.is_file()}
+
+
+def test_a_fresh_start_never_replaces_the_results_of_a_run_that_checkpointed(tmp_path):
+  ds, cfg, tc = _tiny_run(tmp_path)
+  work = tmp_path / "run"
+  trainer.train_and_evaluate(cfg, tc, ds, work, verbose=False)
+  import shutil
+  shutil.rmtree(work / "ckpt")  # the user frees space; the results stay
+  before = _files(work)
+  for resume in (False, True):
+    with pytest.raises(ValueError, match=r"holds best, metrics.jsonl, ckpt_meta.json \(the "
+                                         r"results of an earlier training\) but no "
+                                         "checkpoint to resume from"):
+      trainer.train_and_evaluate(cfg, tc, ds, work, resume=resume, verbose=False)
+  assert _files(work) == before and not (work / "ckpt").exists()
+
+
+def test_a_fresh_start_refuses_files_of_its_names_that_no_training_wrote(tmp_path):
+  ds, cfg, tc = _tiny_run(tmp_path)
+  work = tmp_path / "mine"
+  work.mkdir()
+  (work / "metrics.jsonl").write_text('{"my": "numbers"}\n')
+  with pytest.raises(ValueError, match=r"holds metrics.jsonl \(files that no training "
+                                       r"wrote here\)"):
+    trainer.train_and_evaluate(cfg, tc, ds, work, verbose=False)
+  assert sorted(os.listdir(work)) == ["metrics.jsonl"]
+  assert (work / "metrics.jsonl").read_text() == '{"my": "numbers"}\n'
+
+
+def test_a_start_stopped_before_its_first_checkpoint_may_start_again(tmp_path, monkeypatch):
+  ds, cfg, tc = _tiny_run(tmp_path)
+
+  def stopped(*a, **k):
+    raise KeyboardInterrupt  # Ctrl-C during the first epoch, before any checkpoint
+
+  monkeypatch.setattr(trainer, "_save", stopped)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  assert (tmp_path / "run" / "best").exists()  # the initial codec, a first record
+  monkeypatch.undo()
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  log = trainer.read_metrics(tmp_path / "run")
+  # The earlier start's log was replaced: one initial record, one record of epoch 0.
+  assert [r["epoch"] for r in log if "val_mse" in r] == [-1, 0]
+  assert [r["epoch"] for r in log if "loss" in r] == [0]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("stop_patience", -1, "stop_patience must be >= 0"),
+    ("plateau_patience", 0, "plateau_patience must be >= 1"),
+    ("lr", float("nan"), "lr must be > 0, got nan"),
+    ("weight_decay", float("nan"), "weight_decay must be a finite number"),
+    ("lr_min_fact", float("inf"), "lr_min_fact must be a finite number"),
+    ("log_every", 0, "log_every must be > 0")])
+def test_train_config_refuses_values_that_would_train_otherwise_than_asked(field, value,
+                                                                          match):
+  with pytest.raises(ValueError, match=match):
+    train.TrainConfig(**{field: value})
+
+
+def test_resume_on_other_vectors_of_the_same_shape_is_named(tmp_path):
+  ds, cfg, tc = _tiny_run(tmp_path)
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  other = qj.data.load_synthetic(n_train=1024, n_db=100, n_queries=10, d=8, n_val=200,
+                                 seed=5)
+  assert other.train.shape == ds.train.shape
+  with pytest.warns(UserWarning, match=r"train_data '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
+    trainer.train_and_evaluate(cfg, tc.replace(epochs=2), other, tmp_path / "run",
+                               resume=True, verbose=False)
+  (note,) = [r for r in trainer.read_metrics(tmp_path / "run") if "warning" in r]
+  assert note["changed"]["train_data"] == [trainer.fingerprint(ds.train),
+                                           trainer.fingerprint(other.train)]
+  assert trainer.fingerprint(ds.train) == trainer.fingerprint(np.array(ds.train))
+
+
+def test_resume_on_vectors_of_another_dimension_is_refused(tmp_path):
+  ds, cfg, tc = _tiny_run(tmp_path)
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  wider = qj.data.load_synthetic(n_train=1024, n_db=100, n_queries=10, d=12, n_val=200)
+  with pytest.raises(ValueError, match="on vectors of dimension 12: its model was "
+                                       "trained on dimension 8"):
+    trainer.train_and_evaluate(cfg, tc.replace(epochs=2), wider, tmp_path / "run",
+                               resume=True, verbose=False)
+
+
+def test_a_stop_between_checkpoint_and_record_loses_no_record(tmp_path, monkeypatch):
+  ds, cfg, tc = _tiny_run(tmp_path, epochs=2)
+  orig = trainer._save
+
+  def save_then_stop(*a, **k):
+    orig(*a, **k)
+    raise KeyboardInterrupt  # Ctrl-C right after the first epoch's checkpoint
+
+  monkeypatch.setattr(trainer, "_save", save_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  assert [r["epoch"] for r in trainer.read_metrics(tmp_path / "run") if "val_mse" in r] \
+      == [-1]
+  monkeypatch.undo()
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", resume=True, verbose=False)
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", resume=True, verbose=False)
+  log = [r for r in trainer.read_metrics(tmp_path / "run") if "val_mse" in r]
+  assert [r["epoch"] for r in log] == [-1, 0, 1]  # each epoch once, in order
+  # The written record is the stopped epoch's own: its validation is the codec saved
+  # as best then, or the initial one.
+  best = qj.load(tmp_path / "run")
+  assert log[0]["val_mse"] >= log[1]["best_val_mse"] >= log[2]["best_val_mse"]
+  assert log[2]["best_val_mse"] == pytest.approx(
+      trainer.validate(best, ds.val, 2, 2, ds.mse_scale)["val_mse"], rel=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["delete", "binary", "list"])
+def test_damaged_run_metadata_is_named_with_its_path(tmp_path, damage):
+  ds, cfg, tc = _tiny_run(tmp_path)
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  meta = tmp_path / "run" / "ckpt_meta.json"
+  if damage == "delete":
+    meta.unlink()
+  else:
+    meta.write_bytes(b"\x84\xff\x00" if damage == "binary" else b"[1, 2]")
+  with pytest.raises(ValueError, match=f"'{meta}' is (missing|damaged)"):
+    trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", resume=True, verbose=False)
+
+
+def test_a_damaged_training_checkpoint_is_named_with_its_path(tmp_path):
+  ds, cfg, tc = _tiny_run(tmp_path)
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=False)
+  (meta,) = (tmp_path / "run" / "ckpt" / "1").glob("meta/metadata")
+  meta.write_bytes(b"\x84\xff\x00")
+  step = tmp_path / "run" / "ckpt" / "1"
+  with pytest.raises(ValueError, match=f"cannot read training checkpoint '{step}'"):
+    trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", resume=True, verbose=False)
+
+
+def test_the_initial_validation_is_printed(tmp_path, capsys):
+  ds, cfg, tc = _tiny_run(tmp_path)
+  trainer.train_and_evaluate(cfg, tc, ds, tmp_path / "run", verbose=True)
+  first = trainer.read_metrics(tmp_path / "run")[0]
+  assert first["epoch"] == -1
+  assert f"initial val MSE {first['val_mse']:.5g}\n" in capsys.readouterr().out

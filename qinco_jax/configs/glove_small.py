@@ -6,10 +6,11 @@
 Measured on a 2-core CPU: about 10 minutes in all when the machine is otherwise idle
 (RQ initialisation ~40 s; 6 epochs of the 290k training vectors at A=4, B=4;
 evaluation at A=8, B=16 on the 90k database plus the faiss RQ baseline). Last run
-(8.8 min, 6.3 of them training, sharing the CPU with the test suite): test MSE 2.492,
-R@1/10/100 = 0.392/0.854/0.995, next to faiss RQ 8x8 (beam 8, 50k training vectors):
-MSE 2.892, 0.344/0.801/0.988 (0.862x the MSE, 1.139x the R@1). The paper's lr 8e-4
-gave MSE 2.576 and R@1 0.377 on the same recipe.
+(29.4 min, 21.4 of them training, sharing the CPU with other jobs): test MSE 2.483,
+R@1/10/100 = 0.385/0.851/0.997, next to faiss RQ 8x8 (beam 8, 50k training vectors):
+MSE 2.891, 0.344/0.801/0.990 (0.859x the MSE, 1.120x the R@1). An earlier run gave
+MSE 2.492 and R@1 0.392; the paper's lr 8e-4 gave MSE 2.576 and R@1 0.377 on the same
+recipe.
 
 The recipe for a CPU budget of minutes to an hour (docs/benchmarks.md, "Quality per
 CPU-minute", where each choice is measured): L=2, de=64, dh=128, the RQ initialisation,
