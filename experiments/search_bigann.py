@@ -1,4 +1,4 @@
-"""Large-scale search with IVF-QINCo2 (`qinco-search`, qinco_jax/cli.py and bigann.py):
+"""Large-scale search with IVF-QINCo2 (`qinco-search`, qinco_jax/cli.py and search/job.py):
 stages ivf, train, encode, build, search (or all).
 
   # GloVe default (database = 90k db + 290k train vectors, 10k queries), all stages:

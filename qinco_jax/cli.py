@@ -3,7 +3,7 @@ package; `experiments/train_bigann.py`, `search_bigann.py` and `eval.py` call th
 functions). Each is flags -> a config -> one library call:
 
   qinco-train --config=glove_small --workdir=runs/glove        # experiment.run
-  qinco-search --workdir=runs/search_glove --stage=all         # bigann.run
+  qinco-search --workdir=runs/search_glove --stage=all         # search.job.run
   qinco-eval --model=runs/glove --A=16 --B=32                  # evaluate.evaluate
 
 `--config` takes a config by name (the files in `qinco_jax/configs/`) or any config
@@ -24,7 +24,7 @@ from typing import Any
 
 CONFIG_NAMES = ("glove_small", "synthetic_tiny", "qinco2_s", "qinco2_m", "qinco2_l",
                 "qinco1")
-SEARCH_CONFIG_NAMES = ("search_glove",)  # field values of a `bigann.SearchJob`
+SEARCH_CONFIG_NAMES = ("search_glove",)  # field values of a `search.job.SearchJob`
 
 
 def config_path(name_or_path: str, names: tuple[str, ...] = CONFIG_NAMES) -> str:
@@ -138,10 +138,11 @@ def _config_help() -> str:
 
 # ----------------------------------------------------------------------- search
 def search(argv: list[str] | None = None):
-  """`qinco-search`: the large-scale IVF-QINCo2 job, one stage or all (`bigann.run`)."""
+  """`qinco-search`: the large-scale IVF-QINCo2 job, one stage or all (`search.job.run`)."""
   from absl import app, flags, logging
 
-  from qinco_jax import bigann, distributed
+  from qinco_jax import distributed
+  from qinco_jax.search import job as search_job
   given = list(sys.argv if argv is None else argv)  # recorded as typed (config names)
   argv = _argv(argv, SEARCH_CONFIG_NAMES)
   F = flags.FLAGS
@@ -155,7 +156,7 @@ def search(argv: list[str] | None = None):
   flags.DEFINE_string("config", config, "search config: a name (" +
                       ", ".join(SEARCH_CONFIG_NAMES) + ") or a file whose get_config() "
                       "returns SearchJob field values; they become the flags' defaults")
-  job_flags = [f for f in dataclasses.fields(bigann.SearchJob) if "help" in f.metadata]
+  job_flags = [f for f in dataclasses.fields(search_job.SearchJob) if "help" in f.metadata]
   for f in job_flags:  # each flag's type is its dataclass default's
     value = defaults[f.name]
     if f.name == "shard":
@@ -182,14 +183,14 @@ def search(argv: list[str] | None = None):
     command = (f"QINCO_GLOVE_NPY={env} " if env and F.data == "glove" else "") + \
         _command("python experiments/search_bigann.py", given)
     try:
-      job = bigann.SearchJob(
+      job = search_job.SearchJob(
           **{f.name: F[f.name].value for f in job_flags if f.name != "shard"},
           shard=(i, n), command=command)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
     distributed.initialize_from_flags()
     with distributed.exit_on_error():
-      bigann.run(job)
+      search_job.run(job)
       distributed.barrier("search done")  # the others wait for process 0's stages
 
   _run(main, argv)
@@ -202,8 +203,8 @@ def _search_defaults(config: str) -> dict[str, Any]:
   a one-line error."""
   import runpy
 
-  from qinco_jax import bigann
-  fields = {f.name: f.default for f in dataclasses.fields(bigann.SearchJob)
+  from qinco_jax.search import job as search_job
+  fields = {f.name: f.default for f in dataclasses.fields(search_job.SearchJob)
             if "help" in f.metadata}
   if not config:
     return fields

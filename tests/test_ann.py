@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import index as index_lib
-from qinco_jax import ivf, pipeline
-from qinco_jax.search import Searcher, SearchParams
+from qinco_jax import ivf
+from qinco_jax.search import Searcher, SearchParams, decoders
+from qinco_jax.search import lists as index_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +37,7 @@ def test_index_search_equals_the_pipeline_and_nears_exhaustive_search(setup):
   # The pipeline's stages on the same codes, strung together by hand (the database
   # injected in one go at build time), give the same answer.
   db_codes = codec.encode(ds.db, verbose=False)
-  dec = pipeline.fit_decoders(codec, ds.train, verbose=False)
+  dec = decoders.fit_decoders(codec, ds.train, verbose=False)
   ivf_index = index_lib.build_index(dec.centroids, dec.tables, dec.train_codes, db_codes)
   searcher = Searcher(codec, ivf_index, dec.centroids, dec.pairwise, dec.extra)
   D2, I2, _ = searcher.search(ds.queries, k=10, params=SearchParams(nprobe=4, nshort=50))

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import experiment, pipeline, trainer
+from qinco_jax import experiment, trainer
+from qinco_jax.search.workdir import SearchWorkdir
 from tests import reference
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -156,7 +157,7 @@ def test_search_script_stages_on_a_deep1b_layout(tmp_path):
   best = max(r["R@10"] for r in reference.read_jsonl(work / "sweep.jsonl"))
   assert best > 0.3  # chance is 10 / 2000
   # Every file the stages wrote is where the layout type says (and nothing else).
-  wd = pipeline.SearchWorkdir(work)
+  wd = SearchWorkdir(work)
   named = {wd.centroids, wd.model, wd.index, wd.sweep_log, wd.sweep_plot,
            *(wd.command(s) for s in ("ivf", "train", "encode", "build", "search"))}
   shards = set(work.glob(f"{wd.codes}.*of*.*"))
@@ -183,13 +184,13 @@ def test_search_program_flags_are_the_search_job_fields():
   import dataclasses
   import subprocess
 
-  from qinco_jax import bigann
+  from qinco_jax.search import job as search_job
   script = os.path.join(EXPERIMENTS, "search_bigann.py")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
                      timeout=120, env=env)
   assert r.returncode == 0, r.stderr[-2000:]
-  job = bigann.SearchJob()
+  job = search_job.SearchJob()
   for f in dataclasses.fields(job):
     if "help" not in f.metadata:
       continue

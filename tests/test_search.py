@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import aq, ivf, pairwise, pipeline, sweep, train, trainer
-from qinco_jax import index as index_lib
-from qinco_jax.search import SearchParams
+from qinco_jax import aq, ivf, pairwise, train, trainer
+from qinco_jax.search import SearchParams, decoders, shards, sweep
+from qinco_jax.search import lists as index_lib
 from tests import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,33 +25,33 @@ def test_stale_missing_and_mixed_shards_are_refused(tmp_path):
   old_db = rng.standard_normal((2000, 4)).astype(np.float32)
   db = np.concatenate([old_db, rng.standard_normal((1000, 4)).astype(np.float32)])
   codec = qj.Codec.create(qj.QincoConfig(K=4, M=2, A=0, B=1), db, verbose=False)
-  pipeline.encode_shard(codec, old_db, tmp_path, 0, 2)  # stale: the old version
-  pipeline.encode_shard(codec, db, tmp_path, 1, 2)
+  shards.encode_shard(codec, old_db, tmp_path, 0, 2)  # stale: the old version
+  shards.encode_shard(codec, db, tmp_path, 1, 2)
   with pytest.raises(ValueError, match="encoded from another database \\(2000 rows"):
-    pipeline.load_shards(tmp_path, db=db)
-  pipeline.encode_shard(codec, db, tmp_path, 0, 2)
-  assert pipeline.load_shards(tmp_path, db=db).shape == (3000, 2)
+    shards.load_shards(tmp_path, db=db)
+  shards.encode_shard(codec, db, tmp_path, 0, 2)
+  assert shards.load_shards(tmp_path, db=db).shape == (3000, 2)
   # Another database of the same size: the fingerprint tells them apart.
   with pytest.raises(ValueError, match="another database"):
-    pipeline.load_shards(tmp_path, db=db[::-1].copy())
+    shards.load_shards(tmp_path, db=db[::-1].copy())
   os.remove(tmp_path / "codes_db.0001of0002.npy")
   with pytest.raises(ValueError, match=r"shards \[1\] of 2 are missing"):
-    pipeline.load_shards(tmp_path, db=db)
-  pipeline.encode_shard(codec, db, tmp_path, 1, 2)
-  pipeline.encode_shard(codec, db, tmp_path, 2, 3)
+    shards.load_shards(tmp_path, db=db)
+  shards.encode_shard(codec, db, tmp_path, 1, 2)
+  shards.encode_shard(codec, db, tmp_path, 2, 3)
   with pytest.raises(ValueError, match="2 different splits \\(2 of 2, 1 of 3\\)"):
-    pipeline.load_shards(tmp_path, db=db)
+    shards.load_shards(tmp_path, db=db)
   os.remove(tmp_path / "codes_db.0002of0003.npy")
   np.save(tmp_path / "codes_db.0002of0002.npy", np.zeros((5, 2), np.int32))
   with pytest.raises(ValueError, match=r"shards \[2\] do not exist in a split of 2"):
-    pipeline.load_shards(tmp_path, db=db)
+    shards.load_shards(tmp_path, db=db)
 
 
 def test_shard_ranges_cover_everything_once():
-  parts = [pipeline.shard_range(10, i, 3) for i in range(3)]
+  parts = [shards.shard_range(10, i, 3) for i in range(3)]
   assert parts == [(0, 3), (3, 6), (6, 10)]
   with pytest.raises(ValueError, match="shard"):
-    pipeline.shard_range(10, 3, 3)
+    shards.shard_range(10, 3, 3)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,8 @@ def built(tmp_path_factory):
   codec = trainer.train_and_evaluate(cfg, tc, ds, out / "train", verbose=False,
                                      ivf_centroids=cents)
   for i in range(2):
-    pipeline.encode_shard(codec, ds.db, out, i, 2)
-  db_codes = pipeline.load_shards(out, db=ds.db)
+    shards.encode_shard(codec, ds.db, out, i, 2)
+  db_codes = shards.load_shards(out, db=ds.db)
   index = qj.Index(codec)
   index.train(ds.train)
   index.add_codes(db_codes)
@@ -85,7 +85,7 @@ def test_index_stores_the_injected_codes(built):
 def test_build_reuses_given_training_codes(built):
   out, ds, codec, db_codes, _ = built
   train_codes = codec.encode(ds.train, verbose=False)
-  dec = pipeline.fit_decoders(codec, ds.train, verbose=False, train_codes=train_codes)
+  dec = decoders.fit_decoders(codec, ds.train, verbose=False, train_codes=train_codes)
   np.testing.assert_allclose(dec.tables, np.load(out / "aq_tables.npy"), rtol=1e-5,
                              atol=1e-6)
   with pytest.raises(ValueError, match="train_codes"):

@@ -10,7 +10,7 @@ shortlist, (d) + QINCo2 re-rank; plus a Table-4-style comparison of R@1 after QI
 re-ranking of a 10- and 100-element shortlist chosen by AQ, by the pairwise decoder, or
 by full QINCo2 decoding of a 10x longer AQ list. Our operating points come from two
 sources: fixed settings per stage ((b)-(d)), and "ours (tuned)": the Pareto-optimal
-settings of a `qinco_jax.sweep` over nprobe, efSearch, nshort and nmid_short run on
+settings of a `qinco_jax.search.sweep` over nprobe, efSearch, nshort and nmid_short run on
 held-out *validation* vectors as queries (not the test queries), then re-timed on the
 test queries. Writes its section of docs/benchmarks.md and docs/speed_recall.png.
 
@@ -30,10 +30,11 @@ import faiss
 import numpy as np
 
 import qinco_jax as qj
-from qinco_jax import ann, pipeline, plots, sweep
+from qinco_jax import plots
 from qinco_jax.bench.harness import DOC, RUNS, log, write_section
 from qinco_jax.config import flag
-from qinco_jax.search import SearchParams
+from qinco_jax.search import SearchParams, load_index, shards, sweep
+from qinco_jax.search.workdir import SearchWorkdir
 
 START, END = "<!-- bench_search:start -->", "<!-- bench_search:end -->"
 
@@ -111,7 +112,7 @@ def tuned_curve(searcher, db, tune_q, queries, gt, log_path, resume=False):
 def exhaustive_ceiling(searcher, workdir, db, queries, gt):
   """R@k of an exact L2 search over the full QINCo2 decoding of every database code:
   the best any IVF / shortlist setting can do with these codes."""
-  dec = searcher.codec.decode(pipeline.load_shards(workdir), verbose=False)
+  dec = searcher.codec.decode(shards.load_shards(workdir), verbose=False)
   out = qj.metrics.recall_at(qj.data.compute_gt(dec, queries, 100), gt)
   out["db_mse"] = qj.metrics.mse(db, dec)
   return out
@@ -261,7 +262,7 @@ def build_commands(workdir):
   """The search_bigann.py command lines that built the workdir (saved per stage)."""
   cmds = []
   for stage in ("all", "ivf", "train", "encode", "build", "search"):
-    p = pipeline.SearchWorkdir(workdir).command(stage)
+    p = SearchWorkdir(workdir).command(stage)
     if os.path.exists(p):
       cmds.append(open(p).read().strip())
   return cmds or [f"python experiments/search_bigann.py --workdir={workdir}"]
@@ -297,8 +298,8 @@ def run(args: SearchBench, command: str) -> None:
   assert ds.queries is not None  # load_glove has queries
   gt = qj.data.cached_gt(db, ds.queries, 100, tag="glove_search_db")[: args.nq]
   queries = np.ascontiguousarray(ds.queries[: args.nq], np.float32)
-  wd = pipeline.SearchWorkdir(args.workdir)
-  searcher = ann.load_index(wd.index).searcher()
+  wd = SearchWorkdir(args.workdir)
+  searcher = load_index(wd.index).searcher()
   K_ivf = searcher.centroids.shape[0]
   nprobes = [1, 2, 4, 8, 16, 32]
   curves = {}
@@ -364,7 +365,7 @@ def write_doc(args, curves, table4, K_ivf, n_db, ceiling, costs, all_ratios, exa
           f"{r['R@1']:.3f} / {r['R@10']:.3f} @ {r['qps']:,.0f} qps" for r in rows) + " |")
   tuned = curves.get("ours (tuned)", [])
   if tuned:
-    n_run = len(pipeline.SearchWorkdir(args.workdir).tune_log.read_text().splitlines())
+    n_run = len(SearchWorkdir(args.workdir).tune_log.read_text().splitlines())
     n_grid = int(np.prod([len(v) for v in TUNE_RANGES.values()]))
     lines += ["", "(b): nshort=100 AQ results; (c): pairwise re-rank of 400 AQ results; "
               "(d): pairwise 80 -> QINCo2 re-rank of 20 (20 results). Our lists are chosen by "

@@ -1,10 +1,10 @@
 """Query-time pipeline (spec 12.3): IVF/AQ search -> pairwise shortlist -> QINCo2 re-rank.
 
-Every distance is in raw units: the IVF index (`index.IVFIndex`, one look-up table per
-query) scores ||q - c_IVF - AQ(codes)||^2, the pairwise decoder approximates
+Every distance is in raw units: the inverted lists (`lists.IVFIndex`, one look-up table
+per query) scores ||q - c_IVF - AQ(codes)||^2, the pairwise decoder approximates
 c_IVF + pairwise(codes), and the final re-rank uses the full QINCo2 decode
 (de-normalised by the codec). An index built for inner products
-(`index.build_index(metric="ip")`) scores <q, .> of the same reconstructions at every
+(`lists.build_index(metric="ip")`) scores <q, .> of the same reconstructions at every
 stage instead, largest first.
 """
 
@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qinco_jax import index as index_lib
 from qinco_jax.data import as_float32
+from qinco_jax.search import lists as lists_lib
 
-if TYPE_CHECKING:  # annotations only: search sits below the codec in the import graph
+if TYPE_CHECKING:  # annotations only: the query path needs no codec module
   from qinco_jax.codec import Codec
   from qinco_jax.pairwise import PairwiseDecoder
 
@@ -64,14 +64,14 @@ class Searcher:
 
   Attributes:
     codec: the IVF-QINCo2 codec (full decoder).
-    index: the IVF index holding the codes (`index.build_index`).
+    index: the inverted lists holding the codes (`lists.build_index`).
     centroids: (K_IVF, D) raw IVF centroids.
     pairwise: a `pairwise.PairwiseDecoder` or None.
     extra_codes: (K_IVF, 5) IVF-derived codes of the pairwise decoder, or None.
   """
 
   codec: Codec
-  index: index_lib.IVFIndex
+  index: lists_lib.IVFIndex
   centroids: np.ndarray
   pairwise: PairwiseDecoder | None = None
   extra_codes: np.ndarray | None = None

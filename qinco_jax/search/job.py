@@ -20,9 +20,12 @@ import sys
 import jax
 import numpy as np
 
-from qinco_jax import ann, data, distributed, ivf, pipeline, plots, sweep, train, trainer
+from qinco_jax import data, distributed, ivf, plots, train, trainer
 from qinco_jax.codec import load
 from qinco_jax.config import flag, preset
+from qinco_jax.search import coarse, shards, sweep
+from qinco_jax.search.index import Index, load_index
+from qinco_jax.search.workdir import SearchWorkdir
 
 STAGES = ("ivf", "train", "encode", "build", "search")
 # File names of each layout under its root: learn, base, queries, ground truth.
@@ -104,7 +107,7 @@ def where_it_ran() -> str:
 def run(job: SearchJob):
   """Runs the job's stage(s) (see the module docstring)."""
   main_process = distributed.is_main()
-  wd = pipeline.SearchWorkdir(job.workdir)
+  wd = SearchWorkdir(job.workdir)
   if main_process:  # what built this workdir (bench_search quotes it)
     os.makedirs(job.workdir, exist_ok=True)
     with open(wd.command(job.stage), "w") as f:
@@ -112,7 +115,7 @@ def run(job: SearchJob):
   stages = STAGES if job.stage == "all" else (job.stage,)
   train_x, val, db, queries, gt = load_data(job, "search" in stages and main_process)
   if "ivf" in stages and main_process:
-    pipeline.train_ivf(train_x, job.ivf_K, job.workdir, max_points=256 * job.ivf_K)
+    coarse.train_ivf(train_x, job.ivf_K, job.workdir, max_points=256 * job.ivf_K)
   distributed.barrier("ivf")
   if "train" in stages:
     _train(job, train_x, val, wd)
@@ -127,15 +130,15 @@ def run(job: SearchJob):
         raise ValueError("shard splits the database between independent jobs; a "
                          "multi-process run splits it by process already")
       i, n = jax.process_index(), jax.process_count()
-    pipeline.encode_shard(codec, db, job.workdir, i, n, A=enc_A, B=enc_B)
+    shards.encode_shard(codec, db, job.workdir, i, n, A=enc_A, B=enc_B)
   distributed.barrier("encode")
   if not main_process:
     return  # build and search: process 0
   if "build" in stages:
-    db_codes = pipeline.load_shards(job.workdir, db=db)
+    db_codes = shards.load_shards(job.workdir, db=db)
     # GloVe: the database ends with the training set, whose codes the build reuses.
     train_codes = db_codes[len(db) - len(train_x):] if job.data == "glove" else None
-    index = ann.Index(codec, A=enc_A, B=enc_B)
+    index = Index(codec, A=enc_A, B=enc_B)
     index.train(train_x, codes=train_codes, verbose=True)
     index.add_codes(db_codes)
     index.save(wd.index)
@@ -144,7 +147,7 @@ def run(job: SearchJob):
     _search(job, queries, gt, wd)
 
 
-def _train(job: SearchJob, train_x, val, wd: pipeline.SearchWorkdir):
+def _train(job: SearchJob, train_x, val, wd: SearchWorkdir):
   cfg = preset("qinco2-S", M=job.M, L=job.L, de=job.de, dh=job.dh, A=job.A, B=job.B,
                ivf_K=job.ivf_K)
   budget = job.time_budget_s if job.time_budget_s > 0 else None
@@ -156,8 +159,8 @@ def _train(job: SearchJob, train_x, val, wd: pipeline.SearchWorkdir):
                              ivf_centroids=ivf.load_centroids(wd.centroids))
 
 
-def _search(job: SearchJob, queries, gt, wd: pipeline.SearchWorkdir):
-  searcher = ann.load_index(wd.index).searcher()
+def _search(job: SearchJob, queries, gt, wd: SearchWorkdir):
+  searcher = load_index(wd.index).searcher()
   log = wd.sweep_log
   front = sweep.run_sweep(searcher, queries, gt, log, max_experiments=job.max_experiments)
   front.sort(key=lambda r: r["ms_per_query"]["total"])

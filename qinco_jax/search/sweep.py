@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from qinco_jax import metrics
-from qinco_jax.search import FewerResultsWarning, Searcher, SearchParams
+from qinco_jax.search.query import FewerResultsWarning, Searcher, SearchParams
 
 DEFAULT_RANGES: dict[str, Sequence] = {
     "nprobe": [1, 2, 4, 8, 16, 32, 64, 128],

@@ -7,10 +7,10 @@
     index.remove_ids(np.array([3, 7]))
     index.save("my_index"); index = qj.load_index("my_index")
 
-It is the build and search stages of the search job (`bigann`): it wraps the
-decoders of `pipeline.fit_decoders`, the IVF index holding the codes
-(`index.build_index`, scanned with one look-up table per query) and the query path
-of `search.Searcher` (IVF/AQ -> pairwise shortlist -> QINCo2 re-rank). Metrics:
+It is the build and search stages of the search job (`job`): it wraps the
+decoders of `decoders.fit_decoders`, the inverted lists holding the codes
+(`lists.build_index`, scanned with one look-up table per query) and the query path
+of `query.Searcher` (IVF/AQ -> pairwise shortlist -> QINCo2 re-rank). Metrics:
 
   "l2"      squared Euclidean distances, smallest first.
   "ip"      inner products <q, x>, largest first: the lists are probed by <q, c_IVF>
@@ -33,15 +33,16 @@ from typing import Literal
 
 import numpy as np
 
-from qinco_jax import checkpoint, data, pipeline
-from qinco_jax import index as index_lib
+from qinco_jax import checkpoint, data
 from qinco_jax.codec import load as load_codec
 from qinco_jax.pairwise import PairwiseDecoder
-from qinco_jax.search import Searcher, SearchParams
+from qinco_jax.search import decoders
+from qinco_jax.search import lists as lists_lib
+from qinco_jax.search.query import Searcher, SearchParams
 
 Metric = Literal["l2", "ip", "cosine"]
 META_FILE = "qinco_jax_index.json"
-IVF_FILE = "ivf.npz"  # `index.IVFIndex.arrays`
+IVF_FILE = "ivf.npz"  # `lists.IVFIndex.arrays`
 LEGACY_FILE = "index.faiss"  # indexes saved before the per-query-table scan
 
 
@@ -52,7 +53,7 @@ class Index:
     codec: an IVF-QINCo2 codec (`QincoConfig(ivf_K=...)`), trained or RQ-initialised.
     metric: "l2", "ip" or "cosine" (see the module docstring).
     A, B: encoding beam of `train` and `add` (default: the codec's training A, B).
-    **fit_kw: options of `pipeline.fit_decoders` (pairwise decoder).
+    **fit_kw: options of `decoders.fit_decoders` (pairwise decoder).
   """
 
   def __init__(self, codec, metric: Metric = "l2", *, A: int | None = None,
@@ -64,8 +65,8 @@ class Index:
       raise ValueError(f"metric must be 'l2', 'ip' or 'cosine', got {metric!r}")
     self.codec, self.metric, self.A, self.B = codec, metric, A, B
     self.fit_kw = fit_kw
-    self._dec: pipeline.Decoders | None = None
-    self._ivf: index_lib.IVFIndex | None = None
+    self._dec: decoders.Decoders | None = None
+    self._ivf: lists_lib.IVFIndex | None = None
 
   # -------------------------------------------------------------- state
   @property
@@ -95,7 +96,7 @@ class Index:
       raise RuntimeError(f"{what} needs a trained index: call index.train(x) first")
 
   def searcher(self) -> Searcher:
-    """The query path behind `search` (`search.Searcher`): its `search` also returns
+    """The query path behind `search` (`query.Searcher`): its `search` also returns
     the seconds spent per stage, and `sweep.run_sweep` tunes its settings."""
     self._require_trained("searcher")
     d = self._dec
@@ -107,15 +108,15 @@ class Index:
     """Fits the AQ and pairwise decoders on (up to 1M of) these vectors, (n, d) raw
     units; `codes` are their codes if already encoded. Replaces an earlier training
     and empties the index."""
-    x = self._vectors(x[:self.fit_kw.get("n_aq_train", pipeline.N_AQ_TRAIN)],
+    x = self._vectors(x[:self.fit_kw.get("n_aq_train", decoders.N_AQ_TRAIN)],
                       "training vectors")
-    self._dec = pipeline.fit_decoders(self.codec, x, A=self.A, B=self.B,
+    self._dec = decoders.fit_decoders(self.codec, x, A=self.A, B=self.B,
                                       train_codes=codes, verbose=verbose, **self.fit_kw)
     M = self.codec.M
-    self._ivf = index_lib.build_index(self._dec.centroids, self._dec.tables,
+    self._ivf = lists_lib.build_index(self._dec.centroids, self._dec.tables,
                                         self._dec.train_codes,
-                                        np.zeros((0, M + 1), np.int32),
-                                        metric="ip" if self.metric == "ip" else "l2")
+                                         np.zeros((0, M + 1), np.int32),
+                                         metric="ip" if self.metric == "ip" else "l2")
 
   def add(self, x, ids=None, *, verbose: bool = False) -> np.ndarray:
     """Encodes (n, d) vectors and stores their codes; ids (n,) int64 default to
@@ -213,17 +214,17 @@ def load_index(path: str | os.PathLike) -> Index:
   meta = json.loads(meta_path.read_text())
   index = Index(load_codec(path / "model"), meta["metric"], A=meta.get("A"),
                 B=meta.get("B"))
-  index._dec = dec = pipeline.Decoders(
+  index._dec = dec = decoders.Decoders(
       np.load(path / "centroids.npy"), np.load(path / "aq_tables.npy"),
       PairwiseDecoder.load(path / "pairwise.npz"), np.load(path / "extra_codes.npy"),
       np.zeros((0, index.codec.n_codes), np.int32))
   metric: Literal["l2", "ip"] = "ip" if index.metric == "ip" else "l2"
   if (path / IVF_FILE).exists():
     with np.load(path / IVF_FILE, allow_pickle=False) as arrays:
-      index._ivf = index_lib.IVFIndex.from_arrays(arrays)
+      index._ivf = lists_lib.IVFIndex.from_arrays(arrays)
   elif (path / LEGACY_FILE).exists():
     import faiss
-    index._ivf = index_lib.from_faiss_ivf_rq(faiss.read_index(str(path / LEGACY_FILE)),
+    index._ivf = lists_lib.from_faiss_ivf_rq(faiss.read_index(str(path / LEGACY_FILE)),
                                              dec.centroids, dec.tables, metric)
   else:
     raise FileNotFoundError(f"{str(path)!r} holds no inverted lists ({IVF_FILE} missing)")
