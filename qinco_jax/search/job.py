@@ -28,13 +28,32 @@ from qinco_jax.search.index import Index, load_index
 from qinco_jax.search.workdir import SearchWorkdir
 
 STAGES = ("ivf", "train", "encode", "build", "search")
-# File names of each layout under its root: learn, base, queries, ground truth.
+# File names under --root of each data set, in its two distributions: TEXMEX's vecs
+# files and big-ann-benchmarks' bin files; learn, base, queries, ground truth.
 FILES = {
-    "bigann1b": ("bigann_learn.bvecs", "bigann_base.bvecs", "bigann_query.bvecs",
+    "bigann": {
+        "vecs": ("bigann_learn.bvecs", "bigann_base.bvecs", "bigann_query.bvecs",
                  "gnd/idx_1000M.ivecs"),
-    "deep1b": ("learn.fvecs", "base.fvecs", "deep1B_queries.fvecs",
-               "deep1B_groundtruth.ivecs"),
+        "bin": ("learn.100M.u8bin", "base.1B.u8bin", "query.public.10K.u8bin",
+                "GT.public.1B.ibin")},
+    "deep1b": {
+        "vecs": ("learn.fvecs", "base.fvecs", "deep1B_queries.fvecs",
+                 "deep1B_groundtruth.ivecs"),
+        "bin": ("learn.350M.fbin", "base.1B.fbin", "query.public.10K.fbin",
+                "groundtruth.public.10K.ibin")},
 }
+ALIASES = {"bigann1b": "bigann"}  # the earlier name of --data=bigann
+
+
+def data_files(name: str, root: str) -> tuple[str, ...]:
+  """Paths of (learn, base, queries, ground truth) of data set `name` under root: the
+  distribution whose base file is there (vecs first)."""
+  layouts = FILES[ALIASES.get(name, name)]
+  for files in layouts.values():
+    if os.path.isfile(os.path.join(root, files[1])):
+      return tuple(os.path.join(root, f) for f in files)
+  tried = " or ".join(repr(f[1]) for f in layouts.values())
+  raise FileNotFoundError(f"--data={name}: {root!r} holds neither base file ({tried})")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,7 +66,8 @@ class SearchJob:
 
   workdir: str = flag("runs/search_glove", "all stages read and write here")
   stage: str = flag("all", f"stage to run: one of {', '.join(STAGES)}, or all")
-  data: str = flag("glove", "dataset: glove, " + " or ".join(FILES))
+  data: str = flag("glove", "dataset: glove, " + " or ".join(FILES) + " (vecs or bin "
+                   "files under --root)")
   root: str = flag("", "directory of the BigANN/Deep1B files")
   ivf_K: int = flag(1024, "IVF lists (2**20 for 1B databases)")
   M: int = flag(8, "QINCo codes per vector (bytes)")
@@ -71,8 +91,8 @@ class SearchJob:
   def __post_init__(self):
     if self.stage not in STAGES + ("all",):
       raise ValueError(f"stage must be one of {STAGES + ('all',)}, got {self.stage!r}")
-    if self.data not in ("glove",) + tuple(FILES):
-      raise ValueError(f"data must be glove, bigann1b or deep1b, got {self.data!r}")
+    if self.data not in ("glove",) + tuple(FILES) + tuple(ALIASES):
+      raise ValueError(f"data must be glove, {' or '.join(FILES)}, got {self.data!r}")
     if self.data != "glove" and not self.root:
       raise ValueError(f"data={self.data!r} needs root (the directory of its files)")
     i, n = self.shard
@@ -91,10 +111,19 @@ def load_data(job: SearchJob, need_gt: bool):
     assert ds.queries is not None  # GloVe has its 10k queries
     gt = data.cached_gt(db, ds.queries, 100, tag="glove_search_db") if need_gt else None
     return ds.train, ds.val, db, ds.queries, gt
-  paths = [os.path.join(job.root, p) for p in FILES[job.data]]
+  paths = data_files(job.data, job.root)
   learn, db, queries = (data.read_vecs(p) for p in paths[:3])
   train_x, val = data.split_train_val(learn, min(10_000, len(learn) // 10))
-  gt = data.read_vecs(paths[3]) if need_gt else None
+  gt = None
+  if need_gt:
+    gt = np.asarray(data.read_vecs(paths[3]), np.int64)
+    if gt.shape[0] != len(queries):
+      raise ValueError(f"ground truth {paths[3]!r} has {gt.shape[0]} rows for "
+                       f"{len(queries)} queries")
+    if gt.min() < 0 or gt.max() >= len(db):
+      raise ValueError(f"ground truth {paths[3]!r} holds ids {gt.min()}..{gt.max()}, "
+                       f"outside the database's 0..{len(db) - 1}: it belongs to another "
+                       "database (or a prefix of this one)")
   return train_x, val, db, queries, gt
 
 
