@@ -148,9 +148,9 @@ def aq_stage_costs(searcher, queries):
   (coarse search, table, scan) for 1 and for 100 results."""
   ivf = searcher.index
   skip = -np.ones((len(queries), 1), np.int64)
-  lifted = np.zeros((len(queries), ivf.scan.d), np.float32)  # its values do not matter
-  ivf.scan.nprobe = 1
-  parts = {"table": lambda: ivf.scan.search_preassigned(lifted, 1, skip, None),
+  lifted = np.zeros((len(queries), ivf.scanner.d), np.float32)  # its values do not matter
+  ivf.scanner.nprobe = 1
+  parts = {"table": lambda: ivf.scanner.search_preassigned(lifted, 1, skip, None),
            "stage_k1": lambda: ivf.search(queries, 1, 1, 16),
            "stage_k100": lambda: ivf.search(queries, 100, 1, 16)}
   out = {}
@@ -172,8 +172,9 @@ def fastscan_rerank_curve(searcher, index, queries, gt, nprobes, shortlists, bat
   fast-scan search + the re-rank, both over batches of `batch` queries as the
   pipeline runs them."""
   ivf, codec = searcher.index, searcher.codec
-  row_of = np.empty(int(ivf.ids.max()) + 1, np.int64)
-  row_of[ivf.ids] = np.arange(ivf.ntotal)
+  stored = ivf.rows()  # (read once: the index may be memory-mapped)
+  row_of = np.empty(int(stored["ids"].max()) + 1, np.int64)
+  row_of[stored["ids"]] = np.arange(ivf.ntotal)
 
   def search(nprobe, S):
     faiss.extract_index_ivf(index).nprobe = nprobe
@@ -182,8 +183,8 @@ def fastscan_rerank_curve(searcher, index, queries, gt, nprobes, shortlists, bat
       q = queries[s:s + batch]
       I = index.search(q, S)[1]
       r = row_of[np.maximum(I, 0)]
-      full = np.concatenate([ivf.lists[r][..., None].astype(np.int64),
-                             ivf.codes[r].astype(np.int64)], 2).reshape(-1, ivf.M + 1)
+      full = np.concatenate([stored["lists"][r][..., None].astype(np.int64),
+                             stored["codes"][r].astype(np.int64)], 2).reshape(-1, ivf.M + 1)
       x_hat = codec.decode(full, verbose=False).reshape(len(q), S, -1)
       d = ((x_hat - q[:, None]) ** 2).sum(-1)
       d[I < 0] = np.inf
@@ -334,7 +335,7 @@ def run(args: SearchBench, command: str) -> None:
       table4[S][name] = qj.metrics.recall_at(I, gt, ks=(1,))["R@1"]
   ceiling = exhaustive_ceiling(searcher, args.workdir, db, queries, gt)
   costs = {"us": aq_stage_costs(searcher, queries),
-           "n_sub": searcher.index.scan.pq.M, "D": db.shape[1]}  # PQ sub-quantisers
+           "n_sub": searcher.index.scanner.pq.M, "D": db.shape[1]}  # PQ sub-quantisers
   ratios = {k: equal_qps_ratios(curves, k) for k in curves if k.startswith("faiss")}
   os.makedirs(os.path.dirname(args.doc) or ".", exist_ok=True)
   png = os.path.join(os.path.dirname(args.doc), "speed_recall.png")

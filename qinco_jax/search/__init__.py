@@ -5,10 +5,12 @@ codec-side modules below the package):
 
   workdir.py   the files of a search work directory (`SearchWorkdir`)
   coarse.py    ivf: the coarse quantiser's centroids
+  listfile.py  the on-disk inverted lists (faiss's layout): write, merge, map
   lists.py     the inverted lists of codes, scanned with one look-up table per query
   query.py     search: IVF/AQ -> pairwise shortlist -> QINCo2 re-rank (`Searcher`)
   decoders.py  build: the AQ tables and pairwise decoder fitted on encoded vectors
   shards.py    encode: the database's codes in shard files
+  build.py     build: shards streamed into on-disk lists, memory bounded by a shard
   index.py     `Index` / `load_index`: the faiss-style face of build and search
   sweep.py     the Pareto-pruned sweep of the search settings
   job.py       the search job (`SearchJob`, `run`): the body of `qinco-search`

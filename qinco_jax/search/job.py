@@ -159,18 +159,22 @@ def run(job: SearchJob):
         raise ValueError("shard splits the database between independent jobs; a "
                          "multi-process run splits it by process already")
       i, n = jax.process_index(), jax.process_count()
-    shards.encode_shard(codec, db, job.workdir, i, n, A=enc_A, B=enc_B)
+    shards.encode_shard(codec, db, job.workdir, i, n, A=enc_A, B=enc_B, verbose=True)
   distributed.barrier("encode")
   if not main_process:
     return  # build and search: process 0
   if "build" in stages:
-    db_codes = shards.load_shards(job.workdir, db=db)
-    # GloVe: the database ends with the training set, whose codes the build reuses.
-    train_codes = db_codes[len(db) - len(train_x):] if job.data == "glove" else None
+    found = shards.find_shards(job.workdir, db=db, codec=codec)
+    train_codes = None
+    if job.data == "glove":  # the database ends with the training set: reuse its codes
+      train_codes = np.concatenate([c for p, meta in found[-1:] for _, c in
+                                    shards.iter_shard(p, meta)])
+      if len(train_codes) < len(train_x):
+        train_codes = shards.load_shards(job.workdir, db=db, codec=codec)
+      train_codes = train_codes[len(train_codes) - len(train_x):]
     index = Index(codec, A=enc_A, B=enc_B)
     index.train(train_x, codes=train_codes, verbose=True)
-    index.add_codes(db_codes)
-    index.save(wd.index)
+    index.add_shards(found, wd.index, verbose=True)
     print(f"built {index} in {wd.index}", flush=True)
   if "search" in stages:
     _search(job, queries, gt, wd)

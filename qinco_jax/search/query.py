@@ -128,15 +128,13 @@ class Searcher:
     final = nshort if p.use_qinco else k
     n1 = min(max(p.nmid_short * nshort, nshort, final), MAX_SHORTLIST)
     t0 = time.perf_counter()
-    D1, rows = self.index.search(q, n1, nprobe=p.nprobe, ef_search=p.ef_search)
+    D1, lists, codes, ids = self.index.search(q, n1, nprobe=p.nprobe, ef_search=p.ef_search)
     times = {"ivf_aq": time.perf_counter() - t0, "pairwise": 0.0, "decode": 0.0}
     D1 = -D1 if ip else D1
-    found = rows >= 0
+    found = ids >= 0
     D1[~found] = np.inf
-    r = np.where(found, rows, 0)
-    lists = self.index.lists[r].astype(np.int64)
-    codes = self.index.codes[r].astype(np.int32)  # (nq, n1, M)
-    ids = np.where(found, self.index.ids[r], -1)
+    lists = np.where(found, lists, 0)  # (nq, n1); padding rows decode list 0, then drop
+    codes = codes.astype(np.int32)  # (nq, n1, M)
     if p.use_pairwise and self.pairwise is not None and n1 > nshort:
       t0 = time.perf_counter()
       assert self.extra_codes is not None  # they come with the pairwise decoder
