@@ -47,6 +47,35 @@ def test_stale_missing_and_mixed_shards_are_refused(tmp_path):
     shards.load_shards(tmp_path, db=db)
 
 
+def test_shards_hold_packed_codes_resume_and_name_their_codec(tmp_path, monkeypatch):
+  """A shard holds the codes in their own width (2 bytes of list id for 300 lists, then
+  one per code), written as encoded in chunks; a shard already written for the same
+  database, codec and beam is not encoded again, a killed encode leaves nothing
+  behind, and shards of another codec are refused."""
+  rng = np.random.default_rng(1)
+  db = rng.standard_normal((3000, 4)).astype(np.float32)
+  cfg = qj.QincoConfig(K=256, M=2, L=1, de=None, dh=4, A=0, B=1, ivf_K=300)
+  codec = qj.Codec.create(cfg, db, verbose=False, ivf_centroids=db[:300])
+  monkeypatch.setattr(shards, "ENCODE_ROWS", 700)  # several chunks per shard
+  for i in range(2):
+    shards.encode_shard(codec, db, tmp_path, i, 2)
+  raw = np.load(tmp_path / "codes_db.0000of0002.npy")
+  assert raw.dtype == np.uint8 and raw.shape == (1500, 4)
+  np.testing.assert_array_equal(shards.load_shards(tmp_path, db=db, codec=codec),
+                                codec.encode(db, verbose=False))
+  monkeypatch.setattr(codec, "encode", lambda *a, **k: 1 / 0)
+  shards.encode_shard(codec, db, tmp_path, 1, 2)  # finished: not encoded again
+  with pytest.raises(ZeroDivisionError):
+    shards.encode_shard(codec, db, tmp_path, 1, 2, A=0)  # another beam: re-encoded
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "codes_db.0000of0002.json", "codes_db.0000of0002.npy", "codes_db.0001of0002.npy"]
+  monkeypatch.undo()
+  shards.encode_shard(codec, db, tmp_path, 1, 2)
+  other = qj.Codec.create(cfg, db, seed=1, verbose=False, ivf_centroids=db[:300])
+  with pytest.raises(ValueError, match="encoded by another codec"):
+    shards.find_shards(tmp_path, db=db, codec=other)
+
+
 def test_shard_ranges_cover_everything_once():
   parts = [shards.shard_range(10, i, 3) for i in range(3)]
   assert parts == [(0, 3), (3, 6), (6, 10)]
