@@ -46,3 +46,12 @@ def test_missing_files_and_ground_truth_beyond_the_database_are_refused(tmp_path
   search_job.load_data(job, need_gt=False)  # only the search stage reads it
   with pytest.raises(ValueError, match=r"holds ids \d+..50, outside the database's 0..49"):
     search_job.load_data(job, need_gt=True)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("ivf_K", 0, "ivf_K must be >= 1, got 0"), ("ivf_K", -5, "ivf_K must be >= 1, got -5"),
+    ("B", 0, "B must be >= 1"), ("A", -1, "A must be >= 0"), ("enc_B", 0, "enc_B must be"),
+    ("shard_rows", 0, "shard_rows must be >= 1")])
+def test_bad_numbers_are_refused_naming_the_field(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    search_job.SearchJob(**{field: value})

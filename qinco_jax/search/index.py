@@ -47,6 +47,7 @@ from qinco_jax import checkpoint, data
 from qinco_jax.codec import load as load_codec
 from qinco_jax.pairwise import PairwiseDecoder
 from qinco_jax.search import build, decoders, listfile, shards
+from qinco_jax.search import coarse as coarse_lib
 from qinco_jax.search import lists as lists_lib
 from qinco_jax.search.query import Searcher, SearchParams
 
@@ -69,19 +70,27 @@ class Index:
     codec: an IVF-QINCo2 codec (`QincoConfig(ivf_K=...)`), trained or RQ-initialised.
     metric: "l2", "ip" or "cosine" (see the module docstring).
     A, B: encoding beam of `train` and `add` (default: the codec's training A, B).
+    coarse: the list search over the codec's IVF centroids: "auto" (exact up to
+      4,096 lists, else an HNSW graph), "flat", "hnsw", or a faiss index over them
+      (`coarse.build_coarse`, e.g. the search job's). With an HNSW graph, `add`
+      takes the encoder's IVF step from it too (its B nearest lists, efSearch
+      coarse.ENCODE_EF_SEARCH) instead of scoring every centroid.
     **fit_kw: options of `decoders.fit_decoders` (pairwise decoder).
   """
 
   def __init__(self, codec, metric: Metric = "l2", *, A: int | None = None,
-               B: int | None = None, **fit_kw):
+               B: int | None = None, coarse="auto", **fit_kw):
     if not getattr(codec, "cfg", None) or not codec.cfg.ivf_K:
       raise ValueError("Index needs an IVF-QINCo2 codec (QincoConfig(ivf_K=...) > 0), "
                        f"got {codec!r}")
+    if codec.K != 256:
+      raise ValueError(f"Index stores one byte per code: it needs a codec with K=256, got "
+                       f"K={codec.K}")
     if metric not in ("l2", "ip", "cosine"):
       raise ValueError(f"metric must be 'l2', 'ip' or 'cosine', got {metric!r}")
     codec._check_AB(A, B)
     self.codec, self.metric, self.A, self.B = codec, metric, A, B
-    self.fit_kw = fit_kw
+    self.coarse, self.fit_kw = coarse, fit_kw
     self._dec: decoders.Decoders | None = None
     self._ivf: lists_lib.IVFIndex | None = None
 
@@ -132,7 +141,8 @@ class Index:
                                       train_codes=codes, verbose=verbose, **self.fit_kw)
     self._ivf = lists_lib.empty_index(self._dec.centroids, self._dec.tables,
                                       self._dec.train_codes,
-                                      metric="ip" if self.metric == "ip" else "l2")
+                                      metric="ip" if self.metric == "ip" else "l2",
+                                      coarse=self.coarse)
 
   def add(self, x, ids=None, *, verbose: bool = False) -> np.ndarray:
     """Encodes (n, d) vectors and stores their codes; ids (n,) integers in 0..2**63-1
@@ -142,9 +152,20 @@ class Index:
     x = self._vectors(x, "vectors")
     if ids is not None:
       ids = lists_lib.check_ids(ids, len(x))
-    codes = self.codec.encode(x, A=self.A, B=self.B, verbose=verbose)
+    codes = self.codec.encode(x, A=self.A, B=self.B, verbose=verbose,
+                              **self.encode_kw())
     ivf.add(codes, ids)
     return codes
+
+  def encode_kw(self) -> dict:
+    """Extra arguments of `codec.encode` for this index's vectors: the IVF step's
+    candidates from an (L2) HNSW list search, when there is one."""
+    _, ivf = self._trained("encode")
+    if ivf.exact_coarse or ivf.metric != "l2":
+      return {}
+    k = self.codec.cfg.B if self.B is None else self.B
+    return {"ivf_candidates": coarse_lib.candidates(ivf.coarse, max(1, k),
+                                                    coarse_lib.ENCODE_EF_SEARCH)}
 
   def add_codes(self, codes, ids=None):
     """Stores precomputed codes (n, M + 1) (column 0: list id) under ids (n,)."""

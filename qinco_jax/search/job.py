@@ -85,6 +85,10 @@ class SearchJob:
   enc_A: int = flag(-1, "encode/build stages: candidates per beam (-1: --A)")
   enc_B: int = flag(-1, "encode/build stages: beam size (-1: --B)")
   shard: tuple[int, int] = flag((0, 1), "encode stage: shard i/n of the database")
+  shard_rows: int = flag(1 << 22, "encode stage: rows per shard file at most (each is "
+                         "encoded, resumed and built as one: the build holds one in memory)")
+  ef_construction: int = flag(coarse.EF_CONSTRUCTION, "ivf stage: efConstruction of the "
+                              "HNSW list search (above 4096 lists)")
   max_experiments: int = flag(24, "search stage: settings measured at most")
   command: str = ""  # recorded in command.{stage}.txt (what built the workdir)
 
@@ -98,6 +102,16 @@ class SearchJob:
     i, n = self.shard
     if not 0 <= i < n:
       raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+    for name in ("ivf_K", "M", "L", "dh", "de", "epochs", "B", "shard_rows",
+                 "ef_construction", "max_experiments"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    for name, low in (("A", 0), ("stop_patience", 0), ("enc_A", -1), ("enc_B", -1),
+                      ("time_budget_s", 0)):
+      if getattr(self, name) < low:
+        raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+    if self.enc_B == 0:
+      raise ValueError("enc_B must be >= 1 (or -1: --B), got 0")
 
 
 def load_data(job: SearchJob, need_gt: bool):
@@ -144,7 +158,8 @@ def run(job: SearchJob):
   stages = STAGES if job.stage == "all" else (job.stage,)
   train_x, val, db, queries, gt = load_data(job, "search" in stages and main_process)
   if "ivf" in stages and main_process:
-    coarse.train_ivf(train_x, job.ivf_K, job.workdir, max_points=256 * job.ivf_K)
+    coarse.train_ivf(train_x, job.ivf_K, job.workdir, max_points=256 * job.ivf_K,
+                     ef_construction=job.ef_construction, verbose=True)
   distributed.barrier("ivf")
   if "train" in stages:
     _train(job, train_x, val, wd)
@@ -159,7 +174,14 @@ def run(job: SearchJob):
         raise ValueError("shard splits the database between independent jobs; a "
                          "multi-process run splits it by process already")
       i, n = jax.process_index(), jax.process_count()
-    shards.encode_shard(codec, db, job.workdir, i, n, A=enc_A, B=enc_B, verbose=True)
+    # Job i of n encodes rows shard_range(N, i, n), as `per` files of at most
+    # shard_rows rows each (the same split whichever job computes it).
+    rows_per_job = -(-len(db) // n)
+    per = max(1, -(-rows_per_job // job.shard_rows))
+    kw = _encode_kw(wd, enc_B)
+    for s in range(i * per, (i + 1) * per):
+      shards.encode_shard(codec, db, job.workdir, s, n * per, A=enc_A, B=enc_B,
+                          verbose=True, encode_kw=kw)
   distributed.barrier("encode")
   if not main_process:
     return  # build and search: process 0
@@ -172,12 +194,24 @@ def run(job: SearchJob):
       if len(train_codes) < len(train_x):
         train_codes = shards.load_shards(job.workdir, db=db, codec=codec)
       train_codes = train_codes[len(train_codes) - len(train_x):]
-    index = Index(codec, A=enc_A, B=enc_B)
+    index = Index(codec, A=enc_A, B=enc_B, coarse=coarse.load_coarse(wd.coarse)
+                  if wd.coarse.exists() else "auto")
     index.train(train_x, codes=train_codes, verbose=True)
     index.add_shards(found, wd.index, verbose=True)
     print(f"built {index} in {wd.index}", flush=True)
   if "search" in stages:
     _search(job, queries, gt, wd)
+
+
+def _encode_kw(wd: SearchWorkdir, B: int) -> dict:
+  """The encoder's IVF candidates from the ivf stage's list search, when it is a graph
+  (an exact one: the encoder's own exhaustive step is as fast)."""
+  if not wd.coarse.exists():
+    return {}
+  index = coarse.load_coarse(wd.coarse)
+  if coarse.is_exact(index):
+    return {}
+  return {"ivf_candidates": coarse.candidates(index, max(1, B), coarse.ENCODE_EF_SEARCH)}
 
 
 def _train(job: SearchJob, train_x, val, wd: SearchWorkdir):

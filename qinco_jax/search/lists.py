@@ -62,6 +62,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from qinco_jax import aq, data
+from qinco_jax.search import coarse as coarse_lib
 from qinco_jax.search import listfile
 
 
@@ -72,8 +73,8 @@ def _faiss():
 
 METRICS = {"l2": lambda: _faiss().METRIC_L2, "ip": lambda: _faiss().METRIC_INNER_PRODUCT}
 N_LEVELS = 256  # levels of the stored norm term v (one byte)
-FLAT_COARSE_MAX = 4096  # coarse="auto": exact list search up to this many lists
-EF_CONSTRUCTION = 40  # efConstruction of an HNSW list search (docs/benchmarks.md, Scale)
+FLAT_COARSE_MAX = coarse_lib.FLAT_COARSE_MAX  # coarse="auto": exact list search up to here
+EF_CONSTRUCTION = coarse_lib.EF_CONSTRUCTION
 LOAD_ROWS = 1 << 20  # rows widened and checked at a time when reading an old ivf.npz
 LISTS_FILE = "invlists.faiss"  # `listfile` layout
 META_FILE = "lists.json"
@@ -179,20 +180,15 @@ class IVFIndex:
         "ids": np.zeros(0, np.int64)}
     if metric == "l2":
       self._buf["vcodes"] = np.zeros(0, np.uint8)
-    if coarse == "auto":
-      coarse = "flat" if K_ivf <= FLAT_COARSE_MAX else "hnsw"
-    self.coarse: Any  # a faiss index over the raw centroids
-    if coarse == "flat":
-      self.coarse = faiss.IndexFlat(D, METRICS[metric]())
-    elif coarse == "hnsw":
-      self.coarse = faiss.IndexHNSWFlat(D, 32, METRICS[metric]())
-      self.coarse.hnsw.efConstruction = ef_construction
-    elif isinstance(coarse, str):
-      raise ValueError(f"coarse must be 'auto', 'flat' or 'hnsw', got {coarse!r}")
-    else:
-      self.coarse = coarse  # deserialised (`open`), centroids already in
-    if isinstance(coarse, str):
-      self.coarse.add(self.centroids)
+    # A faiss index over the raw centroids: built here, or given (one built by the
+    # ivf stage, or read by `open`), with the same centroids and metric.
+    given: Any = coarse
+    self.coarse: Any = (coarse_lib.build_coarse(self.centroids, given, ef_construction,
+                                                metric) if isinstance(given, str) else given)
+    if self.coarse.ntotal != K_ivf or self.coarse.d != D or self.coarse.metric_type != (
+        METRICS[metric]()):
+      raise ValueError(f"coarse index: expected {K_ivf} centroids of dimension {D} and "
+                       f"metric {metric}, got {self.coarse.ntotal} of {self.coarse.d}")
     nb = 1 if metric == "l2" else 0  # bytes of v
     self._D_lift = (M + nb) * D
     # The scanner's list term <q', c'_l>: its quantiser is only asked to reconstruct
@@ -240,7 +236,7 @@ class IVFIndex:
   @property
   def exact_coarse(self) -> bool:
     """True when lists are chosen by an exact search (efSearch plays no part)."""
-    return not isinstance(self.coarse, _faiss().IndexHNSW)
+    return coarse_lib.is_exact(self.coarse)
 
   def rows(self) -> dict[str, np.ndarray]:
     """Every stored row: "lists" (n,) int32, "codes" (n, M) uint8, "ids" (n,) int64 and
@@ -354,15 +350,9 @@ class IVFIndex:
   # ------------------------------------------------------------------ search
   def assign(self, q: np.ndarray, nprobe: int, ef_search: int
              ) -> tuple[np.ndarray, np.ndarray]:
-    """The nprobe lists nearest each query: (scores (nq, nprobe) float32, lists (nq,
-    nprobe) int64; -1 where an HNSW search finds fewer). ef_search: efSearch of an
-    HNSW list search (an exact one ignores it)."""
-    faiss = _faiss()
-    nprobe = int(min(nprobe, self.nlist))
-    hnsw = isinstance(self.coarse, faiss.IndexHNSW)
-    Dc, Ic = self.coarse.search(q, nprobe, params=faiss.SearchParametersHNSW(
-        efSearch=int(ef_search)) if hnsw else None)
-    return np.ascontiguousarray(Dc, np.float32), np.ascontiguousarray(Ic, np.int64)
+    """The nprobe lists nearest each query (`coarse.search_lists`): (scores (nq,
+    nprobe) float32, lists (nq, nprobe) int64; -1 where an HNSW search finds fewer)."""
+    return coarse_lib.search_lists(self.coarse, q, nprobe, ef_search)
 
   def scan(self, q: np.ndarray, Dc: np.ndarray, Ic: np.ndarray, n: int):
     """The n best rows (AQ scores) of the given lists of each query.
@@ -492,7 +482,7 @@ class IVFIndex:
 def build_index(centroids: np.ndarray, tables: np.ndarray, train_codes: np.ndarray,
                 db_codes: np.ndarray, db_ids: np.ndarray | None = None,
                 ef_construction: int = EF_CONSTRUCTION, metric: Literal["l2", "ip"] = "l2",
-                coarse: Coarse = "auto") -> IVFIndex:
+                coarse: Coarse | object = "auto") -> IVFIndex:
   """Builds the searchable index, in memory, from precomputed codes.
 
   Args:
@@ -504,7 +494,8 @@ def build_index(centroids: np.ndarray, tables: np.ndarray, train_codes: np.ndarr
     db_ids: (n,) int64 database ids (default 0..n-1).
     metric: "l2" (squared distances) or "ip" (inner products).
     coarse: how lists are chosen: "flat" (exact), "hnsw" (a graph, efSearch per call)
-      or "auto" (flat up to FLAT_COARSE_MAX lists).
+      or "auto" (flat up to FLAT_COARSE_MAX lists), or a faiss index over the
+      centroids built already (`coarse.build_coarse`).
   Returns:
     an `IVFIndex` (ntotal = n).
   """
@@ -515,7 +506,7 @@ def build_index(centroids: np.ndarray, tables: np.ndarray, train_codes: np.ndarr
 
 def empty_index(centroids: np.ndarray, tables: np.ndarray, train_codes: np.ndarray,
                 metric: Literal["l2", "ip"] = "l2", ef_construction: int = EF_CONSTRUCTION,
-                coarse: Coarse = "auto") -> IVFIndex:
+                coarse: Coarse | object = "auto") -> IVFIndex:
   """An `IVFIndex` holding nothing, with the levels of v fitted on the training codes
   (n_t, M + 1) (see `build_index`)."""
   M = np.shape(tables)[0]

@@ -1,6 +1,6 @@
 """The files of a search work directory, named in one place (`SearchWorkdir`):
 
-  ivf     -> centroids_ivf.npy               `coarse.train_ivf`
+  ivf     -> centroids_ivf.npy, coarse.faiss `coarse.train_ivf`: centroids, list search
   train   -> train/ (IVF-QINCo2)             `trainer.train_and_evaluate`, ivf_centroids
   encode  -> codes_db.{i:04d}of{n:04d}.npy   the database in shards (`shards.encode_shard`),
              (+ .json: the database each came from)
@@ -30,6 +30,7 @@ class SearchWorkdir:
     object.__setattr__(self, "root", Path(root))
 
   centroids = property(lambda self: self.root / "centroids_ivf.npy")
+  coarse = property(lambda self: self.root / "coarse.faiss")  # the list search (ivf)
   model = property(lambda self: self.root / "train")  # the trainer's workdir
   codes = "codes_db"  # shard name prefix (`encode_shard`, `load_shards`)
   index = property(lambda self: self.root / "index")  # `index.Index.save`
