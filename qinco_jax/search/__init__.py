@@ -12,6 +12,7 @@ codec-side modules below the package):
   shards.py    encode: the database's codes in shard files
   build.py     build: shards streamed into on-disk lists, memory bounded by a shard
   index.py     `Index` / `load_index`: the faiss-style face of build and search
+  serve.py     index parts served by several processes (faiss's RPC), searched as one
   sweep.py     the Pareto-pruned sweep of the search settings
   job.py       the search job (`SearchJob`, `run`): the body of `qinco-search`
 
