@@ -182,15 +182,23 @@ def search(argv: list[str] | None = None):
     env = os.environ.get("QINCO_GLOVE_NPY")
     command = (f"QINCO_GLOVE_NPY={env} " if env and F.data == "glove" else "") + \
         _command("python experiments/search_bigann.py", given)
+    # Set on purpose: the flags given and the values a --config file sets (the others
+    # take what the workdir's earlier stages used: search.job.reconcile).
+    fields = {f.name: f.default for f in job_flags}
+    on_purpose = frozenset(f.name for f in job_flags
+                           if F[f.name].present or defaults[f.name] != fields[f.name])
     try:
       job = search_job.SearchJob(
           **{f.name: F[f.name].value for f in job_flags if f.name != "shard"},
-          shard=(i, n), command=command)
+          shard=(i, n), command=command, given=on_purpose)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
     distributed.initialize_from_flags()
     with distributed.exit_on_error():
-      search_job.run(job)
+      try:
+        search_job.run(job)
+      except (search_job.JobError, FileNotFoundError) as e:  # the user's to fix: one line
+        raise SystemExit(f"qinco-search: {e}") from None
       distributed.barrier("search done")  # the others wait for process 0's stages
 
   _run(main, argv)

@@ -432,3 +432,21 @@ def test_concurrent_searches_with_different_nprobe_match_sequential_ones():
       futures = {p: pool.submit(index.search, q, 10, p, 16) for p in (1, 16)}
       for p, f in futures.items():
         np.testing.assert_array_equal(f.result()[3], alone[p])
+
+
+def test_a_sweep_log_of_another_index_is_not_reused(tmp_path):
+  """Records carry the label they were measured under (the index's fingerprint in the
+  search job): a log kept from an earlier index is measured again, not reprinted."""
+  ranges = {"nprobe": [1, 2, 4], "nshort": [1, 2]}
+  log = tmp_path / "s.jsonl"
+  runs = {}
+  for name in ("old", "new", "new"):
+    fake = _FakeSearcher(16)
+    sweep.run_sweep(fake, np.zeros((16, 2), np.float32), np.arange(16)[:, None], log,
+                    ranges=ranges, verbose=False, warmup=0, clock=fake.clock,
+                    label={"index": name})
+    runs.setdefault(name, []).append(len(fake.asked))
+  assert runs["new"][0] == runs["old"][0] > 0  # measured again for the new index
+  assert runs["new"][1] == 0  # then reused
+  assert len(sweep.read_log(log, {"index": "new"})) == len(sweep.read_log(log, {"index": "old"}))
+  assert {r["index"] for r in reference.read_jsonl(log)} == {"old", "new"}

@@ -55,3 +55,33 @@ def test_missing_files_and_ground_truth_beyond_the_database_are_refused(tmp_path
 def test_bad_numbers_are_refused_naming_the_field(field, value, message):
   with pytest.raises(ValueError, match=message):
     search_job.SearchJob(**{field: value})
+
+
+def test_stages_take_over_the_settings_earlier_ones_used(tmp_path):
+  """A stage takes the settings the workdir's finished stages recorded unless given;
+  given against them it is refused, except for a stage being rerun before any later
+  one used it."""
+  from qinco_jax.search.workdir import SearchWorkdir
+  wd = SearchWorkdir(tmp_path)
+  wd.record("ivf", {"data": "glove", "root": "", "ivf_K": 16, "ef_construction": 40})
+  job = search_job.SearchJob(workdir=str(tmp_path), stage="train", given=frozenset())
+  assert search_job.reconcile(job).ivf_K == 16
+  rerun = search_job.SearchJob(workdir=str(tmp_path), stage="ivf", ivf_K=32)
+  assert search_job.reconcile(rerun).ivf_K == 32  # nothing used the centroids yet
+  wd.record("train", {"M": 2, "L": 1, "de": 8, "dh": 8, "A": 2, "B": 2})
+  job = search_job.SearchJob(workdir=str(tmp_path), stage="encode", given=frozenset())
+  got = search_job.reconcile(job)
+  assert (got.ivf_K, got.M, got.A, got.B) == (16, 2, 2, 2)
+  with pytest.raises(search_job.JobError, match=r"--ivf_K=32: the ivf stage \(and then "
+                                                r"train\) of .* used ivf_K=16"):
+    search_job.reconcile(rerun)
+  with pytest.raises(search_job.JobError, match="--M=8: the train stage of .* used M=2"):
+    search_job.reconcile(search_job.SearchJob(workdir=str(tmp_path), stage="build", M=8,
+                                              given=frozenset({"M"})))
+
+
+def test_a_stage_run_before_its_inputs_exist_says_which_to_run(tmp_path):
+  for stage, before in (("train", "ivf"), ("build", "train"), ("search", "build")):
+    with pytest.raises(search_job.JobError, match=f"run --stage={before} first"):
+      search_job.run(search_job.SearchJob(workdir=str(tmp_path), stage=stage))
+    assert not (tmp_path / f"command.{stage}.txt").exists()  # nothing left behind

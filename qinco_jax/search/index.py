@@ -39,7 +39,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -91,6 +91,7 @@ class Index:
     codec._check_AB(A, B)
     self.codec, self.metric, self.A, self.B = codec, metric, A, B
     self.coarse, self.fit_kw = coarse, fit_kw
+    self.fingerprint: str | None = None  # of the saved files it was loaded from or saved to
     self._dec: decoders.Decoders | None = None
     self._ivf: lists_lib.IVFIndex | None = None
 
@@ -245,11 +246,13 @@ class Index:
       np.save(tmp / "extra_codes.npy", d.extra, allow_pickle=False)
       d.pairwise.save(tmp / "pairwise.npz")
       write_lists(tmp)
-      meta = {"format": FORMAT, "metric": self.metric, "A": self.A, "B": self.B,
-              "codec": shards.codec_fingerprint(self.codec), "files": _digests(tmp)}
-      meta["self"] = _digest_meta(meta)
+      meta: dict[str, Any] = {"format": FORMAT, "metric": self.metric, "A": self.A,
+                              "B": self.B, "codec": shards.codec_fingerprint(self.codec),
+                              "files": _digests(tmp)}
+      fingerprint = meta["self"] = _digest_meta(meta)
       (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
       checkpoint.atomic_replace_dir(tmp, path)
+      self.fingerprint = fingerprint
     finally:
       if tmp.exists():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -396,6 +399,7 @@ def load_index(path: str | os.PathLike, mmap: bool = True) -> Index:
   else:
     raise FileNotFoundError(f"{str(path)!r} holds no inverted lists (lists/ missing)")
   index._ivf = ivf
+  index.fingerprint = str(meta.get("self") or _digest_meta(meta))
   index._dec = decoders.Decoders(ivf.centroids, ivf.tables, pairwise, extra,
                                  np.zeros((0, codec.n_codes), np.int32))
   return index

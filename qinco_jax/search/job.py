@@ -28,6 +28,10 @@ from qinco_jax.search.index import Index, load_index
 from qinco_jax.search.workdir import SearchWorkdir
 
 STAGES = ("ivf", "train", "encode", "build", "search")
+
+
+class JobError(ValueError):
+  """A setting or a workdir the job refuses (`qinco-search` prints it in one line)."""
 # File names under --root of each data set, in its two distributions: TEXMEX's vecs
 # files and big-ann-benchmarks' bin files; learn, base, queries, ground truth.
 FILES = {
@@ -91,6 +95,10 @@ class SearchJob:
                               "HNSW list search (above 4096 lists)")
   max_experiments: int = flag(24, "search stage: settings measured at most")
   command: str = ""  # recorded in command.{stage}.txt (what built the workdir)
+  # The fields set on purpose (qinco-search: the flags given); None: those that
+  # differ from their defaults. The others take what the workdir's earlier stages
+  # used (`reconcile`).
+  given: frozenset[str] | None = None
 
   def __post_init__(self):
     if self.stage not in STAGES + ("all",):
@@ -132,10 +140,10 @@ def load_data(job: SearchJob, need_gt: bool):
   if need_gt:
     gt = np.asarray(data.read_vecs(paths[3]), np.int64)
     if gt.shape[0] != len(queries):
-      raise ValueError(f"ground truth {paths[3]!r} has {gt.shape[0]} rows for "
+      raise JobError(f"ground truth {paths[3]!r} has {gt.shape[0]} rows for "
                        f"{len(queries)} queries")
     if gt.min() < 0 or gt.max() >= len(db):
-      raise ValueError(f"ground truth {paths[3]!r} holds ids {gt.min()}..{gt.max()}, "
+      raise JobError(f"ground truth {paths[3]!r} holds ids {gt.min()}..{gt.max()}, "
                        f"outside the database's 0..{len(db) - 1}: it belongs to another "
                        "database (or a prefix of this one)")
   return train_x, val, db, queries, gt
@@ -147,15 +155,73 @@ def where_it_ran() -> str:
   return f"on {kind} x{jax.device_count()}, {os.cpu_count()} CPUs, jax {jax.__version__}"
 
 
+# The settings each stage records in the workdir (`WORKDIR/job.json`): a later stage
+# takes them over, and a setting given against them is refused.
+STAGE_FIELDS = {"ivf": ("data", "root", "ivf_K", "ef_construction"),
+                "train": ("M", "L", "de", "dh", "A", "B"),
+                "encode": ("enc_A", "enc_B", "shard_rows"), "build": (), "search": ()}
+
+
+def _given(job: SearchJob) -> frozenset[str]:
+  if job.given is not None:
+    return job.given
+  default = SearchJob()
+  return frozenset(f.name for f in dataclasses.fields(job)
+                   if getattr(job, f.name) != getattr(default, f.name))
+
+
+def reconcile(job: SearchJob) -> SearchJob:
+  """The job with the settings the workdir's earlier stages recorded: a setting not
+  given takes the recorded value; one given against it is refused (one line naming
+  both), unless it is for the stage being rerun and no later stage used it yet."""
+  rec = SearchWorkdir(job.workdir).read_record()
+  runs = STAGES if job.stage == "all" else (job.stage,)
+  given, updates = _given(job), {}
+  for k, (stage, fields) in enumerate(STAGE_FIELDS.items()):
+    done = rec.get(stage)
+    if not done:
+      continue
+    later = [s for s in STAGES[k + 1:] if s in rec]
+    for f in fields:
+      want, used = getattr(job, f), done.get(f, getattr(job, f))
+      if want == used:
+        continue
+      if f not in given:
+        updates[f] = used
+      elif stage not in runs or later:
+        by = f"the {stage} stage" + (f" (and then {', '.join(later)})" if later else "")
+        raise JobError(f"--{f}={want}: {by} of {job.workdir} used {f}={used}; leave it "
+                         f"out to keep it, or use a new --workdir")
+  return dataclasses.replace(job, **updates) if updates else job
+
+
 def run(job: SearchJob):
   """Runs the job's stage(s) (see the module docstring)."""
   main_process = distributed.is_main()
   wd = SearchWorkdir(job.workdir)
-  if main_process:  # what built this workdir (bench_search quotes it)
-    os.makedirs(job.workdir, exist_ok=True)
-    with open(wd.command(job.stage), "w") as f:
-      f.write(f"{job.command}  # {where_it_ran()}\n")
+  job = reconcile(job)
   stages = STAGES if job.stage == "all" else (job.stage,)
+  for stage in stages:
+    _run_stages(job, wd, main_process, (stage,))
+    if main_process:  # what built this workdir (bench_search quotes it)
+      with open(wd.command(stage), "w") as f:
+        f.write(f"{job.command}  # {where_it_ran()}\n")
+      wd.record(stage, {f: getattr(job, f) for f in STAGE_FIELDS[stage]})
+
+
+NEEDS = {"train": ("centroids", "ivf"), "encode": ("model", "train"),
+         "build": ("model", "train"), "search": ("index", "build")}
+
+
+def _run_stages(job: SearchJob, wd: SearchWorkdir, main_process: bool, stages):
+  if main_process:
+    os.makedirs(job.workdir, exist_ok=True)
+  for stage in stages:
+    if stage in NEEDS:
+      what, before = NEEDS[stage]
+      if not getattr(wd, what).exists():
+        raise JobError(f"--stage={stage} needs {str(getattr(wd, what))!r}, which "
+                                f"the {before} stage writes: run --stage={before} first")
   train_x, val, db, queries, gt = load_data(job, "search" in stages and main_process)
   if "ivf" in stages and main_process:
     coarse.train_ivf(train_x, job.ivf_K, job.workdir, max_points=256 * job.ivf_K,
@@ -227,12 +293,14 @@ def _train(job: SearchJob, train_x, val, wd: SearchWorkdir):
 
 
 def _search(job: SearchJob, queries, gt, wd: SearchWorkdir):
-  searcher = load_index(wd.index).searcher()
+  index = load_index(wd.index)
+  searcher = index.searcher()
   log = wd.sweep_log
-  front = sweep.run_sweep(searcher, queries, gt, log, max_experiments=job.max_experiments)
+  label = {"index": index.fingerprint}  # records of an earlier index are not reused
+  front = sweep.run_sweep(searcher, queries, gt, log, max_experiments=job.max_experiments,
+                          label=label)
   front.sort(key=lambda r: r["ms_per_query"]["total"])
-  with open(log) as f:
-    n_run = sum(1 for _ in f)
+  n_run = len(sweep.read_log(log, label))
   png = wd.sweep_plot
   plots.speed_recall(
       {"Pareto front": [(1e3 / r["ms_per_query"]["total"], r["R@1"]) for r in front]},

@@ -256,7 +256,7 @@ class IVFIndex:
   ids = property(lambda self: self.rows()["ids"])
 
   # ------------------------------------------------------------------ content
-  def add(self, codes: np.ndarray, ids: np.ndarray | None = None, chunk: int = 1 << 18,
+  def add(self, codes: np.ndarray, ids: np.ndarray | None = None, chunk: int = 1 << 15,
           vcodes: np.ndarray | None = None):
     """Appends precomputed codes (n, M + 1) (column 0: list id) under ids (n,) integers
     in 0..2**63-1 (default next_id, next_id + 1, ...). Nothing is re-encoded. `vcodes`
@@ -280,7 +280,7 @@ class IVFIndex:
     if n:
       self.next_id = max(self.next_id, int(ids.max()) + 1)
 
-  def norm_bytes(self, codes: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+  def norm_bytes(self, codes: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
     """The stored byte of v for codes (n, M + 1): (n,) uint8 ("l2" only)."""
     return np.concatenate([np.zeros(0, np.uint8)] + [
         quantize_levels(norm_term(self.centroids, self.tables, codes[s:s + chunk]),

@@ -7,7 +7,8 @@
   build   -> index/                          `index.Index`: `decoders.fit_decoders` (AQ
                                              tables, pairwise decoder) + the codes injected
   search  -> sweep.jsonl, sweep.png          `index.load_index(...).searcher()` swept
-  every stage -> command.{stage}.txt         the command line that ran it
+  every stage -> command.{stage}.txt         the command line that ran it (once it
+                                             finished), and its settings in job.json
 
 Everything lives in one directory so each stage can run in its own process (or host)
 and the index reloads in a fresh process (`job.run` strings the stages together).
@@ -16,6 +17,7 @@ and the index reloads in a fresh process (`job.run` strings the stages together)
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -39,5 +41,25 @@ class SearchWorkdir:
   tune_log = property(lambda self: self.root / "sweep_tune.jsonl")  # bench_search
   bench = property(lambda self: self.root / "bench_search.json")  # bench_search
 
+  record_file = property(lambda self: self.root / "job.json")  # stages' settings
+
   def command(self, stage: str) -> Path:
     return self.root / f"command.{stage}.txt"
+
+  def read_record(self) -> dict:
+    """{stage: the settings it ran with} of the stages that finished here."""
+    try:
+      return json.loads(self.record_file.read_text())
+    except FileNotFoundError:
+      return {}
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{str(self.record_file)!r} cannot be read ({e}): restore it or "
+                       "use a new workdir") from None
+
+  def record(self, stage: str, settings: dict) -> None:
+    """Records that `stage` finished with these settings (atomically)."""
+    rec = self.read_record()
+    rec[stage] = settings
+    tmp = self.record_file.with_name(f".{self.record_file.name}.tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, self.record_file)
