@@ -72,7 +72,8 @@ def merge(out: Path, inputs: list, scratch: Path, verbose: bool = False) -> np.n
 
 
 def build_lists(out_dir: str | os.PathLike, ivf: IVFIndex, shards: list[Shard],
-                scratch: str | os.PathLike, verbose: bool = False) -> IVFIndex:
+                scratch: str | os.PathLike, verbose: bool = False,
+                total_rows: int | None = None) -> IVFIndex:
   """Writes the lists of `ivf` plus every shard's rows to directory `out_dir`
   (`IVFIndex.save`'s layout) and returns them opened memory-mapped.
 
@@ -82,6 +83,8 @@ def build_lists(out_dir: str | os.PathLike, ivf: IVFIndex, shards: list[Shard],
     shards: (key, chunks) per shard, in id order (`Shard`).
     scratch: a directory for the runs (kept until the merge is done, reused by a rerun
       for every shard whose key is unchanged; removed at the end).
+    verbose: progress bars (rows, rate, time left when total_rows, the shards' rows,
+      is given).
   """
   out_dir, scratch = Path(out_dir), Path(scratch)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,12 +97,15 @@ def build_lists(out_dir: str | os.PathLike, ivf: IVFIndex, shards: list[Shard],
     inputs.append(scratch / "base" / LISTS_FILE)
   next_id = ivf.next_id
   done = _read_done(scratch)
-  with tqdm(desc="build: runs", unit="vec", unit_scale=True, disable=not verbose) as bar:
+  with tqdm(total=total_rows, desc="build: runs", unit="vec", unit_scale=True,
+            disable=not verbose) as bar:
     for i, (key, chunks) in enumerate(shards):
       run = scratch / f"run.{i:05d}.faiss"
       rec = done.get(run.name)
       if not (rec and rec.get("key") == key and run.is_file()):
         rec = {"key": key, **write_run(run, ivf, chunks(), bar)}
+      else:
+        bar.update(rec["rows"])
         done[run.name] = rec
         (scratch / "runs.json").write_text(json.dumps(done))
       next_id = max(next_id, rec["max_id"] + 1)

@@ -191,7 +191,9 @@ class Index:
     scratch = path.with_name(f".{path.name}.build")
 
     def write_lists(tmp: Path):
-      build.build_lists(tmp / "lists", ivf, readers, scratch, verbose=verbose)
+      build.build_lists(tmp / "lists", ivf, readers, scratch, verbose=verbose,
+                        total_rows=sum(int(m["rows"][1]) - int(m["rows"][0])
+                                       for _, m in shard_list))
     self._write(path, write_lists)
     self._ivf = lists_lib.IVFIndex.open(path / "lists")
 
