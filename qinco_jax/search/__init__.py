@@ -11,6 +11,7 @@ codec-side modules below the package):
   decoders.py  build: the AQ tables and pairwise decoder fitted on encoded vectors
   shards.py    encode: the database's codes in shard files
   build.py     build: shards streamed into on-disk lists, memory bounded by a shard
+  legacy.py    indexes saved by earlier versions, read into the current lists
   index.py     `Index` / `load_index`: the faiss-style face of build and search
   serve.py     index parts served by several processes (faiss's RPC), searched as one
   sweep.py     the Pareto-pruned sweep of the search settings

@@ -46,7 +46,7 @@ import numpy as np
 from qinco_jax import checkpoint, data
 from qinco_jax.codec import load as load_codec
 from qinco_jax.pairwise import PairwiseDecoder
-from qinco_jax.search import build, decoders, listfile, shards
+from qinco_jax.search import build, decoders, legacy, listfile, shards
 from qinco_jax.search import coarse as coarse_lib
 from qinco_jax.search import lists as lists_lib
 from qinco_jax.search.query import Searcher, SearchParams
@@ -392,12 +392,12 @@ def load_index(path: str | os.PathLike, mmap: bool = True) -> Index:
     ivf = lists_lib.IVFIndex.open(path / "lists", mmap=mmap)
   elif (path / IVF_FILE).exists():
     with np.load(path / IVF_FILE, allow_pickle=False) as arrays:
-      ivf = lists_lib.IVFIndex.from_arrays(arrays)
+      ivf = legacy.from_arrays(arrays)
   elif (path / LEGACY_FILE).exists():
     import faiss
-    ivf = lists_lib.from_faiss_ivf_rq(faiss.read_index(str(path / LEGACY_FILE)),
-                                      np.load(path / "centroids.npy"),
-                                      np.load(path / "aq_tables.npy"), metric)
+    ivf = legacy.from_faiss_ivf_rq(faiss.read_index(str(path / LEGACY_FILE)),
+                                   np.load(path / "centroids.npy"),
+                                   np.load(path / "aq_tables.npy"), metric)
   else:
     raise FileNotFoundError(f"{str(path)!r} holds no inverted lists (lists/ missing)")
   index._ivf = ivf
