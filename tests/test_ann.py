@@ -372,3 +372,16 @@ def test_cosine_refuses_a_codec_trained_on_vectors_of_another_scale(setup):
   ds, codec, _ = setup  # trained on the raw (unnormalised) vectors
   with pytest.raises(ValueError, match="metric='cosine' codes unit vectors, but this codec"):
     qj.Index(codec, metric="cosine").train(ds.train)
+
+
+def test_an_index_save_interrupted_between_its_renames_is_recovered(setup, tmp_path):
+  """A save parks the earlier index as .NAME.old-* and moves the new one in; killed
+  in between, nothing is at NAME: loading moves the complete copy back."""
+  ds, _, index = setup
+  index.save(tmp_path / "idx")
+  D, I = index.search(ds.queries[:5], 5, nprobe=4)
+  os.replace(tmp_path / "idx", tmp_path / ".idx.old-1234abcd")
+  with pytest.warns(UserWarning, match="restored the complete copy '.idx.old-1234abcd'"):
+    loaded = qj.load_index(tmp_path / "idx")
+  np.testing.assert_array_equal(loaded.search(ds.queries[:5], 5, nprobe=4)[1], I)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
