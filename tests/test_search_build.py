@@ -162,7 +162,7 @@ def test_the_on_disk_build_equals_the_in_memory_index(metric, tmp_path, monkeypa
 
 
 _MEASURE = """
-import resource, sys, numpy as np
+import sys, numpy as np
 from qinco_jax.search import build, listfile, lists as L
 listfile.BLOCK_ROWS = 1 << 15
 n, shard, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -174,7 +174,12 @@ def part(s, e):
   g = np.random.default_rng(s)
   return np.concatenate([g.integers(0, K, (e - s, 1)), g.integers(0, 256, (e - s, M))], 1)
 ivf = L.empty_index(cents, tables, part(0, 5000))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def rss(key):
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) for l in f if l.startswith(key + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+  f.write("5")  # resets the peak (VmHWM) to the current RSS: the imports' peak is gone
+before = rss("VmRSS")
 if mode == "disk":
   shards = [(str(s), (lambda s=s: iter([(part(s, s + shard), np.arange(s, s + shard))])))
             for s in range(0, n, shard)]
@@ -182,7 +187,7 @@ if mode == "disk":
 else:
   for s in range(0, n, shard):
     ivf.add(part(s, s + shard), np.arange(s, s + shard))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(rss("VmHWM") - before)
 """
 
 

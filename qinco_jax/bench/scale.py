@@ -88,6 +88,8 @@ def _usage() -> dict[str, float]:
 def worker():
   """`WORKER step json_args`: runs one step and prints one JSON line of results."""
   step, args = sys.argv[1], json.loads(sys.argv[2])
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) restarts from the current RSS: not the imports' peak
   base = _usage()
   out = STEPS[step](**args)
   end = _usage()
@@ -191,7 +193,19 @@ def _search(out: str, nlist: int, nq: int, nprobe: list, n_cand: int, ram: bool)
     qps[str(p)] = nq / best[0]
     cpu_ms[str(p)] = 1e3 * best[1] / nq
   return {"load_s": load_s, "rss_after_load": after_load, "qps": qps,
-          "cpu_ms_per_query": cpu_ms, "ntotal": ivf.ntotal}
+          "cpu_ms_per_query": cpu_ms, "ntotal": ivf.ntotal, **_rss_kinds()}
+
+
+def _rss_kinds() -> dict[str, int]:
+  """Resident memory now, split: anonymous (the process's own) and file pages mapped
+  (here the list file's pages the queries touched: page cache, shared, reclaimable)."""
+  out = {}
+  with open("/proc/self/status") as f:
+    for line in f:
+      for k in ("RssAnon", "RssFile"):
+        if line.startswith(k + ":"):
+          out[k.lower()] = int(line.split()[1]) * 1024
+  return out
 
 
 def _clustered(n: int, D: int = 128, seed: int = 0) -> np.ndarray:
@@ -398,8 +412,8 @@ def render(res: dict, opts: ScaleBench) -> str:
           "shortlist and the re-rank work on the candidates only), the fastest of "
           f"{REPEATS} after a warm-up (list pages in the page cache).", "",
           "| N | list file, B/vec | build: peak RSS (above base) | build: CPU us/vec | "
-          "open: s | RSS after open | search: peak RSS | queries/s, nprobe "
-          + " / ".join(map(str, opts.nprobe)) + " | CPU ms/query |",
+          "open: s | RSS after open | search: peak RSS (after: own / file pages) | "
+          "queries/s, nprobe " + " / ".join(map(str, opts.nprobe)) + " | CPU ms/query |",
           "|---|---|---|---|---|---|---|---|---|"]
     for n, r in sorted(lists.items(), key=lambda kv: int(kv[0])):
       n_i, b, m = int(n), r["build"], r["mmap"]
@@ -407,7 +421,8 @@ def render(res: dict, opts: ScaleBench) -> str:
           f"| {n_i:,} | {b['file_bytes'] / n_i:.1f} | {b['peak_rss'] / GB:.2f} GB "
           f"({(b['peak_rss'] - b['base_rss']) / GB:.2f}) | {1e6 * b['cpu_s'] / n_i:.2f} | "
           f"{m['load_s']:.2f} | {m['rss_after_load'] / GB:.2f} GB | "
-          f"{m['peak_rss'] / GB:.2f} GB | "
+          f"{m['peak_rss'] / GB:.2f} GB ({m.get('rssanon', 0) / GB:.2f} / "
+          f"{m.get('rssfile', 0) / GB:.2f}) | "
           + " / ".join(f"{v:.0f}" for v in m["qps"].values()) + " | "
           + " / ".join(f"{v:.1f}" for v in m.get("cpu_ms_per_query", {}).values()) + " |")
     for n, r in lists.items():

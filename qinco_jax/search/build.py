@@ -102,10 +102,10 @@ def build_lists(out_dir: str | os.PathLike, ivf: IVFIndex, shards: list[Shard],
     for i, (key, chunks) in enumerate(shards):
       run = scratch / f"run.{i:05d}.faiss"
       rec = done.get(run.name)
-      if not (rec and rec.get("key") == key and run.is_file()):
-        rec = {"key": key, **write_run(run, ivf, chunks(), bar)}
+      if rec and rec.get("key") == key and run.is_file():
+        bar.update(rec["rows"])  # written by an earlier, interrupted build
       else:
-        bar.update(rec["rows"])
+        rec = {"key": key, **write_run(run, ivf, chunks(), bar)}
         done[run.name] = rec
         (scratch / "runs.json").write_text(json.dumps(done))
       next_id = max(next_id, rec["max_id"] + 1)
