@@ -1,10 +1,10 @@
-"""Large-scale search with IVF-QINCo2 (`qinco-search`, qinco_jax/cli.py and bigann.py):
+"""Large-scale search with IVF-QINCo2 (`qinco-search`, qinco_jax/cli.py and search/job.py):
 stages ivf, train, encode, build, search (or all).
 
   # GloVe default (database = 90k db + 290k train vectors, 10k queries), all stages:
   python experiments/search_bigann.py --workdir=runs/search_glove
   # BigANN1B layout, one stage at a time, database encoded by 4 processes:
-  python experiments/search_bigann.py --data=bigann1b --root=/data/bigann --stage=ivf ...
+  python experiments/search_bigann.py --data=bigann --root=/data/bigann --stage=ivf ...
   python experiments/search_bigann.py ... --stage=encode --shard=0/4   # and 1/4, 2/4, 3/4
 
 Every stage reads what the previous ones wrote under --workdir. Run as several

@@ -9,10 +9,10 @@
 
 __version__ = "0.1.0"
 
-from qinco_jax import baselines, data, distributed, interop, metrics, plots  # noqa: E402
-from qinco_jax.ann import Index, load_index  # noqa: E402
+from qinco_jax import baselines, data, distributed, interop, ivf, metrics, plots  # noqa: E402
 from qinco_jax.codec import Codec, load  # noqa: E402
 from qinco_jax.config import PRESETS, QincoConfig, preset  # noqa: E402
+from qinco_jax.search import Index, load_index  # noqa: E402
 from qinco_jax.train import TrainConfig  # noqa: E402
 from qinco_jax.trainer import train_and_evaluate  # noqa: E402
 
@@ -25,5 +25,5 @@ __all__ = [
     "Index", "load_index",
     # modules: data sets and files, metrics, faiss baselines, plots, reference
     # checkpoints and faiss export, several processes
-    "data", "metrics", "baselines", "plots", "interop", "distributed",
+    "data", "metrics", "baselines", "plots", "interop", "distributed", "ivf", "search",
 ]

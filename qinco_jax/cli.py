@@ -4,7 +4,7 @@
 one library call:
 
   qinco-train --config=glove_small --workdir=runs/glove        # experiment.run
-  qinco-search --workdir=runs/search_glove --stage=all         # bigann.run
+  qinco-search --workdir=runs/search_glove --stage=all         # search.job.run
   qinco-eval --model=runs/glove --A=16 --B=32                  # evaluate.evaluate
   qinco-compile --config=qinco2_l --target=v5p-128             # aot.job.run
 
@@ -28,7 +28,7 @@ from typing import Any
 
 CONFIG_NAMES = ("glove_small", "synthetic_tiny", "qinco2_s", "qinco2_m", "qinco2_l",
                 "qinco1")
-SEARCH_CONFIG_NAMES = ("search_glove",)  # field values of a `bigann.SearchJob`
+SEARCH_CONFIG_NAMES = ("search_glove",)  # field values of a `search.job.SearchJob`
 
 
 def config_path(name_or_path: str, names: tuple[str, ...] = CONFIG_NAMES) -> str:
@@ -228,10 +228,11 @@ def _stop_at_once_on_ctrl_c() -> Iterator[None]:
 
 # ----------------------------------------------------------------------- search
 def search(argv: list[str] | None = None):
-  """`qinco-search`: the large-scale IVF-QINCo2 job, one stage or all (`bigann.run`)."""
+  """`qinco-search`: the large-scale IVF-QINCo2 job, one stage or all (`search.job.run`)."""
   from absl import app, flags, logging
 
-  from qinco_jax import bigann, distributed
+  from qinco_jax import distributed
+  from qinco_jax.search import job as search_job
   given = list(sys.argv if argv is None else argv)  # recorded as typed (config names)
   argv = _argv(argv, SEARCH_CONFIG_NAMES)
   F = flags.FLAGS
@@ -245,7 +246,7 @@ def search(argv: list[str] | None = None):
   flags.DEFINE_string("config", config, "search config: a name (" +
                       ", ".join(SEARCH_CONFIG_NAMES) + ") or a file whose get_config() "
                       "returns SearchJob field values; they become the flags' defaults")
-  job_flags = [f for f in dataclasses.fields(bigann.SearchJob) if "help" in f.metadata]
+  job_flags = [f for f in dataclasses.fields(search_job.SearchJob) if "help" in f.metadata]
   for f in job_flags:  # each flag's type is its dataclass default's
     value = defaults[f.name]
     if f.name == "shard":
@@ -271,10 +272,15 @@ def search(argv: list[str] | None = None):
     env = os.environ.get("QINCO_GLOVE_NPY")
     command = (f"QINCO_GLOVE_NPY={env} " if env and F.data == "glove" else "") + \
         _command("python experiments/search_bigann.py", given)
+    # Set on purpose: the flags given and the values a --config file sets (the others
+    # take what the workdir's earlier stages used: search.job.reconcile).
+    fields = {f.name: f.default for f in job_flags}
+    on_purpose = frozenset(f.name for f in job_flags
+                           if F[f.name].present or defaults[f.name] != fields[f.name])
     try:
-      job = bigann.SearchJob(
+      job = search_job.SearchJob(
           **{f.name: F[f.name].value for f in job_flags if f.name != "shard"},
-          shard=(i, n), command=command)
+          shard=(i, n), command=command, given=on_purpose)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
     try:
@@ -283,7 +289,10 @@ def search(argv: list[str] | None = None):
       print(f"error: {e}", file=sys.stderr)
       raise SystemExit(1) from None
     with distributed.exit_on_error():
-      bigann.run(job)
+      try:
+        search_job.run(job)
+      except (search_job.JobError, FileNotFoundError) as e:  # the user's to fix: one line
+        raise SystemExit(f"qinco-search: {e}") from None
       distributed.barrier("search done")  # the others wait for process 0's stages
 
   _run(main, argv)
@@ -296,8 +305,8 @@ def _search_defaults(config: str) -> dict[str, Any]:
   a one-line error."""
   import runpy
 
-  from qinco_jax import bigann
-  fields = {f.name: f.default for f in dataclasses.fields(bigann.SearchJob)
+  from qinco_jax.search import job as search_job
+  fields = {f.name: f.default for f in dataclasses.fields(search_job.SearchJob)
             if "help" in f.metadata}
   if not config:
     return fields

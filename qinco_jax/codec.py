@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,6 +40,13 @@ def encode_chunk(graphdef, state, x, A: int, B: int):
   float32 raw -> (codes (chunk, M_tot) int32, x_hat (chunk, d) float32 raw)."""
   model = nnx.merge(graphdef, state)
   res = beam_search(model, normalize(model, x), A=A, B=B)
+  return res.codes, denormalize(model, res.x_hat)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "A", "B"))
+def _encode_chunk_candidates(graphdef, state, x, candidates, A: int, B: int):
+  model = nnx.merge(graphdef, state)
+  res = beam_search(model, normalize(model, x), A=A, B=B, ivf_candidates=candidates)
   return res.codes, denormalize(model, res.x_hat)
 
 
@@ -242,7 +250,8 @@ class Codec:
 
   def encode(self, x, A: int | None = None, B: int | None = None, *,
              chunk_size: int | None = None, verbose: bool = True,
-             return_x_hat: bool = False, dtype: Dtype | None = None):
+             return_x_hat: bool = False, dtype: Dtype | None = None,
+             ivf_candidates: Callable[[np.ndarray], np.ndarray] | None = None):
     """Encodes vectors with beam search.
 
     Args:
@@ -255,13 +264,20 @@ class Codec:
       return_x_hat: also return the encoder's reconstruction (n, d) float32.
       dtype: compute dtype of the step networks for this call ("float32",
         "bfloat16"; default cfg.dtype). Scores, top-k and outputs stay float32.
+      ivf_candidates: with an IVF step, a function of a chunk of raw vectors (n, d)
+        float32 returning (n, C) list ids (-1: none), e.g. a coarse index's search:
+        the IVF step then scores only those instead of every centroid (the codes are
+        the exhaustive step's whenever the nearest centroid is among them).
     Returns:
       codes (n, M) uint8 when K <= 256 else uint16; with an IVF step (n, M + 1)
       int32 whose column 0 is the IVF list id (and x_hat if requested).
     """
     if dtype not in (None, self.cfg.dtype):
       return self.with_dtype(dtype).encode(x, A, B, chunk_size=chunk_size,
-                                           verbose=verbose, return_x_hat=return_x_hat)
+                                           verbose=verbose, return_x_hat=return_x_hat,
+                                           ivf_candidates=ivf_candidates)
+    if ivf_candidates is not None and not self.cfg.ivf_K:
+      raise ValueError("ivf_candidates needs a codec with an IVF step (cfg.ivf_K > 0)")
     A, B = self._check_AB(A, B)
     n = self._check_vectors(x)
     chunk = self.chunk_size(A, B) if chunk_size is None else _check_chunk(chunk_size)
@@ -281,14 +297,38 @@ class Codec:
     for s in tqdm(range(0, n, chunk), desc="encode", unit="chunk", leave=False,
                   disable=not verbose or n <= 16 * chunk):
       e = min(s + chunk, n)
-      xc = _pad(data.as_float32(x[s:e], d=self.d, name="x", row_offset=s), chunk)
-      out = encode_chunk(self.graphdef, state, jax.device_put(xc, sharding), A=A, B=B)
+      xc = data.as_float32(x[s:e], d=self.d, name="x", row_offset=s)
+      if ivf_candidates is None:
+        out = encode_chunk(self.graphdef, state, jax.device_put(_pad(xc, chunk), sharding),
+                           A=A, B=B)
+      else:
+        cand = self._candidates(ivf_candidates, xc, s)
+        out = _encode_chunk_candidates(self.graphdef, state,
+                                       jax.device_put(_pad(xc, chunk), sharding),
+                                       jax.device_put(_pad(cand, chunk), sharding), A=A, B=B)
       if pending is not None:
         collect(pending)  # overlaps host work with the chunk just dispatched
       pending = (s, e, out)
     if pending is not None:
       collect(pending)
     return (codes, x_hat) if return_x_hat else codes
+
+  def _candidates(self, fn, xc: np.ndarray, start: int) -> np.ndarray:
+    """(n, C) int32 candidate lists of the chunk of rows start.., checked (-1 or
+    0..ivf_K-1, at least one per row)."""
+    cand = np.asarray(fn(xc))
+    if cand.ndim != 2 or len(cand) != len(xc) or cand.dtype.kind not in "iu":
+      raise ValueError(f"ivf_candidates must return ({len(xc)}, C) integer list ids, got "
+                       f"shape {cand.shape} dtype {cand.dtype}")
+    if cand.size and (cand.min() < -1 or cand.max() >= self.cfg.ivf_K):
+      raise ValueError(f"ivf_candidates returned list ids {cand.min()}..{cand.max()}, "
+                       f"outside -1..{self.cfg.ivf_K - 1}")
+    none = np.flatnonzero((cand < 0).all(1)) if cand.size else np.arange(len(cand))
+    if len(none):
+      raise ValueError(f"ivf_candidates found no list for row {start + none[0]} (and "
+                       f"{len(none) - 1} more of rows {start}..{start + len(xc) - 1}): "
+                       "widen its search (efSearch)")
+    return cand.astype(np.int32)
 
   # ------------------------------------------------- faiss-style byte codes
   def _field_bytes(self) -> list[int]:

@@ -17,13 +17,25 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-SUPPORTED_EXTENSIONS = (".fvecs", ".bvecs", ".ivecs", ".npy")
+SUPPORTED_EXTENSIONS = (".fvecs", ".bvecs", ".ivecs", ".fbin", ".u8bin", ".i8bin", ".ibin",
+                        ".npy")
 # extension -> little-endian dtype of the stored values
 _VECS_DTYPES: dict[str, np.dtype] = {
     ".fvecs": np.dtype("<f4"), ".ivecs": np.dtype("<i4"), ".bvecs": np.dtype("u1")}
+# The big-ann-benchmarks layout (BigANN, Deep1B, Text2Image, MS-SPACEV): an 8-byte
+# header (uint32 rows, uint32 dim), then the rows, row-major, little-endian.
+_BIN_DTYPES: dict[str, np.dtype] = {
+    ".fbin": np.dtype("<f4"), ".u8bin": np.dtype("u1"), ".i8bin": np.dtype("i1"),
+    ".ibin": np.dtype("<i4")}
 _MAX_DIM = 1_000_000
 _WRITE_CHUNK = 1 << 16
 _HEADER_CHUNK = 1 << 20  # records whose headers are checked at a time
+# A vecs file up to this size has every record header checked when opened (one
+# strided pass, about a second per GiB); a larger one has its size and HEADER_SAMPLE
+# headers spread over it checked, so that opening BigANN's 132 GB base file costs
+# milliseconds. `check_vecs` checks every header of any file.
+FULL_HEADER_CHECK_BYTES = 1 << 30
+HEADER_SAMPLE = 4096
 
 
 def _extension(path: str) -> str:
@@ -36,18 +48,26 @@ def _extension(path: str) -> str:
 
 
 def read_vecs(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
-  """Reads an (n, d) matrix from a `.fvecs`, `.bvecs`, `.ivecs` or `.npy` file.
+  """Reads an (n, d) matrix from a `.fvecs`, `.bvecs`, `.ivecs`, `.fbin`, `.u8bin`,
+  `.i8bin`, `.ibin` or `.npy` file.
 
-  A vecs record is a little-endian int32 dimension `d` followed by `d` values. Files
-  are memory-mapped by default (the result is a strided view skipping the headers),
-  so files larger than memory can be consumed chunk by chunk.
+  A vecs record is a little-endian int32 dimension `d` followed by `d` values; a
+  vecs file up to FULL_HEADER_CHECK_BYTES has every record header checked, a larger
+  one its size and HEADER_SAMPLE headers spread over it (first and last included;
+  `check_vecs` checks them all). A bin file is an 8-byte header (uint32 n, uint32 d)
+  and the n x d values; its size must be exactly that. An `.ibin` file of twice that
+  payload is big-ann-benchmarks' ground-truth layout (ids, then their distances): its
+  ids are returned. Files are memory-mapped by default (a vecs result is a strided
+  view skipping the headers), so files larger than memory can be consumed chunk by
+  chunk.
 
   Args:
     path: file path; the extension selects the format.
     mmap: memory-map the file (default) instead of reading it into memory.
 
   Returns:
-    (n, d) float32 (fvecs), uint8 (bvecs), int32 (ivecs) or the stored dtype (npy).
+    (n, d) float32 (fvecs, fbin), uint8 (bvecs, u8bin), int8 (i8bin), int32 (ivecs,
+    ibin) or the stored dtype (npy).
 
   Raises:
     FileNotFoundError: missing file. ValueError: unknown extension, empty, truncated
@@ -74,10 +94,48 @@ def read_vecs(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     if x.shape[0] == 0 or x.shape[1] == 0:
       raise ValueError(f"npy file '{path}' holds no vectors (shape {x.shape})")
     return x
+  if ext in _BIN_DTYPES:
+    return _read_bin_file(path, ext, mmap)
   return _read_vecs_file(path, ext, mmap)
 
 
-def _read_vecs_file(path: str, ext: str, mmap: bool) -> np.ndarray:
+def _read_bin_file(path: str, ext: str, mmap: bool) -> np.ndarray:
+  fmt, dtype = ext[1:], _BIN_DTYPES[ext]
+  size = os.path.getsize(path)
+  if size < 8:
+    raise ValueError(f"{fmt} file '{path}' is {'empty' if not size else 'truncated'} "
+                     f"({size} bytes): expected an 8-byte header (rows, dim) and the rows")
+  n, d = (int(v) for v in np.fromfile(path, dtype="<u4", count=2))
+  if not 0 < d <= _MAX_DIM:
+    raise ValueError(f"{fmt} file '{path}' is malformed: its header gives dimension {d}, "
+                     f"expected a value in 1..{_MAX_DIM}")
+  if n == 0:
+    raise ValueError(f"{fmt} file '{path}' holds no vectors (its header gives 0 rows)")
+  want = 8 + n * d * dtype.itemsize
+  if ext == ".ibin" and size == 8 + 2 * n * d * dtype.itemsize:
+    pass  # ids then distances (big-ann-benchmarks ground truth): the ids are read
+  elif size != want:
+    what = "truncated" if size < want else "longer than its header says"
+    raise ValueError(f"{fmt} file '{path}' is {what}: its header gives {n} x {d} "
+                     f"{dtype.name} values ({want} bytes with the header), the file has "
+                     f"{size} bytes")
+  if mmap:
+    return np.memmap(path, dtype=dtype, mode="r", offset=8, shape=(n, d))
+  return np.fromfile(path, dtype=dtype, count=n * d, offset=8).reshape(n, d)
+
+
+def check_vecs(path: str | os.PathLike) -> tuple[int, int]:
+  """Checks every record header of a vecs file (`read_vecs` samples those of files
+  over FULL_HEADER_CHECK_BYTES); any other supported file is opened as `read_vecs`
+  does. Returns its shape (n, d); raises ValueError naming the first bad record."""
+  path = os.fspath(path)
+  ext = _extension(path)
+  if ext in _VECS_DTYPES and os.path.isfile(path):
+    return tuple(_read_vecs_file(path, ext, True, full=True).shape)  # type: ignore
+  return tuple(read_vecs(path).shape)  # type: ignore
+
+
+def _read_vecs_file(path: str, ext: str, mmap: bool, full: bool = False) -> np.ndarray:
   size = os.path.getsize(path)
   fmt = ext[1:]
   if size == 0:
@@ -96,14 +154,19 @@ def _read_vecs_file(path: str, ext: str, mmap: bool) -> np.ndarray:
   shape = (n, record // raw_dtype.itemsize)
   raw = (np.memmap(path, dtype=raw_dtype, mode="r", shape=shape) if mmap
          else np.fromfile(path, dtype=raw_dtype).reshape(shape))
-  # Every record's header, in one strided pass over the map (chunked: bounded memory).
-  for start in range(0, n, _HEADER_CHUNK):
-    block = raw[start:start + _HEADER_CHUNK]
+  blocks: Iterator[np.ndarray]
+  if full or size <= FULL_HEADER_CHECK_BYTES:
+    # Every record's header, in one strided pass over the map (chunked: bounded memory).
+    blocks = (np.arange(s, min(s + _HEADER_CHUNK, n)) for s in range(0, n, _HEADER_CHUNK))
+  else:  # the size and a sample of headers spread over the file (first and last too)
+    blocks = iter([np.unique(np.linspace(0, n - 1, HEADER_SAMPLE).astype(np.int64))])
+  for rows in blocks:
+    block = raw[rows[0]:rows[-1] + 1] if len(rows) == rows[-1] - rows[0] + 1 else raw[rows]
     headers = (np.ascontiguousarray(block[:, :4]).view("<i4")[:, 0] if ext == ".bvecs"
                else np.asarray(block[:, 0]))
     bad = np.flatnonzero(headers != d)
     if bad.size:
-      r = start + int(bad[0])
+      r = int(rows[bad[0]])
       raise ValueError(f"{fmt} file '{path}' is malformed: record {r} has dimension "
                        f"header {int(headers[bad[0]])}, expected {d} (from record 0)")
   return raw[:, 4:] if ext == ".bvecs" else raw[:, 1:].view(value_dtype)
@@ -143,12 +206,14 @@ def _cast_exact(x: np.ndarray, dtype: np.dtype, fmt: str) -> np.ndarray:
 
 
 def write_vecs(path: str | os.PathLike, x: np.ndarray) -> None:
-  """Writes an (n, d) matrix as `.fvecs`, `.bvecs`, `.ivecs` or `.npy`, atomically.
+  """Writes an (n, d) matrix as `.fvecs`, `.bvecs`, `.ivecs`, `.fbin`, `.u8bin`, `.i8bin`,
+  `.ibin` or `.npy`, atomically, streaming it (x may be a memmap larger than memory).
 
   Args:
     path: destination; the extension selects the format.
-    x: (n, d) array. fvecs: any real dtype (stored as float32); bvecs: integers in
-      0..255; ivecs: integers in the int32 range; npy: stored with its own dtype.
+    x: (n, d) array. fvecs/fbin: any real dtype (stored as float32); bvecs/u8bin:
+      integers in 0..255; i8bin: integers in -128..127; ivecs/ibin: integers in the
+      int32 range; npy: stored with its own dtype.
 
   Raises:
     ValueError: unknown extension, x not 2-D, or values the format cannot represent.
@@ -164,27 +229,40 @@ def write_vecs(path: str | os.PathLike, x: np.ndarray) -> None:
   n, d = x.shape
   if d < 1:
     raise ValueError(f"{ext[1:]} files need d >= 1, got shape {x.shape}")
-  value_dtype = _VECS_DTYPES[ext]
-  if ext == ".fvecs" and x.dtype.kind not in "iuf":
-    raise ValueError(f"fvecs needs a real numeric array, got dtype {x.dtype}")
-  record_dtype = np.dtype([("d", "<i4"), ("v", value_dtype, (d,))])
+  fmt = ext[1:]
+  value_dtype = _BIN_DTYPES[ext] if ext in _BIN_DTYPES else _VECS_DTYPES[ext]
+  if value_dtype.kind == "f" and x.dtype.kind not in "iuf":
+    raise ValueError(f"{fmt} needs a real numeric array, got dtype {x.dtype}")
+  if ext in _BIN_DTYPES and n >= 1 << 32:
+    raise ValueError(f"{fmt} files hold at most 2**32 - 1 rows (a uint32 header), got {n}")
 
-  def write(f):
-    for start in range(0, n, _WRITE_CHUNK):
-      chunk = x[start:start + _WRITE_CHUNK]
-      rec = np.empty(len(chunk), dtype=record_dtype)
-      rec["d"] = d
-      if ext == ".fvecs":
-        with np.errstate(over="ignore", invalid="ignore"):
-          rec["v"] = chunk.astype(value_dtype)
-        bad = np.isfinite(chunk) & ~np.isfinite(rec["v"])
-        if bad.any():
-          row = start + int(np.flatnonzero(bad.any(axis=1))[0])
-          raise ValueError(f"fvecs stores float32: row {row} holds values beyond its range "
-                           f"(|x| > {np.finfo(np.float32).max:.3g}), which would become inf")
-      else:
-        rec["v"] = _cast_exact(chunk, value_dtype, ext[1:])
-      rec.tofile(f)
+  def values(start, chunk):
+    if value_dtype.kind != "f":
+      return _cast_exact(chunk, value_dtype, fmt)
+    with np.errstate(over="ignore", invalid="ignore"):
+      v = chunk.astype(value_dtype)
+    bad = np.isfinite(chunk) & ~np.isfinite(v)
+    if bad.any():
+      row = start + int(np.flatnonzero(bad.any(axis=1))[0])
+      raise ValueError(f"{fmt} stores float32: row {row} holds values beyond its range "
+                       f"(|x| > {np.finfo(np.float32).max:.3g}), which would become inf")
+    return v
+
+  if ext in _BIN_DTYPES:
+    def write(f):
+      np.array([n, d], "<u4").tofile(f)
+      for start in range(0, n, _WRITE_CHUNK):
+        np.ascontiguousarray(values(start, x[start:start + _WRITE_CHUNK])).tofile(f)
+  else:
+    record_dtype = np.dtype([("d", "<i4"), ("v", value_dtype, (d,))])
+
+    def write(f):
+      for start in range(0, n, _WRITE_CHUNK):
+        chunk = x[start:start + _WRITE_CHUNK]
+        rec = np.empty(len(chunk), dtype=record_dtype)
+        rec["d"] = d
+        rec["v"] = values(start, chunk)
+        rec.tofile(f)
 
   atomic_write(path, write)
 

@@ -173,13 +173,27 @@ def _slice(state, m):
   return jax.tree.map(lambda a: a[m], state)
 
 
-def ivf_assign(x: Array, centroids: Array) -> Array:
-  """Nearest IVF centroid of each row: x (N, D), centroids (K_IVF, D) -> (N,) int32."""
-  return jnp.argmin(sq_dists(x, centroids), axis=1).astype(jnp.int32)
+def ivf_assign(x: Array, centroids: Array, candidates: Array | None = None) -> Array:
+  """Nearest IVF centroid of each row: x (N, D), centroids (K_IVF, D) -> (N,) int32.
+
+  candidates: optional (N, C) int32 list ids to choose among (from a coarse index, so
+  that K_IVF = 2^20 centroids are not all scored per vector; -1 = none); the distances
+  are the same expansion as the exhaustive argmin's, so with the true nearest among
+  them the result is the exhaustive one.
+  """
+  if candidates is None:
+    return jnp.argmin(sq_dists(x, centroids), axis=1).astype(jnp.int32)
+  c = centroids[jnp.maximum(candidates, 0)]  # (N, C, D)
+  d = (jnp.sum(x * x, -1, keepdims=True) - 2.0 * jnp.einsum("nd,ncd->nc", x, c)
+       + jnp.sum(c * c, -1))
+  d = jnp.where(candidates >= 0, d, jnp.inf)
+  best = jnp.argmin(d, axis=1)
+  return jnp.take_along_axis(candidates, best[:, None], 1)[:, 0].astype(jnp.int32)
 
 
 def beam_search(model: Qinco, x: Array, *, A: int, B: int,
-                with_stats: bool = False) -> EncodeResult:
+                with_stats: bool = False, ivf_candidates: Array | None = None
+                ) -> EncodeResult:
   """Encodes normalised vectors with beam search.
 
   Args:
@@ -189,6 +203,8 @@ def beam_search(model: Qinco, x: Array, *, A: int, B: int,
       codebooks when A > 0.
     B: beam size (1 = greedy).
     with_stats: also return the per-step mean/std of the targets over valid beams.
+    ivf_candidates: (N, C) int32 lists the IVF step chooses among (`ivf_assign`);
+      None: all K_IVF centroids.
   Returns:
     EncodeResult with codes (N, M_tot) int32 (with IVF, column 0 is the list id) and
     x_hat (N, D) normalised.
@@ -230,7 +246,7 @@ def beam_search(model: Qinco, x: Array, *, A: int, B: int,
     # Frozen IVF step: one beam (the nearest centroid); the first network step then
     # keeps A_eff = max(A, B) candidates so that B beams come out (spec 5.1).
     assert model.ivf_centroids is not None  # cfg.ivf_K > 0
-    ivf = ivf_assign(x, model.ivf_centroids[...])
+    ivf = ivf_assign(x, model.ivf_centroids[...], ivf_candidates)
     x_hat = model.ivf_centroids[...][ivf][:, None, :]  # (N, 1, D)
     valid = jnp.ones((N, 1), bool)
     history = jnp.zeros((N, B, M_tot), jnp.int32).at[:, :, 0].set(ivf[:, None])

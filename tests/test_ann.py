@@ -2,7 +2,9 @@
 the pipeline's own searcher, exhaustive search over the full decoding, exact cosine
 search, and NumPy byte packing."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,9 +12,9 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import index as index_lib
-from qinco_jax import ivf, pipeline
-from qinco_jax.search import Searcher, SearchParams
+from qinco_jax import ivf
+from qinco_jax.search import Searcher, SearchParams, decoders
+from qinco_jax.search import lists as index_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +39,7 @@ def test_index_search_equals_the_pipeline_and_nears_exhaustive_search(setup):
   # The pipeline's stages on the same codes, strung together by hand (the database
   # injected in one go at build time), give the same answer.
   db_codes = codec.encode(ds.db, verbose=False)
-  dec = pipeline.fit_decoders(codec, ds.train, verbose=False)
+  dec = decoders.fit_decoders(codec, ds.train, verbose=False)
   ivf_index = index_lib.build_index(dec.centroids, dec.tables, dec.train_codes, db_codes)
   searcher = Searcher(codec, ivf_index, dec.centroids, dec.pairwise, dec.extra)
   D2, I2, _ = searcher.search(ds.queries, k=10, params=SearchParams(nprobe=4, nshort=50))
@@ -105,6 +107,37 @@ def test_save_and_load_in_a_new_process(setup, tmp_path):
     index.save(mine)
 
 
+def _as_an_earlier_save(path, ivf_):
+  """Turns a saved index into what earlier versions wrote: no lists/, no checksums,
+  the centroids and AQ tables at the top."""
+  np.save(path / "centroids.npy", ivf_.centroids)
+  np.save(path / "aq_tables.npy", ivf_.tables)
+  shutil.rmtree(path / "lists")
+  meta = json.loads((path / "qinco_jax_index.json").read_text())
+  (path / "qinco_jax_index.json").write_text(json.dumps(
+      {k: meta[k] for k in ("metric", "A", "B")}))
+
+
+def test_an_index_saved_as_ivf_npz_is_read(setup, tmp_path):
+  """The lists of indexes saved before the list file were one ivf.npz of row arrays:
+  loading one reads it, with the same answers."""
+  import faiss
+  ds, _, index = setup
+  index.save(tmp_path / "idx")
+  D, I = index.search(ds.queries, 5, nprobe=4)
+  ivf_ = index._ivf
+  r = ivf_.rows()
+  _as_an_earlier_save(tmp_path / "idx", ivf_)
+  np.savez(tmp_path / "idx" / "ivf.npz", centroids=ivf_.centroids, tables=ivf_.tables,
+           levels=ivf_.levels, lists=r["lists"], codes=r["codes"], ids=r["ids"],
+           vcodes=r["vcodes"], metric=np.array(ivf_.metric),
+           coarse=faiss.serialize_index(ivf_.coarse))
+  loaded = qj.load_index(tmp_path / "idx")
+  D2, I2 = loaded.search(ds.queries, 5, nprobe=4)
+  np.testing.assert_array_equal(I2, I)
+  np.testing.assert_array_equal(D2, D)
+
+
 def test_an_index_saved_before_the_lookup_table_scan_is_converted(setup, tmp_path):
   """Earlier versions saved the lists as a faiss IVF-RQ file (index.faiss) instead of
   ivf.npz: loading one converts it, with the same codes, ids and answers."""
@@ -113,6 +146,7 @@ def test_an_index_saved_before_the_lookup_table_scan_is_converted(setup, tmp_pat
   index.save(tmp_path / "idx")
   D, I = index.search(ds.queries, 5, nprobe=4)
   ivf_ = index._ivf
+  _as_an_earlier_save(tmp_path / "idx", ivf_)
   old = faiss.index_factory(index.d, f"IVF{ivf_.nlist}_HNSW32,RQ{ivf_.M}x8_Nqint8")
   inner = faiss.downcast_index(faiss.extract_index_ivf(old))
   faiss.downcast_index(inner.quantizer).add(ivf_.centroids)
@@ -127,7 +161,6 @@ def test_an_index_saved_before_the_lookup_table_scan_is_converted(setup, tmp_pat
     lab = np.ascontiguousarray(ivf_.ids[rows])
     inner.invlists.add_entries(l, len(rows), faiss.swig_ptr(lab), faiss.swig_ptr(packed))
   inner.ntotal = old.ntotal = ivf_.ntotal
-  (tmp_path / "idx" / "ivf.npz").unlink()
   faiss.write_index(old, str(tmp_path / "idx" / "index.faiss"))
   loaded = qj.load_index(tmp_path / "idx")
   assert loaded.ntotal == index.ntotal
@@ -135,7 +168,7 @@ def test_an_index_saved_before_the_lookup_table_scan_is_converted(setup, tmp_pat
   np.testing.assert_array_equal(I2, I)
   np.testing.assert_allclose(D2, D, rtol=1e-6)
   (tmp_path / "idx" / "index.faiss").unlink()
-  with pytest.raises(FileNotFoundError, match="ivf.npz missing"):
+  with pytest.raises(FileNotFoundError, match="no inverted lists"):
     qj.load_index(tmp_path / "idx")
 
 
@@ -249,29 +282,106 @@ def test_an_interrupted_save_keeps_the_earlier_index(setup, tmp_path, monkeypatc
 
   def broken(_):
     raise OSError("disk full")
-  tables = np.load(tmp_path / "idx" / "aq_tables.npy")
+  tables = np.load(tmp_path / "idx" / "lists" / "tables.npy")
   other = qj.Index(index.codec)  # other decoders (fitted on fewer vectors)
   other.train(ds.train[:1500])
   assert not np.allclose(other._dec.tables, tables)
-  monkeypatch.setattr(faiss, "serialize_index", broken)
+  monkeypatch.setattr(faiss, "write_index", lambda *a: broken(a))
   with pytest.raises(OSError, match="disk full"):
     other.save(tmp_path / "idx")
   monkeypatch.undo()
-  np.testing.assert_array_equal(np.load(tmp_path / "idx" / "aq_tables.npy"), tables)
+  np.testing.assert_array_equal(np.load(tmp_path / "idx" / "lists" / "tables.npy"), tables)
   D2, I2 = qj.load_index(tmp_path / "idx").search(ds.queries[:10], 5, nprobe=4)
   np.testing.assert_array_equal(I2, I)
   np.testing.assert_array_equal(D2, D)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
 
-def test_saving_again_refuses_to_replace_files_the_save_did_not_write(setup, tmp_path):
+def test_a_loaded_index_maps_its_lists_and_answers_the_same(setup, tmp_path):
   ds, _, index = setup
   index.save(tmp_path / "idx")
-  I = qj.load_index(tmp_path / "idx").search(ds.queries[:10], 5, nprobe=4)[1]
+  loaded = qj.load_index(tmp_path / "idx")
+  assert loaded._ivf.disk is not None  # memory-mapped, read-only
+  D, I = index.search(ds.queries, 10, nprobe=4)
+  D2, I2 = loaded.search(ds.queries, 10, nprobe=4)
+  np.testing.assert_array_equal(I2, I)
+  np.testing.assert_array_equal(D2, D)
+  assert qj.load_index(tmp_path / "idx", mmap=False)._ivf.disk is None
+
+
+def test_a_damaged_or_edited_saved_index_is_refused(setup, tmp_path):
+  """Every file of a saved index is checked on load (the list file by its size and
+  header): flipped bytes, an edited metric, another codec of the same shape and a
+  truncated list file each give one line naming the problem."""
+  ds, codec, index = setup
+  index.save(tmp_path / "idx")
+  path = tmp_path / "idx"
+  for rel in ("lists/centroids.npy", "pairwise.npz", "lists/invlists.faiss"):
+    good = (path / rel).read_bytes()
+    raw = bytearray(good)
+    at = 300 if rel != "lists/invlists.faiss" else 40  # the list sizes
+    raw[at:at + 8] = bytes(255 - b for b in raw[at:at + 8])
+    (path / rel).write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"is corrupt: {rel} do not match"):
+      qj.load_index(path)
+    (path / rel).write_bytes(good[:-9] if rel.endswith("faiss") else good)
+    if rel.endswith("faiss"):
+      with pytest.raises(ValueError, match=f"is corrupt: {rel}"):
+        qj.load_index(path)
+      (path / rel).write_bytes(good)
+  meta = json.loads((path / "qinco_jax_index.json").read_text())
+  (path / "qinco_jax_index.json").write_text(json.dumps({**meta, "metric": "ip"}))
+  with pytest.raises(ValueError, match="qinco_jax_index.json was changed after the save"):
+    qj.load_index(path)
+  (path / "qinco_jax_index.json").write_text(json.dumps(meta))
+  other = qj.Codec.create(codec.cfg, ds.train[:3000], seed=1, verbose=False,
+                          ivf_centroids=index._ivf.centroids)
+  shutil.rmtree(path / "model")
+  other.save(path / "model")
+  with pytest.raises(ValueError, match="model/ holds another codec"):
+    qj.load_index(path)
+
+
+def test_a_save_never_deletes_files_it_did_not_write(setup, tmp_path):
+  _, _, index = setup
+  index.save(tmp_path / "idx")
   (tmp_path / "idx" / "notes.txt").write_text("mine")
-  with pytest.raises(ValueError, match="holds 'notes.txt', which no save wrote"):
+  with pytest.raises(ValueError, match=r"holds files an index save did not write \(notes.txt\)"):
     index.save(tmp_path / "idx")
   assert (tmp_path / "idx" / "notes.txt").read_text() == "mine"
-  np.testing.assert_array_equal(
-      qj.load_index(tmp_path / "idx").search(ds.queries[:10], 5, nprobe=4)[1], I)
+  qj.load_index(tmp_path / "idx")  # and the index is still whole
+
+
+def test_ids_stay_unique_and_only_integer_ids_are_taken(setup):
+  ds, codec, _ = setup
+  index = qj.Index(codec)
+  index.train(ds.train)
+  codes = index.add(ds.db[:10])
+  assert index.remove_ids(np.array([3])) == 1
+  index.add_codes(codes[:1])  # the next default id is one past the largest: 10, not 9
+  assert sorted(index._ivf.ids.tolist()) == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]
+  with pytest.raises(ValueError, match=r"ids must lie in 0..2\*\*63-1.*got 18446744073709551615"):
+    index.add(ds.db[:1], ids=np.array([2**64 - 1], np.uint64))
+  for bad in (np.array([1.7]), np.array([True, False])):
+    with pytest.raises(ValueError, match="remove_ids needs integer ids"):
+      index.remove_ids(bad)
+  assert index.ntotal == 10
+
+
+def test_cosine_refuses_a_codec_trained_on_vectors_of_another_scale(setup):
+  ds, codec, _ = setup  # trained on the raw (unnormalised) vectors
+  with pytest.raises(ValueError, match="metric='cosine' codes unit vectors, but this codec"):
+    qj.Index(codec, metric="cosine").train(ds.train)
+
+
+def test_an_index_save_interrupted_between_its_renames_is_recovered(setup, tmp_path):
+  """A save parks the earlier index as .NAME.old-* and moves the new one in; killed
+  in between, nothing is at NAME: loading moves the complete copy back."""
+  ds, _, index = setup
+  index.save(tmp_path / "idx")
+  D, I = index.search(ds.queries[:5], 5, nprobe=4)
+  os.replace(tmp_path / "idx", tmp_path / ".idx.old-1234abcd")
+  with pytest.warns(UserWarning, match="restored the complete copy '.idx.old-1234abcd'"):
+    loaded = qj.load_index(tmp_path / "idx")
+  np.testing.assert_array_equal(loaded.search(ds.queries[:5], 5, nprobe=4)[1], I)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]

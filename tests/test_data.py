@@ -88,7 +88,7 @@ def test_malformed_header(tmp_path):
 
 
 def test_bad_extension_and_missing_file(tmp_path):
-  with pytest.raises(ValueError, match=r"\.txt.*\.fvecs, \.bvecs, \.ivecs, \.npy"):
+  with pytest.raises(ValueError, match=r"\.txt.*\.fvecs, \.bvecs, \.ivecs, \.fbin, .*\.npy"):
     data.read_vecs(tmp_path / "a.txt")
   with pytest.raises(FileNotFoundError, match="nope.fvecs"):
     data.read_vecs(tmp_path / "nope.fvecs")
@@ -312,3 +312,83 @@ def test_constant_training_data_cannot_be_normalised():
     qj.data.data_stats(x)
   with pytest.raises(ValueError, match="cannot normalise"):
     qj.Codec.create(qj.QincoConfig(K=4, M=2, A=0, B=1), x, verbose=False)
+
+
+@pytest.mark.parametrize("ext,dtype", [(".fbin", np.float32), (".u8bin", np.uint8),
+                                       (".i8bin", np.int8), (".ibin", np.int32)])
+def test_bin_round_trip_and_byte_layout(tmp_path, ext, dtype):
+  """The big-ann-benchmarks layout: uint32 rows, uint32 dim, then the values row-major;
+  read back memory-mapped, without reading the file."""
+  lo = 0 if dtype == np.uint8 else -128
+  x = _rng().integers(lo, lo + 256, size=(37, 5)).astype(dtype)
+  path = tmp_path / f"a{ext}"
+  data.write_vecs(path, x)
+  raw = path.read_bytes()
+  assert len(raw) == 8 + x.size * x.itemsize
+  assert np.frombuffer(raw[:8], "<u4").tolist() == [37, 5]
+  values = np.frombuffer(raw[8:], x.dtype.newbyteorder("<")).reshape(37, 5)
+  np.testing.assert_array_equal(values, x)
+  y = data.read_vecs(path)
+  assert isinstance(y, np.memmap) and y.dtype == dtype and y.shape == (37, 5)
+  np.testing.assert_array_equal(y, x)
+  np.testing.assert_array_equal(data.read_vecs(path, mmap=False), x)
+
+
+def test_bin_header_errors_are_one_clear_line(tmp_path):
+  path = tmp_path / "a.fbin"
+  data.write_vecs(path, np.ones((4, 3), np.float32))
+  good = path.read_bytes()
+  path.write_bytes(good[:-5])  # truncated
+  with pytest.raises(ValueError, match=r"a.fbin' is truncated: its header gives 4 x 3 float32 "
+                                       r"values \(56 bytes with the header\), the file has 51"):
+    data.read_vecs(path)
+  path.write_bytes(good + b"\0" * 4)  # wrong size: longer than the header says
+  with pytest.raises(ValueError, match="longer than its header says"):
+    data.read_vecs(path)
+  path.write_bytes(np.array([4, 0], "<u4").tobytes())
+  with pytest.raises(ValueError, match="header gives dimension 0"):
+    data.read_vecs(path)
+  path.write_bytes(b"\1\0\0")
+  with pytest.raises(ValueError, match=r"truncated \(3 bytes\): expected an 8-byte header"):
+    data.read_vecs(path)
+  path.write_bytes(np.array([0, 3], "<u4").tobytes())
+  with pytest.raises(ValueError, match="holds no vectors"):
+    data.read_vecs(path)
+  with pytest.raises(ValueError, match="-128..127"):
+    data.write_vecs(tmp_path / "a.i8bin", np.array([[0, 200]]))
+
+
+def test_ibin_ground_truth_with_distances_reads_the_ids(tmp_path):
+  """big-ann-benchmarks ground truth: the header, n x k int32 ids, n x k float32
+  distances."""
+  ids = _rng().integers(0, 1000, size=(6, 4)).astype("<i4")
+  dist = _rng().random((6, 4)).astype("<f4")
+  path = tmp_path / "GT.public.1B.ibin"
+  path.write_bytes(np.array([6, 4], "<u4").tobytes() + ids.tobytes() + dist.tobytes())
+  np.testing.assert_array_equal(data.read_vecs(path), ids)
+
+
+def test_large_vecs_files_have_a_sample_of_headers_checked(tmp_path, monkeypatch):
+  """Above FULL_HEADER_CHECK_BYTES opening a vecs file checks its size and
+  HEADER_SAMPLE headers spread over it (first and last included), not every one;
+  `check_vecs` checks them all."""
+  d, n = 4, 1000
+  raw = np.concatenate([np.full((n, 1), d), np.zeros((n, d))], 1).astype("<i4")
+  rows = np.unique(np.linspace(0, n - 1, 16).astype(np.int64))  # the sample
+  missed = next(r for r in range(n) if r not in rows)
+  raw[missed, 0] = d + 1
+  path = tmp_path / "x.ivecs"
+  raw.tofile(path)
+  monkeypatch.setattr(data, "FULL_HEADER_CHECK_BYTES", 1000)
+  monkeypatch.setattr(data, "HEADER_SAMPLE", 16)
+  assert data.read_vecs(path).shape == (n, d)  # the bad header is not in the sample
+  with pytest.raises(ValueError, match=f"record {missed} has dimension header 5"):
+    data.check_vecs(path)
+  raw[missed, 0] = d
+  raw[rows[7], 0] = d - 1  # a sampled header
+  raw.tofile(path)
+  with pytest.raises(ValueError, match=f"record {rows[7]} has dimension header 3"):
+    data.read_vecs(path)
+  monkeypatch.setattr(data, "FULL_HEADER_CHECK_BYTES", 1 << 30)
+  with pytest.raises(ValueError, match=f"record {rows[7]} has dimension header 3"):
+    data.read_vecs(path)  # a small file: every header

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import experiment, pipeline, trainer
+from qinco_jax import experiment, trainer
+from qinco_jax.search.workdir import SearchWorkdir
 from tests import reference
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -157,12 +158,23 @@ def test_search_script_stages_on_a_deep1b_layout(tmp_path):
   best = max(r["R@10"] for r in reference.read_jsonl(work / "sweep.jsonl"))
   assert best > 0.3  # chance is 10 / 2000
   # Every file the stages wrote is where the layout type says (and nothing else).
-  wd = pipeline.SearchWorkdir(work)
-  named = {wd.centroids, wd.model, wd.index, wd.sweep_log, wd.sweep_plot,
+  wd = SearchWorkdir(work)
+  named = {wd.centroids, wd.coarse, wd.model, wd.index, wd.sweep_log, wd.sweep_plot,
+           wd.record_file,
            *(wd.command(s) for s in ("ivf", "train", "encode", "build", "search"))}
   shards = set(work.glob(f"{wd.codes}.*of*.*"))
   assert set(work.iterdir()) == named | shards and len(shards) == 2
   assert qj.load_index(wd.index).ntotal == 2000
+  # The workdir remembers its stages' settings: a new ivf stage with other lists under
+  # the trained model is refused in one line, the centroids untouched.
+  cents = wd.centroids.read_bytes()
+  r = subprocess.run([sys.executable, script, "--stage=ivf", *common, "--ivf_K=32"],
+                     capture_output=True, text=True, timeout=300,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert ("--ivf_K=32: the ivf stage (and then train, encode, build, search) of "
+          f"{work} used ivf_K=16") in r.stderr
+  assert wd.centroids.read_bytes() == cents
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -184,13 +196,13 @@ def test_search_program_flags_are_the_search_job_fields():
   import dataclasses
   import subprocess
 
-  from qinco_jax import bigann
+  from qinco_jax.search import job as search_job
   script = os.path.join(EXPERIMENTS, "search_bigann.py")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
                      timeout=120, env=env)
   assert r.returncode == 0, r.stderr[-2000:]
-  job = bigann.SearchJob()
+  job = search_job.SearchJob()
   for f in dataclasses.fields(job):
     if "help" not in f.metadata:
       continue
@@ -239,7 +251,7 @@ def test_search_config_file_sets_the_flag_defaults(tmp_path):
   r = subprocess.run([sys.executable, script, "--config", str(cfg), "--stage=ivf"],
                      capture_output=True, text=True, timeout=120, env=env)
   assert r.returncode != 0 and "stage must be one of" not in r.stderr
-  assert str(root / "learn.fvecs") in r.stderr, r.stderr[-2000:]
+  assert f"{str(root)!r} holds neither base file" in r.stderr, r.stderr[-2000:]
   for body, message in (("dict(ivf_k=16)", "SearchJob has no field 'ivf_k'"),
                         ("dict(ivf_K=16.5)", "ivf_K must be int, got 16.5"),
                         ("None", "not a search config")):

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import distributed, pipeline, trainer
+from qinco_jax import distributed, trainer
+from qinco_jax.search import shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -203,7 +204,7 @@ def test_two_process_encode_writes_the_codes_of_one_process(tmp_path):
     for rc, _, err, _ in res:
       assert rc == 0, err[-3000:]
     assert len(list(work.glob("codes_db.*of*.npy"))) == n
-    codes[n] = np.asarray(pipeline.load_shards(work))
+    codes[n] = np.asarray(shards.load_shards(work))
   assert codes[1].shape == (1_001, 3)
   np.testing.assert_array_equal(codes[1], codes[2])
   np.testing.assert_array_equal(codes[1], codec.encode(ds.db, A=2, B=4, verbose=False))

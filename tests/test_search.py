@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import qinco_jax as qj
-from qinco_jax import aq, ivf, pairwise, pipeline, sweep, train, trainer
-from qinco_jax import index as index_lib
-from qinco_jax.search import SearchParams
+from qinco_jax import aq, ivf, pairwise, train, trainer
+from qinco_jax.search import SearchParams, decoders, shards, sweep
+from qinco_jax.search import lists as index_lib
 from tests import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,33 +25,62 @@ def test_stale_missing_and_mixed_shards_are_refused(tmp_path):
   old_db = rng.standard_normal((2000, 4)).astype(np.float32)
   db = np.concatenate([old_db, rng.standard_normal((1000, 4)).astype(np.float32)])
   codec = qj.Codec.create(qj.QincoConfig(K=4, M=2, A=0, B=1), db, verbose=False)
-  pipeline.encode_shard(codec, old_db, tmp_path, 0, 2)  # stale: the old version
-  pipeline.encode_shard(codec, db, tmp_path, 1, 2)
+  shards.encode_shard(codec, old_db, tmp_path, 0, 2)  # stale: the old version
+  shards.encode_shard(codec, db, tmp_path, 1, 2)
   with pytest.raises(ValueError, match="encoded from another database \\(2000 rows"):
-    pipeline.load_shards(tmp_path, db=db)
-  pipeline.encode_shard(codec, db, tmp_path, 0, 2)
-  assert pipeline.load_shards(tmp_path, db=db).shape == (3000, 2)
+    shards.load_shards(tmp_path, db=db)
+  shards.encode_shard(codec, db, tmp_path, 0, 2)
+  assert shards.load_shards(tmp_path, db=db).shape == (3000, 2)
   # Another database of the same size: the fingerprint tells them apart.
   with pytest.raises(ValueError, match="another database"):
-    pipeline.load_shards(tmp_path, db=db[::-1].copy())
+    shards.load_shards(tmp_path, db=db[::-1].copy())
   os.remove(tmp_path / "codes_db.0001of0002.npy")
   with pytest.raises(ValueError, match=r"shards \[1\] of 2 are missing"):
-    pipeline.load_shards(tmp_path, db=db)
-  pipeline.encode_shard(codec, db, tmp_path, 1, 2)
-  pipeline.encode_shard(codec, db, tmp_path, 2, 3)
+    shards.load_shards(tmp_path, db=db)
+  shards.encode_shard(codec, db, tmp_path, 1, 2)
+  shards.encode_shard(codec, db, tmp_path, 2, 3)
   with pytest.raises(ValueError, match="2 different splits \\(2 of 2, 1 of 3\\)"):
-    pipeline.load_shards(tmp_path, db=db)
+    shards.load_shards(tmp_path, db=db)
   os.remove(tmp_path / "codes_db.0002of0003.npy")
   np.save(tmp_path / "codes_db.0002of0002.npy", np.zeros((5, 2), np.int32))
   with pytest.raises(ValueError, match=r"shards \[2\] do not exist in a split of 2"):
-    pipeline.load_shards(tmp_path, db=db)
+    shards.load_shards(tmp_path, db=db)
+
+
+def test_shards_hold_packed_codes_resume_and_name_their_codec(tmp_path, monkeypatch):
+  """A shard holds the codes in their own width (2 bytes of list id for 300 lists, then
+  one per code), written as encoded in chunks; a shard already written for the same
+  database, codec and beam is not encoded again, a killed encode leaves nothing
+  behind, and shards of another codec are refused."""
+  rng = np.random.default_rng(1)
+  db = rng.standard_normal((3000, 4)).astype(np.float32)
+  cfg = qj.QincoConfig(K=256, M=2, L=1, de=None, dh=4, A=0, B=1, ivf_K=300)
+  codec = qj.Codec.create(cfg, db, verbose=False, ivf_centroids=db[:300])
+  monkeypatch.setattr(shards, "ENCODE_ROWS", 700)  # several chunks per shard
+  for i in range(2):
+    shards.encode_shard(codec, db, tmp_path, i, 2)
+  raw = np.load(tmp_path / "codes_db.0000of0002.npy")
+  assert raw.dtype == np.uint8 and raw.shape == (1500, 4)
+  np.testing.assert_array_equal(shards.load_shards(tmp_path, db=db, codec=codec),
+                                codec.encode(db, verbose=False))
+  monkeypatch.setattr(codec, "encode", lambda *a, **k: 1 / 0)
+  shards.encode_shard(codec, db, tmp_path, 1, 2)  # finished: not encoded again
+  with pytest.raises(ZeroDivisionError):
+    shards.encode_shard(codec, db, tmp_path, 1, 2, A=0)  # another beam: re-encoded
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "codes_db.0000of0002.json", "codes_db.0000of0002.npy", "codes_db.0001of0002.npy"]
+  monkeypatch.undo()
+  shards.encode_shard(codec, db, tmp_path, 1, 2)
+  other = qj.Codec.create(cfg, db, seed=1, verbose=False, ivf_centroids=db[:300])
+  with pytest.raises(ValueError, match="encoded by another codec"):
+    shards.find_shards(tmp_path, db=db, codec=other)
 
 
 def test_shard_ranges_cover_everything_once():
-  parts = [pipeline.shard_range(10, i, 3) for i in range(3)]
+  parts = [shards.shard_range(10, i, 3) for i in range(3)]
   assert parts == [(0, 3), (3, 6), (6, 10)]
   with pytest.raises(ValueError, match="shard"):
-    pipeline.shard_range(10, 3, 3)
+    shards.shard_range(10, 3, 3)
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +93,13 @@ def built(tmp_path_factory):
   codec = trainer.train_and_evaluate(cfg, tc, ds, out / "train", verbose=False,
                                      ivf_centroids=cents)
   for i in range(2):
-    pipeline.encode_shard(codec, ds.db, out, i, 2)
-  db_codes = pipeline.load_shards(out, db=ds.db)
+    shards.encode_shard(codec, ds.db, out, i, 2)
+  db_codes = shards.load_shards(out, db=ds.db)
   index = qj.Index(codec)
   index.train(ds.train)
   index.add_codes(db_codes)
   index.save(out / "index")
-  return out / "index", ds, codec, db_codes, index.searcher()
+  return out / "index", ds, codec, db_codes, qj.load_index(out / "index").searcher()
 
 
 def test_index_stores_the_injected_codes(built):
@@ -85,8 +114,8 @@ def test_index_stores_the_injected_codes(built):
 def test_build_reuses_given_training_codes(built):
   out, ds, codec, db_codes, _ = built
   train_codes = codec.encode(ds.train, verbose=False)
-  dec = pipeline.fit_decoders(codec, ds.train, verbose=False, train_codes=train_codes)
-  np.testing.assert_allclose(dec.tables, np.load(out / "aq_tables.npy"), rtol=1e-5,
+  dec = decoders.fit_decoders(codec, ds.train, verbose=False, train_codes=train_codes)
+  np.testing.assert_allclose(dec.tables, np.load(out / "lists" / "tables.npy"), rtol=1e-5,
                              atol=1e-6)
   with pytest.raises(ValueError, match="train_codes"):
     qj.Index(codec).train(ds.train, codes=train_codes[:, 1:])
@@ -97,7 +126,7 @@ def test_pairwise_decoder_approximates_the_qinco2_decoding(built):
   codes = np.asarray(db_codes)
   full = codec.decode(codes, verbose=False)  # what the shortlist is re-ranked by
   base = searcher.centroids[codes[:, 0]]
-  aq_only = base + aq.aq_decode(np.load(out / "aq_tables.npy"), codes[:, 1:])
+  aq_only = base + aq.aq_decode(np.load(out / "lists" / "tables.npy"), codes[:, 1:])
   ext = pairwise.extended_codes(codes[:, 1:], codes[:, 0], searcher.extra_codes)
   pw = base + searcher.pairwise.decode(ext)
   err = {k: float(((v - full) ** 2).sum(1).mean()) for k, v in
@@ -265,13 +294,15 @@ def _aq_reference(index, q, nprobe, metric):
 
 
 def _stored(index, list_no):
-  """(ids (n,), codes (n, M)) that faiss's own inverted list holds (labels are rows)."""
+  """(ids (n,), codes (n, M)) that faiss's own inverted list holds (its labels: row
+  numbers in memory, ids on disk)."""
   import faiss
-  inv, size = index.scan.invlists, index.scan.code_size
+  inv, size = index.scanner.invlists, index.scanner.code_size
   n = inv.list_size(list_no)
-  rows = faiss.rev_swig_ptr(inv.get_ids(list_no), n).copy()
+  labels = faiss.rev_swig_ptr(inv.get_ids(list_no), n).copy()
   raw = faiss.rev_swig_ptr(inv.get_codes(list_no), n * size).copy()
-  return index.ids[rows], raw.reshape(n, size)[:, :index.M].astype(np.int32)
+  ids = labels if index.disk is not None else index.ids[labels]
+  return ids, raw.reshape(n, size)[:, :index.M].astype(np.int32)
 
 
 def _random_index_inputs(rng, K_ivf, M, D, n):
@@ -319,7 +350,7 @@ def test_aq_stage_scores_exact_distances_with_one_table_per_query(metric):
   assert (poor != I).any()
 
 
-def test_index_remove_and_reload_keep_what_was_stored():
+def test_index_remove_and_reload_keep_what_was_stored(tmp_path):
   rng = np.random.default_rng(1)
   K_ivf, M, D, n = 32, 3, 8, 3000
   cents, tables, codes = _random_index_inputs(rng, K_ivf, M, D, n)
@@ -328,25 +359,24 @@ def test_index_remove_and_reload_keep_what_was_stored():
   assert full.remove_ids(np.concatenate([drop, [10 * n]])) == 700
   keep = np.setdiff1d(np.arange(n), drop)
   fresh = index_lib.build_index(cents, tables, codes, codes[keep], keep)
-  reloaded = index_lib.IVFIndex.from_arrays(full.arrays())
+  full.save(tmp_path / "lists")
+  reloaded = index_lib.IVFIndex.open(tmp_path / "lists")
   q = rng.normal(size=(40, D)).astype(np.float32)
   want = fresh.search(q, 20, nprobe=3, ef_search=64)
   for index in (full, reloaded):
     assert index.ntotal == n - 700
     got = index.search(q, 20, nprobe=3, ef_search=64)
-    np.testing.assert_array_equal(index.ids[got[1]], fresh.ids[want[1]])
+    np.testing.assert_array_equal(got[3], want[3])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   ids7, codes7 = _stored(reloaded, 7)
   np.testing.assert_array_equal(codes7, codes[ids7, 1:])
   assert set(ids7) == set(keep[codes[keep, 0] == 7])
-  with pytest.raises(ValueError, match="ids must be >= 0"):
+  with pytest.raises(ValueError, match=r"ids must lie in 0..2\*\*63-1.*got -1"):
     full.add(codes[:2], np.array([-1, 3]))
-  with pytest.raises(ValueError, match=r"queries: expected shape \(nq, 8\)"):
-    full.search(q[:, :5], 20, nprobe=3, ef_search=64)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_many_small_adds_store_what_one_add_stores_with_few_copies(metric, monkeypatch):
+def test_many_small_adds_store_what_one_add_stores_with_few_copies(metric, tmp_path):
   """Adding rows in 300 calls gives the rows, faiss lists and search results of one
   call, and the row arrays are reallocated O(log n) times, not once per call; so do
   removing rows then adding them back, and reloading in several chunks."""
@@ -362,11 +392,13 @@ def test_many_small_adds_store_what_one_add_stores_with_few_copies(metric, monke
     buffers.append(parts._buf["codes"])
   assert len({id(b) for b in buffers}) == 3  # 1024 rows, then doubled: 2048, 4096
   # The rows are the inputs, in order (and the norm bytes those of one add).
-  np.testing.assert_array_equal(parts.lists, codes[:, 0])
-  np.testing.assert_array_equal(parts.codes, codes[:, 1:])
-  np.testing.assert_array_equal(parts.ids, ids)
-  np.testing.assert_array_equal(parts._vcodes, once._vcodes)
-  assert len(parts._vcodes) == (n if metric == "l2" else 0)
+  rows, rows_once = parts.rows(), once.rows()
+  np.testing.assert_array_equal(rows["lists"], codes[:, 0])
+  np.testing.assert_array_equal(rows["codes"], codes[:, 1:])
+  np.testing.assert_array_equal(rows["ids"], ids)
+  assert ("vcodes" in rows) == (metric == "l2")
+  if metric == "l2":
+    np.testing.assert_array_equal(rows["vcodes"], rows_once["vcodes"])
   for l in (0, 5, 15):
     for a, b in zip(_stored(parts, l), _stored(once, l)):
       np.testing.assert_array_equal(np.sort(a, axis=0), np.sort(b, axis=0))
@@ -375,11 +407,12 @@ def test_many_small_adds_store_what_one_add_stores_with_few_copies(metric, monke
   back = index_lib.build_index(cents, tables, codes, codes, ids, metric=metric)
   assert back.remove_ids(ids[:1000]) == 1000
   back.add(codes[:1000], ids[:1000])  # the same rows, now stored last
-  monkeypatch.setattr(index_lib, "LOAD_ROWS", 700)  # reload in 5 chunks
-  for index in (parts, back, index_lib.IVFIndex.from_arrays(parts.arrays())):
+  parts.save(tmp_path / "parts")
+  for index in (parts, back, index_lib.IVFIndex.open(tmp_path / "parts"),
+                index_lib.IVFIndex.open(tmp_path / "parts", mmap=False)):
     assert index.ntotal == n
     got = index.search(q, 15, 3, 64)
-    np.testing.assert_array_equal(index.ids[got[1]], once.ids[want[1]])
+    np.testing.assert_array_equal(got[3], want[3])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
 
 
@@ -393,9 +426,27 @@ def test_concurrent_searches_with_different_nprobe_match_sequential_ones():
   cents, tables, codes = _random_index_inputs(rng, K_ivf, M, D, n)
   index = index_lib.build_index(cents, tables, codes, codes)
   q = rng.normal(size=(2000, D)).astype(np.float32)
-  alone = {p: index.search(q, 10, nprobe=p, ef_search=16)[1] for p in (1, 16)}
+  alone = {p: index.search(q, 10, nprobe=p, ef_search=16)[3] for p in (1, 16)}
   with ThreadPoolExecutor(2) as pool:
     for _ in range(3):
       futures = {p: pool.submit(index.search, q, 10, p, 16) for p in (1, 16)}
       for p, f in futures.items():
-        np.testing.assert_array_equal(f.result()[1], alone[p])
+        np.testing.assert_array_equal(f.result()[3], alone[p])
+
+
+def test_a_sweep_log_of_another_index_is_not_reused(tmp_path):
+  """Records carry the label they were measured under (the index's fingerprint in the
+  search job): a log kept from an earlier index is measured again, not reprinted."""
+  ranges = {"nprobe": [1, 2, 4], "nshort": [1, 2]}
+  log = tmp_path / "s.jsonl"
+  runs = {}
+  for name in ("old", "new", "new"):
+    fake = _FakeSearcher(16)
+    sweep.run_sweep(fake, np.zeros((16, 2), np.float32), np.arange(16)[:, None], log,
+                    ranges=ranges, verbose=False, warmup=0, clock=fake.clock,
+                    label={"index": name})
+    runs.setdefault(name, []).append(len(fake.asked))
+  assert runs["new"][0] == runs["old"][0] > 0  # measured again for the new index
+  assert runs["new"][1] == 0  # then reused
+  assert len(sweep.read_log(log, {"index": "new"})) == len(sweep.read_log(log, {"index": "old"}))
+  assert {r["index"] for r in reference.read_jsonl(log)} == {"old", "new"}

@@ -10,7 +10,7 @@ shortlist, (d) + QINCo2 re-rank; plus a Table-4-style comparison of R@1 after QI
 re-ranking of a 10- and 100-element shortlist chosen by AQ, by the pairwise decoder, or
 by full QINCo2 decoding of a 10x longer AQ list. Our operating points come from two
 sources: fixed settings per stage ((b)-(d)), and "ours (tuned)": the Pareto-optimal
-settings of a `qinco_jax.sweep` over nprobe, efSearch, nshort and nmid_short run on
+settings of a `qinco_jax.search.sweep` over nprobe, efSearch, nshort and nmid_short run on
 held-out *validation* vectors as queries (not the test queries), then re-timed on the
 test queries. Writes its section of docs/benchmarks.md and docs/speed_recall.png.
 
@@ -30,10 +30,11 @@ import faiss
 import numpy as np
 
 import qinco_jax as qj
-from qinco_jax import ann, pipeline, plots, sweep
+from qinco_jax import plots
 from qinco_jax.bench.harness import DOC, RUNS, log, write_section
 from qinco_jax.config import flag
-from qinco_jax.search import SearchParams
+from qinco_jax.search import SearchParams, load_index, shards, sweep
+from qinco_jax.search.workdir import SearchWorkdir
 
 START, END = "<!-- bench_search:start -->", "<!-- bench_search:end -->"
 
@@ -111,7 +112,7 @@ def tuned_curve(searcher, db, tune_q, queries, gt, log_path, resume=False):
 def exhaustive_ceiling(searcher, workdir, db, queries, gt):
   """R@k of an exact L2 search over the full QINCo2 decoding of every database code:
   the best any IVF / shortlist setting can do with these codes."""
-  dec = searcher.codec.decode(pipeline.load_shards(workdir), verbose=False)
+  dec = searcher.codec.decode(shards.load_shards(workdir), verbose=False)
   out = qj.metrics.recall_at(qj.data.compute_gt(dec, queries, 100), gt)
   out["db_mse"] = qj.metrics.mse(db, dec)
   return out
@@ -147,9 +148,9 @@ def aq_stage_costs(searcher, queries):
   (coarse search, table, scan) for 1 and for 100 results."""
   ivf = searcher.index
   skip = -np.ones((len(queries), 1), np.int64)
-  lifted = np.zeros((len(queries), ivf.scan.d), np.float32)  # its values do not matter
-  ivf.scan.nprobe = 1
-  parts = {"table": lambda: ivf.scan.search_preassigned(lifted, 1, skip, None),
+  lifted = np.zeros((len(queries), ivf.scanner.d), np.float32)  # its values do not matter
+  ivf.scanner.nprobe = 1
+  parts = {"table": lambda: ivf.scanner.search_preassigned(lifted, 1, skip, None),
            "stage_k1": lambda: ivf.search(queries, 1, 1, 16),
            "stage_k100": lambda: ivf.search(queries, 100, 1, 16)}
   out = {}
@@ -171,8 +172,9 @@ def fastscan_rerank_curve(searcher, index, queries, gt, nprobes, shortlists, bat
   fast-scan search + the re-rank, both over batches of `batch` queries as the
   pipeline runs them."""
   ivf, codec = searcher.index, searcher.codec
-  row_of = np.empty(int(ivf.ids.max()) + 1, np.int64)
-  row_of[ivf.ids] = np.arange(ivf.ntotal)
+  stored = ivf.rows()  # (read once: the index may be memory-mapped)
+  row_of = np.empty(int(stored["ids"].max()) + 1, np.int64)
+  row_of[stored["ids"]] = np.arange(ivf.ntotal)
 
   def search(nprobe, S):
     faiss.extract_index_ivf(index).nprobe = nprobe
@@ -181,8 +183,8 @@ def fastscan_rerank_curve(searcher, index, queries, gt, nprobes, shortlists, bat
       q = queries[s:s + batch]
       I = index.search(q, S)[1]
       r = row_of[np.maximum(I, 0)]
-      full = np.concatenate([ivf.lists[r][..., None].astype(np.int64),
-                             ivf.codes[r].astype(np.int64)], 2).reshape(-1, ivf.M + 1)
+      full = np.concatenate([stored["lists"][r][..., None].astype(np.int64),
+                             stored["codes"][r].astype(np.int64)], 2).reshape(-1, ivf.M + 1)
       x_hat = codec.decode(full, verbose=False).reshape(len(q), S, -1)
       d = ((x_hat - q[:, None]) ** 2).sum(-1)
       d[I < 0] = np.inf
@@ -261,7 +263,7 @@ def build_commands(workdir):
   """The search_bigann.py command lines that built the workdir (saved per stage)."""
   cmds = []
   for stage in ("all", "ivf", "train", "encode", "build", "search"):
-    p = pipeline.SearchWorkdir(workdir).command(stage)
+    p = SearchWorkdir(workdir).command(stage)
     if os.path.exists(p):
       cmds.append(open(p).read().strip())
   return cmds or [f"python experiments/search_bigann.py --workdir={workdir}"]
@@ -297,8 +299,8 @@ def run(args: SearchBench, command: str) -> None:
   assert ds.queries is not None  # load_glove has queries
   gt = qj.data.cached_gt(db, ds.queries, 100, tag="glove_search_db")[: args.nq]
   queries = np.ascontiguousarray(ds.queries[: args.nq], np.float32)
-  wd = pipeline.SearchWorkdir(args.workdir)
-  searcher = ann.load_index(wd.index).searcher()
+  wd = SearchWorkdir(args.workdir)
+  searcher = load_index(wd.index).searcher()
   K_ivf = searcher.centroids.shape[0]
   nprobes = [1, 2, 4, 8, 16, 32]
   curves = {}
@@ -333,7 +335,7 @@ def run(args: SearchBench, command: str) -> None:
       table4[S][name] = qj.metrics.recall_at(I, gt, ks=(1,))["R@1"]
   ceiling = exhaustive_ceiling(searcher, args.workdir, db, queries, gt)
   costs = {"us": aq_stage_costs(searcher, queries),
-           "n_sub": searcher.index.scan.pq.M, "D": db.shape[1]}  # PQ sub-quantisers
+           "n_sub": searcher.index.scanner.pq.M, "D": db.shape[1]}  # PQ sub-quantisers
   ratios = {k: equal_qps_ratios(curves, k) for k in curves if k.startswith("faiss")}
   os.makedirs(os.path.dirname(args.doc) or ".", exist_ok=True)
   png = os.path.join(os.path.dirname(args.doc), "speed_recall.png")
@@ -364,7 +366,7 @@ def write_doc(args, curves, table4, K_ivf, n_db, ceiling, costs, all_ratios, exa
           f"{r['R@1']:.3f} / {r['R@10']:.3f} @ {r['qps']:,.0f} qps" for r in rows) + " |")
   tuned = curves.get("ours (tuned)", [])
   if tuned:
-    n_run = len(pipeline.SearchWorkdir(args.workdir).tune_log.read_text().splitlines())
+    n_run = len(SearchWorkdir(args.workdir).tune_log.read_text().splitlines())
     n_grid = int(np.prod([len(v) for v in TUNE_RANGES.values()]))
     lines += ["", "(b): nshort=100 AQ results; (c): pairwise re-rank of 400 AQ results; "
               "(d): pairwise 80 -> QINCo2 re-rank of 20 (20 results). Our lists are chosen by "

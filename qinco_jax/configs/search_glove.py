@@ -16,6 +16,6 @@ the codes' exhaustive ceiling is R@1 0.4714. Without --config, qinco-search uses
 
 
 def get_config() -> dict:
-  """`SearchJob` field values (`qinco_jax.bigann.SearchJob` names and documents them)."""
+  """`SearchJob` field values (`qinco_jax.search.job.SearchJob` names and documents them)."""
   return dict(data="glove", ivf_K=1024, M=8, L=2, de=64, dh=128, A=4, B=4,
               time_budget_s=1500.0, stop_patience=1000, enc_A=16, enc_B=32)

@@ -1,10 +1,10 @@
 """Query-time pipeline (spec 12.3): IVF/AQ search -> pairwise shortlist -> QINCo2 re-rank.
 
-Every distance is in raw units: the IVF index (`index.IVFIndex`, one look-up table per
-query) scores ||q - c_IVF - AQ(codes)||^2, the pairwise decoder approximates
+Every distance is in raw units: the inverted lists (`lists.IVFIndex`, one look-up table
+per query) scores ||q - c_IVF - AQ(codes)||^2, the pairwise decoder approximates
 c_IVF + pairwise(codes), and the final re-rank uses the full QINCo2 decode
 (de-normalised by the codec). An index built for inner products
-(`index.build_index(metric="ip")`) scores <q, .> of the same reconstructions at every
+(`lists.build_index(metric="ip")`) scores <q, .> of the same reconstructions at every
 stage instead, largest first.
 """
 
@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qinco_jax import index as index_lib
 from qinco_jax.data import as_float32
+from qinco_jax.search import lists as lists_lib
 
-if TYPE_CHECKING:  # annotations only: search sits below the codec in the import graph
+if TYPE_CHECKING:  # annotations only: the query path needs no codec module
   from qinco_jax.codec import Codec
   from qinco_jax.pairwise import PairwiseDecoder
 
@@ -64,14 +64,14 @@ class Searcher:
 
   Attributes:
     codec: the IVF-QINCo2 codec (full decoder).
-    index: the IVF index holding the codes (`index.build_index`).
+    index: the inverted lists holding the codes (`lists.build_index`).
     centroids: (K_IVF, D) raw IVF centroids.
     pairwise: a `pairwise.PairwiseDecoder` or None.
     extra_codes: (K_IVF, 5) IVF-derived codes of the pairwise decoder, or None.
   """
 
   codec: Codec
-  index: index_lib.IVFIndex
+  index: lists_lib.IVFIndex
   centroids: np.ndarray
   pairwise: PairwiseDecoder | None = None
   extra_codes: np.ndarray | None = None
@@ -128,15 +128,13 @@ class Searcher:
     final = nshort if p.use_qinco else k
     n1 = min(max(p.nmid_short * nshort, nshort, final), MAX_SHORTLIST)
     t0 = time.perf_counter()
-    D1, rows = self.index.search(q, n1, nprobe=p.nprobe, ef_search=p.ef_search)
+    D1, lists, codes, ids = self.index.search(q, n1, nprobe=p.nprobe, ef_search=p.ef_search)
     times = {"ivf_aq": time.perf_counter() - t0, "pairwise": 0.0, "decode": 0.0}
     D1 = -D1 if ip else D1
-    found = rows >= 0
+    found = ids >= 0
     D1[~found] = np.inf
-    r = np.where(found, rows, 0)
-    lists = self.index.lists[r].astype(np.int64)
-    codes = self.index.codes[r].astype(np.int32)  # (nq, n1, M)
-    ids = np.where(found, self.index.ids[r], -1)
+    lists = np.where(found, lists, 0)  # (nq, n1); padding rows decode list 0, then drop
+    codes = codes.astype(np.int32)  # (nq, n1, M)
     if p.use_pairwise and self.pairwise is not None and n1 > nshort:
       t0 = time.perf_counter()
       assert self.extra_codes is not None  # they come with the pairwise decoder

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from qinco_jax import metrics
-from qinco_jax.search import FewerResultsWarning, Searcher, SearchParams
+from qinco_jax.search.query import FewerResultsWarning, Searcher, SearchParams
 
 DEFAULT_RANGES: dict[str, Sequence] = {
     "nprobe": [1, 2, 4, 8, 16, 32, 64, 128],
@@ -47,12 +47,26 @@ def pad_results(I: np.ndarray, k: int = 100) -> np.ndarray:
   return np.pad(I, ((0, 0), (0, max(0, k - I.shape[1]))), constant_values=-1)
 
 
+def read_log(log_path: str | os.PathLike, label: dict | None = None) -> list[dict]:
+  """The records of a sweep log whose fields include `label` (all, when None)."""
+  if not os.path.exists(log_path):
+    return []
+  with open(log_path) as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  return [r for r in recs if all(r.get(k) == v for k, v in (label or {}).items())]
+
+
 def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
               log_path: str | os.PathLike, ranges: dict[str, Sequence] | None = None,
               base: SearchParams = SearchParams(), max_experiments: int | None = None,
               verbose: bool = True, warmup: int = 256,
-              clock: Callable[[], float] = time.perf_counter) -> list[dict]:
+              clock: Callable[[], float] = time.perf_counter,
+              label: dict | None = None) -> list[dict]:
   """Runs the sweep; returns the records of the Pareto-optimal settings.
+
+  `label` (e.g. the index's fingerprint) goes into every record written, and only
+  records with the same label are reused: a log kept from an earlier index is neither
+  reprinted nor taken for this one's (its lines stay in the file).
 
   `ms_per_query["total"]` is the wall time of the whole search call (every stage plus
   the glue between them), measured after a `warmup`-query call with the same
@@ -70,12 +84,7 @@ def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
   op = OperatingPointsWithRanges()
   for name, values in ranges.items():
     op.add_range(name, list(values))
-  done = {}
-  if os.path.exists(log_path):
-    with open(log_path) as f:
-      for line in f:
-        rec = json.loads(line)
-        done[json.dumps(rec["params"], sort_keys=True)] = rec
+  done = {json.dumps(rec["params"], sort_keys=True): rec for rec in read_log(log_path, label)}
   records = []
   n_run = 0
   n_exp = op.num_experiments()
@@ -101,7 +110,8 @@ def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
         _, I, times = searcher.search(queries, k=k, params=sp)
         wall = clock() - t0
       rec = {"params": params, **metrics.recall_at(pad_results(I), gt),
-             "ms_per_query": {k: 1e3 * v / len(queries) for k, v in times.items()}}
+             "ms_per_query": {k: 1e3 * v / len(queries) for k, v in times.items()},
+             **(label or {})}
       rec["ms_per_query"]["total"] = 1e3 * wall / len(queries)  # wall time, all stages
       with open(log_path, "a") as f:
         f.write(json.dumps(rec) + "\n")

@@ -1,0 +1,553 @@
+"""Scale: what building and searching a database larger than memory costs, per vector,
+on this machine, and the extrapolation to BigANN-1B and Deep1B. Run by
+experiments/bench_scale.py (its docstring: usage).
+
+Parts (`--parts`), each step in a fresh process whose peak RSS (VmHWM), CPU seconds
+and wall seconds are measured:
+
+  lists   a synthetic database of random 8-byte codes (no encoding) over `nlist`
+          lists, D = 128, written as encode-stage shards, then: the on-disk build
+          (`search.build`), opening it memory-mapped, and the AQ stage's search
+          (`IVFIndex.search`, `n_cand` candidates with their codes and ids) at each
+          nprobe, for each size; at `ram_size` also the in-memory index, for
+          queries/s at equal nprobe.
+  coarse  the coarse quantiser at `coarse_lists` lists: the two-level K-means on
+          `rows_per_list` sampled rows per list of a clustered uint8 128-d set, one
+          iteration of faiss's exact K-means on a subset (to extrapolate it), the
+          HNSW list search's build and its recall against exact per efSearch.
+  encode  vectors per CPU-second of the encoder (M = 8, L = 2, de = 64, dh = 128,
+          D = 128, A = 4, B = 4) at each of `encode_lists` lists, with the
+          exhaustive IVF step and with candidates from an HNSW list search.
+  pipeline  `qinco-search`'s stages, each in its own process, on a BigANN-style
+          folder of big-ann-benchmarks files (a clustered uint8 128-d set of
+          `pipeline_n` vectors): peak RSS and CPU time per stage, and the sweep.
+
+Results go to `workdir/scale.json` (merged across runs, so parts can run apart) and
+docs/benchmarks.md ("Scale").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from qinco_jax.bench.harness import DOC, RUNS, log, write_section
+from qinco_jax.config import flag
+
+START, END = "<!-- bench_scale:start -->", "<!-- bench_scale:end -->"
+REPEATS = 3  # timed searches per setting (the fastest is kept)
+WORKER = [sys.executable, "-c", "from qinco_jax.bench import scale; scale.worker()"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleBench:
+  """What `run` measures (flags of experiments/bench_scale.py)."""
+  parts: tuple[str, ...] = flag(("lists", "coarse", "encode", "pipeline"),
+                                "lists, coarse, encode, pipeline")
+  sizes: tuple[int, ...] = flag((1_000_000, 10_000_000, 100_000_000),
+                                "lists part: database sizes")
+  ram_size: int = flag(10_000_000, "lists part: size also built in memory (0: none)")
+  nlist: int = flag(65_536, "lists part: inverted lists")
+  shard_rows: int = flag(1 << 22, "lists part: rows per shard file")
+  nq: int = flag(1000, "lists part: queries")
+  nprobe: tuple[int, ...] = flag((16, 64), "lists part: lists probed per query")
+  n_cand: int = flag(1000, "lists part: candidates returned per query (AQ stage)")
+  coarse_lists: int = flag(65_536, "coarse part: lists")
+  rows_per_list: int = flag(64, "coarse part: training rows per list")
+  ef_search: tuple[int, ...] = flag((16, 32, 64, 128, 256), "coarse part: efSearch values")
+  encode_lists: tuple[int, ...] = flag((1024, 65_536, 1 << 20), "encode part: lists")
+  encode_n: int = flag(2000, "encode part: vectors encoded per setting")
+  pipeline_n: int = flag(1_000_000, "pipeline part: database vectors")
+  pipeline_learn: int = flag(200_000, "pipeline part: learn vectors")
+  pipeline_lists: int = flag(4096, "pipeline part: IVF lists")
+  reuse: bool = flag(True, "lists part: keep a database built by an earlier run (and its "
+                     "build's measurement); search it again")
+  workdir: str = flag(os.path.join(RUNS, "bench_scale"), "data and results")
+  doc: str = DOC
+
+
+# ------------------------------------------------------------------ the worker
+def _usage() -> dict[str, float]:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  hwm = 0
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        hwm = int(line.split()[1]) * 1024
+  return {"cpu_s": r.ru_utime + r.ru_stime, "peak_rss": hwm, "wall": time.perf_counter()}
+
+
+def worker():
+  """`WORKER step json_args`: runs one step and prints one JSON line of results."""
+  step, args = sys.argv[1], json.loads(sys.argv[2])
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) restarts from the current RSS: not the imports' peak
+  base = _usage()
+  out = STEPS[step](**args)
+  end = _usage()
+  out.update(cpu_s=end["cpu_s"] - base["cpu_s"], wall_s=end["wall"] - base["wall"],
+             peak_rss=end["peak_rss"], base_rss=base["peak_rss"])
+  print("RESULT " + json.dumps(out), flush=True)
+
+
+def _step(step: str, **args) -> dict:
+  r = subprocess.run([*WORKER, step, json.dumps(args)], capture_output=True, text=True,
+                     env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS",
+                                                                        "cpu")})
+  if r.returncode:
+    raise SystemExit(f"step {step} failed:\n{r.stderr[-3000:]}")
+  line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")][-1]
+  res = json.loads(line[len("RESULT "):])
+  log(f"{step} {args}: {res}")
+  return res
+
+
+def _synthetic_lists(nlist: int, M: int = 8, D: int = 128, seed: int = 0):
+  """Random centroids (nlist, D), AQ tables (M, 256, D) and a sample of codes."""
+  rng = np.random.default_rng(seed)
+  cents = (30 * rng.standard_normal((nlist, D))).astype(np.float32)
+  tables = (3 * rng.standard_normal((M, 256, D))).astype(np.float32)
+  sample = np.concatenate([rng.integers(0, nlist, (100_000, 1)),
+                           rng.integers(0, 256, (100_000, M))], 1)
+  return cents, tables, sample
+
+
+def _gen_shards(out: str, n: int, nlist: int, shard_rows: int, M: int = 8) -> dict:
+  """Encode-stage shard files of n random codes (packed: 2-3 bytes of list id, then M)."""
+  from qinco_jax.search import shards
+  os.makedirs(out, exist_ok=True)
+  nb = max(1, ((nlist - 1).bit_length() + 7) // 8)
+  n_sh = max(1, -(-n // shard_rows))
+  for i in range(n_sh):
+    s, e = shards.shard_range(n, i, n_sh)
+    rng = np.random.default_rng(1000 + i)
+    lst = rng.integers(0, nlist, e - s)
+    packed = np.concatenate([((lst[:, None] >> (8 * np.arange(nb))) & 255).astype(np.uint8),
+                             rng.integers(0, 256, (e - s, M), dtype=np.uint8)], 1)
+    path = shards.shard_path(out, "codes_db", i, n_sh)
+    np.save(path, packed)
+    with open(path.with_suffix(".json"), "w") as f:
+      json.dump({"n_db": n, "rows": [int(s), int(e)], "fields": [nb] + [1] * M,
+                 "codec": "synthetic", "fingerprint": "synthetic"}, f)
+  return {"shards": n_sh}
+
+
+def _shard_readers(out: str):
+  from qinco_jax.search import shards
+  found = shards.find_shards(out)
+
+  def reader(p, meta):
+    def chunks():
+      for start, codes in shards.iter_shard(p, meta):
+        s = meta["rows"][0] + start
+        yield codes, np.arange(s, s + len(codes))
+    return chunks
+  return [(p.name, reader(p, meta)) for p, meta in found]
+
+
+def _build(out: str, nlist: int) -> dict:
+  from qinco_jax.search import build, lists
+  cents, tables, sample = _synthetic_lists(nlist)
+  ivf = lists.empty_index(cents, tables, sample, coarse="flat")
+  got = build.build_lists(os.path.join(out, "lists"), ivf, _shard_readers(out),
+                          os.path.join(out, "scratch"))
+  size = os.path.getsize(os.path.join(out, "lists", lists.LISTS_FILE))
+  return {"ntotal": got.ntotal, "file_bytes": size}
+
+
+def _search(out: str, nlist: int, nq: int, nprobe: list, n_cand: int, ram: bool) -> dict:
+  """Opens (memory-mapped) or builds in memory (ram), then times the AQ stage."""
+  from qinco_jax.search import lists
+  rng = np.random.default_rng(7)
+  cents, tables, sample = _synthetic_lists(nlist)
+  t0 = time.perf_counter()
+  if ram:
+    ivf = lists.empty_index(cents, tables, sample, coarse="flat")
+    for _, chunks in _shard_readers(out):
+      for codes, ids in chunks():
+        ivf.add(codes, ids)
+  else:
+    ivf = lists.IVFIndex.open(os.path.join(out, "lists"))
+  load_s = time.perf_counter() - t0
+  after_load = _usage()["peak_rss"]
+  q = (cents[rng.integers(0, nlist, nq)] + 10 * rng.standard_normal((nq, 128))).astype(
+      np.float32)
+  qps, cpu_ms = {}, {}
+  for p in nprobe:
+    ivf.search(q, n_cand, p, 64)  # warm: the probed pages in the page cache
+    best = (np.inf, np.inf)
+    for _ in range(REPEATS):  # the fastest of REPEATS (the machine is shared)
+      u0 = _usage()
+      D, L, C, I = ivf.search(q, n_cand, p, 64)
+      u1 = _usage()
+      best = min(best, (u1["wall"] - u0["wall"], u1["cpu_s"] - u0["cpu_s"]))
+    assert (I[:, 0] >= 0).all()
+    qps[str(p)] = nq / best[0]
+    cpu_ms[str(p)] = 1e3 * best[1] / nq
+  return {"load_s": load_s, "rss_after_load": after_load, "qps": qps,
+          "cpu_ms_per_query": cpu_ms, "ntotal": ivf.ntotal, **_rss_kinds()}
+
+
+def _rss_kinds() -> dict[str, int]:
+  """Resident memory now, split: anonymous (the process's own) and file pages mapped
+  (here the list file's pages the queries touched: page cache, shared, reclaimable)."""
+  out = {}
+  with open("/proc/self/status") as f:
+    for line in f:
+      for k in ("RssAnon", "RssFile"):
+        if line.startswith(k + ":"):
+          out[k.lower()] = int(line.split()[1]) * 1024
+  return out
+
+
+def _clustered(n: int, D: int = 128, seed: int = 0) -> np.ndarray:
+  """uint8 rows around 1,000 random centres (SIFT-like range)."""
+  rng = np.random.default_rng(seed)
+  centres = rng.uniform(20, 235, (1000, D))
+  out = np.empty((n, D), np.uint8)
+  for s in range(0, n, 1 << 20):
+    e = min(n, s + (1 << 20))
+    x = centres[rng.integers(0, 1000, e - s)] + 20 * rng.standard_normal((e - s, D))
+    out[s:e] = np.clip(x, 0, 255)
+  return out
+
+
+def _coarse(K: int, rows_per_list: int, ef_search: list) -> dict:
+  import faiss
+
+  from qinco_jax.search import coarse
+  x = _clustered(K * rows_per_list)
+  u0 = _usage()
+  cents = coarse.two_level_kmeans(x, K, verbose=False)
+  u1 = _usage()
+  graph = coarse.build_coarse(cents, "hnsw")
+  u2 = _usage()
+  q = _clustered(1000, seed=1).astype(np.float32)
+  recall = {str(k): v for k, v in coarse.list_search_recall(graph, cents, q, 64,
+                                                            ef_search).items()}
+  d, _ = faiss.knn(x[:200_000].astype(np.float32), cents, 1)
+  # One exact (faiss) K-means iteration on a subset, to extrapolate its cost.
+  sub = x[:1 << 18].astype(np.float32)
+  km = faiss.Kmeans(x.shape[1], K, niter=1, max_points_per_centroid=1 << 30, seed=0)
+  u3 = _usage()
+  km.train(sub)
+  u4 = _usage()
+  dk, _ = faiss.knn(x[:200_000].astype(np.float32), km.centroids, 1)
+  return {"rows": len(x), "two_level": {"cpu_s": u1["cpu_s"] - u0["cpu_s"],
+                                        "wall_s": u1["wall"] - u0["wall"],
+                                        "mse": float(d.mean())},
+          "hnsw": {"cpu_s": u2["cpu_s"] - u1["cpu_s"], "wall_s": u2["wall"] - u1["wall"]},
+          "recall_at_64": recall,
+          "faiss_1iter": {"rows": len(sub), "cpu_s": u4["cpu_s"] - u3["cpu_s"],
+                          "wall_s": u4["wall"] - u3["wall"], "mse_1iter": float(dk.mean())}}
+
+
+def _encode(ivf_K: int, n: int) -> dict:
+  import dataclasses as dc
+
+  import jax.numpy as jnp
+
+  import qinco_jax as qj
+  from qinco_jax.search import coarse
+  rng = np.random.default_rng(0)
+  x = _clustered(max(n, 20_000), seed=2).astype(np.float32)
+  cfg = qj.QincoConfig(K=256, M=8, L=2, de=64, dh=128, A=4, B=4, ivf_K=256)
+  codec = qj.Codec.create(cfg, x, verbose=False, ivf_centroids=x[:256])
+  cents = x[rng.integers(0, len(x), ivf_K)] + rng.standard_normal((ivf_K, 128)).astype(
+      np.float32)
+  m = codec.model()
+  st: Any = codec.state
+  st["ivf_centroids"] = st["ivf_centroids"].replace(jnp.asarray(
+      (cents - np.asarray(m.data_mean[...])) / float(m.data_std[...])))
+  codec = qj.Codec(dc.replace(cfg, ivf_K=ivf_K), 128, st)
+  q = x[:n]
+  out = {}
+  codec.encode(q[:256], verbose=False)  # compile
+  u0 = _usage()
+  full = codec.encode(q, verbose=False)
+  u1 = _usage()
+  out["exhaustive"] = {"vec_per_cpu_s": n / (u1["cpu_s"] - u0["cpu_s"]),
+                       "vec_per_s": n / (u1["wall"] - u0["wall"])}
+  graph = coarse.build_coarse(cents, "hnsw")
+  u2 = _usage()
+  out["hnsw_build"] = {"cpu_s": u2["cpu_s"] - u1["cpu_s"], "wall_s": u2["wall"] - u1["wall"]}
+  fn = coarse.candidates(graph, 4, coarse.ENCODE_EF_SEARCH)
+  codec.encode(q[:256], verbose=False, ivf_candidates=fn)  # compile
+  u3 = _usage()
+  cand = codec.encode(q, verbose=False, ivf_candidates=fn)
+  u4 = _usage()
+  out["candidates"] = {"vec_per_cpu_s": n / (u4["cpu_s"] - u3["cpu_s"]),
+                       "vec_per_s": n / (u4["wall"] - u3["wall"]),
+                       "same_codes": float((cand == full).all(1).mean())}
+  return out
+
+
+def _pipeline_data(root: str, n: int, n_learn: int, nq: int) -> dict:
+  """A BigANN-style folder (big-ann-benchmarks files): clustered uint8 128-d learn,
+  base and query sets and the exact top-100 of each query."""
+  from qinco_jax import data
+  os.makedirs(root, exist_ok=True)
+  x = _clustered(n_learn + n + nq, seed=3)
+  data.write_vecs(os.path.join(root, "learn.100M.u8bin"), x[:n_learn])
+  data.write_vecs(os.path.join(root, "base.1B.u8bin"), x[n_learn:n_learn + n])
+  q = x[n_learn + n:]
+  data.write_vecs(os.path.join(root, "query.public.10K.u8bin"), q)
+  gt = data.compute_gt(x[n_learn:n_learn + n], q, 100)
+  data.write_vecs(os.path.join(root, "GT.public.1B.ibin"), gt.astype(np.int32))
+  return {}
+
+
+def _pipeline_stage(argv: list) -> dict:
+  """One stage of `qinco-search`, in this process (its peak RSS is the stage's)."""
+  from qinco_jax import cli
+  try:
+    cli.search(["qinco-search", *argv])
+  except SystemExit as e:
+    if e.code:
+      raise
+  return {}
+
+
+STEPS = {"gen": _gen_shards, "build": _build, "search": _search, "coarse": _coarse,
+         "encode": _encode, "pipeline_data": _pipeline_data,
+         "pipeline_stage": _pipeline_stage}
+PIPELINE_STAGES = ("ivf", "train", "encode", "build", "search")
+
+
+# ------------------------------------------------------------------ the benchmark
+def run(opts: ScaleBench, command: str) -> None:
+  os.makedirs(opts.workdir, exist_ok=True)
+  res_path = os.path.join(opts.workdir, "scale.json")
+  res: dict[str, Any] = {}
+  if os.path.exists(res_path):
+    with open(res_path) as f:
+      res = json.load(f)
+  if "lists" in opts.parts:
+    rows = res.setdefault("lists", {})
+    for n in opts.sizes:
+      out = os.path.join(opts.workdir, f"db{n}")
+      r = rows.get(str(n), {})
+      built = os.path.exists(os.path.join(out, "lists", "lists.json"))
+      if not (opts.reuse and built and "build" in r):
+        _step("gen", out=out, n=n, nlist=opts.nlist, shard_rows=opts.shard_rows)
+        r["build"] = _step("build", out=out, nlist=opts.nlist)
+      r["mmap"] = _step("search", out=out, nlist=opts.nlist, nq=opts.nq,
+                        nprobe=list(opts.nprobe), n_cand=opts.n_cand, ram=False)
+      if n == opts.ram_size:
+        r["ram"] = _step("search", out=out, nlist=opts.nlist, nq=opts.nq,
+                         nprobe=list(opts.nprobe), n_cand=opts.n_cand, ram=True)
+      rows[str(n)] = r
+      _save(res_path, res)
+  if "coarse" in opts.parts:
+    res["coarse"] = _step("coarse", K=opts.coarse_lists, rows_per_list=opts.rows_per_list,
+                          ef_search=list(opts.ef_search))
+    _save(res_path, res)
+  if "encode" in opts.parts:
+    enc = res.setdefault("encode", {})
+    for K in opts.encode_lists:
+      enc[str(K)] = _step("encode", ivf_K=K, n=opts.encode_n)
+      _save(res_path, res)
+  if "pipeline" in opts.parts:
+    root = os.path.join(opts.workdir, "pipeline_data")
+    work = os.path.join(opts.workdir, "pipeline")
+    if not os.path.exists(os.path.join(root, "GT.public.1B.ibin")):
+      _step("pipeline_data", root=root, n=opts.pipeline_n, n_learn=opts.pipeline_learn,
+            nq=opts.nq)
+    flags = [f"--workdir={work}", "--data=bigann", f"--root={root}",
+             f"--ivf_K={opts.pipeline_lists}", "--M=8", "--L=2", "--de=64", "--dh=128",
+             "--A=4", "--B=4", "--epochs=2", "--stop_patience=10", "--max_experiments=4",
+             f"--shard_rows={opts.pipeline_n // 4}"]
+    pipe = res.setdefault("pipeline", {"n": opts.pipeline_n, "lists": opts.pipeline_lists})
+    for stage in PIPELINE_STAGES:
+      pipe[stage] = _step("pipeline_stage", argv=[f"--stage={stage}", *flags])
+      _save(res_path, res)
+    with open(os.path.join(work, "sweep.jsonl")) as f:
+      pipe["sweep"] = [json.loads(line) for line in f]
+  res.setdefault("commands", {})[",".join(opts.parts)] = command
+  _save(res_path, res)
+  block = render(res, opts)
+  print(block)
+  write_section(opts.doc, block, START, END)
+
+
+def _save(path: str, res: dict):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(res, f, indent=1)
+  os.replace(tmp, path)
+
+
+GB = 1e9
+
+
+def render(res: dict, opts: ScaleBench) -> str:
+  """The doc section from the saved results: what was measured, then the
+  extrapolation to BigANN-1B and Deep1B (every figure marked)."""
+  L = [START, "## Scale (experiments/bench_scale.py)", "",
+       "Commands (each part's results are kept in `runs/bench_scale/scale.json`, so "
+       "parts can run apart):", ""]
+  L += [f"    {c}" for c in res.get("commands", {}).values()]
+  L += ["", f"This machine: {os.cpu_count()} CPU cores shared with other jobs (load "
+        "average 8-11 during these runs), so wall times are pessimistic and vary from run "
+        "to run; CPU seconds (user + system, every thread) are the steadier measure. "
+        "Peak RSS is the process's VmHWM: it includes the ~0.2 GB of the Python, JAX "
+        "and faiss imports (`base`) and, for memory-mapped files, the pages of the file "
+        "the process touched (the page cache's, shared, dropped under pressure).", ""]
+  lists = res.get("lists", {})
+  if lists:
+    L += ["### On-disk lists: build, open, search (measured)", "",
+          f"Random 8-byte codes (M = 8, K = 256) over {opts.nlist:,} lists, D = 128, "
+          f"written as encode-stage shards of {opts.shard_rows:,} rows; the build is "
+          "`search.build` (one sorted run per shard, then the merge); search is the "
+          f"AQ stage returning {opts.n_cand:,} candidates with their codes and ids for "
+          f"{opts.nq:,} queries (the stage whose cost grows with N; the pairwise "
+          "shortlist and the re-rank work on the candidates only), the fastest of "
+          f"{REPEATS} after a warm-up (list pages in the page cache).", "",
+          "| N | list file, B/vec | build: peak RSS (above base) | build: CPU us/vec | "
+          "open: s | RSS after open | search: peak RSS (after: own / file pages) | "
+          "queries/s, nprobe " + " / ".join(map(str, opts.nprobe)) + " | CPU ms/query |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for n, r in sorted(lists.items(), key=lambda kv: int(kv[0])):
+      n_i, b, m = int(n), r["build"], r["mmap"]
+      L.append(
+          f"| {n_i:,} | {b['file_bytes'] / n_i:.1f} | {b['peak_rss'] / GB:.2f} GB "
+          f"({(b['peak_rss'] - b['base_rss']) / GB:.2f}) | {1e6 * b['cpu_s'] / n_i:.2f} | "
+          f"{m['load_s']:.2f} | {m['rss_after_load'] / GB:.2f} GB | "
+          f"{m['peak_rss'] / GB:.2f} GB ({m.get('rssanon', 0) / GB:.2f} / "
+          f"{m.get('rssfile', 0) / GB:.2f}) | "
+          + " / ".join(f"{v:.0f}" for v in m["qps"].values()) + " | "
+          + " / ".join(f"{v:.1f}" for v in m.get("cpu_ms_per_query", {}).values()) + " |")
+    for n, r in lists.items():
+      if "ram" in r:
+        ram, m = r["ram"], r["mmap"]
+        L += ["", f"In memory at N = {int(n):,} (the same shards added to an in-memory "
+              f"`IVFIndex`): RSS {ram['rss_after_load'] / GB:.2f} GB once the rows are in "
+              f"({(ram['rss_after_load'] - ram['base_rss']) / int(n):.0f} B/vec above base) "
+              f"against {m['rss_after_load'] / GB:.2f} GB once the built file is opened "
+              f"memory-mapped; adding the rows took {ram['load_s']:.0f} s against "
+              f"{m['load_s']:.2f} s to open the built file; queries/s at nprobe "
+              + " / ".join(map(str, opts.nprobe)) + ": "
+              + " / ".join(f"{v:.0f}" for v in ram["qps"].values()) + " in memory, "
+              + " / ".join(f"{v:.0f}" for v in m["qps"].values()) + " memory-mapped "
+              "(CPU ms/query " + " / ".join(f"{v:.1f}" for v in ram.get(
+                  "cpu_ms_per_query", {}).values()) + " and " + " / ".join(
+                      f"{v:.1f}" for v in m.get("cpu_ms_per_query", {}).values()) + ")."]
+  c = res.get("coarse")
+  if c:
+    L += ["", "### Coarse quantiser at 65,536 lists (measured)", "",
+          f"Two-level K-means (`search.coarse.two_level_kmeans`, 256 coarse clusters, "
+          f"20 iterations per level) on {c['rows']:,} rows ({c['rows'] // opts.coarse_lists}"
+          " per list) of a clustered uint8 128-d set: "
+          f"{c['two_level']['cpu_s']:.0f} CPU s ({c['two_level']['wall_s']:.0f} s wall), "
+          f"MSE {c['two_level']['mse']:.1f} on 200k of its rows. One iteration of faiss's "
+          f"exact K-means on {c['faiss_1iter']['rows']:,} rows: "
+          f"{c['faiss_1iter']['cpu_s']:.0f} CPU s ({c['faiss_1iter']['wall_s']:.0f} s wall). "
+          f"HNSW32 list search over the centroids (efConstruction {40}): "
+          f"{c['hnsw']['cpu_s']:.0f} CPU s to build. Its recall of the 64 nearest lists "
+          "(against exact search, 1,000 queries from the same distribution) per "
+          "efSearch: " + ", ".join(f"{k}: {v:.3f}" for k, v in c["recall_at_64"].items())
+          + "."]
+  enc = res.get("encode")
+  if enc:
+    L += ["", "### Encoding with many lists (measured)", "",
+          f"{opts.encode_n:,} vectors, D = 128, M = 8, L = 2, de = 64, dh = 128, A = 4, "
+          "B = 4 (random weights: the cost does not depend on them); the IVF step "
+          "exhaustive (every centroid scored) or from the B = 4 lists an HNSW list "
+          "search returns (efSearch 128). Same codes: the fraction of vectors coded "
+          "identically by both.", "",
+          "| lists | exhaustive: vectors/CPU-s | candidates: vectors/CPU-s | speed-up | "
+          "same codes | HNSW build: CPU s |", "|---|---|---|---|---|---|"]
+    for K, r in sorted(enc.items(), key=lambda kv: int(kv[0])):
+      ex, ca = r["exhaustive"]["vec_per_cpu_s"], r["candidates"]["vec_per_cpu_s"]
+      L.append(f"| {int(K):,} | {ex:,.0f} | {ca:,.0f} | {ca / ex:.1f}x | "
+               f"{r['candidates']['same_codes']:.3f} | {r['hnsw_build']['cpu_s']:.0f} |")
+  pipe = res.get("pipeline")
+  if pipe and "search" in pipe:
+    n = pipe["n"]
+    L += ["", "### A small real pipeline (measured)", "",
+          f"`qinco-search --data=bigann` on a folder of big-ann-benchmarks files "
+          f"(clustered uint8 128-d, {n:,} base vectors, {opts.pipeline_learn:,} learn), "
+          f"{pipe['lists']:,} lists, M = 8, L = 2, de = 64, dh = 128, A = B = 4, 2 epochs, "
+          "4 shard files; each stage in its own process.", "",
+          "| stage | CPU s | wall s | peak RSS | above base, B/vec |", "|---|---|---|---|---|"]
+    for stage in PIPELINE_STAGES:
+      r = pipe[stage]
+      L.append(f"| {stage} | {r['cpu_s']:.0f} | {r['wall_s']:.0f} | "
+               f"{r['peak_rss'] / GB:.2f} GB | {(r['peak_rss'] - r['base_rss']) / n:.0f} |")
+    best = max(pipe.get("sweep", []), key=lambda r: r["R@1"], default=None)
+    if best:
+      L += ["", f"Best R@1 of the search stage's sweep: {best['R@1']:.3f} (R@10 "
+            f"{best['R@10']:.3f}) at {json.dumps(best['params'])}, "
+            f"{best['ms_per_query']['total']:.2f} ms/query."]
+  L += ["", *extrapolate(res), END]
+  return "\n".join(L)
+
+
+def extrapolate(res: dict) -> list[str]:
+  """BigANN-1B and Deep1B at 2^20 lists, M = 8, on 4 hosts, from the measurements."""
+  lists, c, enc = res.get("lists", {}), res.get("coarse"), res.get("encode", {})
+  if not (lists and c and str(1 << 20) in enc):
+    return []
+  n_max = max(lists, key=int)
+  big, n_big = lists[n_max], int(n_max)
+  N, hosts, K = 10 ** 9, 4, 1 << 20
+  out = ["### Extrapolated to 10^9 vectors, 2^20 lists, M = 8, 4 hosts", "",
+         "Each figure says where it comes from: (m) measured above, (x) extrapolated "
+         "from the measurement named. CPU hours are this machine's cores.", "",
+         "| | BigANN-1B (D = 128) | Deep1B (D = 96) |", "|---|---|---|"]
+  for_d = lambda f: f"{f(128):.1f} | {f(96):.1f}"
+  cent = lambda D: 3 * K * D * 4 / GB  # numpy + the flat list term + the HNSW's copy
+  out.append(f"| centroids in RAM per host, GB (x: 3 copies of 2^20 x D float32) | "
+             f"{for_d(cent)} |")
+  per_vec = big["build"]["file_bytes"] / n_big
+  out.append(f"| list file per host, GB (m: {per_vec:.1f} B/vec at {n_big:,}) | "
+             f"{N / hosts * per_vec / GB:.1f} | {N / hosts * per_vec / GB:.1f} |")
+  build_peak = big["build"]["peak_rss"] / GB
+  out.append(f"| build: peak RSS per host, GB (m: {build_peak:.2f} at {n_big:,}, flat in N; "
+             "+ the centroids) | "
+             + for_d(lambda D: build_peak + cent(D)) + " |")
+  search_rss = big["mmap"]["peak_rss"] / GB
+  out.append(f"| search: RSS per host, GB (m: {search_rss:.2f} at {n_big:,} incl. touched "
+             "list pages; + the centroids; at most + the whole list file if every list is "
+             "touched) | " + for_d(lambda D: search_rss + cent(D)) + " |")
+  # Two-level K-means: rows x (sqrt(K) + K / sqrt(K)) per iteration.
+  k0 = 65_536
+  scale = (K * 64) / c["rows"] * (2 * np.sqrt(K)) / (2 * np.sqrt(k0))
+  ivf_h = c["two_level"]["cpu_s"] * scale / 3600
+  out.append(f"| ivf: two-level K-means, CPU h (x: {c['two_level']['cpu_s']:.0f} CPU s at "
+             f"65,536 lists x {scale:.0f} for 16x the rows and 4x the lists per row) | "
+             f"{ivf_h:.0f} (D = 128) | {ivf_h * 96 / 128:.0f} |")
+  exact_h = c["faiss_1iter"]["cpu_s"] * (K * 256 / c["faiss_1iter"]["rows"]) * (K / k0) \
+      * 100 / 3600
+  out.append("| ivf: faiss exact K-means instead, CPU h (x: one iteration above x 100 "
+             "iterations, 256 rows/list, 16x the lists) | "
+             f"{exact_h:,.0f} | {exact_h * 96 / 128:,.0f} |")
+  e = enc[str(K)]
+  enc_h = N / e["candidates"]["vec_per_cpu_s"] / 3600
+  enc_ex = N / e["exhaustive"]["vec_per_cpu_s"] / 3600
+  out.append(f"| encode, CPU h (m: {e['candidates']['vec_per_cpu_s']:,.0f} vectors/CPU-s at "
+             f"2^20 lists with candidates; exhaustive: {enc_ex:,.0f}) | {enc_h:,.0f} | "
+             f"{enc_h * 96 / 128:,.0f} (x: D scaling of the IVF step only, an upper bound) |")
+  b_us = 1e6 * big["build"]["cpu_s"] / n_big
+  out.append(f"| build, CPU h (m: {b_us:.2f} CPU us/vec at {n_big:,}) | "
+             f"{N * b_us / 1e6 / 3600:.1f} | {N * b_us / 1e6 / 3600 * 96 / 128:.1f} |")
+  cpu_q = list(big["mmap"].get("cpu_ms_per_query", {}).values())
+  if cpu_q:
+    out.append(f"| search, CPU ms/query per host at nprobe {list(big['mmap']['qps'])[-1]} "
+               f"(x: {cpu_q[-1]:.1f} at {n_big:,} over 65,536 lists, {n_big // 65_536:,} "
+               f"rows per list; 1e9 / 4 hosts over 2^20 lists is {N // hosts // K:,}) | "
+               f"{cpu_q[-1] * (N / hosts / K) / (n_big / 65_536):.1f} | "
+               f"{cpu_q[-1] * (N / hosts / K) / (n_big / 65_536) * 96 / 128:.1f} |")
+  out += ["", "Not in the table: the train stage (the model; see the curves above) and the "
+          "ground truth. The goal (peak RSS per 64 GB host under 40 GB with 4 shards) is "
+          "met by the build and search rows; the coarse quantiser at 2^20 lists is the "
+          "stage that wants an accelerator or several hosts."]
+  return out
