@@ -23,20 +23,9 @@ import os
 import shlex
 import sys
 from collections.abc import Iterator
-from importlib import resources
 from typing import Any
 
-CONFIG_NAMES = ("glove_small", "synthetic_tiny", "qinco2_s", "qinco2_m", "qinco2_l",
-                "qinco1")
-SEARCH_CONFIG_NAMES = ("search_glove",)  # field values of a `search.job.SearchJob`
-
-
-def config_path(name_or_path: str, names: tuple[str, ...] = CONFIG_NAMES) -> str:
-  """A packaged config's file by name ("glove_small"; one of `names`, the configs of
-  one program), or a path as given."""
-  if name_or_path in names:
-    return str(resources.files("qinco_jax.configs").joinpath(f"{name_or_path}.py"))
-  return name_or_path
+from qinco_jax.configs import CONFIG_NAMES, SEARCH_CONFIG_NAMES, config_path  # noqa: F401
 
 
 def _argv(argv, names: tuple[str, ...] = CONFIG_NAMES) -> list[str]:

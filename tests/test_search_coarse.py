@@ -41,7 +41,8 @@ def test_ivf_candidates_from_an_exact_list_search_give_the_exhaustive_codes(code
   got = codec.encode(x, verbose=False, ivf_candidates=second)
   assert (got[:, 0] != want[:, 0]).all()
   with pytest.raises(ValueError, match=r"found no list for row 0 \(and 511 more of rows 0..511"):
-    codec.encode(x, verbose=False, ivf_candidates=lambda q: -np.ones((len(q), 2), int))
+    codec.encode(x, verbose=False, chunk_size=512,
+                 ivf_candidates=lambda q: -np.ones((len(q), 2), int))
 
 
 def test_the_list_search_recall_grows_with_ef_search():

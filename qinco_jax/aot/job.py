@@ -77,13 +77,13 @@ class CompileJob:
 
 def model_configs(name: str, d: int):
   """(QincoConfig, TrainConfig) of an experiment config (name or file) or a preset."""
-  from qinco_jax import cli, experiment, train
+  from qinco_jax import configs, experiment, train
   if name.lower() in {k.lower() for k in PRESETS}:
     return preset(name), train.train_preset(name)
-  path = cli.config_path(name)
+  path = configs.config_path(name)
   if not os.path.isfile(path):
     raise JobError(f"--config={name}: no such config; give one of "
-                     f"{', '.join(cli.CONFIG_NAMES)}, a preset ({', '.join(PRESETS)}) or "
+                     f"{', '.join(configs.CONFIG_NAMES)}, a preset ({', '.join(PRESETS)}) or "
                      "a config file")
   c = runpy.run_path(path)["get_config"]()
   return experiment.model_config(c, d), experiment.train_config(c)

@@ -7,8 +7,10 @@ A program's time per call on one chip is predicted as
   t_memory  = estimated HBM bytes / the chip's HBM bandwidth
   t_collective = 4 x (all-reduce bytes) / the chip's bidirectional link bandwidth
                  (a ring all-reduce sends and receives twice the buffer) + 2 x (bytes
-                 crossing slices) / the chip's share of the data-centre network; no
-                 overlap with compute assumed
+                 crossing slices) / the chip's share of the data-centre network;
+                 on several GPU hosts at least 2 x (all-reduce bytes) / the GPU's own
+                 network port (the ring crosses the hosts); no overlap with compute
+                 assumed
 
 and the share of the chip's bfloat16 peak it reaches is FLOPs / (t x peak_bf16).
 These are predictions, not measurements: a roofline ignores kernel launch and loop
@@ -53,6 +55,10 @@ def predict(p: Program, target: Target) -> Prediction | None:
   t_memory = p.stats.hbm_bytes / chip.hbm_bw
   allreduce = p.stats.collectives.get("all-reduce", (0, 0.0))[1]
   t_coll = 4 * allreduce / chip.link_bw if (chip.link_bw and allreduce) else 0.0
+  if target.hosts > 1 and chip.dcn_bw and allreduce:
+    # GPU hosts: one all-reduce over every GPU, its ring crossing the hosts' network
+    # (each GPU sends and receives about 2x the bytes through its own port).
+    t_coll = max(t_coll, 2 * allreduce / chip.dcn_bw)
   dcn = p.stats.collectives.get("dcn-all-reduce", (0, 0.0))[1]
   if dcn and chip.dcn_bw:
     t_coll += 2 * dcn / chip.dcn_bw

@@ -23,8 +23,11 @@ import re
 #   hbm_bytes, hbm_bw: memory per chip (bytes) and its bandwidth (bytes/s).
 #   link_bw: bidirectional chip-to-chip bandwidth inside a slice or host (ICI,
 #     NVLink), bytes/s; None where the page does not state it.
-#   dcn_bw: data-centre network bandwidth per chip between TPU slices, bytes/s (v5p:
-#     stated per chip; v5e: the pod's 6.4 Tbps over its 256 chips); None if not stated.
+#   dcn_bw: data-centre network bandwidth per chip between TPU slices or GPU hosts,
+#     bytes/s (v5p: stated per chip; v5e: the pod's 6.4 Tbps over its 256 chips;
+#     H100/H200: one 400 Gbit/s InfiniBand port per GPU, as NVIDIA's DGX H100/H200
+#     systems have, https://www.nvidia.com/en-us/data-center/dgx-h200/); None if not
+#     stated.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +54,9 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("v6e", "tpu", 918e12, 918e12, 32 * GIB, 1640e9, 800e9,
          "https://cloud.google.com/tpu/docs/v6e"),
     Chip("h100", "gpu", 989.4e12, 494.7e12, 80 * 10**9, 3.35e12, 900e9,
-         "https://www.nvidia.com/en-us/data-center/h100/ (H100 SXM)"),
+         "https://www.nvidia.com/en-us/data-center/h100/ (H100 SXM)", dcn_bw=400e9 / 8),
     Chip("h200", "gpu", 989.4e12, 494.7e12, 141 * 10**9, 4.8e12, 900e9,
-         "https://www.nvidia.com/en-us/data-center/h200/ (H200 SXM)"),
+         "https://www.nvidia.com/en-us/data-center/h200/ (H200 SXM)", dcn_bw=400e9 / 8),
 )}
 
 # Cloud accelerator names count TensorCores on v4/v5p (2 per chip) and chips on

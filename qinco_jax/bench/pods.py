@@ -88,8 +88,19 @@ def _coll(p: dict) -> str:
   return ", ".join(f"{k} x{n} ({v / 2**20:.1f} MiB)" for k, (n, v) in sorted(c.items()))
 
 
-def _h(x: float) -> str:
-  return f"{x:.2f}" if x < 10 else f"{x:.0f}"
+def _h(hours: float) -> str:
+  """A duration for the tables: minutes below an hour, hours above."""
+  if hours < 1:
+    return f"{60 * hours:.1f} min"
+  return f"{hours:.2f} h" if hours < 10 else f"{hours:,.0f} h"
+
+
+# The one GPU measurement (docs/benchmarks.md, "Codec throughput on a GPU"): float32
+# encoders on one H200, d=128, the default chunk, vectors per second.
+H200_MEASURED = {("qinco2_s", "encode (A=16, B=32)"): 65_566,
+                 ("qinco2_s", "encode (A=32, B=64)"): 17_158,
+                 ("qinco2_l", "encode (A=16, B=32)"): 4_474,
+                 ("qinco2_l", "encode (A=32, B=64)"): 1_123}
 
 
 def render(opts: PodsBench, results: dict, command: str) -> str:
@@ -126,7 +137,7 @@ def render(opts: PodsBench, results: dict, command: str) -> str:
           f"{'yes' if p['fits'] else 'NO'} | {best_s} | {ratio:.3f} | {_coll(p)} | "
           f"{pr.get('rows_per_s_chip', 0):,.0f} | {100 * pr.get('frac_bf16_peak', 0):.0f}% "
           f"({pr.get('bound', '-')}) | {pr.get('rows_per_s_target', 0):,.0f} | "
-          f"{_h(report.hours(report.RECIPE_SAMPLES, pr.get('rows_per_s_target', 0)))} h |")
+          f"{_h(report.hours(report.RECIPE_SAMPLES, pr.get('rows_per_s_target', 0)))} |")
     lines += ["", "Encoding (one host's chips split each chunk; every host encodes its own "
               "shard) and decoding:", "",
               "| target | program | rows per chip per call | memory per chip | FLOPs: "
@@ -138,7 +149,7 @@ def render(opts: PodsBench, results: dict, command: str) -> str:
           continue
         pr = p["prediction"] or {}
         ratio = p["hlo_flops"] / p["analytic_flops"] if p.get("hlo_flops") else float("nan")
-        t1e9 = (f"{_h(report.hours(report.ENCODE_VECTORS, pr['rows_per_s_target']))} h"
+        t1e9 = (_h(report.hours(report.ENCODE_VECTORS, pr['rows_per_s_target']))
                 if p["name"].startswith("encode") and pr else "")
         lines.append(
             f"| {r['target']} | {p['name']} | {p['rows']:,} | "
@@ -149,13 +160,18 @@ def render(opts: PodsBench, results: dict, command: str) -> str:
   f32 = [(k, r) for k, r in results.items() if k.endswith("_float32")]
   if f32:
     lines += ["### Float32 encoders (beside the one GPU measurement)", "",
-              "| model | target | program | vectors/s per chip (predicted) | bound |",
-              "|---|---|---|---|---|"]
+              "| model | target | program | vectors/s per chip (predicted) | bound | "
+              "measured on one H200 | measured / predicted |",
+              "|---|---|---|---|---|---|---|"]
     for _, r in f32:
       for p in r["programs"]:
         pr = p["prediction"] or {}
-        lines.append(f"| {r['config']} | {r['target']} | {p['name']} | "
-                     f"{pr.get('rows_per_s_chip', 0):,.0f} | {pr.get('bound', '-')} |")
+        pred = pr.get("rows_per_s_chip", 0)
+        got = H200_MEASURED.get((r["config"], p["name"])) if r["target"].startswith("h200") \
+            else None
+        lines.append(f"| {r['config']} | {r['target']} | {p['name']} | {pred:,.0f} | "
+                     f"{pr.get('bound', '-')} | {'-' if got is None else f'{got:,}'} | "
+                     f"{'-' if not got or not pred else f'{got / pred:.2f}'} |")
     lines.append("")
   lines += ["### Chip figures used", "",
             "| chip | bf16 peak | float32 peak (JAX default precision) | HBM | HBM bandwidth "
