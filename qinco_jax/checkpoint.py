@@ -17,9 +17,10 @@ removes the temporary directories that interrupted saves left there.
 
 Saves at one path are serialised (an exclusive lock on the parent directory, across
 threads and processes of this machine): a second save waits for the first, then
-replaces its result. Within a process, Orbax writes also take turns (at any paths). A path that is a symbolic link is saved through: the link stays,
-its target is replaced. A save into the current directory (or one above it) leaves
-the process in the new directory.
+replaces its result. Within a process, Orbax writes also take turns (at any paths).
+A path that is a symbolic link is saved through: the link stays, its target is
+replaced. A save into the current directory (or one above it) leaves the process in
+the new directory.
 """
 
 from __future__ import annotations
