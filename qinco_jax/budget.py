@@ -11,6 +11,12 @@ with the budget (`train.budget_lr`):
 - after every epoch it is re-planned from the measured time per update, validation
   included (`end_epoch`); once the plan is reached the run is over.
 
+What the plan cannot cut (the RQ initialisation and the initial validation before the
+first update, each epoch's validation) can make a run outlast its budget: `start`
+says so when the budget is spent before the first update (the run then makes the
+few updates of the first guard), `finish` when the run ended more than OVERRUN past
+it; the trainer warns and logs both.
+
 The plan and the time spent live in the checkpoint's meta (`plan_steps`,
 `elapsed_s`), so a resumed run continues the same plan and counts earlier sessions.
 """
@@ -27,6 +33,9 @@ from qinco_jax import train
 
 # 0-based updates of the first epoch at which the budget is checked (then log points).
 EARLY_GUARDS = (2, 4, 8, 16, 32)
+# A run that ends more than this fraction of its budget past it is reported (`finish`);
+# the re-plan itself may overrun by up to one epoch's validation.
+OVERRUN = 0.1
 
 
 class Planner:
@@ -55,16 +64,44 @@ class Planner:
     # first-epoch guard: (time, update, fastest s per update)
     self._mark: tuple[float, int, float] | None = None
     self._seed: int | None = None  # the plan this call started from (set by `start`)
+    self._setup_s = 0.0  # seconds of this call before its first update (set by `start`)
+    self._ended = False  # an epoch of this call ended (`end_epoch`)
 
   @property
   def epochs(self) -> int:
     """Epochs the loop may run: `epochs`, or unbounded under a budget."""
     return self.cfg.epochs if self.budget is None else 1 << 30
 
-  def start(self, epoch: int, gstep: int):
-    """Call once, right before the first epoch of this call."""
-    self._first_epoch, self._loop = epoch, (self.clock(), gstep)
+  def start(self, epoch: int, gstep: int, t_call: float | None = None) -> str | None:
+    """Call once, right before the first epoch of this call (`t_call`: when the call
+    began, for the report). Returns a warning when the budget is already spent and
+    updates are still planned, else None."""
+    now = self.clock()
+    self._first_epoch, self._loop = epoch, (now, gstep)
     self._mark, self._seed = None, self.meta["plan_steps"]
+    self._setup_s = now - (self.t_start if t_call is None else t_call)
+    spent = now - self.t_start
+    if self.budget is None or spent < self.budget or self.done(gstep):
+      return None
+    earlier = self.meta.get("elapsed_s", 0.0)
+    return (f"the time budget ({self.budget:g} s) was spent before the first update: "
+            f"{self._setup_s:.0f} s went to the start of training (RQ initialisation and "
+            "initial validation, or reading the checkpoint)"
+            + (f" and {earlier:.0f} s to earlier sessions" if earlier else "")
+            + f", so at most {EARLY_GUARDS[0] + 1} updates run; raise time_budget_s (or "
+            "train for a number of epochs)")
+
+  def finish(self) -> str | None:
+    """After the last epoch: a warning when the run took more than OVERRUN past its
+    budget (what took the time), else None."""
+    spent = self.meta.get("elapsed_s")
+    if (self.budget is None or not self._ended or spent is None
+        or spent <= self.budget * (1 + OVERRUN)):
+      return None
+    return (f"training took {spent:.0f} s, {spent - self.budget:.0f} s past its time "
+            f"budget ({self.budget:g} s): the {self._setup_s:.0f} s before the first "
+            "update (RQ initialisation, initial validation) and each epoch's validation "
+            "are not cut by the budget")
 
   def done(self, gstep: int) -> bool:
     """Whether the plan is complete after `gstep` updates (never without a budget)."""
@@ -114,6 +151,7 @@ class Planner:
     over: no re-plan, or a last sliver epoch would follow."""
     now = self.clock()
     self.meta["elapsed_s"] = now - self.t_start
+    self._ended = True
     if self.budget is None or gstep >= self.meta["plan_steps"]:
       return
     assert self._loop is not None  # set by `start`

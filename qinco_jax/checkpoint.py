@@ -17,9 +17,10 @@ removes the temporary directories that interrupted saves left there.
 
 Saves at one path are serialised (an exclusive lock on the parent directory, across
 threads and processes of this machine): a second save waits for the first, then
-replaces its result. A path that is a symbolic link is saved through: the link stays,
-its target is replaced. A save into the current directory (or one above it) leaves
-the process in the new directory.
+replaces its result. Within a process, Orbax writes also take turns (at any paths).
+A path that is a symbolic link is saved through: the link stays, its target is
+replaced. A save into the current directory (or one above it) leaves the process in
+the new directory.
 """
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 _locks = threading.local()  # {parent directory: depth} held by this thread
+# Orbax writes of one process, one at a time: two at once from threads fail (its
+# tensorstore writes interfere, even at different paths; an index save writes its
+# codec outside the path lock), reads do not.
+_WRITE_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -234,12 +239,13 @@ def save_state(path: str | os.PathLike, state: nnx.State, meta: dict[str, Any]):
       tmp.mkdir()
       # Host (NumPy) arrays: the checkpoint names no device, so any process can load it.
       arrays = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
-      ck = _ckpt()
-      try:
-        ck.save(tmp / STATE_DIR, arrays)
-        ck.wait_until_finished()
-      finally:
-        ck.close()
+      with _WRITE_LOCK:
+        ck = _ckpt()
+        try:
+          ck.save(tmp / STATE_DIR, arrays)
+          ck.wait_until_finished()
+        finally:
+          ck.close()
       with open(tmp / META_FILE, "w") as f:
         json.dump({"format": FORMAT, "version": VERSION, **meta,
                    "checksums": checksums(arrays)}, f, indent=2)
@@ -430,9 +436,10 @@ class TrainCheckpoints:
   def save(self, step: int, state, meta: dict[str, Any]):
     import orbax.checkpoint as ocp
     meta = {**meta, "checksums": checksums(state)}
-    self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    self._mngr.wait_until_finished()
+    with _WRITE_LOCK:
+      self._mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      self._mngr.wait_until_finished()
 
   def restore(self, like, step: int | None = None):
     """(state of host arrays shaped like the tree `like`, meta) of `step` (default:

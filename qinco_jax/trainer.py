@@ -494,7 +494,13 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
       current_codec().save(workdir / "best")
     dist.barrier("initial-best")
   gstep = int(dist.host(state.step))  # updates done (host copy of state.step)
-  plan.start(meta["epoch"], gstep)
+
+  def report(note: str | None):  # a budget the run cannot keep: warned and logged
+    if note and main:
+      warnings.warn(note, stacklevel=3)
+    if note:
+      writer.write({"epoch": meta["epoch"], "warning": note})
+  report(plan.start(meta["epoch"], gstep, t_call))
   marked = False  # ckpt_meta.json says that a checkpoint was written
   for epoch in range(meta["epoch"], plan.epochs):
     if plan.done(gstep):
@@ -560,6 +566,7 @@ def _train(model_cfg, train_cfg, ds, workdir, start, ckpts, *, verbose, ivf_cent
             flush=True)
     if meta["bad_epochs"] > train_cfg.stop_patience:
       break
+  report(plan.finish())
   return _best_codec(workdir, codec)
 
 

@@ -385,3 +385,77 @@ def test_an_index_save_interrupted_between_its_renames_is_recovered(setup, tmp_p
     loaded = qj.load_index(tmp_path / "idx")
   np.testing.assert_array_equal(loaded.search(ds.queries[:5], 5, nprobe=4)[1], I)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_index_saves_from_threads_at_once_take_turns_and_succeed(setup, tmp_path,
+                                                                 monkeypatch):
+  """Two threads save the index to one path at once. Each save writes its codec with
+  Orbax, whose writes from two threads at once fail (even at different paths): they
+  take turns. Save A is held inside its array write until save B reaches its own or
+  waits for its turn; no two writes overlap and both saves succeed."""
+  import threading
+
+  from qinco_jax import checkpoint
+  ds, _, index = setup
+  real_ckpt = checkpoint._ckpt
+  a_in, b_there, count = threading.Event(), threading.Event(), threading.Lock()
+  active, most = [0], [0]
+
+  class Turn:  # the write lock, noting when B asks for it
+    def __init__(self):
+      self.lock = threading.Lock()
+
+    def __enter__(self):
+      if threading.current_thread().name == "B":
+        b_there.set()
+      self.lock.acquire()
+
+    def __exit__(self, *exc):
+      self.lock.release()
+
+  class Held:
+    def __init__(self):
+      self.ck = real_ckpt()
+
+    def save(self, *a, **k):
+      with count:
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+      if threading.current_thread().name == "B":
+        b_there.set()
+      else:
+        a_in.set()
+        b_there.wait(60)  # a guard against a test bug, not a speed check
+      return self.ck.save(*a, **k)
+
+    def close(self):
+      with count:
+        active[0] -= 1
+      self.ck.close()
+
+    def __getattr__(self, name):
+      return getattr(self.ck, name)
+
+  monkeypatch.setattr(checkpoint, "_ckpt", Held)
+  monkeypatch.setattr(checkpoint, "_WRITE_LOCK", Turn(), raising=False)
+  errors = []
+
+  def save():
+    try:
+      index.save(tmp_path / "idx")
+    except Exception as e:  # reported below
+      errors.append(e)
+
+  ta = threading.Thread(target=save, name="A")
+  ta.start()
+  assert a_in.wait(60)
+  tb = threading.Thread(target=save, name="B")
+  tb.start()
+  ta.join()
+  tb.join()
+  monkeypatch.undo()
+  assert errors == [] and most[0] == 1
+  D, I = index.search(ds.queries[:10], 5, nprobe=4)
+  D2, I2 = qj.load_index(tmp_path / "idx").search(ds.queries[:10], 5, nprobe=4)
+  np.testing.assert_array_equal(I2, I)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]

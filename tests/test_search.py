@@ -450,3 +450,25 @@ def test_a_sweep_log_of_another_index_is_not_reused(tmp_path):
   assert runs["new"][1] == 0  # then reused
   assert len(sweep.read_log(log, {"index": "new"})) == len(sweep.read_log(log, {"index": "old"}))
   assert {r["index"] for r in reference.read_jsonl(log)} == {"old", "new"}
+
+
+def test_sweep_announces_each_setting_before_it_runs(tmp_path, capsys):
+  """A setting can search for minutes: its line is printed before its searches (the
+  warm-up's and the timed one) start, its result after."""
+  fake = _FakeSearcher(8)
+  seen = []
+  search = fake.search
+
+  def announced_search(queries, k, params):
+    seen.append((params.nprobe, capsys.readouterr().out))
+    return search(queries, k, params)
+
+  fake.search = announced_search
+  sweep.run_sweep(fake, np.zeros((8, 2), np.float32), np.arange(8)[:, None],
+                  tmp_path / "s.jsonl", ranges={"nprobe": [1, 8], "nshort": [1]},
+                  warmup=8, clock=fake.clock, max_experiments=5)
+  assert [p for p, _ in seen] == [1, 1, 8, 8]  # warm-up and timed search of each
+  assert seen[0][1] == "setting 1 of at most 5: {'nprobe': 1, 'nshort': 1} on 8 queries ...\n"
+  assert seen[1][1] == ""  # the timed search follows at once
+  assert seen[2][1] == ("{'nprobe': 1, 'nshort': 1}: R@1 0.1250 0.250 ms/q\n"
+                        "setting 2 of at most 5: {'nprobe': 8, 'nshort': 1} on 8 queries ...\n")

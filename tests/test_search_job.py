@@ -85,3 +85,14 @@ def test_a_stage_run_before_its_inputs_exist_says_which_to_run(tmp_path):
     with pytest.raises(search_job.JobError, match=f"run --stage={before} first"):
       search_job.run(search_job.SearchJob(workdir=str(tmp_path), stage=stage))
     assert not (tmp_path / f"command.{stage}.txt").exists()  # nothing left behind
+
+
+def test_the_ivf_stage_shows_its_progress(tmp_path, capfd):
+  """The ivf stage's K-means prints each iteration (it ran 99 s without a line)."""
+  _write_layout(tmp_path, search_job.FILES["deep1b"]["vecs"])
+  search_job.run(search_job.SearchJob(workdir=str(tmp_path / "w"), stage="ivf",
+                                      data="deep1b", root=str(tmp_path), ivf_K=4))
+  out = capfd.readouterr().out.replace("\r", "\n")
+  assert "Clustering 180 points in 8D to 4 clusters" in out  # 200 learn rows, 20 held out
+  assert "  Iteration 0 (" in out and "  Iteration 1 (" in out
+  assert (tmp_path / "w" / "command.ivf.txt").exists()

@@ -405,6 +405,30 @@ def test_time_budget_holds_inside_a_long_first_epoch(tmp_path, monkeypatch):
   assert epochs[0]["step"] == epochs[0]["plan_steps"]
 
 
+def test_a_budget_spent_before_the_first_update_is_said_and_logged(tmp_path, monkeypatch):
+  """The start of a run (RQ initialisation, initial validation) is not cut by the
+  time budget: here the initial validation alone takes 12 s of a 10 s budget. The run
+  says so, makes the first guard's 3 updates, validates them, and says by how much it
+  ran past the budget; both warnings are also in metrics.jsonl."""
+  ds = qj.data.load_synthetic(n_train=2048, n_db=100, n_queries=10, d=8, n_val=200)
+  cfg = qj.QincoConfig(K=8, M=2, L=1, de=None, dh=8, A=2, B=2)
+  tc = train.TrainConfig(epochs=1000, warmup_epochs=1, batch_per_device=128,
+                         stop_patience=10**6, time_budget_s=10.0, log_every=1)
+  clock = _ScriptedTime(monkeypatch, step_s=0.02, val_s=12.0)
+  with pytest.warns(UserWarning) as caught:
+    log, epochs = _train_log(cfg, tc, ds, tmp_path, clock)
+  notes = [str(w.message) for w in caught if "time budget" in str(w.message)]
+  assert len(notes) == 2
+  assert notes[0].startswith("the time budget (10 s) was spent before the first update: "
+                             "12 s went to the start of training")
+  assert "so at most 3 updates run" in notes[0]
+  assert len(epochs) == 1 and epochs[0]["step"] == 3
+  assert epochs[0]["elapsed_s"] == pytest.approx(12 + 3 * 0.02 + 12)
+  assert notes[1].startswith("training took 24 s, 14 s past its time budget (10 s): the "
+                             "12 s before the first update")
+  assert [r["warning"] for r in log if "warning" in r] == notes
+
+
 def _scripted_run(tmp_path, monkeypatch, val_mses, stop_patience, tc=None):
   """Trains the tiny model with validation numbers replaced by `val_mses` (initial
   first). Returns (returned codec, the codecs validated in order, epoch records)."""

@@ -62,7 +62,9 @@ def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
               verbose: bool = True, warmup: int = 256,
               clock: Callable[[], float] = time.perf_counter,
               label: dict | None = None) -> list[dict]:
-  """Runs the sweep; returns the records of the Pareto-optimal settings.
+  """Runs the sweep; returns the records of the Pareto-optimal settings. With
+  `verbose` each setting is announced before it runs (one can take minutes) and its
+  result printed after.
 
   `label` (e.g. the index's fingerprint) goes into every record written, and only
   records with the same label are reused: a log kept from an earlier index is neither
@@ -102,6 +104,10 @@ def run_sweep(searcher: Searcher, queries: np.ndarray, gt: np.ndarray,
         break
       sp = dataclasses.replace(base, **params)
       k = results_asked(sp)
+      if verbose:  # a setting can take minutes on a large query set: say what runs
+        of = f" of at most {max_experiments}" if max_experiments is not None else ""
+        print(f"setting {n_run + 1}{of}: {params} on {len(queries):,} queries ...",
+              flush=True)
       with warnings.catch_warnings():  # small nprobe: fewer than 100 results is the point
         warnings.simplefilter("ignore", FewerResultsWarning)
         if warmup:  # compile the decoder for this shortlist size outside the timing
