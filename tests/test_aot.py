@@ -212,6 +212,18 @@ def test_largest_batch_search_finds_the_memory_limit():
   best, _ = aot.max_batch(program(1e9, 2e9, 1.0), 1024)  # nothing fits
   assert best == 0
 
+  def flat(usable, at_most):  # memory that does not grow with the batch (first points)
+    def at(b):
+      total = 6e8 - 1e4 * min(b, 2048) + (0 if b <= at_most else 2 * usable)
+      return aot.Program("train", b, total <= usable, {"total": int(total)}, usable,
+                         0.0, None, None, None, 0.0)
+    return at
+
+  best, seen = aot.max_batch(flat(56e9, 10**9), 1024)  # everything fits: the cap
+  assert best == 64 * 1024 and len(seen) <= 8
+  best, _ = aot.max_batch(flat(56e9, 20_000), 1024)  # fits up to 20,000 rows
+  assert 0.90 * 20_000 <= best <= 20_000 and best % 8 == 0, best
+
 
 def test_param_bytes_counts_the_trainable_arrays():
   cfg = qj.preset("qinco2-S", K=32, M=3, L=1, de=8, dh=16, A=4, B=2)

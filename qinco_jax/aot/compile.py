@@ -155,10 +155,11 @@ def max_batch(compile_at: Callable[[int], Program], start: int, multiple: int = 
   """The largest batch per chip that fits, found by compiling `compile_at(b)`.
 
   From `start` (halved until it fits) and twice that, a linear model of the memory
-  predicts the largest batch; it is compiled, then the search bisects between the
-  largest batch that fitted and the smallest that did not (or steps up while
-  it fits) to within `tolerance`, up to `cap` x start (the answer is then "at least
-  that"). Batches are multiples of `multiple`; `known`: programs compiled already
+  predicts the largest batch; it is compiled, then, while everything fits, the batch
+  at least doubles (to the linear model's prediction where it is larger), and once a
+  batch fails the search bisects between the largest batch that fitted and the
+  smallest that did not to within `tolerance`; up to `cap` x start (the answer is
+  then "at least that"). Batches are multiples of `multiple`; `known`: programs compiled already
   (not compiled again). Returns (batch, programs compiled); batch 0 when not even
   `multiple` fits.
   """
@@ -189,12 +190,21 @@ def max_batch(compile_at: Callable[[int], Program], start: int, multiple: int = 
     lo = 2 * a
   else:
     hi = 2 * a
-  if pa.memory and pb.memory and pb.memory["total"] > pa.memory["total"]:
-    per_row = (pb.memory["total"] - pa.memory["total"]) / a
-    guess = (pa.usable_bytes - (pa.memory["total"] - per_row * a)) / per_row
-  else:
+
+  def linear_guess() -> float | None:
+    """Where the memory of the two largest fitting batches, extended linearly, meets
+    the chip's usable bytes (None where it does not grow with the batch)."""
+    fit = sorted((q for q in seen if q.fits and q.memory), key=lambda q: q.rows)[-2:]
+    if len(fit) < 2 or fit[1].memory["total"] <= fit[0].memory["total"]:
+      return None
+    per_row = (fit[1].memory["total"] - fit[0].memory["total"]) / (fit[1].rows - fit[0].rows)
+    return fit[1].rows + (fit[1].usable_bytes - fit[1].memory["total"]) / per_row
+
+  guess = linear_guess() if hi is None else None
+  from_model = guess is not None
+  if guess is None:
     guess = 2 * lo if hi is None else (lo + hi) / 2
-  for _ in range(8):
+  while lo < limit:  # at most log2(cap) doublings, then a bisection to `tolerance`
     g = min(round_down(guess), limit, (hi - multiple) if hi is not None else limit)
     if g <= lo:
       break
@@ -202,9 +212,17 @@ def max_batch(compile_at: Callable[[int], Program], start: int, multiple: int = 
       lo = g
     else:
       hi = g
-    if lo >= limit or (hi is not None and hi - lo <= max(multiple, tolerance * lo)):
+    if hi is not None and hi - lo <= max(multiple, tolerance * lo):
       break
-    guess = lo * (1 + tolerance) if hi is None else (lo + hi) / 2
+    if hi is not None:
+      guess, from_model = (lo + hi) / 2, False
+    elif from_model:  # the model's prediction fits: the limit should be just above
+      guess, from_model = lo * (1 + tolerance), False
+    else:  # no failure yet and no model to trust (the memory need not grow linearly: a
+      # GPU compile used less at 2,048 rows than at 1,024): double, or follow the model
+      lin = linear_guess()
+      from_model = lin is not None and lin > 2 * lo
+      guess = lin if from_model else 2 * lo
   return lo, seen
 
 
