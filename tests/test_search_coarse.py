@@ -40,7 +40,9 @@ def test_ivf_candidates_from_an_exact_list_search_give_the_exhaustive_codes(code
   second = lambda q: coarse.search_lists(index, q, 3, ef)[1][:, 1:]
   got = codec.encode(x, verbose=False, ivf_candidates=second)
   assert (got[:, 0] != want[:, 0]).all()
-  with pytest.raises(ValueError, match=r"found no list for row 0 \(and 511 more of rows 0..511"):
+  n = min(len(x), codec.chunk_size(4, 4))  # the first chunk (512 rows per device)
+  with pytest.raises(ValueError, match=rf"found no list for row 0 \(and {n - 1} more of rows "
+                                       rf"0..{n - 1}\)"):
     codec.encode(x, verbose=False, ivf_candidates=lambda q: -np.ones((len(q), 2), int))
 
 
@@ -56,6 +58,22 @@ def test_the_list_search_recall_grows_with_ef_search():
       np.argsort(((q[:, None] - cents[None]) ** 2).sum(-1), 1)[:, :16])]
   assert r[256] == pytest.approx(np.mean(exact) / 16)  # against NumPy's exact search
   assert r[16] < r[256] and r[256] > 0.95
+
+
+def test_the_hnsw_list_search_is_built_in_blocks_with_a_progress_bar(monkeypatch, capsys):
+  """Added in blocks, the graph holds every centroid once (an exact search through it at
+  a large efSearch finds each centroid itself) and the bar counts them with a rate."""
+  rng = np.random.default_rng(2)
+  cents = rng.standard_normal((5000, 16)).astype(np.float32)
+  monkeypatch.setattr(coarse, "HNSW_ADD_ROWS", 1200)
+  graph = coarse.build_coarse(cents, "hnsw", verbose=True)
+  assert graph.ntotal == 5000
+  _, nearest = coarse.search_lists(graph, cents, 1, 256)
+  np.testing.assert_array_equal(nearest[:, 0], np.arange(5000))
+  err = capsys.readouterr().err
+  assert "ivf: list search (HNSW)" in err and "5.00k/5.00k" in err and "list/s" in err
+  coarse.build_coarse(cents, "hnsw")  # quiet unless verbose
+  assert "list search" not in capsys.readouterr().err
 
 
 def test_lloyd_groups_equal_numpy_lloyd():
