@@ -19,6 +19,7 @@ from qinco_jax.bench import (
     pods,
     quantizers,
     rq_init,
+    scale,
     search,
 )
 from qinco_jax.config import flag
@@ -27,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"bench_codec": codec.CodecBench, "bench_quantizers": quantizers.QuantizerBench,
            "bench_search": search.SearchBench, "bench_budget": budget.BudgetBench,
            "bench_rq_init": rq_init.RQInitBench, "bench_multihost": multihost.MultihostBench,
-           "bench_pods": pods.PodsBench}
+           "bench_pods": pods.PodsBench, "bench_scale": scale.ScaleBench}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,3 +189,39 @@ def test_a_run_folder_is_cleared_only_when_a_training_run_wrote_it(tmp_path):
     harness.clear_run_dir(str(users))
   assert (users / "thesis.tex").read_text() == "mine" and (users / "best").is_dir()
   harness.clear_run_dir(str(tmp_path / "absent"))  # nothing to clear
+
+
+def test_the_scale_extrapolation_by_hand():
+  """bench_scale's table at 10^9 vectors on 4 hosts, from made-up measurements whose
+  extrapolation is easy to do by hand."""
+  usage = {"cpu_s": 0.0, "wall_s": 1.0, "peak_rss": 10 ** 9, "base_rss": 0}
+  lists = {str(n): {"build": {**usage, "file_bytes": 16 * n, "cpu_s": 5e-6 * n},
+                    "mmap": {**usage, "load_s": 0.5, "rss_after_load": 0, "rssanon": 10 ** 9,
+                             "qps": {"64": 100.0}, "cpu_ms_per_query": {"64": ms}}}
+           for n, ms in ((1 << 16, 1.0), (1 << 26, 2.0))}  # 1 and 1,024 rows per list
+  res = {"nlist": 1 << 16, "lists": lists,
+         "coarse": {"K": 1 << 16, "rows": 1 << 22, "two_level": {"cpu_s": 3600.0},
+                    "faiss_1iter": {"rows": 1 << 20, "cpu_s": 36.0},
+                    "recall_at_64": {"16": 0.5, "256": 0.9}},
+         "encode": {str(1 << 20): {"exhaustive": {"vec_per_cpu_s": 1e9 / 3600 / 1000},
+                                   "candidates": {"vec_per_cpu_s": 1e9 / 3600 / 100,
+                                                  "same_codes": 1.0},
+                                   "hnsw_build": {"cpu_s": 360.0}}}}
+  rows = {r.split(" | ")[0]: r.split(" | ")[1:] for r in scale.extrapolate(res)
+          if r.startswith("| ") and "---" not in r}
+  cell = lambda start: next(v for k, v in rows.items() if k.startswith("| " + start))
+  cent = 3 * 2 ** 20 * 128 * 4 / 1e9  # 1.61 GB of centroids (D = 128)
+  assert cell("list file per host")[0] == "4.0"  # 2.5e8 x 16 bytes
+  assert cell("build: peak RSS")[0] == f"{1 + cent:.1f}"  # flat: no growth
+  assert cell("search: RSS")[0] == f"{1 + cent + 4:.1f}"
+  # 3600 CPU s x 16 (2^26 rows: 64 per list at 2^20) x 4 (sqrt(2^20 / 2^16) distances)
+  assert cell("ivf: two-level")[0] == "64.0"
+  # 36 CPU s x 256 (2^28 rows / 2^20) x 16 (lists) x 100 iterations
+  assert cell("ivf: faiss exact")[0] == f"{36 * 256 * 16 * 100 / 3600:,.0f}"
+  assert cell("encode")[0] == "100 / 25"
+  assert cell("build, CPU h")[0] == f"{5e-6 * 1e9 / 3600:.1f} / {5e-6 * 1e9 / 3600 / 4:.1f}"
+  # 1 ms at 1 row per list, 2 at 1,024: at 2.5e8 / 2^20 = 238.4 rows per list
+  assert cell("search, AQ stage")[0] == f"{1 + (238.4186 - 1) / 1023:.1f}"
+  text = "\n".join(scale.extrapolate(res))
+  assert f"RAM: met by extrapolation ({1 + cent + 4:.1f} GB" in text
+  assert "finds 0.90 of the 64 nearest lists at efSearch 256" in text

@@ -375,6 +375,32 @@ def test_index_remove_and_reload_keep_what_was_stored(tmp_path):
     full.add(codes[:2], np.array([-1, 3]))
 
 
+def test_removing_ids_from_a_loaded_index_on_disk_equals_removing_them_in_memory(built,
+                                                                               tmp_path):
+  """Index.remove_ids(ids, path=...) (the offline compaction) saves an index that
+  answers as the same removal in memory, leaves the loaded index's own files intact,
+  and works in place (its checksums then verify on loading)."""
+  import shutil
+  path, ds, _, _, _ = built
+  drop = np.arange(0, 3000, 7)
+  mem = qj.load_index(path, mmap=False)
+  assert mem.remove_ids(drop) == len(drop)
+  want = mem.search(ds.queries, 10, nprobe=8, nshort=50)
+  disk = qj.load_index(path)
+  assert disk.remove_ids(drop, path=tmp_path / "compact") == len(drop)
+  assert disk._ivf.disk is not None  # still memory-mapped
+  copy = tmp_path / "copy"
+  shutil.copytree(path, copy)
+  in_place = qj.load_index(copy)
+  assert in_place.remove_ids(drop, path=copy) == len(drop)
+  for index in (disk, qj.load_index(tmp_path / "compact"), in_place, qj.load_index(copy)):
+    assert index.ntotal == 3000 - len(drop)
+    got = index.search(ds.queries, 10, nprobe=8, nshort=50)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+  assert qj.load_index(path).ntotal == 3000
+
+
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_many_small_adds_store_what_one_add_stores_with_few_copies(metric, tmp_path):
   """Adding rows in 300 calls gives the rows, faiss lists and search results of one

@@ -161,6 +161,47 @@ def test_the_on_disk_build_equals_the_in_memory_index(metric, tmp_path, monkeypa
   np.testing.assert_array_equal(got[0], want[0])
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_removing_ids_from_disk_lists_equals_building_without_them(metric, tmp_path,
+                                                                    monkeypatch):
+  """`build.remove_ids` (the offline compaction) of on-disk lists, written in blocks
+  of a few lists, gives the rows and search results of an in-memory index built from
+  the kept rows only, keeps next_id, leaves the source untouched, and also works in
+  place and from an index in memory."""
+  rng = np.random.default_rng(5)
+  cents, tables, codes = _inputs(rng, n=3000)
+  ids = rng.permutation(10 * len(codes))[:len(codes)].astype(np.int64)
+  empty = lists_lib.empty_index(cents, tables, codes[:2000], metric=metric)
+  disk = build.build_lists(tmp_path / "src", empty, [("s", lambda: iter([(codes, ids)]))],
+                           tmp_path / "scratch")
+  before = (tmp_path / "src" / lists_lib.LISTS_FILE).read_bytes()
+  drop = np.concatenate([rng.choice(ids, 800, replace=False), [10 ** 9]])
+  kept = ~np.isin(ids, drop)
+  want = lists_lib.build_index(cents, tables, codes[:2000], codes[kept], ids[kept],
+                               metric=metric)
+  monkeypatch.setattr(listfile, "BLOCK_ROWS", 200)  # many blocks
+  q = rng.normal(size=(30, 8)).astype(np.float32)
+  ram = lists_lib.build_index(cents, tables, codes[:2000], codes, ids, metric=metric)
+  for src, out in ((disk, tmp_path / "out"), (ram, tmp_path / "from_ram"),
+                   (lists_lib.IVFIndex.open(tmp_path / "src"), tmp_path / "src")):
+    got, n = build.remove_ids(out, src, drop)
+    assert n == 800 and got.ntotal == 2200 and got.disk is not None
+    assert got.next_id == int(ids.max()) + 1  # not handed out again
+    r, w = got.rows(), want.rows()
+    order = np.lexsort((np.arange(len(w["ids"])), w["lists"]))
+    for k in w:
+      np.testing.assert_array_equal(r[k], w[k][order])
+    a, b = got.search(q, 20, nprobe=8, ef_search=16), want.search(q, 20, nprobe=8,
+                                                                  ef_search=16)
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x, y)
+    if out != tmp_path / "src":
+      assert (tmp_path / "src" / lists_lib.LISTS_FILE).read_bytes() == before
+  assert ram.ntotal == 3000
+  with pytest.raises(ValueError, match="remove_ids needs integer ids, got dtype float64"):
+    build.remove_ids(tmp_path / "x", disk, np.array([1.0]))
+
+
 _MEASURE = """
 import sys, numpy as np
 from qinco_jax.search import build, listfile, lists as L

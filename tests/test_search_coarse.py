@@ -59,6 +59,22 @@ def test_the_list_search_recall_grows_with_ef_search():
   assert r[16] < r[256] and r[256] > 0.95
 
 
+def test_the_hnsw_list_search_is_built_in_blocks_with_a_progress_bar(monkeypatch, capsys):
+  """Added in blocks, the graph holds every centroid once (an exact search through it at
+  a large efSearch finds each centroid itself) and the bar counts them with a rate."""
+  rng = np.random.default_rng(2)
+  cents = rng.standard_normal((5000, 16)).astype(np.float32)
+  monkeypatch.setattr(coarse, "HNSW_ADD_ROWS", 1200)
+  graph = coarse.build_coarse(cents, "hnsw", verbose=True)
+  assert graph.ntotal == 5000
+  _, nearest = coarse.search_lists(graph, cents, 1, 256)
+  np.testing.assert_array_equal(nearest[:, 0], np.arange(5000))
+  err = capsys.readouterr().err
+  assert "ivf: list search (HNSW)" in err and "5.00k/5.00k" in err and "list/s" in err
+  coarse.build_coarse(cents, "hnsw")  # quiet unless verbose
+  assert "list search" not in capsys.readouterr().err
+
+
 def test_lloyd_groups_equal_numpy_lloyd():
   """Each group's batched Lloyd iterations are plain Lloyd on its own rows and lists
   (padding rows and lists ignored), against NumPy in float64."""

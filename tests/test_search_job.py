@@ -1,6 +1,8 @@
 """The search job's inputs (`search.job`): the BigANN/Deep1B file layouts in both
 distributions, and ground truth that does not fit the database."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,40 @@ def test_the_ivf_stage_shows_its_progress(tmp_path, capfd):
   assert "Clustering 180 points in 8D to 4 clusters" in out  # 200 learn rows, 20 held out
   assert "  Iteration 0 (" in out and "  Iteration 1 (" in out
   assert (tmp_path / "w" / "command.ivf.txt").exists()
+
+
+def test_a_rerun_of_all_stages_goes_on_from_the_first_unfinished_one(tmp_path, monkeypatch,
+                                                                    capsys):
+  """--stage=all skips the stages job.json records as finished with the same settings
+  (encode only when every shard of its split is written), runs the first other one and
+  every later one; a stage named on its own always runs."""
+  ran = []
+  monkeypatch.setattr(search_job, "_run_stages",
+                      lambda job, wd, main, stages: ran.extend(stages))
+  from qinco_jax.search.workdir import SearchWorkdir
+  wd = SearchWorkdir(tmp_path)
+  job = search_job.SearchJob(workdir=str(tmp_path), ivf_K=16, M=2, given=frozenset())
+  settings = lambda stage: {f: getattr(job, f) for f in search_job.STAGE_FIELDS[stage]}
+  for stage in ("ivf", "train"):
+    wd.record(stage, settings(stage))
+
+  def run(**kw):
+    ran.clear()
+    search_job.run(dataclasses.replace(job, **kw))
+    return list(ran)
+
+  assert run() == ["encode", "build", "search"]  # ivf and train finished
+  assert "ivf: finished earlier" in capsys.readouterr().out
+  # Every stage is recorded now, but the encode stage's shards are not all there (as
+  # when the first of several --shard jobs records it): encode and what follows run.
+  (tmp_path / "codes_db.0001of0002.npy").write_bytes(b"")
+  assert run() == ["encode", "build", "search"]
+  (tmp_path / "codes_db.0000of0002.npy").write_bytes(b"")
+  assert run() == []
+  assert run(stage="ivf") == ["ivf"]  # named on its own: runs
+  assert run(stage="build") == ["build"]
+  # A finished stage given other settings (allowed: nothing later used them) runs
+  # again, and so does every later stage.
+  wd.record_file.unlink()
+  wd.record("ivf", settings("ivf"))
+  assert run(ivf_K=32, given=frozenset({"ivf_K"})) == list(search_job.STAGES)

@@ -8,7 +8,8 @@ file by one sequential pass over each (`listfile.merge_lists`, O(BLOCK_ROWS + nl
 memory per input). Runs are kept in a scratch directory until the merge is done, so
 a build killed half way redoes only the shards whose runs are missing. More than
 MERGE_FANIN inputs are merged in rounds, so that the per-input list sizes held in
-memory stay bounded at 2^20 lists.
+memory stay bounded at 2^20 lists. `remove_ids` shrinks lists larger than memory the
+same way: one sequential pass writing a new file without the removed rows.
 """
 
 from __future__ import annotations
@@ -117,6 +118,32 @@ def build_lists(out_dir: str | os.PathLike, ivf: IVFIndex, shards: list[Shard],
   ivf.next_id = saved_next
   shutil.rmtree(scratch, ignore_errors=True)
   return IVFIndex.open(out_dir)
+
+
+def remove_ids(out_dir: str | os.PathLike, ivf: IVFIndex, ids,
+               verbose: bool = False) -> tuple[IVFIndex, int]:
+  """The offline compaction of lists larger than memory: writes the lists of `ivf`
+  without the rows holding these ids ((n,) integers) to directory `out_dir`
+  (`IVFIndex.save`'s layout; it may be where `ivf` was opened from) by one sequential
+  pass over its list file (`listfile.filter_lists`: O(BLOCK_ROWS + nlist + n) memory,
+  never O(ntotal)). Returns them opened memory-mapped and how many rows were removed.
+  `ivf` is left unchanged; its next_id is kept (ids are not handed out again)."""
+  ids = np.asarray(ids)
+  if ids.dtype.kind not in "iu":
+    raise ValueError(f"remove_ids needs integer ids, got dtype {ids.dtype}")
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if ivf.disk is not None:
+    src = ivf.disk.path
+  else:
+    ivf.save(out_dir)
+    src = out_dir / LISTS_FILE
+  with tqdm(total=ivf.ntotal, desc="remove_ids: compact", unit="vec", unit_scale=True,
+            disable=not verbose) as bar:
+    sizes = listfile.filter_lists(out_dir / LISTS_FILE, src, ids.astype(np.int64).ravel(),
+                                  on_rows=bar.update)
+  ivf.save_meta(out_dir)
+  return IVFIndex.open(out_dir), ivf.ntotal - int(sizes.sum())
 
 
 def _read_done(scratch: Path) -> dict:

@@ -33,6 +33,7 @@ from qinco_jax.search.workdir import SearchWorkdir
 
 FLAT_COARSE_MAX = 4096  # kind="auto": exact list search up to this many lists
 EF_CONSTRUCTION = 40  # efConstruction of an HNSW list search (docs/benchmarks.md, Scale)
+HNSW_ADD_ROWS = 1 << 16  # centroids added to the HNSW graph per call (progress)
 ENCODE_EF_SEARCH = 128  # efSearch of the encoder's IVF candidates (docs/benchmarks.md, Scale)
 EXACT_KMEANS_MAX = 8192  # train_ivf: faiss's exact K-means up to this many lists
 ROWS_PER_LIST = 64  # two-level K-means: training rows per list (sampled)
@@ -48,8 +49,10 @@ def _faiss() -> Any:
 
 # ---------------------------------------------------------------- list search
 def build_coarse(centroids: np.ndarray, kind: str = "auto",
-                 ef_construction: int = EF_CONSTRUCTION, metric: str = "l2") -> Any:
-  """A faiss index over the raw centroids (K, D): flat (exact) or HNSW32."""
+                 ef_construction: int = EF_CONSTRUCTION, metric: str = "l2",
+                 verbose: bool = False) -> Any:
+  """A faiss index over the raw centroids (K, D): flat (exact) or HNSW32 (added in
+  blocks of HNSW_ADD_ROWS, with a progress bar when verbose)."""
   faiss = _faiss()
   centroids = np.ascontiguousarray(centroids, np.float32)
   K, D = centroids.shape
@@ -65,7 +68,12 @@ def build_coarse(centroids: np.ndarray, kind: str = "auto",
     index.hnsw.efConstruction = int(ef_construction)
   else:
     raise ValueError(f"coarse must be 'auto', 'flat' or 'hnsw', got {kind!r}")
-  index.add(centroids)
+  step = HNSW_ADD_ROWS if kind == "hnsw" else max(1, K)
+  with tqdm(total=K, desc="ivf: list search (HNSW)", unit="list", unit_scale=True,
+            disable=not verbose or kind != "hnsw") as bar:
+    for s in range(0, K, step):
+      index.add(centroids[s:s + step])
+      bar.update(min(step, K - s))
   return index
 
 
@@ -257,6 +265,6 @@ def train_ivf(train_x, ivf_K: int, out_dir: str | os.PathLike, niter: int = 100,
     raise ValueError(f"method must be 'auto', 'exact' or 'two_level', got {method!r}")
   wd = SearchWorkdir(out_dir)
   Path(out_dir).mkdir(parents=True, exist_ok=True)
-  save_coarse(wd.coarse, build_coarse(c, ef_construction=ef_construction))
+  save_coarse(wd.coarse, build_coarse(c, ef_construction=ef_construction, verbose=verbose))
   ivf.save_centroids(wd.centroids, c)
   return c

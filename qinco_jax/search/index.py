@@ -4,7 +4,7 @@
     index.train(xt)                      # AQ and pairwise decoders, on encoded xt
     index.add(xb)                        # encode and store (call again to add more)
     D, I = index.search(xq, 10, nprobe=16)
-    index.remove_ids(np.array([3, 7]))
+    index.remove_ids(np.array([3, 7]))   # in memory; path=...: on disk (compaction)
     index.save("my_index"); index = qj.load_index("my_index")   # memory-mapped lists
     index.add_shards(shards, "big_index")  # a database larger than memory (search.build)
 
@@ -222,12 +222,26 @@ class Index:
     D, I, _ = self.searcher().search(q, k=k, params=p, batch=batch)
     return D, I
 
-  def remove_ids(self, ids) -> int:
+  def remove_ids(self, ids, *, path: str | os.PathLike | None = None,
+                 verbose: bool = False) -> int:
     """Removes the vectors with these (integer) ids; returns how many were removed.
-    O(ntotal) (a loaded, memory-mapped index is read into memory first); for a
-    database larger than memory, rebuild without them (`add_shards`)."""
+
+    Without `path`: in memory, O(ntotal) (a loaded, memory-mapped index is read into
+    memory first). With `path`, the offline compaction of an index larger than memory:
+    the index without them is saved to directory `path` (as `save`; it may be the
+    directory the index was loaded from) by one sequential pass over its list file
+    with memory bounded by a block of lists (`search.build.remove_ids`), and the index
+    then searches the saved, memory-mapped lists.
+    """
     _, ivf = self._trained("remove_ids")
-    return ivf.remove_ids(ids)
+    if path is None:
+      return ivf.remove_ids(ids)
+    removed = []
+    target = _target(path)
+    self._write(target, lambda tmp: removed.append(
+        build.remove_ids(tmp / "lists", ivf, ids, verbose=verbose)[1]))
+    self._ivf = lists_lib.IVFIndex.open(target / "lists")
+    return removed[0]
 
   # -------------------------------------------------------------- files
   def save(self, path: str | os.PathLike):

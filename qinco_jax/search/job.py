@@ -69,7 +69,8 @@ class SearchJob:
   (`--config=search_glove`: its command, run time and result)."""
 
   workdir: str = flag("runs/search_glove", "all stages read and write here")
-  stage: str = flag("all", f"stage to run: one of {', '.join(STAGES)}, or all")
+  stage: str = flag("all", f"stage to run: one of {', '.join(STAGES)}, or all (which "
+                    "skips the stages finished here with the same settings)")
   data: str = flag("glove", "dataset: glove, " + " or ".join(FILES) + " (vecs or bin "
                    "files under --root)")
   root: str = flag("", "directory of the BigANN/Deep1B files")
@@ -196,17 +197,47 @@ def reconcile(job: SearchJob) -> SearchJob:
 
 
 def run(job: SearchJob):
-  """Runs the job's stage(s) (see the module docstring)."""
+  """Runs the job's stage(s) (see the module docstring). With stage="all", a stage
+  that finished here earlier with the same settings (`WORKDIR/job.json`) is skipped,
+  so a killed job run again goes on from the stage it was in (which itself resumes:
+  the encode stage at its first unfinished shard, the build at its first missing run,
+  the training from its checkpoint, the sweep from its log); once a stage runs, every
+  later one runs too. A stage named on its own (`--stage=ivf`) always runs."""
   main_process = distributed.is_main()
   wd = SearchWorkdir(job.workdir)
   job = reconcile(job)
   stages = STAGES if job.stage == "all" else (job.stage,)
+  done = wd.read_record() if job.stage == "all" else {}
   for stage in stages:
+    if _finished(wd, stage, done, job):
+      print(f"{stage}: finished earlier in {job.workdir} (job.json), skipped; run "
+            f"--stage={stage} to redo it", flush=True)
+      continue
+    done = {}  # this stage runs: so do the later ones
     _run_stages(job, wd, main_process, (stage,))
     if main_process:  # what built this workdir (bench_search quotes it)
       with open(wd.command(stage), "w") as f:
         f.write(f"{job.command}  # {where_it_ran()}\n")
-      wd.record(stage, {f: getattr(job, f) for f in STAGE_FIELDS[stage]})
+      wd.record(stage, _settings(job, stage))
+
+
+def _finished(wd: SearchWorkdir, stage: str, done: dict, job: SearchJob) -> bool:
+  """Whether `stage` finished here with the job's settings: recorded in job.json
+  (`done`) and, for encode (recorded by the first of several --shard jobs to finish),
+  every shard of the split written."""
+  if done.get(stage) != _settings(job, stage):
+    return False
+  if stage == "encode":
+    try:
+      shards.find_shards(wd.root, wd.codes)
+    except (OSError, ValueError):
+      return False
+  return True
+
+
+def _settings(job: SearchJob, stage: str) -> dict:
+  """What `stage` records in job.json (JSON types: tuples as lists)."""
+  return json.loads(json.dumps({f: getattr(job, f) for f in STAGE_FIELDS[stage]}))
 
 
 NEEDS = {"train": ("centroids", "ivf"), "encode": ("model", "train"),

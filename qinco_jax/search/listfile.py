@@ -16,8 +16,9 @@ offset) pair are found by arithmetic on the sizes (`ListFile.rows_at`).
 Files are written list by list in blocks of at most BLOCK_ROWS rows (`write_lists`
 from rows in memory, `merge_lists` from other list files: faiss's billion-scale
 recipe of one small index per shard merged into one on-disk index, with a
-sequential read of each input and a sequential write of the output), so the memory
-a write needs is O(BLOCK_ROWS + nlist), never O(rows).
+sequential read of each input and a sequential write of the output; `filter_lists`
+from one list file without some ids: the offline compaction), so the memory a write
+needs is O(BLOCK_ROWS + nlist), never O(rows).
 """
 
 from __future__ import annotations
@@ -247,4 +248,41 @@ def merge_lists(path: str | os.PathLike, inputs: list[str | os.PathLike],
       yield block_bytes(sizes[a:b], codes, ids)
 
   write_blocks(path, nlist, code_size, sizes, blocks(), on_rows)
+  return sizes
+
+
+def filter_lists(path: str | os.PathLike, src: str | os.PathLike, drop_ids: np.ndarray,
+                 block_rows: int | None = None,
+                 on_rows: Callable[[int], None] | None = None) -> np.ndarray:
+  """Writes list file `src` without the rows whose ids are in drop_ids ((n,) int64), to
+  `path` (atomically; `path` may be `src`): one sequential pass, O(block_rows + nlist +
+  n) memory, the list sizes written last. Returns the (nlist,) sizes kept."""
+  f = ListFile(src)
+  drop = np.unique(np.asarray(drop_ids, np.int64))
+  sizes = np.zeros(f.nlist, np.int64)
+  path = Path(path)
+  tmp = _tmp(path)
+  try:
+    with open(tmp, "wb") as out:
+      out.write(header(f.nlist, f.code_size, f.sizes))  # the sizes: rewritten below
+      for a, b in _blocks(f.sizes, block_rows or BLOCK_ROWS):
+        codes, ids = f.read_lists(a, b)
+        keep = ~np.isin(ids, drop, assume_unique=False)
+        lst = np.repeat(np.arange(a, b), f.sizes[a:b])[keep]
+        sizes[a:b] = np.bincount(lst - a, minlength=b - a)
+        out.write(block_bytes(sizes[a:b], codes[keep], ids[keep]).tobytes())
+        if on_rows is not None:
+          on_rows(len(ids))
+      out.seek(0)
+      out.write(header(f.nlist, f.code_size, sizes))
+      out.flush()
+      os.fsync(out.fileno())
+    want = _HEAD + 8 * f.nlist + int(sizes.sum()) * (f.code_size + 8)
+    if os.path.getsize(tmp) != want:  # a writer bug, never a silent short file
+      raise RuntimeError(f"list file {str(path)!r}: wrote {os.path.getsize(tmp)} bytes, "
+                         f"expected {want}")
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
   return sizes

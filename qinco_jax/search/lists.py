@@ -43,7 +43,8 @@ The lists live in memory or on disk:
     index plus the pages the probed lists touch. The scan returns (list, offset)
     pairs; the codes and ids of the results are read from the same map. `add` and
     `remove_ids` first read the lists into memory (`to_memory`, O(ntotal)); a
-    database larger than memory grows by merging list files (`search.build`).
+    database larger than memory grows by merging list files and shrinks by writing
+    one without the removed rows (`search.build`).
 
 Either way `scan` returns the n best candidates with their lists, codes and ids, so
 the later stages never see how they are stored (and another first stage, such as a
