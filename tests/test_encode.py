@@ -61,6 +61,49 @@ def test_a_single_network_step_preselects_like_the_reference():
   assert (full != ref).any()  # pre-selection changes codes here (the test can tell)
 
 
+def test_a_codec_without_network_steps_encodes_with_any_A():
+  """M = 1: the plain RQ step alone has no network step and so no pre-selection
+  codebooks; A > 0 (the config's or one given) leaves nothing to pre-select, and the B
+  beams end in each vector's nearest codeword."""
+  codec, rng = _codec(K=6, M=1, A=2, B=3)
+  x = rng.standard_normal((30, D)).astype(np.float32) * 2
+  p, z = reference.normalised(codec, x)
+  ref = np.array([reference.np_greedy(p, zi)[0] for zi in z])
+  for A in (None, 2, 0):
+    kw = {} if A is None else {"A": A}
+    reference.assert_same_codes(p, z, codec.encode(x, verbose=False, **kw), ref)
+
+
+@pytest.mark.parametrize("ivf_K", [0, 3])
+def test_target_statistics_over_three_vectors_match_numpy(ivf_K):
+  """The per-step target statistics the training's running statistics follow: mean
+  and unbiased std of x - x_hat_m over the beams entering step m, and their count, on
+  3 vectors (greedy, so 3 beams: the count is floored at 2 only against dividing by
+  0), against NumPy over the reference's beams; with IVF, step 1's beams enter at
+  the centroids."""
+  import jax.numpy as jnp
+
+  from qinco_jax import ivf
+  from qinco_jax.encode import beam_search
+  rng = np.random.default_rng(0)
+  train = rng.standard_normal((400, D)).astype(np.float32) * 2 + 0.5
+  cents = ivf.train_centroids(train, ivf_K, niter=5, seed=0) if ivf_K else None
+  cfg = qj.QincoConfig(K=4, M=3, L=1, dh=8, A=2, B=1, ivf_K=ivf_K)
+  codec = reference.randomize(qj.Codec.create(cfg, train, ivf_centroids=cents,
+                                              verbose=False))
+  x = rng.standard_normal((3, D)).astype(np.float32) * 2
+  p, z = reference.normalised(codec, x)
+  res = jax.jit(lambda m, x: beam_search(m, x, A=2, B=1, with_stats=True))(
+      codec.model(), jnp.asarray(z, jnp.float32))
+  traces = [reference.np_beam_trace(p, zi, 2, 1) for zi in z]
+  assert len(res.target_mean) == len(traces[0]) == codec.cfg.M_tot
+  for m in range(codec.cfg.M_tot):
+    r = np.array([zi - xh for zi, tr in zip(z, traces) for xh in tr[m]])
+    assert float(res.target_count[m]) == len(r) == 3
+    np.testing.assert_allclose(res.target_mean[m], r.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(res.target_std[m], r.std(0, ddof=1), rtol=1e-4, atol=1e-5)
+
+
 def test_A_equal_K_equals_no_preselection():
   codec, rng = _codec(K=6, M=4, A=3, B=3)
   x = rng.standard_normal((50, D)).astype(np.float32) * 2

@@ -37,8 +37,10 @@ def test_ivf_centroids_are_frozen_and_not_counted():
 
 
 # (2, 12): B > K, so the first network step, from the one IVF beam, cannot fill the beam.
-@pytest.mark.parametrize("A,B", [(2, 3), (0, 2), (4, 1), (2, 12)])
+@pytest.mark.parametrize("A,B", [(1, 3), (0, 2), (4, 1), (2, 12)])
 def test_ivf_beam_search_matches_reference(A, B):
+  """The IVF step, then the first network step pre-selecting max(A, B) candidates
+  (A = 1 < B: not A, nor all K), against the NumPy beam search."""
   codec, _, _, rng = _ivf_codec()
   x = (rng.standard_normal((40, D)) * 2 + 1).astype(np.float32)
   p, z = reference.normalised(codec, x)

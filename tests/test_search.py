@@ -401,6 +401,39 @@ def test_removing_ids_from_a_loaded_index_on_disk_equals_removing_them_in_memory
   assert qj.load_index(path).ntotal == 3000
 
 
+def test_list_ids_and_codes_outside_their_ranges_are_refused():
+  """A list id >= nlist, or a code >= 256 in any of the M columns (stored in one
+  byte, it would wrap to another codeword), is refused naming both ranges, and
+  nothing is added; the largest valid values are stored as they are."""
+  rng = np.random.default_rng(3)
+  K_ivf, M, D, n = 8, 3, 4, 50
+  cents, tables, codes = _random_index_inputs(rng, K_ivf, M, D, n)
+  index = index_lib.build_index(cents, tables, codes, codes)
+  top = np.array([[K_ivf - 1] + [255] * M])
+  for col in range(M + 1):
+    wrong = np.concatenate([codes[:3], top])
+    wrong[3, col] += 1
+    with pytest.raises(ValueError, match=r"list ids must lie in 0\.\.7 and codes in "
+                                         r"0\.\.255"):
+      index.add(wrong)
+    assert index.ntotal == n
+  index.add(top, np.array([10 * n]))
+  assert index.ntotal == n + 1
+  np.testing.assert_array_equal(_stored(index, K_ivf - 1)[1][-1], [255] * M)
+
+
+def test_lists_whose_arrays_hold_pickled_objects_are_refused_unread(tmp_path):
+  """Saved lists are plain arrays: an array file holding a pickle (which loading
+  would run) is refused as unreadable, naming the directory."""
+  rng = np.random.default_rng(4)
+  cents, tables, codes = _random_index_inputs(rng, 8, 2, 4, 40)
+  index_lib.build_index(cents, tables, codes, codes).save(tmp_path / "lists")
+  np.save(tmp_path / "lists" / "centroids.npy", np.array([{"a": 1}], dtype=object),
+          allow_pickle=True)
+  with pytest.raises(ValueError, match=r"inverted lists '.*lists' cannot be read: .*"
+                                       r"allow_pickle=False"):
+    index_lib.IVFIndex.open(tmp_path / "lists")
+
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_many_small_adds_store_what_one_add_stores_with_few_copies(metric, tmp_path):
   """Adding rows in 300 calls gives the rows, faiss lists and search results of one

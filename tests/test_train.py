@@ -387,6 +387,11 @@ def test_time_budget_ends_the_run_and_anneals_the_lr(tmp_path, monkeypatch):
   lrs = [r["lr"] for r in log if "lr" in r]
   assert max(lrs) == pytest.approx(tc.lr, rel=1e-3)
   assert lrs[-1] < 0.05 * tc.lr  # annealed, not cut off at full lr
+  # The reported rates: one global batch (128 rows a device) per 0.02 s of updates.
+  G = 128 * jax.device_count()
+  steps = [r for r in log if "loss" in r]
+  assert len(steps) == epochs[-1]["step"]  # log_every=1: every update is logged
+  assert all(r["samples_s"] == pytest.approx(G / 0.02) for r in steps + epochs)
 
 
 def test_time_budget_holds_inside_a_long_first_epoch(tmp_path, monkeypatch):
