@@ -200,10 +200,9 @@ def max_batch(compile_at: Callable[[int], Program], start: int, multiple: int = 
     per_row = (fit[1].memory["total"] - fit[0].memory["total"]) / (fit[1].rows - fit[0].rows)
     return fit[1].rows + (fit[1].usable_bytes - fit[1].memory["total"]) / per_row
 
-  guess = linear_guess() if hi is None else None
-  from_model = guess is not None
-  if guess is None:
-    guess = 2 * lo if hi is None else (lo + hi) / 2
+  model = linear_guess() if hi is None else None
+  from_model = model is not None
+  guess: float = model if model is not None else (2 * lo if hi is None else (lo + hi) / 2)
   while lo < limit:  # at most log2(cap) doublings, then a bisection to `tolerance`
     g = min(round_down(guess), limit, (hi - multiple) if hi is not None else limit)
     if g <= lo:
@@ -222,7 +221,7 @@ def max_batch(compile_at: Callable[[int], Program], start: int, multiple: int = 
       # GPU compile used less at 2,048 rows than at 1,024): double, or follow the model
       lin = linear_guess()
       from_model = lin is not None and lin > 2 * lo
-      guess = lin if from_model else 2 * lo
+      guess = lin if lin is not None and lin > 2 * lo else 2 * lo
   return lo, seen
 
 
