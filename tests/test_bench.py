@@ -15,6 +15,7 @@ from qinco_jax.bench import (
     budget,
     codec,
     harness,
+    list_search,
     multihost,
     pods,
     quantizers,
@@ -28,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"bench_codec": codec.CodecBench, "bench_quantizers": quantizers.QuantizerBench,
            "bench_search": search.SearchBench, "bench_budget": budget.BudgetBench,
            "bench_rq_init": rq_init.RQInitBench, "bench_multihost": multihost.MultihostBench,
-           "bench_pods": pods.PodsBench, "bench_scale": scale.ScaleBench}
+           "bench_pods": pods.PodsBench, "bench_scale": scale.ScaleBench,
+           "bench_list_search": list_search.ListSearchBench}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,6 +59,20 @@ def test_the_list_search_recall_grows_with_ef_search():
   assert r[16] < r[256] and r[256] > 0.95
 
 
+def test_the_hnsw_list_search_has_the_asked_neighbours_per_node():
+  """hnsw_M is faiss's M (2M links per node on the base level, M above), the default
+  is HNSW_M, and a graph without neighbours is refused with one line."""
+  import faiss
+  cents = np.random.default_rng(4).standard_normal((600, 8)).astype(np.float32)
+  for M, kw in ((coarse.HNSW_M, {}), (12, {"hnsw_M": 12})):
+    graph = coarse.build_coarse(cents, "hnsw", **kw)
+    per_level = np.diff(faiss.vector_to_array(graph.hnsw.cum_nneighbor_per_level))
+    assert per_level[0] == 2 * M and (per_level[1:] == M).all()
+    assert graph.hnsw.efConstruction == coarse.EF_CONSTRUCTION
+  with pytest.raises(ValueError, match="hnsw_M must be >= 2, got 1"):
+    coarse.build_coarse(cents, "hnsw", hnsw_M=1)
+
+
 def test_the_hnsw_list_search_is_built_in_blocks_with_a_progress_bar(monkeypatch, capsys):
   """Added in blocks, the graph holds every centroid once (an exact search through it at
   a large efSearch finds each centroid itself) and the bar counts them with a rate."""

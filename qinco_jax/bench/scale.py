@@ -41,11 +41,12 @@ import numpy as np
 
 from qinco_jax.bench.harness import DOC, RUNS, log, write_section
 from qinco_jax.config import flag
-from qinco_jax.search.coarse import EF_CONSTRUCTION
 
 START, END = "<!-- bench_scale:start -->", "<!-- bench_scale:end -->"
 REPEATS = 3  # timed searches per setting (the fastest is kept)
 FAISS_ROWS = 1 << 16  # coarse part: rows of the one timed faiss K-means iteration
+# The list search's settings of results recorded before they were kept with them.
+OLD_EF_CONSTRUCTION, OLD_ENCODE_EF_SEARCH = 40, 128
 WORKER = [sys.executable, "-c", "from qinco_jax.bench import scale; scale.worker()"]
 
 
@@ -64,7 +65,8 @@ class ScaleBench:
   n_cand: int = flag(1000, "lists part: candidates returned per query (AQ stage)")
   coarse_lists: int = flag(65_536, "coarse part: lists")
   rows_per_list: int = flag(64, "coarse part: training rows per list")
-  ef_search: tuple[int, ...] = flag((16, 32, 64, 128, 256), "coarse part: efSearch values")
+  ef_search: tuple[int, ...] = flag((16, 32, 64, 128, 256, 512, 1024),
+                                    "coarse part: efSearch values")
   encode_lists: tuple[int, ...] = flag((1024, 65_536, 1 << 20), "encode part: lists")
   encode_n: int = flag(2000, "encode part: vectors encoded per setting")
   pipeline_n: int = flag(1_000_000, "pipeline part: database vectors")
@@ -248,19 +250,21 @@ def _coarse(K: int, rows_per_list: int, ef_search: list) -> dict:
   return {"K": K, "rows": len(x), "two_level": {"cpu_s": u1["cpu_s"] - u0["cpu_s"],
                                         "wall_s": u1["wall"] - u0["wall"],
                                         "mse": float(d.mean())},
-          "hnsw": {"cpu_s": u2["cpu_s"] - u1["cpu_s"], "wall_s": u2["wall"] - u1["wall"]},
+          "hnsw": {"cpu_s": u2["cpu_s"] - u1["cpu_s"], "wall_s": u2["wall"] - u1["wall"],
+                   "ef_construction": coarse.EF_CONSTRUCTION},
           "recall_at_64": recall,
           "faiss_1iter": {"rows": len(sub), "cpu_s": u4["cpu_s"] - u3["cpu_s"],
                           "wall_s": u4["wall"] - u3["wall"], "mse_1iter": float(dk.mean())}}
 
 
-def _encode(ivf_K: int, n: int) -> dict:
+def encode_setup(ivf_K: int, n: int) -> tuple[Any, np.ndarray, np.ndarray]:
+  """The encode part's codec (random weights, ivf_K lists), its raw centroids
+  (ivf_K, 128) float32 (sampled rows plus noise) and n raw vectors (n, 128) float32."""
   import dataclasses as dc
 
   import jax.numpy as jnp
 
   import qinco_jax as qj
-  from qinco_jax.search import coarse
   rng = np.random.default_rng(0)
   x = _clustered(max(n, 20_000), seed=2).astype(np.float32)
   cfg = qj.QincoConfig(K=256, M=8, L=2, de=64, dh=128, A=4, B=4, ivf_K=256)
@@ -271,8 +275,12 @@ def _encode(ivf_K: int, n: int) -> dict:
   st: Any = codec.state
   st["ivf_centroids"] = st["ivf_centroids"].replace(jnp.asarray(
       (cents - np.asarray(m.data_mean[...])) / float(m.data_std[...])))
-  codec = qj.Codec(dc.replace(cfg, ivf_K=ivf_K), 128, st)
-  q = x[:n]
+  return qj.Codec(dc.replace(cfg, ivf_K=ivf_K), 128, st), cents, x[:n]
+
+
+def _encode(ivf_K: int, n: int) -> dict:
+  from qinco_jax.search import coarse
+  codec, cents, q = encode_setup(ivf_K, n)
   out = {}
   codec.encode(q[:256], verbose=False)  # compile
   u0 = _usage()
@@ -282,7 +290,8 @@ def _encode(ivf_K: int, n: int) -> dict:
                        "vec_per_s": n / (u1["wall"] - u0["wall"])}
   graph = coarse.build_coarse(cents, "hnsw")
   u2 = _usage()
-  out["hnsw_build"] = {"cpu_s": u2["cpu_s"] - u1["cpu_s"], "wall_s": u2["wall"] - u1["wall"]}
+  out["hnsw_build"] = {"cpu_s": u2["cpu_s"] - u1["cpu_s"], "wall_s": u2["wall"] - u1["wall"],
+                       "ef_construction": coarse.EF_CONSTRUCTION}
   fn = coarse.candidates(graph, 4, coarse.ENCODE_EF_SEARCH)
   codec.encode(q[:256], verbose=False, ivf_candidates=fn)  # compile
   u3 = _usage()
@@ -290,7 +299,8 @@ def _encode(ivf_K: int, n: int) -> dict:
   u4 = _usage()
   out["candidates"] = {"vec_per_cpu_s": n / (u4["cpu_s"] - u3["cpu_s"]),
                        "vec_per_s": n / (u4["wall"] - u3["wall"]),
-                       "same_codes": float((cand == full).all(1).mean())}
+                       "same_codes": float((cand == full).all(1).mean()),
+                       "ef_search": coarse.ENCODE_EF_SEARCH}
   return out
 
 
@@ -468,19 +478,24 @@ def render(res: dict, opts: ScaleBench) -> str:
           f"MSE {c['two_level']['mse']:.1f} on 200k of its rows. One iteration of faiss's "
           f"exact K-means on {c['faiss_1iter']['rows']:,} rows: "
           f"{c['faiss_1iter']['cpu_s']:.0f} CPU s ({c['faiss_1iter']['wall_s']:.0f} s wall). "
-          f"HNSW32 list search over the centroids (efConstruction {EF_CONSTRUCTION}): "
+          "HNSW32 list search over the centroids (efConstruction "
+          f"{c['hnsw'].get('ef_construction', OLD_EF_CONSTRUCTION)}): "
           f"{c['hnsw']['cpu_s']:.0f} CPU s to build. Its recall of the 64 nearest lists "
           "(against exact search, 1,000 queries from the same distribution) per "
           "efSearch: " + ", ".join(f"{k}: {v:.3f}" for k, v in c["recall_at_64"].items())
           + "."]
   enc = res.get("encode")
   if enc:
+    r0 = next(iter(enc.values()))
     L += ["", "### Encoding with many lists (measured)", "",
-          f"{next(iter(enc.values())).get('n', opts.encode_n):,} vectors, D = 128, M = 8, "
+          f"{r0.get('n', opts.encode_n):,} vectors, D = 128, M = 8, "
           "L = 2, de = 64, dh = 128, A = 4, "
           "B = 4 (random weights: the cost does not depend on them); the IVF step "
           "exhaustive (every centroid scored) or from the B = 4 lists an HNSW list "
-          "search returns (efSearch 128). Same codes: the fraction of vectors coded "
+          "search returns (efSearch "
+          f"{r0['candidates'].get('ef_search', OLD_ENCODE_EF_SEARCH)}, efConstruction "
+          f"{r0['hnsw_build'].get('ef_construction', OLD_EF_CONSTRUCTION)}). Same codes: "
+          "the fraction of vectors coded "
           "identically by both.", "",
           "| lists | exhaustive: vectors/CPU-s | candidates: vectors/CPU-s | speed-up | "
           "same codes | HNSW build: CPU s |", "|---|---|---|---|---|---|"]
@@ -627,9 +642,10 @@ def extrapolate(res: dict) -> list[str]:
           "10^9); the encoder's cost per vector does not depend on N (measured per list "
           "count above), nor does the coarse quantiser's (it samples 64 rows per list). "
           "The coarse quantiser at 2^20 lists is the stage that wants an accelerator or "
-          "several hosts. The weak point measured here is the HNSW list search: at "
-          f"{k0:,} lists it finds {c['recall_at_64'][ef_top]:.2f} of the 64 nearest lists at "
-          f"efSearch {ef_top} (efConstruction {EF_CONSTRUCTION}) on this clustered set, so "
-          "the search stage's sweep needs larger efSearch values (or a larger "
-          "`--ef_construction`) at 2^16-2^20 lists; how much larger is not measured here."]
+          f"several hosts. The HNSW list search at {k0:,} lists finds "
+          f"{c['recall_at_64'][ef_top]:.2f} of the 64 nearest lists at efSearch {ef_top} "
+          f"(efConstruction {c.get('hnsw', {}).get('ef_construction', OLD_EF_CONSTRUCTION)}) "
+          "on this "
+          "clustered set; the efConstruction and efSearch it needs are measured in \"List "
+          "search settings\" below."]
   return out

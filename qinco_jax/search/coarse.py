@@ -32,9 +32,16 @@ from qinco_jax import data, ivf, rq_init
 from qinco_jax.search.workdir import SearchWorkdir
 
 FLAT_COARSE_MAX = 4096  # kind="auto": exact list search up to this many lists
-EF_CONSTRUCTION = 40  # efConstruction of an HNSW list search (docs/benchmarks.md, Scale)
+# efConstruction of an HNSW list search (docs/benchmarks.md, "List search settings": at
+# 65,536 K-means lists 200 takes the recall of the 64 nearest lists at efSearch 256 from
+# 0.74 (40) to 0.95, for ~5x the build time)
+EF_CONSTRUCTION = 200
+HNSW_M = 32  # neighbours per node of an HNSW list search (faiss's HNSW32)
 HNSW_ADD_ROWS = 1 << 16  # centroids added to the HNSW graph per call (progress)
-ENCODE_EF_SEARCH = 128  # efSearch of the encoder's IVF candidates (docs/benchmarks.md, Scale)
+# efSearch of the encoder's IVF candidates (docs/benchmarks.md, "List search settings":
+# at 2^20 lists, efConstruction 200, 256 gave 0.003 more vectors the exhaustive codes
+# than 128 for 28% fewer vectors per CPU-second)
+ENCODE_EF_SEARCH = 128
 EXACT_KMEANS_MAX = 8192  # train_ivf: faiss's exact K-means up to this many lists
 ROWS_PER_LIST = 64  # two-level K-means: training rows per list (sampled)
 TWO_LEVEL_ITERS = 20  # two-level K-means: Lloyd iterations per level
@@ -50,9 +57,10 @@ def _faiss() -> Any:
 # ---------------------------------------------------------------- list search
 def build_coarse(centroids: np.ndarray, kind: str = "auto",
                  ef_construction: int = EF_CONSTRUCTION, metric: str = "l2",
-                 verbose: bool = False) -> Any:
-  """A faiss index over the raw centroids (K, D): flat (exact) or HNSW32 (added in
-  blocks of HNSW_ADD_ROWS, with a progress bar when verbose)."""
+                 verbose: bool = False, hnsw_M: int = HNSW_M) -> Any:
+  """A faiss index over the raw centroids (K, D): flat (exact) or HNSW with hnsw_M
+  neighbours per node (added in blocks of HNSW_ADD_ROWS, with a progress bar when
+  verbose)."""
   faiss = _faiss()
   centroids = np.ascontiguousarray(centroids, np.float32)
   K, D = centroids.shape
@@ -64,7 +72,9 @@ def build_coarse(centroids: np.ndarray, kind: str = "auto",
   elif kind == "hnsw":
     if ef_construction < 1:
       raise ValueError(f"ef_construction must be >= 1, got {ef_construction}")
-    index = faiss.IndexHNSWFlat(D, 32, fm)
+    if hnsw_M < 2:
+      raise ValueError(f"hnsw_M must be >= 2, got {hnsw_M}")
+    index = faiss.IndexHNSWFlat(D, int(hnsw_M), fm)
     index.hnsw.efConstruction = int(ef_construction)
   else:
     raise ValueError(f"coarse must be 'auto', 'flat' or 'hnsw', got {kind!r}")

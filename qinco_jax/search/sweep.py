@@ -29,7 +29,7 @@ from qinco_jax.search.query import FewerResultsWarning, Searcher, SearchParams
 
 DEFAULT_RANGES: dict[str, Sequence] = {
     "nprobe": [1, 2, 4, 8, 16, 32, 64, 128],
-    "ef_search": [16, 32, 64, 128],
+    "ef_search": [16, 32, 64, 128, 256, 512, 1024],  # held when the list search is exact
     "nshort": [1, 2, 4, 10, 20, 50, 100, 200],  # small ones win at high speed
     "nmid_short": [1, 2, 4, 8],
 }
