@@ -101,13 +101,22 @@ def _tmp(path: Path) -> Path:
   return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _commit(tmp: Path, path: Path, nlist: int, code_size: int, sizes: np.ndarray):
+  """Moves a written temporary list file into place once its size is the one its
+  header's list sizes imply (a writer bug, never a silent short file)."""
+  want = _HEAD + 8 * nlist + int(np.asarray(sizes, np.int64).sum()) * (code_size + 8)
+  if os.path.getsize(tmp) != want:
+    raise RuntimeError(f"list file {str(path)!r}: wrote {os.path.getsize(tmp)} bytes, "
+                       f"expected {want}")
+  os.replace(tmp, path)
+
+
 def write_blocks(path: str | os.PathLike, nlist: int, code_size: int, sizes: np.ndarray,
                  blocks: Iterable[np.ndarray], on_rows: Callable[[int], None] | None = None):
   """Writes a list file (atomically: a temporary sibling, then renamed) from the data
   bytes of consecutive blocks of lists, in order (`block_bytes`)."""
   path = Path(path)
   tmp = _tmp(path)
-  want = _HEAD + 8 * nlist + int(np.asarray(sizes, np.int64).sum()) * (code_size + 8)
   try:
     with open(tmp, "wb") as f:
       f.write(header(nlist, code_size, sizes))
@@ -117,10 +126,7 @@ def write_blocks(path: str | os.PathLike, nlist: int, code_size: int, sizes: np.
           on_rows(len(b) // (code_size + 8))
       f.flush()
       os.fsync(f.fileno())
-    if os.path.getsize(tmp) != want:  # a writer bug, never a silent short file
-      raise RuntimeError(f"list file {str(path)!r}: wrote {os.path.getsize(tmp)} bytes, "
-                         f"expected {want}")
-    os.replace(tmp, path)
+    _commit(tmp, path, nlist, code_size, sizes)
   finally:
     if tmp.exists():
       tmp.unlink()
@@ -277,11 +283,7 @@ def filter_lists(path: str | os.PathLike, src: str | os.PathLike, drop_ids: np.n
       out.write(header(f.nlist, f.code_size, sizes))
       out.flush()
       os.fsync(out.fileno())
-    want = _HEAD + 8 * f.nlist + int(sizes.sum()) * (f.code_size + 8)
-    if os.path.getsize(tmp) != want:  # a writer bug, never a silent short file
-      raise RuntimeError(f"list file {str(path)!r}: wrote {os.path.getsize(tmp)} bytes, "
-                         f"expected {want}")
-    os.replace(tmp, path)
+    _commit(tmp, path, f.nlist, f.code_size, sizes)
   finally:
     if tmp.exists():
       tmp.unlink()
