@@ -231,3 +231,24 @@ def test_param_bytes_counts_the_trainable_arrays():
   net = d * E + E * d + (E + d) * E + E + cfg.L * 2 * E * H  # P_in, P_out, concat, blocks
   codebooks = cfg.K * d * (1 + 2 * (cfg.M - 1))  # C_0, C_1..C_{M-1}, C'_1..C'_{M-1}
   assert aot.param_bytes(cfg, d) == 4 * ((cfg.M - 1) * net + codebooks)
+
+
+def test_roofline_prediction_by_hand():
+  """`report.predict` against the formula worked by hand from the chip table: compute
+  and memory time, the all-reduce over the chip links, and on several GPU hosts over
+  each GPU's 400 Gbit/s port (50 GB/s), which then bounds it."""
+  from qinco_jax.aot import report
+  stats = hlo.HloStats(matmul_flops=2e12, hbm_bytes=1e9,
+                       collectives={"all-reduce": (17, 1e8)}, f64=False, host_transfers=[],
+                       loops=[], matmul_dtypes={"bf16": 2e12}, collective_dtypes={},
+                       batch_collectives=[])
+  prog = aot.Program("train", 1024, True, {"total": 1}, 1, 2e12, stats, None, None, 0.0)
+  one = report.predict(prog, targets.parse("h100x8"))
+  t_compute, t_memory = 2e12 / 989.4e12, 1e9 / 3.35e12
+  t_links = 4 * 1e8 / 900e9
+  assert one.t_compute == pytest.approx(t_compute) and one.t_memory == pytest.approx(t_memory)
+  assert one.t_collective == pytest.approx(t_links)
+  assert one.rows_per_s_chip == pytest.approx(1024 / (t_compute + t_links))
+  four = report.predict(prog, targets.parse("h100x8", hosts=4))
+  assert four.t_collective == pytest.approx(2 * 1e8 / 50e9)  # the port, not NVLink
+  assert four.rows_per_s_target == pytest.approx(32 * 1024 / (t_compute + 2 * 1e8 / 50e9))
