@@ -33,7 +33,7 @@ import shutil
 import threading
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,24 +272,27 @@ def _check_codec_target(path: Path):
       _refuse_foreign(path, foreign, "codec ")
 
 
-def recover(path: str | os.PathLike) -> bool:
+def recover(path: str | os.PathLike, check: Callable[[Path], Any] | None = None,
+            meta_file: str = META_FILE) -> bool:
   """When nothing is at `path` but an interrupted save left complete copies beside it
   (`.NAME.tmp-*` written in full, or `.NAME.old-*` parked), moves the newest one
-  whose arrays verify back to `path` and says so. Returns True if it restored one."""
+  that passes `check` back to `path` and says so. Returns True if it restored one.
+
+  check(copy) raises ValueError or OSError for a copy that is not complete (default:
+  a codec whose arrays verify); the copies are those holding `meta_file`, newest by
+  its time. Saves at `path` wait meanwhile (the save lock)."""
   path = resolve(path)
   if path.exists() or not path.parent.is_dir():
     return False
   with save_lock(path):  # not while a save is between its renames
     if path.exists():
       return False
-    found = []
-    for cand in _siblings(path, "tmp") + _siblings(path, "old"):
-      if _is_codec_dir(cand):
-        found.append(((cand / META_FILE).stat().st_mtime, cand))
+    found = [((cand / meta_file).stat().st_mtime, cand)
+             for cand in _siblings(path, "tmp") + _siblings(path, "old")
+             if (cand / meta_file).is_file()]
     for _, cand in sorted(found, reverse=True):
       try:
-        meta = read_meta(cand, _recover=False)
-        _check_arrays(cand, meta)
+        (check or _check_codec_copy)(cand)
       except (ValueError, OSError):
         continue
       os.replace(cand, path)
@@ -297,6 +300,12 @@ def recover(path: str | os.PathLike) -> bool:
                     f"complete copy {cand.name!r}", stacklevel=2)
       return True
   return False
+
+
+def _check_codec_copy(cand: Path):
+  if not _is_codec_dir(cand):
+    raise ValueError(f"{str(cand)!r} is not a codec")
+  _check_arrays(cand, read_meta(cand, _recover=False))
 
 
 def _check_arrays(path: Path, meta: dict[str, Any]):

@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -377,26 +376,6 @@ def _verify(path: Path, meta: dict):
                      "or save the index again")
 
 
-def _recover(path: Path) -> None:
-  """When nothing is at `path` but a save was interrupted between parking the earlier
-  index (`.NAME.old-*`) and moving the new one in (`.NAME.tmp-*`), moves back the
-  newest complete one (its files verify) and says so."""
-  found = []
-  for cand in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(
-      f".{path.name}.old-*")]:
-    try:
-      meta = json.loads((cand / META_FILE).read_text())
-      _verify(cand, meta)
-    except (OSError, ValueError):
-      continue
-    found.append(((cand / META_FILE).stat().st_mtime, cand))
-  if found:
-    cand = max(found)[1]
-    os.replace(cand, path)
-    warnings.warn(f"{str(path)!r} was missing after an interrupted save; restored the "
-                  f"complete copy {cand.name!r}", stacklevel=3)
-
-
 def load_index(path: str | os.PathLike, mmap: bool = True) -> Index:
   """Reads an index written by `Index.save` (in any process), checking every file
   against the checksums saved with it. Its lists are memory-mapped (mmap=False: read
@@ -404,8 +383,9 @@ def load_index(path: str | os.PathLike, mmap: bool = True) -> Index:
   versions (`ivf.npz`, or an `index.faiss` file) are converted on reading."""
   path = Path(path)
   meta_path = path / META_FILE
-  if not path.exists():
-    _recover(path)
+  if not path.exists():  # an interrupted save: restore its newest complete copy
+    checkpoint.recover(path, check=lambda c: _verify(
+        c, json.loads((c / META_FILE).read_text())), meta_file=META_FILE)
   if not meta_path.exists():
     raise FileNotFoundError(f"no qinco-jax index at {str(path)!r} ({META_FILE} missing)")
   try:
