@@ -256,23 +256,32 @@ def encode_batch(model, x: Array, A: int, B: int, chunk: int | None = None,
   """
   n, d = x.shape
   c = n if not chunk or chunk >= n else chunk
-  n_chunks = -(-n // c)
-  while n % n_chunks:
-    n_chunks += 1
-  c = n // n_chunks
-  # Group j holds rows j, j + n_chunks, ...: a strided split keeps each group on
-  # every device when the batch itself is split (no row moves).
-  xr = x.reshape(c, n_chunks, d).swapaxes(0, 1)  # (n_chunks, c, D)
-  res = jax.lax.map(lambda xc: beam_search(model, xc, A=A, B=B, with_stats=True), xr)
-  codes = res.codes.swapaxes(0, 1).reshape(n, -1)
-  cnt = res.target_count[:, :, None]  # (n_chunks, S, 1)
+  n_chunks, rest = divmod(n, c)
+  if rest:  # the last call takes the c + rest last rows (fewer than 2c; never a
+    n_chunks -= 1  # call of a few rows, whose statistics' count floor would show)
+  m = n_chunks * c
+  parts = []  # (codes, target counts, means, stds) of each group of calls
+  if n_chunks:
+    # Group j holds rows j, j + n_chunks, ...: a strided split keeps each group on
+    # every device when the batch itself is split (no row moves).
+    xr = x[:m].reshape(c, n_chunks, d).swapaxes(0, 1)  # (n_chunks, c, D)
+    res = jax.lax.map(lambda xc: beam_search(model, xc, A=A, B=B, with_stats=True), xr)
+    parts.append((res.codes.swapaxes(0, 1).reshape(m, -1), res.target_count,
+                  res.target_mean, res.target_std))
+  if m < n:
+    last = beam_search(model, x[m:], A=A, B=B, with_stats=True)
+    assert last.target_count is not None  # with_stats=True
+    assert last.target_mean is not None and last.target_std is not None
+    parts.append((last.codes, last.target_count[None], last.target_mean[None],
+                  last.target_std[None]))
+  codes, counts, means, stds = (jnp.concatenate(p) for p in zip(*parts))
+  cnt = counts[:, :, None]  # (chunks, S, 1)
   total = jnp.sum(cnt, axis=0)  # (S, 1)
-  s1 = jnp.sum(cnt * res.target_mean, axis=0)  # (S, D)
+  s1 = jnp.sum(cnt * means, axis=0)  # (S, D)
   if axis is not None:
     total, s1 = jax.lax.psum((total, s1), axis)
   mean = s1 / total
-  m2 = jnp.sum((cnt - 1) * res.target_std ** 2 + cnt * (res.target_mean - mean[None]) ** 2,
-               axis=0)
+  m2 = jnp.sum((cnt - 1) * stds ** 2 + cnt * (means - mean[None]) ** 2, axis=0)
   if axis is not None:
     m2 = jax.lax.psum(m2, axis)
   return codes, mean, jnp.sqrt(m2 / (total - 1))

@@ -145,10 +145,10 @@ def test_each_device_trains_on_its_own_rows_of_the_documented_order(tmp_path, mo
       np.testing.assert_array_equal(got, ds.train[rows[start:start + 128]])
 
 
-@pytest.mark.parametrize("chunk", [None, 32, 48])
+@pytest.mark.parametrize("chunk", [None, 32, 48, 127])
 def test_the_steps_sharded_chunked_beam_search_is_the_whole_batch_search(chunk):
   """The step's encoder (`train.encode_batch` on each device's rows under shard_map, in
-  chunks; 48 does not divide the 128 rows of a device) against `beam_search` of the
+  chunks; 48 and 127 do not divide the 128 rows of a device) against `beam_search` of the
   whole batch at once (`train.loss_fn`): the same codes, and the target statistics
   of every step those of the whole batch."""
   codec, x = _tiny()
