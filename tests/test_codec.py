@@ -468,15 +468,23 @@ def test_save_refuses_to_replace_files_it_did_not_write(trained, tmp_path):
 
 def test_concurrent_saves_to_one_path_wait_for_each_other(trained, tmp_path, monkeypatch):
   """Save A is held after writing its arrays into its temporary directory until save
-  B reaches its own array write (without the lock, B has by then removed A's
-  temporary directory as a leftover, and A fails writing its metadata there); with
-  the lock B waits for A, so A goes on after a grace period and both succeed."""
+  B reaches either the lock or its own array write. Without the lock, B has by then
+  removed A's temporary directory as a leftover, and A fails writing its metadata
+  there; with it, B waits at the lock for A, and both succeed. (No timer: the verdict
+  does not depend on how fast either thread runs.)"""
+  import fcntl
   import threading
 
   from qinco_jax import checkpoint
   codec, train = trained
   real_ckpt = checkpoint._ckpt
-  a_written, b_writing = threading.Event(), threading.Event()
+  a_written, b_arrived = threading.Event(), threading.Event()
+  real_flock = fcntl.flock
+
+  def flock(fd, op):
+    if threading.current_thread().name == "B" and op == fcntl.LOCK_EX:
+      b_arrived.set()  # B is at the lock A holds
+    return real_flock(fd, op)
 
   class Held:
     def __init__(self):
@@ -484,19 +492,34 @@ def test_concurrent_saves_to_one_path_wait_for_each_other(trained, tmp_path, mon
 
     def save(self, *a, **k):
       if threading.current_thread().name == "B":
-        b_writing.set()
+        b_arrived.set()
       return self.ck.save(*a, **k)
 
     def wait_until_finished(self):
       self.ck.wait_until_finished()
       if threading.current_thread().name == "A":
         a_written.set()
-        b_writing.wait(5)  # the grace period: B is blocked at the lock (or racing)
+        assert b_arrived.wait(120)  # a guard against a hang only
 
     def __getattr__(self, name):
       return getattr(self.ck, name)
 
   monkeypatch.setattr(checkpoint, "_ckpt", Held)
+  monkeypatch.setattr(fcntl, "flock", flock)
+
+  class WriteLock:  # the process's Orbax write lock, which A holds while held here
+    def __init__(self, lock):
+      self.lock = lock
+
+    def __enter__(self):
+      if threading.current_thread().name == "B":
+        b_arrived.set()  # B is past the save lock (if any) and about to write
+      return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+      return self.lock.__exit__(*exc)
+
+  monkeypatch.setattr(checkpoint, "_WRITE_LOCK", WriteLock(checkpoint._WRITE_LOCK))
   other = reference.randomize(codec, scale=0.5, seed=4)
   errors = []
 
