@@ -55,9 +55,10 @@ def test_flat_codes_and_norm_codes_match_faiss_own_encoder():
   np.testing.assert_allclose(err_ours, best, atol=1e-9)
 
 
-def test_distances_equal_float_tables_up_to_lut_rounding():
+@pytest.mark.parametrize("lifted", [True, False])
+def test_distances_equal_float_tables_up_to_lut_rounding(lifted):
   rs, cents, codes, tables = _data()
-  fs = fastscan.FastScanLists(cents, tables, codes[:1000])
+  fs = fastscan.FastScanLists(cents, tables, codes[:1000], lifted=lifted)
   fs.add(codes[:700], np.arange(700))  # two calls: the second appends to partly
   fs.add(codes[700:], np.arange(700, len(codes)))  # filled blocks
   assert fs.index.ntotal == len(codes)
@@ -73,10 +74,11 @@ def test_distances_equal_float_tables_up_to_lut_rounding():
   r = cents[codes[:, 0]].astype(np.float64)
   for m in range(tables.shape[0]):
     r += tables[m][codes[:, m + 1]]
-  nc = fastscan.norm_codes((r * r).sum(1), fs.norm_tabs).astype(np.int64)
+  c2 = (cents[codes[:, 0]].astype(np.float64) ** 2).sum(1) if lifted else 0.0
+  nc = fastscan.norm_codes((r * r).sum(1) - c2, fs.norm_tabs).astype(np.int64)
   t = fs.norm_tabs.astype(np.float64).reshape(2, 16)
   ref = ((q.astype(np.float64) ** 2).sum(1)[:, None] - 2 * q.astype(np.float64) @ r.T
-         + (t[0][nc[:, 0]] + t[1][nc[:, 1]])[None])
+         + (t[0][nc[:, 0]] + t[1][nc[:, 1]] + c2)[None])
   np.testing.assert_allclose(fs.float_distances(q, codes), ref, rtol=1e-5, atol=1e-3)
   bound = fs.lut_error_bound(q)
   err = np.abs(dist - np.take_along_axis(ref, ids, 1))
@@ -121,3 +123,20 @@ def test_bad_input_is_refused():
     fs.add(bad, np.arange(len(bad)))
   with pytest.raises(ValueError, match=r"\(n, 7\)"):
     fs.add(codes[:, :5], np.arange(len(codes)))
+
+
+def test_lifted_norm_term_is_finer_than_faiss_full_norm_far_from_the_origin():
+  rs, cents, codes, tables = _data(seed=2)
+  cents = cents + 20.0  # ||c_l||^2 dominates ||c_l + x_hat||^2
+  q = (cents[rs.randint(len(cents), size=20)] + rs.randn(20, cents.shape[1])).astype(
+      np.float32)
+  err = {}
+  for lifted in (True, False):
+    fs = fastscan.FastScanLists(cents, tables, codes[:1000], lifted=lifted)
+    fs.add(codes, np.arange(len(codes)))
+    dist, ids = fs.search(q, 20, nprobe=len(cents))
+    # against the unquantised AQ distances ||q - c_l - x_hat||^2
+    x = cents[codes[:, 0]].astype(np.float64) + aq.aq_decode(tables, codes[:, 1:])
+    exact = ((q[:, None].astype(np.float64) - x[ids]) ** 2).sum(2)
+    err[lifted] = np.abs(dist - exact).mean()
+  assert err[True] * 1.5 < err[False], err  # measured 1.87 vs 3.88

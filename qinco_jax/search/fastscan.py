@@ -16,6 +16,17 @@ by a = 255 / (largest sub-table span)) and sums 4 bits at a time with SIMD shuff
 bias is rounded with the same scale. So its distances equal the float ones from the same
 tables up to (M + 3) / (2 a) (`lut_error_bound`).
 
+faiss's norm term ||c_l + x_hat||^2 carries ||c_l||^2, which varies far more across lists
+than the rest, so its 2 x 4-bit code is coarse and its sub-tables' span sets the 8-bit
+table's scale for every sub-table. `FastScanLists(lifted=True)` (the default) stores
+v = ||c_l + x_hat||^2 - ||c_l||^2 = 2 <c_l, x_hat> + ||x_hat||^2 instead and moves
+||c_l||^2 into the per-list bias, as `lists.IVFIndex` does: the scanner works in D + 1
+dimensions with q' = [q, 1], c'_l = [c_l, -||c_l||^2 / 2] and tables [T_m, 0], so
+-2 <q', c'_l> = -2 <q, c_l> + ||c_l||^2. Lists are chosen by an exact search over the raw
+centroids and handed to faiss's `search_preassigned` (the lifted centroids would choose
+wrong ones). faiss's own remedy, `rescale_norm` / `norm_scale`, is applied only by its
+`search`, not by `search_preassigned`.
+
 How our tables and codes are loaded (faiss 1.15; `FastScanLists`):
   * the residual quantiser's `codebooks` are overwritten with the least-squares AQ tables
     (M, 16, D) (spec 12.1; no faiss training of the quantiser), and its norm quantiser is
@@ -92,13 +103,16 @@ class FastScanLists:
     norm_tabs: (32,) float32 levels of the norm codes.
   """
 
-  def __init__(self, centroids, tables, train_codes, bbs: int = BBS):
+  def __init__(self, centroids, tables, train_codes, bbs: int = BBS, lifted: bool = True):
     """Args:
       centroids: (K_IVF, D) raw IVF centroids.
       tables: (M, 16, D) least-squares AQ tables (`aq.fit_aq`).
       train_codes: (n, M + 1) codes (column 0: list id) whose reconstructions'
         squared norms train the norm quantiser.
       bbs: vectors per packed block (a multiple of 32).
+      lifted: store v = ||c_l + x_hat||^2 - ||c_l||^2 in the norm codes and move
+        ||c_l||^2 into the per-list bias (module docstring), instead of faiss's
+        ||c_l + x_hat||^2, whose range across lists coarsens the 8-bit table.
     """
     faiss = _faiss()
     self.centroids = np.ascontiguousarray(centroids, np.float32)
@@ -108,15 +122,25 @@ class FastScanLists:
     if K != KSUB or Dt != D:
       raise ValueError(f"tables must be (M, {KSUB}, {D}) (4-bit codes), got "
                        f"{self.tables.shape}")
-    self.quantizer = faiss.IndexFlatL2(D)
-    self.quantizer.add(self.centroids)
+    self.lifted = bool(lifted)
+    self.coarse = faiss.IndexFlatL2(D)  # chooses the lists (exactly)
+    self.coarse.add(self.centroids)
+    # The scanner's quantiser only reconstructs c' for the bias -2 <q', c'>.
+    cl, tl, self.D_scan = self.centroids, self.tables, D
+    if self.lifted:  # q' = [q, 1], c' = [c, -||c||^2 / 2], tables with a 0 coordinate
+      sq = (self.centroids.astype(np.float64) ** 2).sum(1, keepdims=True)
+      cl = np.concatenate([cl, (-0.5 * sq).astype(np.float32)], 1)
+      tl = np.concatenate([tl, np.zeros((M, K, 1), np.float32)], 2)
+      self.D_scan = D + 1
+    self.quantizer = faiss.IndexFlatL2(self.D_scan)
+    self.quantizer.add(np.ascontiguousarray(cl))
     self.index = faiss.IndexIVFResidualQuantizerFastScan(
-        self.quantizer, D, nlist, M, 4, faiss.METRIC_L2,
+        self.quantizer, self.D_scan, nlist, M, 4, faiss.METRIC_L2,
         faiss.AdditiveQuantizer.ST_norm_rq2x4, bbs)
     rq = self.index.rq
-    faiss.copy_array_to_vector(self.tables.ravel(), rq.codebooks)
+    faiss.copy_array_to_vector(np.ascontiguousarray(tl).ravel(), rq.codebooks)
     rq.is_trained = True
-    norms = self.recon_norms(train_codes).astype(np.float32)
+    norms = self.norm_values(train_codes).astype(np.float32)
     rq.train_norm(len(norms), faiss.swig_ptr(norms))
     self.norm_tabs = faiss.vector_to_array(rq.norm_tabs).astype(np.float32)
     self.index.is_trained = True
@@ -127,11 +151,12 @@ class FastScanLists:
   def M(self) -> int:
     return self.tables.shape[0]
 
-  def recon_norms(self, codes: np.ndarray) -> np.ndarray:
-    """||c_l + x_hat||^2 of codes (n, M + 1), float64."""
-    r = self.centroids[codes[:, 0]].astype(np.float64) + aq.aq_decode(
-        self.tables, codes[:, 1:])
-    return (r * r).sum(1)
+  def norm_values(self, codes: np.ndarray) -> np.ndarray:
+    """What the norm codes quantise for codes (n, M + 1): ||c_l + x_hat||^2, minus
+    ||c_l||^2 when lifted; float64."""
+    c = self.centroids[codes[:, 0]].astype(np.float64)
+    r = c + aq.aq_decode(self.tables, codes[:, 1:])
+    return (r * r).sum(1) - ((c * c).sum(1) if self.lifted else 0.0)
 
   def add(self, codes: np.ndarray, ids: np.ndarray) -> None:
     """Appends codes (n, M + 1) (column 0: list id, then M codes in 0..15) under ids
@@ -146,7 +171,7 @@ class FastScanLists:
     ids = np.ascontiguousarray(ids, np.int64)
     if ids.shape != (len(codes),):
       raise ValueError(f"ids: expected ({len(codes)},) integers, got shape {ids.shape}")
-    fc = flat_codes(codes[:, 1:], norm_codes(self.recon_norms(codes), self.norm_tabs))
+    fc = flat_codes(codes[:, 1:], norm_codes(self.norm_values(codes), self.norm_tabs))
     pk = self.packer
     lists = codes[:, 0].astype(np.int64)
     for l in np.unique(lists):
@@ -166,7 +191,9 @@ class FastScanLists:
     """The k best (approximate squared L2, ids) per query, ascending; (nq, k) each."""
     q = np.ascontiguousarray(q, np.float32)
     self.index.nprobe = int(nprobe)
-    dist, ids = self.index.search(q, k)
+    Dc, Ic = self.coarse.search(q, int(nprobe))
+    ql = np.concatenate([q, np.ones((len(q), 1), np.float32)], 1) if self.lifted else q
+    dist, ids = self.index.search_preassigned(np.ascontiguousarray(ql), k, Ic, Dc)
     return dist + (q.astype(np.float64) ** 2).sum(1, keepdims=True), ids
 
   def lut_error_bound(self, q: np.ndarray, nprobe: int | None = None) -> np.ndarray:
@@ -181,13 +208,14 @@ class FastScanLists:
 
   def float_distances(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """float64 (nq, n) distances from the same tables: ||q||^2 - 2 <q, c_l + x_hat> +
-    N_0[n_0] + N_1[n_1] (the quantised norm), the scanner's up to its rounding."""
+    N_0[n_0] + N_1[n_1] (the quantised norm term; + ||c_l||^2 when lifted), the
+    scanner's up to its rounding."""
     q = np.asarray(q, np.float64)
-    r = self.centroids[codes[:, 0]].astype(np.float64) + aq.aq_decode(
-        self.tables, codes[:, 1:])
-    nc = norm_codes(self.recon_norms(codes), self.norm_tabs).astype(np.int64)
+    c = self.centroids[codes[:, 0]].astype(np.float64)
+    r = c + aq.aq_decode(self.tables, codes[:, 1:])
+    nc = norm_codes(self.norm_values(codes), self.norm_tabs).astype(np.int64)
     t = self.norm_tabs.astype(np.float64).reshape(2, KSUB)
-    qn = t[0][nc[:, 0]] + t[1][nc[:, 1]]
+    qn = t[0][nc[:, 0]] + t[1][nc[:, 1]] + ((c * c).sum(1) if self.lifted else 0.0)
     return (q * q).sum(1)[:, None] - 2 * q @ r.T + qn[None, :]
 
 
