@@ -27,6 +27,7 @@ from qinco_jax.config import Dtype, QincoConfig
 from qinco_jax.decode import decode_steps, denormalize, normalize
 from qinco_jax.encode import beam_search
 from qinco_jax.model import Qinco, abstract_model, count_params
+from qinco_jax.packing import pack_fields, packed_size, unpack_fields
 
 DECODE_CHUNK = 8192
 DECODE_BUCKET = 1024  # the last chunk of a decode is padded to a multiple of this
@@ -331,15 +332,19 @@ class Codec:
     return cand.astype(np.int32)
 
   # ------------------------------------------------- faiss-style byte codes
-  def _field_bytes(self) -> list[int]:
-    ivf = [max(1, ((self.cfg.ivf_K - 1).bit_length() + 7) // 8)] if self.cfg.ivf_K else []
-    return ivf + [1 if self.K <= 256 else 2] * self.M
+  def _field_bits(self) -> list[int]:
+    """Bits of each code column in `sa_encode`'s layout (`pack_fields`): the IVF list
+    id in as few whole bytes as ivf_K needs, then M codes of 4 bits (K <= 16), 8 bits
+    (K <= 256) or 16 bits."""
+    ivf = [8 * max(1, ((self.cfg.ivf_K - 1).bit_length() + 7) // 8)] if self.cfg.ivf_K else []
+    return ivf + [4 if self.K <= 16 else 8 if self.K <= 256 else 16] * self.M
 
   @property
   def code_size(self) -> int:
     """Bytes per vector of `sa_encode`: the IVF list id (if any) in as few bytes as
-    ivf_K needs, then M codes of 1 byte (K <= 256) or 2 bytes, little-endian."""
-    return sum(self._field_bytes())
+    ivf_K needs, then the M codes: two per byte (K <= 16, low nibble first), one byte
+    (K <= 256) or two bytes, little-endian."""
+    return packed_size(self._field_bits())
 
   def pack_codes(self, codes) -> np.ndarray:
     """(n, n_codes) integer codes -> (n, code_size) uint8 (the `sa_encode` layout)."""
@@ -347,10 +352,7 @@ class Codec:
     if codes.shape[1] != self.n_codes:
       raise ValueError(f"pack_codes needs all {self.n_codes} code columns, got "
                        f"{codes.shape[1]}")
-    c = codes.astype(np.int64)
-    cols = [(c[:, j:j + 1] >> (8 * np.arange(nb))) & 0xFF
-            for j, nb in enumerate(self._field_bytes())]
-    return np.concatenate(cols, axis=1).astype(np.uint8)
+    return pack_fields(codes, self._field_bits())
 
   def unpack_codes(self, b) -> np.ndarray:
     """(n, code_size) uint8 -> (n, n_codes) codes, as `encode` returns them."""
@@ -358,12 +360,7 @@ class Codec:
     if b.ndim != 2 or b.dtype != np.uint8 or b.shape[1] != self.code_size:
       raise ValueError(f"expected (n, {self.code_size}) uint8 codes (sa_encode), got "
                        f"shape {b.shape} dtype {b.dtype}")
-    out = np.empty((len(b), self.n_codes), self.code_dtype)
-    pos = 0
-    for j, nb in enumerate(self._field_bytes()):
-      out[:, j] = (b[:, pos:pos + nb].astype(np.int64) << (8 * np.arange(nb))).sum(1)
-      pos += nb
-    return out
+    return unpack_fields(b, self._field_bits()).astype(self.code_dtype)
 
   def sa_encode(self, x, A: int | None = None, B: int | None = None, **kw) -> np.ndarray:
     """Like faiss's standalone codecs: (n, d) vectors -> (n, code_size) uint8."""

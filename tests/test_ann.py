@@ -255,7 +255,8 @@ def test_sa_encode_packs_codes_into_bytes(K, ivf_K):
   cfg = qj.QincoConfig(K=K, M=3, L=1, de=None, dh=4, A=0, B=1, ivf_K=ivf_K)
   codec = qj.Codec.create(cfg, x, verbose=False,
                           ivf_centroids=x[:ivf_K] if ivf_K else None)
-  want_size = (2 if ivf_K else 0) + 3 * (1 if K <= 256 else 2)
+  # 4-bit codes: two per byte, so 3 of them take 2 bytes
+  want_size = (2 if ivf_K else 0) + (2 if K <= 16 else 3 * (1 if K <= 256 else 2))
   assert codec.code_size == want_size
   codes = codec.encode(x[:50], verbose=False)
   b = codec.sa_encode(x[:50])
@@ -266,6 +267,9 @@ def test_sa_encode_packs_codes_into_bytes(K, ivf_K):
     np.testing.assert_array_equal(b[:, 0] + 256 * b[:, 1].astype(np.int64), c[:, 0])
   if K > 256:
     np.testing.assert_array_equal(b[:, 0] + 256 * b[:, 1].astype(np.int64), c[:, 0])
+  if K <= 16:  # low nibble first; the last high nibble is 0
+    np.testing.assert_array_equal(b[:, 2], c[:, 1] | (c[:, 2] << 4))
+    np.testing.assert_array_equal(b[:, 3], c[:, 3])
   np.testing.assert_array_equal(codec.unpack_codes(b), codes)
   np.testing.assert_array_equal(codec.sa_decode(b), codec.decode(codes, verbose=False))
   with pytest.raises(ValueError, match="uint8"):

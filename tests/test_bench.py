@@ -227,3 +227,22 @@ def test_the_scale_extrapolation_by_hand():
   text = "\n".join(scale.extrapolate(res))
   assert f"RAM: met by extrapolation ({1 + cent + 4:.1f} GB" in text
   assert "finds 0.90 of the 64 nearest lists at efSearch 256" in text
+
+
+def test_search_pareto_front_and_equal_speed_table_by_hand():
+  rows = [{"qps": 100.0, "R@1": 0.5}, {"qps": 50.0, "R@1": 0.4},  # dominated
+          {"qps": 10.0, "R@1": 0.6}, {"qps": 200.0, "R@1": 0.2}]
+  assert [(r["qps"], r["R@1"]) for r in search.pareto(rows)] == [
+      (200.0, 0.2), (100.0, 0.5), (10.0, 0.6)]
+  curves = {"faiss A": [{"qps": 20.0, "qps_k1": 300.0, "R@1": 0.3},
+                        {"qps": 80.0, "R@1": 0.45}],
+            "faiss B": [{"qps": 40.0, "R@1": 0.5}],
+            "ours x": rows}
+  table = search.equal_speed_table(curves, ["faiss A", "faiss B"], speeds=[30, 90, 250, 400])
+  # at 30/s: A's 0.45 (80/s) and B's 0.5 (40/s) qualify -> B; ours: 0.5 (100/s)
+  assert table[0] == {"qps": 30, "ours": 0.5, "anchor": 0.5, "anchor_name": "faiss B",
+                      "ratio": 1.0}
+  assert (table[1]["anchor"], table[1]["ours"]) == (0.3, 0.5)  # A's k=1 timing: 300/s
+  assert table[1]["ratio"] == pytest.approx(0.5 / 0.3)
+  assert (table[2]["anchor"], table[2]["ours"], table[2]["ratio"]) == (0.3, None, None)
+  assert (table[3]["anchor"], table[3]["ours"]) == (None, None)

@@ -24,7 +24,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qinco_jax.search import listfile
-from qinco_jax.search.lists import LISTS_FILE, IVFIndex, check_codes, check_ids
+from qinco_jax.search.fastscan import Lists, open_lists
+from qinco_jax.search.lists import LISTS_FILE, check_codes, check_ids
 
 MERGE_FANIN = 16  # list files merged in one pass
 # A shard for the build: a key naming its content (runs are reused under it) and a
@@ -32,19 +33,16 @@ MERGE_FANIN = 16  # list files merged in one pass
 Shard = tuple[str, Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]]
 
 
-def write_run(path: Path, ivf: IVFIndex, chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+def write_run(path: Path, ivf: Lists, chunks: Iterable[tuple[np.ndarray, np.ndarray]],
               bar=None) -> dict:
-  """One shard's rows as a sorted list file (norm bytes computed). Returns its record:
+  """One shard's rows as a sorted list file (norm codes computed). Returns its record:
   rows written and the largest id (-1 if none)."""
   lists, packed, ids = [], [], []
   for codes, cid in chunks:
-    codes = check_codes(codes, ivf.M, ivf.nlist)
+    codes = check_codes(codes, ivf.M, ivf.nlist, K=ivf.K)
     cid = check_ids(cid, len(codes))
     lists.append(codes[:, 0].astype(np.int32))
-    p = codes[:, 1:].astype(np.uint8)
-    if ivf.metric == "l2":
-      p = np.concatenate([p, ivf.norm_bytes(codes)[:, None]], 1)
-    packed.append(p)
+    packed.append(ivf.list_codes(codes))
     ids.append(cid)
     if bar is not None:
       bar.update(len(codes))
@@ -72,11 +70,12 @@ def merge(out: Path, inputs: list, scratch: Path, verbose: bool = False) -> np.n
     return listfile.merge_lists(out, inputs, on_rows=bar.update)
 
 
-def build_lists(out_dir: str | os.PathLike, ivf: IVFIndex, shards: list[Shard],
+def build_lists(out_dir: str | os.PathLike, ivf: Lists, shards: list[Shard],
                 scratch: str | os.PathLike, verbose: bool = False,
-                total_rows: int | None = None) -> IVFIndex:
+                total_rows: int | None = None) -> Lists:
   """Writes the lists of `ivf` plus every shard's rows to directory `out_dir`
-  (`IVFIndex.save`'s layout) and returns them opened memory-mapped.
+  (`IVFIndex.save`'s layout) and returns them opened (`fastscan.open_lists`:
+  memory-mapped 8-bit lists, or 4-bit ones read into memory).
 
   Args:
     ivf: the (trained) lists to add to: empty, in memory, or opened from disk (its
@@ -117,11 +116,11 @@ def build_lists(out_dir: str | os.PathLike, ivf: IVFIndex, shards: list[Shard],
   ivf.save_meta(out_dir)
   ivf.next_id = saved_next
   shutil.rmtree(scratch, ignore_errors=True)
-  return IVFIndex.open(out_dir)
+  return open_lists(out_dir)
 
 
-def remove_ids(out_dir: str | os.PathLike, ivf: IVFIndex, ids,
-               verbose: bool = False) -> tuple[IVFIndex, int]:
+def remove_ids(out_dir: str | os.PathLike, ivf: Lists, ids,
+               verbose: bool = False) -> tuple[Lists, int]:
   """The offline compaction of lists larger than memory: writes the lists of `ivf`
   without the rows holding these ids ((n,) integers) to directory `out_dir`
   (`IVFIndex.save`'s layout; it may be where `ivf` was opened from) by one sequential
@@ -143,7 +142,7 @@ def remove_ids(out_dir: str | os.PathLike, ivf: IVFIndex, ids,
     sizes = listfile.filter_lists(out_dir / LISTS_FILE, src, ids.astype(np.int64).ravel(),
                                   on_rows=bar.update)
   ivf.save_meta(out_dir)
-  return IVFIndex.open(out_dir), ivf.ntotal - int(sizes.sum())
+  return open_lists(out_dir), ivf.ntotal - int(sizes.sum())
 
 
 def _read_done(scratch: Path) -> dict:

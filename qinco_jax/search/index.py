@@ -46,7 +46,7 @@ import numpy as np
 from qinco_jax import checkpoint, data
 from qinco_jax.codec import load as load_codec
 from qinco_jax.pairwise import PairwiseDecoder
-from qinco_jax.search import build, decoders, legacy, listfile, shards
+from qinco_jax.search import build, decoders, fastscan, legacy, listfile, shards
 from qinco_jax.search import coarse as coarse_lib
 from qinco_jax.search import lists as lists_lib
 from qinco_jax.search.query import Searcher, SearchParams
@@ -83,17 +83,21 @@ class Index:
     if not getattr(codec, "cfg", None) or not codec.cfg.ivf_K:
       raise ValueError("Index needs an IVF-QINCo2 codec (QincoConfig(ivf_K=...) > 0), "
                        f"got {codec!r}")
-    if codec.K != 256:
-      raise ValueError(f"Index stores one byte per code: it needs a codec with K=256, got "
-                       f"K={codec.K}")
+    if codec.K not in (16, 256):
+      raise ValueError(f"Index scans 8-bit codes (K=256) or 4-bit codes (K=16, with "
+                       f"faiss's fast-scan), got a codec with K={codec.K}")
     if metric not in ("l2", "ip", "cosine"):
       raise ValueError(f"metric must be 'l2', 'ip' or 'cosine', got {metric!r}")
+    if codec.K == 16 and metric == "ip":
+      raise ValueError("metric='ip' needs a codec with K=256: 4-bit (K=16) codes are "
+                       "scanned by faiss's fast-scan in L2 only (use 'l2', or 'cosine' "
+                       "for normalised vectors)")
     codec._check_AB(A, B)
     self.codec, self.metric, self.A, self.B = codec, metric, A, B
     self.coarse, self.fit_kw = coarse, fit_kw
     self.fingerprint: str | None = None  # of the saved files it was loaded from or saved to
     self._dec: decoders.Decoders | None = None
-    self._ivf: lists_lib.IVFIndex | None = None
+    self._ivf: fastscan.Lists | None = None
 
   # -------------------------------------------------------------- state
   @property
@@ -118,7 +122,7 @@ class Index:
       x = x / norms
     return x
 
-  def _trained(self, what: str) -> tuple[decoders.Decoders, lists_lib.IVFIndex]:
+  def _trained(self, what: str) -> tuple[decoders.Decoders, fastscan.Lists]:
     if self._dec is None or self._ivf is None:
       raise RuntimeError(f"{what} needs a trained index: call index.train(x) first")
     return self._dec, self._ivf
@@ -140,10 +144,10 @@ class Index:
       _check_cosine_codec(self.codec, x, self.A, self.B)
     self._dec = decoders.fit_decoders(self.codec, x, A=self.A, B=self.B,
                                       train_codes=codes, verbose=verbose, **self.fit_kw)
-    self._ivf = lists_lib.empty_index(self._dec.centroids, self._dec.tables,
-                                      self._dec.train_codes,
-                                      metric="ip" if self.metric == "ip" else "l2",
-                                      coarse=self.coarse)
+    self._ivf = fastscan.empty_lists(self._dec.centroids, self._dec.tables,
+                                     self._dec.train_codes,
+                                     metric="ip" if self.metric == "ip" else "l2",
+                                     coarse=self.coarse)
 
   def add(self, x, ids=None, *, verbose: bool = False) -> np.ndarray:
     """Encodes (n, d) vectors and stores their codes; ids (n,) integers in 0..2**63-1
@@ -195,7 +199,7 @@ class Index:
                         total_rows=sum(int(m["rows"][1]) - int(m["rows"][0])
                                        for _, m in shard_list))
     self._write(path, write_lists)
-    self._ivf = lists_lib.IVFIndex.open(path / "lists")
+    self._ivf = fastscan.open_lists(path / "lists")
 
   def search(self, queries, k: int, *, nprobe: int = 16, ef_search: int = 64,
              nshort: int = 100, nmid_short: int = 4, batch: int = 1024
@@ -239,7 +243,7 @@ class Index:
     target = _target(path)
     self._write(target, lambda tmp: removed.append(
         build.remove_ids(tmp / "lists", ivf, ids, verbose=verbose)[1]))
-    self._ivf = lists_lib.IVFIndex.open(target / "lists")
+    self._ivf = fastscan.open_lists(target / "lists")
     return removed[0]
 
   # -------------------------------------------------------------- files
@@ -406,7 +410,7 @@ def load_index(path: str | os.PathLike, mmap: bool = True) -> Index:
     raise ValueError(f"index {str(path)!r}: its decoders cannot be read ({e})") from None
   metric: Literal["l2", "ip"] = "ip" if index.metric == "ip" else "l2"
   if (path / "lists").is_dir():
-    ivf = lists_lib.IVFIndex.open(path / "lists", mmap=mmap)
+    ivf = fastscan.open_lists(path / "lists", mmap=mmap)
   elif (path / IVF_FILE).exists():
     with np.load(path / IVF_FILE, allow_pickle=False) as arrays:
       ivf = legacy.from_arrays(arrays)

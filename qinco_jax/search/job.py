@@ -75,7 +75,9 @@ class SearchJob:
                    "files under --root)")
   root: str = flag("", "directory of the BigANN/Deep1B files")
   ivf_K: int = flag(1024, "IVF lists (2**20 for 1B databases)")
-  M: int = flag(8, "QINCo codes per vector (bytes)")
+  K: int = flag(256, "codewords per step: 256 (8-bit codes) or 16 (4-bit codes, whose "
+                 "index scans them with faiss's fast-scan)")
+  M: int = flag(8, "QINCo codes per vector (M bytes at K=256, M / 2 at K=16)")
   L: int = flag(2, "residual blocks per step network (train stage)")
   de: int = flag(64, "embedding width E (train stage)")
   dh: int = flag(128, "hidden width H (train stage)")
@@ -111,7 +113,7 @@ class SearchJob:
     i, n = self.shard
     if not 0 <= i < n:
       raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
-    for name in ("ivf_K", "M", "L", "dh", "de", "epochs", "B", "shard_rows",
+    for name in ("ivf_K", "K", "M", "L", "dh", "de", "epochs", "B", "shard_rows",
                  "ef_construction", "max_experiments"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -159,7 +161,7 @@ def where_it_ran() -> str:
 # The settings each stage records in the workdir (`WORKDIR/job.json`): a later stage
 # takes them over, and a setting given against them is refused.
 STAGE_FIELDS = {"ivf": ("data", "root", "ivf_K", "ef_construction"),
-                "train": ("M", "L", "de", "dh", "A", "B"),
+                "train": ("K", "M", "L", "de", "dh", "A", "B"),
                 "encode": ("enc_A", "enc_B", "shard_rows"), "build": (), "search": ()}
 
 
@@ -312,8 +314,8 @@ def _encode_kw(wd: SearchWorkdir, B: int) -> dict:
 
 
 def _train(job: SearchJob, train_x, val, wd: SearchWorkdir):
-  cfg = preset("qinco2-S", M=job.M, L=job.L, de=job.de, dh=job.dh, A=job.A, B=job.B,
-               ivf_K=job.ivf_K)
+  cfg = preset("qinco2-S", K=job.K, M=job.M, L=job.L, de=job.de, dh=job.dh, A=job.A,
+               B=job.B, ivf_K=job.ivf_K)
   budget = job.time_budget_s if job.time_budget_s > 0 else None
   tc = train.TrainConfig(epochs=job.epochs, warmup_epochs=1,
                          stop_patience=job.stop_patience,

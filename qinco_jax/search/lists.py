@@ -82,14 +82,14 @@ Coarse = Literal["auto", "flat", "hnsw"]
 MAX_ID = np.iinfo(np.int64).max
 
 
-def check_codes(codes, M: int, nlist: int, name: str = "codes") -> np.ndarray:
+def check_codes(codes, M: int, nlist: int, name: str = "codes", K: int = 256) -> np.ndarray:
   """The one check of codes entering the lists: (n, M + 1) integers, column 0 a list
-  id in 0..nlist-1 and codes in 0..255. Returns them (no copy)."""
+  id in 0..nlist-1 and codes in 0..K-1. Returns them (no copy)."""
   codes = data.check_int_matrix(codes, name)
   if codes.shape[1] != M + 1:
     raise ValueError(f"{name} must be (n, {M + 1}) (IVF id + M codes), got {codes.shape}")
-  if len(codes) and (codes[:, 0].max() >= nlist or codes[:, 1:].max() >= 256):
-    raise ValueError(f"{name}: list ids must lie in 0..{nlist - 1} and codes in 0..255, "
+  if len(codes) and (codes[:, 0].max() >= nlist or codes[:, 1:].max() >= K):
+    raise ValueError(f"{name}: list ids must lie in 0..{nlist - 1} and codes in 0..{K - 1}, "
                      f"got maxima {codes[:, 0].max()} and {codes[:, 1:].max()}")
   return codes
 
@@ -228,10 +228,20 @@ class IVFIndex:
   def M(self) -> int:
     return self.tables.shape[0]
 
+  K = 256  # codewords per table
+
   @property
   def code_size(self) -> int:
     """Bytes per vector in faiss's lists: the M codes, then the norm byte ("l2")."""
     return self.M + (1 if self.metric == "l2" else 0)
+
+  def list_codes(self, codes: np.ndarray) -> np.ndarray:
+    """What the list file stores for codes (n, M + 1) (checked): (n, code_size) uint8,
+    the M codes then the norm byte ("l2"; computed)."""
+    p = codes[:, 1:].astype(np.uint8)
+    if self.metric == "l2":
+      p = np.concatenate([p, self.norm_bytes(codes)[:, None]], 1)
+    return p
 
   @property
   def exact_coarse(self) -> bool:

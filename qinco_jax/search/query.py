@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qinco_jax.data import as_float32
-from qinco_jax.search import lists as lists_lib
 
 if TYPE_CHECKING:  # annotations only: the query path needs no codec module
   from qinco_jax.codec import Codec
   from qinco_jax.pairwise import PairwiseDecoder
+  from qinco_jax.search.fastscan import Lists
 
 
 MAX_SHORTLIST = 8000  # candidates the IVF/AQ stage returns per query at most
@@ -64,14 +64,15 @@ class Searcher:
 
   Attributes:
     codec: the IVF-QINCo2 codec (full decoder).
-    index: the inverted lists holding the codes (`lists.build_index`).
+    index: the inverted lists holding the codes (`lists.IVFIndex` for 8-bit codes,
+      `fastscan.FastScanLists` for 4-bit ones).
     centroids: (K_IVF, D) raw IVF centroids.
     pairwise: a `pairwise.PairwiseDecoder` or None.
     extra_codes: (K_IVF, 5) IVF-derived codes of the pairwise decoder, or None.
   """
 
   codec: Codec
-  index: lists_lib.IVFIndex
+  index: Lists
   centroids: np.ndarray
   pairwise: PairwiseDecoder | None = None
   extra_codes: np.ndarray | None = None

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from qinco_jax.search import lists as lists_lib
+from qinco_jax.search.fastscan import Lists
 from qinco_jax.search.index import Index, load_index
 
 
@@ -67,7 +67,7 @@ def _unpack(b: bytes) -> dict[str, np.ndarray]:
     return {k: z[k] for k in z.files}
 
 
-def fingerprint(ivf: lists_lib.IVFIndex) -> str:
+def fingerprint(ivf: Lists) -> str:
   """What parts must share: centroids, tables, levels, metric (blake2b)."""
   h = hashlib.blake2b(ivf.metric.encode(), digest_size=16)
   for a in (ivf.centroids, ivf.tables, ivf.levels):
@@ -96,7 +96,7 @@ def _server_class():
   class PartServer(rpc.Server):
     """The RPC methods of one part (faiss's `Server` calls them by name)."""
 
-    def __init__(self, conn, ivf: lists_lib.IVFIndex):
+    def __init__(self, conn, ivf: Lists):
       rpc.Server.__init__(self, conn, logf=open(os.devnull, "w"))  # noqa: SIM115
       self.ivf = ivf
 
@@ -145,8 +145,9 @@ class RemoteLists:
   search interface: `assign` here, `scan` on every part, candidates merged).
 
   Args:
-    local: an `IVFIndex` with the parts' centroids, tables and list search (one
-      part's, opened memory-mapped: its rows are not read).
+    local: the lists (`IVFIndex` or `FastScanLists`) with the parts' centroids,
+      tables and list search (one part's, opened memory-mapped: its rows are not read;
+      4-bit lists are read into memory).
     addresses: (host, port) of each part.
     allow_partial: answer without the parts that fail (with a warning) instead of
       raising `PartLostError`.
@@ -155,7 +156,7 @@ class RemoteLists:
       like one that did.
   """
 
-  def __init__(self, local: lists_lib.IVFIndex, addresses, allow_partial: bool = False,
+  def __init__(self, local: Lists, addresses, allow_partial: bool = False,
                timeout_s: float | None = 600.0):
     self.local, self.addresses = local, [(str(h), int(p)) for h, p in addresses]
     self.allow_partial = allow_partial

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from qinco_jax import checkpoint, data
+from qinco_jax import checkpoint, data, packing
 from qinco_jax.search.workdir import SearchWorkdir
 
 ENCODE_ROWS = 1 << 16  # rows encoded and written at a time
@@ -63,7 +63,15 @@ def _record(codec, x, shard: int, n_shards: int, A, B) -> dict:
   s, e = shard_range(len(x), shard, n_shards)
   return {"n_db": int(len(x)), "rows": [int(s), int(e)], "fingerprint": fingerprint(x),
           "A": A, "B": B, "codec": codec_fingerprint(codec),
-          "fields": codec._field_bytes()}
+          **field_record(codec._field_bits())}
+
+
+def field_record(bits: list[int]) -> dict:
+  """How a shard's record names its packed layout: "fields" (byte widths) when every
+  field is whole bytes, as shards have always recorded it, else "bits" (4-bit codes)."""
+  if all(w % 8 == 0 for w in bits):
+    return {"fields": [w // 8 for w in bits]}
+  return {"bits": list(bits)}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -110,15 +118,15 @@ def encode_shard(codec, x, out_dir: str | os.PathLike, shard: int = 0,
   return path
 
 
-def unpack(b: np.ndarray, fields: list[int]) -> np.ndarray:
-  """(n, sum(fields)) uint8 packed codes -> (n, len(fields)) int32 (little-endian
-  fields of the given byte widths, as `Codec.pack_codes` writes them)."""
-  out = np.empty((len(b), len(fields)), np.int32)
-  pos = 0
-  for j, nb in enumerate(fields):
-    out[:, j] = (b[:, pos:pos + nb].astype(np.int64) << (8 * np.arange(nb))).sum(1)
-    pos += nb
-  return out
+def unpack(b: np.ndarray, meta: dict) -> np.ndarray:
+  """(n, row bytes) uint8 packed codes -> (n, n_codes) int32, by the layout the shard's
+  record names (`field_record`; `Codec.pack_codes` wrote them); shards written before
+  the packed layout hold one code per byte."""
+  if "bits" in meta:
+    return packing.unpack_fields(b, meta["bits"]).astype(np.int32)
+  if "fields" in meta:
+    return packing.unpack_fields(b, [8 * nb for nb in meta["fields"]]).astype(np.int32)
+  return np.asarray(b).astype(np.int32)
 
 
 def iter_shard(path: str | os.PathLike, meta: dict, rows: int = READ_ROWS):
@@ -127,8 +135,7 @@ def iter_shard(path: str | os.PathLike, meta: dict, rows: int = READ_ROWS):
   raw = np.load(path, mmap_mode="r")
   for s in range(0, len(raw), rows):
     block = np.asarray(raw[s:s + rows])
-    yield s, (unpack(block, meta["fields"]) if "fields" in meta
-              else block.astype(np.int32))  # shards written before the packed layout
+    yield s, unpack(block, meta)
 
 
 def find_shards(out_dir: str | os.PathLike, name: str = SearchWorkdir.codes, db=None,
