@@ -518,9 +518,9 @@ def write_doc(args, curves, other, table4, K_ivf, n_db, ceiling, costs, all_rati
             f"100 (list search, table, scan); the look-up table alone ({n_sub} x 256 inner "
             f"products of {D} dimensions, every list skipped) takes {us['table']:.1f} us, so "
             f"no setting of it can pass {1e6 / us['table']:,.0f} queries/s."]
-  lines += ["", "Shortlist accuracy of the 8-bit index (Table 4 style): R@1 after QINCo2 re-ranking of an "
-            "S-element shortlist chosen by each decoder (nprobe 16; S = 1 is the R@1 of each "
-            "decoder's own ranking of the same 10 AQ results):", "",
+  lines += ["", "Shortlist accuracy of the 8-bit index (Table 4 style): R@1 after QINCo2 "
+            "re-ranking of an S-element shortlist chosen by each decoder (nprobe 16; "
+            "S = 1 is the R@1 of each decoder's own ranking of the same 10 AQ results):", "",
             "| shortlist S | AQ | pairwise (from a 10S AQ list) | full QINCo2 (10S AQ list) "
             "| share of the AQ -> full gap closed by pairwise | gap in queries |",
             "|---|---|---|---|---|---|"]

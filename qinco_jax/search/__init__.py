@@ -7,7 +7,7 @@ codec-side modules below the package):
   coarse.py    ivf: the coarse quantiser's centroids
   listfile.py  the on-disk inverted lists (faiss's layout): write, merge, map
   lists.py     the inverted lists of codes, scanned with one look-up table per query
-  fastscan.py  4-bit codes (K = 16) in faiss's IVF additive fast-scan (not yet in `Index`)
+  fastscan.py  the lists of 4-bit codes (K = 16), scanned by faiss's IVF additive fast-scan
   query.py     search: IVF/AQ -> pairwise shortlist -> QINCo2 re-rank (`Searcher`)
   decoders.py  build: the AQ tables and pairwise decoder fitted on encoded vectors
   shards.py    encode: the database's codes in shard files

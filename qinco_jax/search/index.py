@@ -9,8 +9,11 @@
     index.add_shards(shards, "big_index")  # a database larger than memory (search.build)
 
 It is the build and search stages of the search job (`job`): it wraps the decoders
-of `decoders.fit_decoders`, the inverted lists holding the codes (`lists.IVFIndex`,
-scanned with one look-up table per query) and the query path of `query.Searcher`.
+of `decoders.fit_decoders`, the inverted lists holding the codes and the query path of
+`query.Searcher`. The lists depend on the codec's K: 8-bit codes (K = 256) go to
+`lists.IVFIndex` (one float look-up table per query, memory-mapped when loaded), 4-bit
+codes (K = 16) to `fastscan.FastScanLists` (faiss's SIMD fast-scan over 8-bit
+tables, held in memory; L2 and cosine only).
 Its methods are where inputs are checked; the stages below trust them. Metrics:
 
   "l2"      squared Euclidean distances, smallest first.
@@ -28,7 +31,7 @@ A saved index is a directory: `model/` (the codec), `pairwise.npz`, `extra_codes
 `qinco_jax_index.json`, which records the metric, the beam, a fingerprint of the
 codec and a checksum of every file (of the list file: its size and its header, which
 holds the list sizes; reading all of it would make loading O(N)). `load_index`
-verifies them and memory-maps the lists.
+verifies them and memory-maps the (8-bit) lists.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ class Index:
   """A searchable collection of QINCo2-coded vectors (see the module docstring).
 
   Args:
-    codec: an IVF-QINCo2 codec (`QincoConfig(ivf_K=...)`), trained or RQ-initialised.
+    codec: an IVF-QINCo2 codec (`QincoConfig(ivf_K=...)`), trained or RQ-initialised,
+      with K = 256 or K = 16 (4-bit codes: the fast-scan first stage).
     metric: "l2", "ip" or "cosine" (see the module docstring).
     A, B: encoding beam of `train` and `add` (default: the codec's training A, B).
     coarse: the list search over the codec's IVF centroids: "auto" (exact up to
@@ -382,9 +386,10 @@ def _verify(path: Path, meta: dict):
 
 def load_index(path: str | os.PathLike, mmap: bool = True) -> Index:
   """Reads an index written by `Index.save` (in any process), checking every file
-  against the checksums saved with it. Its lists are memory-mapped (mmap=False: read
-  into memory), so loading takes O(nlist), not O(ntotal). Indexes saved by earlier
-  versions (`ivf.npz`, or an `index.faiss` file) are converted on reading."""
+  against the checksums saved with it. Its 8-bit lists are memory-mapped (mmap=False:
+  read into memory), so loading takes O(nlist), not O(ntotal); 4-bit lists are read
+  into memory, O(ntotal). Indexes saved by earlier versions (`ivf.npz`, or an
+  `index.faiss` file) are converted on reading."""
   path = Path(path)
   meta_path = path / META_FILE
   if not path.exists():  # an interrupted save: restore its newest complete copy
