@@ -25,6 +25,7 @@ PQ8 indexes alone.
 
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import time
@@ -130,6 +131,36 @@ def faiss_keys(K_ivf: int) -> list[str]:
   (OPQ) to 48."""
   return [f"IVF{K_ivf},RQ8x8", f"OPQ8_48,IVF{K_ivf},PQ8", f"OPQ16_48,IVF{K_ivf},PQ16x4fsr",
           f"IVF{K_ivf},RQ14x4fsr_Nrq2x4"]
+
+
+# ScaNN (optional, when importable): its tree of K_IVF leaves and asymmetric hashing
+# of about 8 bytes, anisotropic loss threshold 0.2, no re-ordering. GloVe's 50 dims
+# split into blocks of 3 (17 x 4-bit codes, 8.5 bytes) or 7 (8 x 8-bit, 8 bytes).
+SCANN = {"AH 17 x 4-bit (lut16, 8.5 B)": (3, "lut16"), "AH 8 x 8-bit (lut256, 8 B)": (7, "lut256")}
+
+
+def scann_curves(K_ivf, train, db, queries, gt, nprobes) -> dict[str, list[dict]]:
+  """R@k and qps of ScaNN's partitioned asymmetric-hashing searchers (`SCANN`), timed
+  as faiss's (100 results and 1) with `search_batched_parallel`; {} when ScaNN is not
+  installed (it is not a dependency)."""
+  try:
+    import scann  # type: ignore[import-not-found]
+  except ImportError:
+    return {}
+  out = {}
+  for name, (dims, hash_type) in SCANN.items():
+    s = scann.scann_ops_pybind.builder(db, 100, "squared_l2").tree(
+        num_leaves=K_ivf, num_leaves_to_search=16, training_sample_size=len(train)).score_ah(
+        dims, anisotropic_quantization_threshold=0.2, hash_type=hash_type).build()
+
+    def search(nprobe, k=100, s=s):
+      return s.search_batched_parallel(queries, final_num_neighbors=k,
+                                       leaves_to_search=nprobe)[0].astype(np.int64)
+    rows = timed_curve(search, queries, gt, nprobes)
+    for r, r1 in zip(rows, timed_curve(lambda n: search(n, 1), queries, gt, nprobes)):
+      r["qps_k1"] = r1["qps"]
+    out[f"ScaNN {importlib.metadata.version('scann')}, tree {K_ivf}, {name}"] = rows
+  return out
 
 
 def reranked_keys(K_ivf: int) -> dict[str, float]:
@@ -367,6 +398,8 @@ def run(args: SearchBench, command: str) -> None:
   for key in faiss_keys(K_ivf):
     index, build[key] = faiss_index(key, train, db)
     curves["faiss " + key] = faiss_curve(index, queries, gt, nprobes)
+  for key, rows in scann_curves(K_ivf, train, db, queries, gt, nprobes).items():
+    curves[key] = rows  # an 8-byte anchor, when ScaNN is installed
   for key, k_factor in reranked_keys(K_ivf).items():
     index, build[key] = faiss_index(key, train, db)
     refine: Any = faiss.downcast_index(index)  # an IndexRefine
@@ -408,7 +441,7 @@ def run(args: SearchBench, command: str) -> None:
   assert isinstance(ivf, IVFIndex)  # the 8-bit index
   costs = {"us": aq_stage_costs(searcher, queries), "n_sub": ivf.scanner.pq.M,
            "D": db.shape[1]}  # PQ sub-quantisers
-  anchors = ["faiss " + k for k in faiss_keys(K_ivf)]
+  anchors = [k for k in curves if not k.startswith("ours")]
   ratios = {k: equal_qps_ratios(curves, k) for k in anchors}
   speeds = equal_speed_table(curves, anchors)
   os.makedirs(os.path.dirname(args.doc) or ".", exist_ok=True)
@@ -422,6 +455,10 @@ def run(args: SearchBench, command: str) -> None:
                "aq_stage": costs, "threads": threads}, f, indent=1)
   write_doc(args, curves, other, table4, K_ivf, len(db), ceiling, costs, ratios, speeds,
             ivf.exact_coarse, threads, four is not None)
+
+
+def _anchor(name: str) -> str:
+  return name.removeprefix("faiss ")
 
 
 def _row(r: dict) -> str:
@@ -438,7 +475,8 @@ def write_doc(args, curves, other, table4, K_ivf, n_db, ceiling, costs, all_rati
   lines = [START, "## Search (experiments/bench_search.py)", "",
            f"Measured {datetime.date.today()}: every query timing on a 2-core CPU, faiss "
            f"and our pipelines in the same run, faiss at {threads} OpenMP threads for every "
-           "index (ours scan with faiss too); the stages that built our indexes ran where "
+           "index (ours scan with faiss too; ScaNN, when installed, searches with "
+           "`search_batched_parallel`, one thread per CPU); the stages that built our indexes ran where "
            f"each command's comment says. GloVe: {n_db:,} database vectors (90k db + 290k "
            f"train), {args.nq:,} queries, {K_ivf} IVF lists, 8 bytes per vector: our 8-bit "
            "index codes M = 8 steps of K = 256" + (
@@ -481,13 +519,13 @@ def write_doc(args, curves, other, table4, K_ivf, n_db, ceiling, costs, all_rati
       lines.append(f"| {r['index']} | {p['nprobe']} | {p['ef_search']} | {p['nmid_short']} "
                    f"| {p['nshort']} | {r['R@1']:.3f} | {r['R@10']:.3f} | {r['qps']:,.0f} |")
   lines += ["", "**Equal speed, every speed**: at each speed, the best R@1 of the 8-byte "
-            "faiss anchors at least that fast, and ours (any of our settings, either index) "
+            "anchors (faiss, and ScaNN when installed) at least that fast, and ours (any of our settings, either index) "
             "at least that fast. Goal: ours >= the anchors' from 5k to 200k queries/s, and "
             ">= 1.2x where they saturate.", "",
             "| queries/s at least | best anchor R@1 (index) | ours R@1 | ratio |",
             "|---|---|---|---|"]
   for r in speeds:
-    anchor = (f"{r['anchor']:.3f} ({r['anchor_name'][6:]})" if r["anchor"] is not None
+    anchor = (f"{r['anchor']:.3f} ({_anchor(r['anchor_name'])})" if r["anchor"] is not None
               else "none this fast")
     ours = f"{r['ours']:.3f}" if r["ours"] is not None else "none this fast"
     lines.append(f"| {r['qps']:,} | {anchor} | {ours} | " +
@@ -501,10 +539,10 @@ def write_doc(args, curves, other, table4, K_ivf, n_db, ceiling, costs, all_rati
     for r in ratios:
       ours = (f"{r['ours_R@1']:.3f} ({r['ours_qps']:,.0f})" if r["ratio"] else
               "no setting this fast")
-      lines.append(f"| {name[6:]} | {r['nprobe']} | {r['qps']:,.0f} | {r['faiss_R@1']:.3f} "
+      lines.append(f"| {_anchor(name)} | {r['nprobe']} | {r['qps']:,.0f} | {r['faiss_R@1']:.3f} "
                    f"| {ours} | " + (f"{r['ratio']:.2f}x" if r["ratio"] else "-") + " |")
     got = [r["ratio"] or 0.0 for r in ratios]
-    summary.append(f"{name[6:]}: >= 1.0x at {sum(v >= 1.0 for v in got)} of {len(got)} "
+    summary.append(f"{_anchor(name)}: >= 1.0x at {sum(v >= 1.0 for v in got)} of {len(got)} "
                    f"settings (ratios {min(got):.2f}x to {max(got):.2f}x)")
   lines += ["", "; ".join(summary) + "."]
   for name, c in ceiling.items():
