@@ -476,10 +476,10 @@ def write_doc(args, curves, other, table4, K_ivf, n_db, ceiling, costs, all_rati
            f"Measured {datetime.date.today()}: every query timing on a 2-core CPU, faiss "
            f"and our pipelines in the same run, faiss at {threads} OpenMP threads for every "
            "index (ours scan with faiss too; ScaNN, when installed, searches with "
-           "`search_batched_parallel`, one thread per CPU); the stages that built our indexes ran where "
-           f"each command's comment says. GloVe: {n_db:,} database vectors (90k db + 290k "
-           f"train), {args.nq:,} queries, {K_ivf} IVF lists, 8 bytes per vector: our 8-bit "
-           "index codes M = 8 steps of K = 256" + (
+           "`search_batched_parallel`, one thread per CPU); the stages that built our "
+           f"indexes ran where each command's comment says. GloVe: {n_db:,} database "
+           f"vectors (90k db + 290k train), {args.nq:,} queries, {K_ivf} IVF lists, 8 "
+           "bytes per vector: our 8-bit index codes M = 8 steps of K = 256" + (
                ", our 4-bit index M = 16 steps of K = 16 (scanned by faiss's additive "
                "fast-scan loaded with our tables and codes)" if with_4bit else "") +
            ". Commands:", "", "```bash", *commands,
@@ -519,9 +519,9 @@ def write_doc(args, curves, other, table4, K_ivf, n_db, ceiling, costs, all_rati
       lines.append(f"| {r['index']} | {p['nprobe']} | {p['ef_search']} | {p['nmid_short']} "
                    f"| {p['nshort']} | {r['R@1']:.3f} | {r['R@10']:.3f} | {r['qps']:,.0f} |")
   lines += ["", "**Equal speed, every speed**: at each speed, the best R@1 of the 8-byte "
-            "anchors (faiss, and ScaNN when installed) at least that fast, and ours (any of our settings, either index) "
-            "at least that fast. Goal: ours >= the anchors' from 5k to 200k queries/s, and "
-            ">= 1.2x where they saturate.", "",
+            "anchors (faiss, and ScaNN when installed) at least that fast, and ours (any "
+            "of our settings, either index) at least that fast. Goal: ours >= the "
+            "anchors' from 5k to 200k queries/s, and >= 1.2x where they saturate.", "",
             "| queries/s at least | best anchor R@1 (index) | ours R@1 | ratio |",
             "|---|---|---|---|"]
   for r in speeds:
