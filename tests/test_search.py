@@ -10,7 +10,7 @@ import pytest
 
 import qinco_jax as qj
 from qinco_jax import aq, ivf, pairwise, train, trainer
-from qinco_jax.search import SearchParams, decoders, shards, sweep
+from qinco_jax.search import SearchParams, decoders, query, shards, sweep
 from qinco_jax.search import lists as index_lib
 from tests import reference
 
@@ -202,6 +202,32 @@ def test_search_arguments_are_checked_and_k_results_come_back(built):
     _, I, _ = searcher.search(q, k=500, params=SearchParams(nprobe=1, nshort=500))
   n_short = int(str(w[0].message).split()[0])
   assert n_short == (I[:, -1] == -1).sum() >= 1
+
+
+def test_the_answer_does_not_depend_on_the_batch(built, monkeypatch):
+  """Queries go through the stages in batches (by default sized by the first stage's
+  candidates per query): any batch gives the same answer, and the default grows as
+  the shortlist shrinks."""
+  _, ds, _, _, searcher = built
+  p = SearchParams(nprobe=4, nshort=5, nmid_short=2)
+  want = searcher.search(ds.queries, k=5, params=p)[:2]
+  for batch in (1, 7, None):
+    got = searcher.search(ds.queries, k=5, params=p, batch=batch)[:2]
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  assert query.first_stage_size(5, p) == 10  # nmid_short x nshort
+  assert query.first_stage_size(20, p) == 40  # nshort grows to k
+  assert query.first_stage_size(1, SearchParams(nshort=1, nmid_short=1)) == 1
+  assert query.first_stage_size(1, SearchParams(nshort=5000, nmid_short=4)) == (
+      query.MAX_SHORTLIST)
+  sizes = []
+  real = type(searcher)._search_batch
+  monkeypatch.setattr(type(searcher), "_search_batch",
+                      lambda self, q, *a: sizes.append(len(q)) or real(self, q, *a))
+  monkeypatch.setattr(query, "BATCH_ROWS", 40)
+  monkeypatch.setattr(query, "MIN_BATCH", 3)
+  searcher.search(ds.queries[:25], k=5, params=p)  # 10 candidates: 4 queries a batch
+  assert sizes == [4] * 6 + [1]
 
 
 def test_sweep_logs_and_resumes(built):

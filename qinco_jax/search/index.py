@@ -206,7 +206,7 @@ class Index:
     self._ivf = fastscan.open_lists(path / "lists")
 
   def search(self, queries, k: int, *, nprobe: int = 16, ef_search: int = 64,
-             nshort: int = 100, nmid_short: int = 4, batch: int = 1024
+             nshort: int = 100, nmid_short: int = 4, batch: int | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest stored vectors of each query.
 
@@ -216,6 +216,8 @@ class Index:
       nprobe, ef_search: inverted lists visited, HNSW efSearch of the coarse quantiser.
       nshort: candidates re-ranked by the full QINCo2 decoding (at least k are).
       nmid_short: the pairwise shortlist is nmid_short * nshort long.
+      batch: queries per pass through the stages (default: `Searcher.search`'s, more
+        queries per batch for shorter shortlists).
     Returns:
       D (nq, k) float32 squared distances, smallest first (inner products, largest
       first, for "ip"; see the module docstring for "cosine"), and I (nq, k) int64
