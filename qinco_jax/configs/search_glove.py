@@ -4,14 +4,15 @@
   qinco-search --config=search_glove --workdir=runs/search_glove
 
 Runs the stages ivf, train, encode, build and search into the workdir (any field is
-overridden by its flag, e.g. --stage=encode or --time_budget_s=360). Measured on a
-2-core CPU: ivf about a minute; train 25 minutes (the budget; 38 epochs, validation
-MSE 2.04 at A=4, B=4); encode 12.5 minutes (380,000 vectors at A=16, B=32); build and
-the search sweep a few minutes each (build: 38 s). Result (docs/benchmarks.md,
-"Search"): R@1 0.225 at 9,858 queries/s (nprobe 1, AQ stage only) up to 0.468 with
-QINCo2 re-ranking;
-the codes' exhaustive ceiling is R@1 0.4714. Without --config, qinco-search uses the
-`SearchJob` defaults: 6 epochs and encoding at the training beam (A=4, B=4).
+overridden by its flag, e.g. --stage=encode or --time_budget_s=360; --K=16 --M=16 for
+the 4-bit index). Measured on a 2-core CPU with the machine idle: ivf about a minute;
+train 25 minutes (the budget; 38 epochs, validation MSE 2.04 at A=4, B=4); encode 12.5
+minutes (380,000 vectors at A=16, B=32); build and the search sweep a few minutes
+each. The last run (docs/benchmarks.md, "Search") trained beside the 4-bit model, so
+12.6 epochs to a validation MSE of 2.064: R@1 0.240 at 6,826 queries/s (nprobe 1, AQ
+stage only) up to 0.465 with QINCo2 re-ranking; the codes' exhaustive ceiling is R@1
+0.4659. Without --config, qinco-search uses the `SearchJob` defaults: 6 epochs and
+encoding at the training beam (A=4, B=4).
 """
 
 
