@@ -151,6 +151,10 @@ def test_an_index_with_a_graph_encodes_through_it(monkeypatch):
   flat = qj.Index(codec, coarse="flat")
   flat.train(x)
   assert flat.encode_kw() == {} and isinstance(flat._ivf, lists_lib.IVFIndex)
-  with pytest.raises(ValueError, match="needs a codec with K=256, got K=16"):
-    qj.Index(qj.Codec.create(qj.QincoConfig(K=16, M=2, L=1, de=8, dh=8, A=4, B=4, ivf_K=300),
-                             x, verbose=False, ivf_centroids=x[:300]))
+  # 4-bit codes: the fast-scan lists take the same graph, and the encoder goes through it
+  k16 = qj.Codec.create(qj.QincoConfig(K=16, M=2, L=1, de=8, dh=8, A=4, B=4, ivf_K=300),
+                        x, verbose=False, ivf_centroids=x[:300] * 1.3)
+  index = qj.Index(k16, coarse="hnsw")
+  index.train(x)
+  assert "ivf_candidates" in index.encode_kw() and index._ivf.K == 16
+  np.testing.assert_array_equal(index.add(x[:500]), k16.encode(x[:500], verbose=False))
