@@ -474,7 +474,7 @@ def test_many_small_adds_store_what_one_add_stores_with_few_copies(metric, tmp_p
   buffers = []  # held, so that no two distinct buffers share an id()
   for s in range(0, n, 10):
     parts.add(codes[s:s + 10], ids[s:s + 10])
-    buffers.append(parts._buf["codes"])
+    buffers.append(parts._rows.buf["codes"])
   assert len({id(b) for b in buffers}) == 3  # 1024 rows, then doubled: 2048, 4096
   # The rows are the inputs, in order (and the norm bytes those of one add).
   rows, rows_once = parts.rows(), once.rows()

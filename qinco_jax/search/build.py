@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from qinco_jax.search import listfile
 from qinco_jax.search.fastscan import Lists, open_lists
-from qinco_jax.search.lists import LISTS_FILE, check_codes, check_ids
+from qinco_jax.search.lists import LISTS_FILE, check_codes, check_ids, removal_ids
 
 MERGE_FANIN = 16  # list files merged in one pass
 # A shard for the build: a key naming its content (runs are reused under it) and a
@@ -127,9 +127,7 @@ def remove_ids(out_dir: str | os.PathLike, ivf: Lists, ids,
   pass over its list file (`listfile.filter_lists`: O(BLOCK_ROWS + nlist + n) memory,
   never O(ntotal)). Returns them opened memory-mapped and how many rows were removed.
   `ivf` is left unchanged; its next_id is kept (ids are not handed out again)."""
-  ids = np.asarray(ids)
-  if ids.dtype.kind not in "iu":
-    raise ValueError(f"remove_ids needs integer ids, got dtype {ids.dtype}")
+  ids = removal_ids(ids)
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   if ivf.disk is not None:
@@ -139,8 +137,7 @@ def remove_ids(out_dir: str | os.PathLike, ivf: Lists, ids,
     src = out_dir / LISTS_FILE
   with tqdm(total=ivf.ntotal, desc="remove_ids: compact", unit="vec", unit_scale=True,
             disable=not verbose) as bar:
-    sizes = listfile.filter_lists(out_dir / LISTS_FILE, src, ids.astype(np.int64).ravel(),
-                                  on_rows=bar.update)
+    sizes = listfile.filter_lists(out_dir / LISTS_FILE, src, ids, on_rows=bar.update)
   ivf.save_meta(out_dir)
   return open_lists(out_dir), ivf.ntotal - int(sizes.sum())
 

@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from qinco_jax import aq
+from qinco_jax import aq, packing
 from qinco_jax.search import coarse as coarse_lib
 from qinco_jax.search import listfile
 from qinco_jax.search import lists as lists_lib
@@ -110,21 +110,17 @@ def flat_codes(codes: np.ndarray, ncodes: np.ndarray) -> np.ndarray:
   Returns:
     (n, ceil((M + 2) / 2)) uint8.
   """
-  nib = np.concatenate([codes, ncodes], 1).astype(np.uint8)
-  if nib.shape[1] % 2:
-    nib = np.concatenate([nib, np.zeros((len(nib), 1), np.uint8)], 1)
-  return nib[:, 0::2] | (nib[:, 1::2] << 4)
+  nib = np.concatenate([codes, ncodes], 1)
+  return packing.pack_fields(nib, [4] * nib.shape[1])  # the same nibble layout
 
 
 def split_flat_codes(fc: np.ndarray, M: int) -> tuple[np.ndarray, np.ndarray]:
   """Inverse of `flat_codes`: (codes (n, M) uint8, norm codes (n, 2) uint8)."""
-  fc = np.asarray(fc, np.uint8)
-  nib = np.empty((len(fc), 2 * fc.shape[1]), np.uint8)
-  nib[:, 0::2], nib[:, 1::2] = fc & 0xF, fc >> 4
-  return nib[:, :M], nib[:, M:M + 2]
+  nib = packing.unpack_fields(fc, [4] * (M + 2)).astype(np.uint8)
+  return nib[:, :M], nib[:, M:]
 
 
-class FastScanLists:
+class FastScanLists(lists_lib.ListsBase):
   """Inverted lists of K = 16 codes scanned by faiss's IVF additive fast-scan, with the
   interface of `lists.IVFIndex` (module docstring).
 
@@ -206,10 +202,9 @@ class FastScanLists:
     self.packer = self.index.get_CodePacker()
     self.invlists = faiss.downcast_InvertedLists(self.index.invlists)
     self.next_id = 0
-    self._n = 0
-    self._buf: dict[str, np.ndarray] = {
-        "lists": np.zeros(0, np.int32), "codes": np.zeros((0, M), np.uint8),
-        "ncodes": np.zeros((0, 2), np.uint8), "ids": np.zeros(0, np.int64)}
+    self._rows = lists_lib.RowStore(
+        lists=np.zeros(0, np.int32), codes=np.zeros((0, M), np.uint8),
+        ncodes=np.zeros((0, 2), np.uint8), ids=np.zeros(0, np.int64))
 
   # ------------------------------------------------------------------ sizes
   K = KSUB
@@ -217,40 +212,25 @@ class FastScanLists:
 
   @property
   def ntotal(self) -> int:
-    return self._n
-
-  @property
-  def nlist(self) -> int:
-    return len(self.centroids)
-
-  @property
-  def M(self) -> int:
-    return self.tables.shape[0]
+    return self._rows.n
 
   @property
   def code_size(self) -> int:
     """Bytes per vector in the list file: faiss's flat code, M + 2 nibbles."""
     return (self.M + 3) // 2
 
-  @property
-  def exact_coarse(self) -> bool:
-    return coarse_lib.is_exact(self.coarse)
-
   def rows(self) -> dict[str, np.ndarray]:
     """Every stored row (views in row order): "lists" (n,) int32, "codes" (n, M) uint8,
     "ncodes" (n, 2) uint8 norm codes and "ids" (n,) int64."""
-    return {k: v[:self._n] for k, v in self._buf.items()}
-
-  lists = property(lambda self: self.rows()["lists"])
-  codes = property(lambda self: self.rows()["codes"])
-  ids = property(lambda self: self.rows()["ids"])
+    return self._rows.view()
 
   def norm_values(self, codes: np.ndarray) -> np.ndarray:
     """What the norm codes quantise for codes (n, M + 1): ||c_l + x_hat||^2, minus
     ||c_l||^2 when lifted; float64."""
-    c = self.centroids[codes[:, 0]].astype(np.float64)
-    r = c + aq.aq_decode(self.tables, codes[:, 1:])
-    return (r * r).sum(1) - ((c * c).sum(1) if self.lifted else 0.0)
+    v = -2.0 * lists_lib.norm_term(self.centroids, self.tables, codes)  # 2<c, x> + |x|^2
+    if self.lifted:
+      return v
+    return v + (self.centroids[codes[:, 0]].astype(np.float64) ** 2).sum(1)
 
   def norm_code_pairs(self, codes: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
     """The 2 x 4-bit norm codes of codes (n, M + 1): (n, 2) uint8."""
@@ -277,41 +257,22 @@ class FastScanLists:
       ncodes = self.norm_code_pairs(codes)
     elif np.shape(ncodes) != (n, 2):
       raise ValueError(f"ncodes: expected shape ({n}, 2), got {np.shape(ncodes)}")
-    start = self._n
-    self._append(lists=codes[:, 0], codes=codes[:, 1:], ncodes=ncodes, ids=ids)
-    self._fill(np.arange(start, start + n, dtype=np.int64))
+    self._fill(self._rows.append(lists=codes[:, 0], codes=codes[:, 1:], ncodes=ncodes,
+                                 ids=ids))
     if n:
       self.next_id = max(self.next_id, int(ids.max()) + 1)
 
   def remove_ids(self, ids) -> int:
     """Drops the rows holding these ids ((n,) integers); returns how many were removed.
     O(ntotal): the rows are compacted and faiss's lists refilled."""
-    ids = np.asarray(ids)
-    if ids.dtype.kind not in "iu":
-      raise ValueError(f"remove_ids needs integer ids, got dtype {ids.dtype}")
-    drop = np.isin(self._buf["ids"][:self._n], ids.astype(np.int64).ravel())
-    n = int(drop.sum())
+    n = self._rows.drop_ids(lists_lib.removal_ids(ids))
     if n:
-      self._buf = {k: v[:self._n][~drop] for k, v in self._buf.items()}
-      self._n -= n
       self.index.reset()  # row numbers changed: refill every list
-      self._fill(np.arange(self._n, dtype=np.int64))
+      self._fill(np.arange(self._rows.n, dtype=np.int64))
     return n
 
   def to_memory(self) -> None:
     """A no-op: these lists are always in memory."""
-
-  def _append(self, **rows: np.ndarray) -> None:
-    need = self._n + len(rows["ids"])
-    if len(self._buf["ids"]) < need:
-      size = max(need, 2 * len(self._buf["ids"]), 1024)
-      for name, buf in self._buf.items():
-        grown = np.zeros((size,) + buf.shape[1:], buf.dtype)
-        grown[:self._n] = buf[:self._n]
-        self._buf[name] = grown
-    for name, v in rows.items():
-      self._buf[name][self._n:need] = v
-    self._n = need
 
   def _fill(self, rows: np.ndarray) -> None:
     """Appends these rows to faiss's block lists, labelled by row number: per list,
@@ -320,10 +281,10 @@ class FastScanLists:
     if not len(rows):
       return
     faiss = _faiss()
-    lists = self._buf["lists"][rows]
+    lists = self._rows.buf["lists"][rows]
     order = np.argsort(lists, kind="stable")
     rows, lists = rows[order], lists[order]
-    fc = flat_codes(self._buf["codes"][rows], self._buf["ncodes"][rows])
+    fc = flat_codes(self._rows.buf["codes"][rows], self._rows.buf["ncodes"][rows])
     pk = self.packer
     cut = np.flatnonzero(np.diff(lists)) + 1
     for a, b in zip(np.concatenate([[0], cut]), np.concatenate([cut, [len(rows)]])):
@@ -340,11 +301,6 @@ class FastScanLists:
     self.index.ntotal += len(rows)
 
   # ------------------------------------------------------------------ search
-  def assign(self, q: np.ndarray, nprobe: int, ef_search: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """The nprobe lists nearest each query (`coarse.search_lists`)."""
-    return coarse_lib.search_lists(self.coarse, q, nprobe, ef_search)
-
   def scan(self, q: np.ndarray, Dc: np.ndarray, Ic: np.ndarray, n: int):
     """The n best rows of the given lists of each query, as `lists.IVFIndex.scan`:
     D (nq, n) float32 approximate squared distances (inf where fewer results), lists
@@ -364,17 +320,12 @@ class FastScanLists:
         faiss.SearchParametersIVF(nprobe=int(Ic.shape[1])))
     found = labels >= 0
     lab = np.where(found, labels, 0).ravel()
-    lists = np.where(found, self._buf["lists"][lab].reshape(nq, n), -1).astype(np.int64)
-    ids = np.where(found, self._buf["ids"][lab].reshape(nq, n), -1)
-    codes = self._buf["codes"][lab].reshape(nq, n, self.M)
+    lists = np.where(found, self._rows.buf["lists"][lab].reshape(nq, n), -1).astype(np.int64)
+    ids = np.where(found, self._rows.buf["ids"][lab].reshape(nq, n), -1)
+    codes = self._rows.buf["codes"][lab].reshape(nq, n, self.M)
     dist = (S + (q.astype(np.float64) ** 2).sum(1, keepdims=True)).astype(np.float32)
     dist[~found] = np.inf
     return dist, lists, codes, ids
-
-  def search(self, q: np.ndarray, n: int, nprobe: int, ef_search: int = 64):
-    """`scan` of the `assign`ed lists (q: (nq, D) float32, checked by the caller)."""
-    q = np.ascontiguousarray(q, np.float32)
-    return self.scan(q, *self.assign(q, nprobe, ef_search), n)
 
   def lut_error_bound(self, q: np.ndarray) -> np.ndarray:
     """Largest difference, per query, between the scanner's distances and float ones
@@ -442,9 +393,9 @@ class FastScanLists:
     lf = listfile.ListFile(path / lists_lib.LISTS_FILE, index.nlist, index.code_size)
     fc, ids = lf.read_lists(0, index.nlist)
     codes, ncodes = split_flat_codes(fc, index.M)
-    index._append(lists=np.repeat(np.arange(index.nlist, dtype=np.int32), lf.sizes),
-                  codes=codes, ncodes=ncodes, ids=ids)
-    index._fill(np.arange(index._n, dtype=np.int64))
+    index._fill(index._rows.append(
+        lists=np.repeat(np.arange(index.nlist, dtype=np.int32), lf.sizes), codes=codes,
+        ncodes=ncodes, ids=ids))
     return index
 
 

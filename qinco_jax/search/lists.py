@@ -107,6 +107,15 @@ def check_ids(ids, n: int, name: str = "ids") -> np.ndarray:
   return ids.astype(np.int64)
 
 
+def removal_ids(ids) -> np.ndarray:
+  """The one check of the ids a removal is asked for: integers (any shape), as a flat
+  int64 array."""
+  ids = np.asarray(ids)
+  if ids.dtype.kind not in "iu":
+    raise ValueError(f"remove_ids needs integer ids, got dtype {ids.dtype}")
+  return ids.astype(np.int64).ravel()
+
+
 def fit_levels(v: np.ndarray, n_levels: int = N_LEVELS, iters: int = 25) -> np.ndarray:
   """1-D k-means (Lloyd) of the values v, started from their quantiles.
 
@@ -141,7 +150,94 @@ def norm_term(centroids: np.ndarray, tables: np.ndarray, codes: np.ndarray) -> n
   return -(c * x_hat).sum(1) - 0.5 * (x_hat * x_hat).sum(1)
 
 
-class IVFIndex:
+class RowStore:
+  """The rows behind inverted lists: arrays of one length (one row per stored vector,
+  an "ids" array among them) with spare capacity, doubled when full, so that n rows
+  added in many calls copy O(n) bytes in all. `buf` holds the arrays with their spare
+  rows (index them by row number), `n` the rows in use."""
+
+  def __init__(self, **empty: np.ndarray):
+    self.buf = dict(empty)
+    self.n = 0
+
+  def view(self) -> dict[str, np.ndarray]:
+    """The rows in use: views of `buf`, in row order."""
+    return {k: v[:self.n] for k, v in self.buf.items()}
+
+  def append(self, **rows: np.ndarray) -> np.ndarray:
+    """Writes rows (one array per buffer) after the last one; returns their row
+    numbers, (n,) int64."""
+    start, need = self.n, self.n + len(rows["ids"])
+    if len(self.buf["ids"]) < need:
+      size = max(need, 2 * len(self.buf["ids"]), 1024)
+      for name, buf in self.buf.items():
+        grown = np.zeros((size,) + buf.shape[1:], buf.dtype)
+        grown[:self.n] = buf[:self.n]
+        self.buf[name] = grown
+    for name, v in rows.items():
+      self.buf[name][start:need] = v
+    self.n = need
+    return np.arange(start, need, dtype=np.int64)
+
+  def drop_ids(self, ids: np.ndarray) -> int:
+    """Removes the rows holding these ids (int64, `removal_ids`), keeping the others in
+    order; returns how many were removed."""
+    drop = np.isin(self.buf["ids"][:self.n], ids)
+    n = int(drop.sum())
+    if n:
+      self.buf = {k: v[:self.n][~drop] for k, v in self.buf.items()}
+      self.n -= n
+    return n
+
+
+class ListsBase:
+  """What both kinds of inverted lists share (`IVFIndex` here, `fastscan.FastScanLists`
+  for 4-bit codes): sizes read from their centroids and tables, the row views, the
+  list search and `search` = `scan` of the assigned lists. A subclass sets
+  `centroids` (K_IVF, D), `tables` (M, K, D) and `coarse`, and defines `rows()` and
+  `scan(q, Dc, Ic, n)`."""
+
+  centroids: np.ndarray
+  tables: np.ndarray
+  coarse: Any
+
+  @property
+  def nlist(self) -> int:
+    return len(self.centroids)
+
+  @property
+  def M(self) -> int:
+    return self.tables.shape[0]
+
+  @property
+  def exact_coarse(self) -> bool:
+    """True when lists are chosen by an exact search (efSearch plays no part)."""
+    return coarse_lib.is_exact(self.coarse)
+
+  def rows(self) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  lists = property(lambda self: self.rows()["lists"])
+  codes = property(lambda self: self.rows()["codes"])
+  ids = property(lambda self: self.rows()["ids"])
+
+  def assign(self, q: np.ndarray, nprobe: int, ef_search: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The nprobe lists nearest each query (`coarse.search_lists`): (scores (nq,
+    nprobe) float32, lists (nq, nprobe) int64; -1 where an HNSW search finds fewer)."""
+    return coarse_lib.search_lists(self.coarse, q, nprobe, ef_search)
+
+  def scan(self, q: np.ndarray, Dc: np.ndarray, Ic: np.ndarray, n: int):
+    raise NotImplementedError
+
+  def search(self, q: np.ndarray, n: int, nprobe: int, ef_search: int = 64):
+    """`scan` of the `assign`ed lists: (D, lists, codes, ids) of the n best rows of
+    the nprobe lists nearest each query (q: (nq, D) float32, checked by the caller)."""
+    q = np.ascontiguousarray(q, np.float32)
+    return self.scan(q, *self.assign(q, nprobe, ef_search), n)
+
+
+class IVFIndex(ListsBase):
   """Inverted lists of QINCo2 codes with the per-query-table scan (module docstring).
 
   Built by `build_index` (in memory) or `IVFIndex.open` (a saved one, memory-mapped).
@@ -172,14 +268,11 @@ class IVFIndex:
       raise ValueError(f"levels must be ({N_LEVELS},), got {self.levels.shape}")
     self.next_id = 0
     self.disk: listfile.ListFile | None = None  # set by `open`
-    # Row storage with spare capacity (doubled when full), so that adding n rows in
-    # many calls copies O(n) bytes in all; "ip" stores no norm byte ("vcodes").
-    self._n = 0
-    self._buf: dict[str, np.ndarray] = {
-        "lists": np.zeros(0, np.int32), "codes": np.zeros((0, M), np.uint8),
-        "ids": np.zeros(0, np.int64)}
+    # The rows; "ip" stores no norm byte ("vcodes").
+    self._rows = RowStore(lists=np.zeros(0, np.int32), codes=np.zeros((0, M), np.uint8),
+                          ids=np.zeros(0, np.int64))
     if metric == "l2":
-      self._buf["vcodes"] = np.zeros(0, np.uint8)
+      self._rows.buf["vcodes"] = np.zeros(0, np.uint8)
     # A faiss index over the raw centroids: built here, or given (one built by the
     # ivf stage, or read by `open`), with the same centroids and metric.
     given: Any = coarse
@@ -218,15 +311,7 @@ class IVFIndex:
   # ------------------------------------------------------------------ sizes
   @property
   def ntotal(self) -> int:
-    return self.disk.ntotal if self.disk is not None else self._n
-
-  @property
-  def nlist(self) -> int:
-    return len(self.centroids)
-
-  @property
-  def M(self) -> int:
-    return self.tables.shape[0]
+    return self.disk.ntotal if self.disk is not None else self._rows.n
 
   K = 256  # codewords per table
 
@@ -243,27 +328,18 @@ class IVFIndex:
       p = np.concatenate([p, self.norm_bytes(codes)[:, None]], 1)
     return p
 
-  @property
-  def exact_coarse(self) -> bool:
-    """True when lists are chosen by an exact search (efSearch plays no part)."""
-    return coarse_lib.is_exact(self.coarse)
-
   def rows(self) -> dict[str, np.ndarray]:
     """Every stored row: "lists" (n,) int32, "codes" (n, M) uint8, "ids" (n,) int64 and
     "vcodes" (n,) uint8 norm bytes ("l2"). In memory: views in row order; on disk:
     read in list order (O(ntotal) memory)."""
     if self.disk is None:
-      return {k: v[:self._n] for k, v in self._buf.items()}
+      return self._rows.view()
     codes, ids = self.disk.read_lists(0, self.nlist)
     out = {"lists": np.repeat(np.arange(self.nlist, dtype=np.int32), self.disk.sizes),
            "codes": codes[:, :self.M], "ids": ids}
     if self.metric == "l2":
       out["vcodes"] = codes[:, self.M]
     return out
-
-  lists = property(lambda self: self.rows()["lists"])
-  codes = property(lambda self: self.rows()["codes"])
-  ids = property(lambda self: self.rows()["ids"])
 
   # ------------------------------------------------------------------ content
   def add(self, codes: np.ndarray, ids: np.ndarray | None = None, chunk: int = 1 << 15,
@@ -284,9 +360,7 @@ class IVFIndex:
     rows = {"lists": codes[:, 0], "codes": codes[:, 1:], "ids": ids}
     if self.metric == "l2":
       rows["vcodes"] = cast(np.ndarray, vcodes)
-    start = self._n
-    self._append(**rows)
-    self._fill(np.arange(start, start + n, dtype=np.int64))
+    self._fill(self._rows.append(**rows))
     if n:
       self.next_id = max(self.next_id, int(ids.max()) + 1)
 
@@ -300,17 +374,12 @@ class IVFIndex:
     """Drops the rows holding these ids ((n,) integers); returns how many were removed.
     O(ntotal): the rows are compacted and faiss's lists refilled (an index opened from
     disk is read into memory first)."""
-    ids = np.asarray(ids)
-    if ids.dtype.kind not in "iu":
-      raise ValueError(f"remove_ids needs integer ids, got dtype {ids.dtype}")
+    ids = removal_ids(ids)
     self.to_memory()
-    drop = np.isin(self._buf["ids"][:self._n], ids.astype(np.int64).ravel())
-    n = int(drop.sum())
+    n = self._rows.drop_ids(ids)
     if n:
-      self._buf = {k: v[:self._n][~drop] for k, v in self._buf.items()}
-      self._n -= n
       self.scanner.reset()  # row numbers changed: refill every list
-      self._fill(np.arange(self._n, dtype=np.int64))
+      self._fill(np.arange(self._rows.n, dtype=np.int64))
     return n
 
   def to_memory(self) -> None:
@@ -324,23 +393,8 @@ class IVFIndex:
     self.scanner.replace_invlists(il, True)
     il.this.disown()  # the scanner owns it now
     self.scanner.ntotal = 0
-    self._n = 0
-    self._append(**rows)
-    self._fill(np.arange(self._n, dtype=np.int64))
-
-  def _append(self, **rows: np.ndarray) -> None:
-    """Writes rows (one array per buffer) after the last one, growing the buffers
-    geometrically."""
-    need = self._n + len(rows["ids"])
-    if len(self._buf["ids"]) < need:
-      size = max(need, 2 * len(self._buf["ids"]), 1024)
-      for name, buf in self._buf.items():
-        grown = np.zeros((size,) + buf.shape[1:], buf.dtype)
-        grown[:self._n] = buf[:self._n]
-        self._buf[name] = grown
-    for name, v in rows.items():
-      self._buf[name][self._n:need] = v
-    self._n = need
+    self._rows.n = 0
+    self._fill(self._rows.append(**rows))
 
   def _fill(self, rows: np.ndarray):
     """Adds these rows to faiss's inverted lists (labels = row numbers), in faiss's
@@ -348,22 +402,16 @@ class IVFIndex:
     if not len(rows):
       return
     nb = self.scanner.coarse_code_size()
-    lst = self._buf["lists"][rows].astype(np.int64)
+    lst = self._rows.buf["lists"][rows].astype(np.int64)
     packed = [(lst[:, None] >> (8 * np.arange(nb))).astype(np.uint8),
-              self._buf["codes"][rows]]
+              self._rows.buf["codes"][rows]]
     if self.metric == "l2":
-      packed.append(self._buf["vcodes"][rows, None])
+      packed.append(self._rows.buf["vcodes"][rows, None])
     packed_arr = np.ascontiguousarray(np.concatenate(packed, 1))
     labels = np.ascontiguousarray(rows, np.int64)
     self.scanner.add_sa_codes(packed_arr, labels)
 
   # ------------------------------------------------------------------ search
-  def assign(self, q: np.ndarray, nprobe: int, ef_search: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """The nprobe lists nearest each query (`coarse.search_lists`): (scores (nq,
-    nprobe) float32, lists (nq, nprobe) int64; -1 where an HNSW search finds fewer)."""
-    return coarse_lib.search_lists(self.coarse, q, nprobe, ef_search)
-
   def scan(self, q: np.ndarray, Dc: np.ndarray, Ic: np.ndarray, n: int):
     """The n best rows (AQ scores) of the given lists of each query.
 
@@ -399,8 +447,8 @@ class IVFIndex:
       codes, ids = self.disk.rows_at(lists, lab & 0xFFFFFFFF)
       codes = codes[:, :self.M]
     else:
-      lists = self._buf["lists"][lab].astype(np.int64)
-      codes, ids = self._buf["codes"][lab], self._buf["ids"][lab]
+      lists = self._rows.buf["lists"][lab].astype(np.int64)
+      codes, ids = self._rows.buf["codes"][lab], self._rows.buf["ids"][lab]
     lists = np.where(found, lists.reshape(nq, n), -1)
     ids = np.where(found, ids.reshape(nq, n), -1)
     codes = codes.reshape(nq, n, self.M)
@@ -411,12 +459,6 @@ class IVFIndex:
     dist = (qn - 2.0 * np.where(found, S, 0.0)).astype(np.float32)
     dist[~found] = np.inf
     return dist, lists, codes, ids
-
-  def search(self, q: np.ndarray, n: int, nprobe: int, ef_search: int):
-    """`scan` of the `assign`ed lists: (D, lists, codes, ids) of the n best rows of
-    the nprobe lists nearest each query (q: (nq, D) float32, checked by the caller)."""
-    q = np.ascontiguousarray(q, np.float32)
-    return self.scan(q, *self.assign(q, nprobe, ef_search), n)
 
   # ------------------------------------------------------------------ files
   def save(self, path: str | os.PathLike, on_rows=None) -> None:
@@ -513,5 +555,5 @@ def empty_index(centroids: np.ndarray, tables: np.ndarray, train_codes: np.ndarr
   return IVFIndex(centroids, tables, levels, metric, ef_construction, coarse)
 
 
-__all__ = ["IVFIndex", "build_index", "empty_index", "fit_levels", "quantize_levels",
-           "norm_term", "check_codes", "check_ids"]
+__all__ = ["IVFIndex", "ListsBase", "RowStore", "removal_ids", "build_index", "empty_index",
+           "fit_levels", "quantize_levels", "norm_term", "check_codes", "check_ids"]
