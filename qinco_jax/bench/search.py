@@ -72,9 +72,14 @@ def faiss_curve(index, queries, gt, nprobes):
   def search(nprobe, k=100):
     faiss.extract_index_ivf(index).nprobe = nprobe
     return index.search(queries, k)[1]
+  return anchor_curve(search, queries, gt, nprobes)
+
+
+def anchor_curve(search, queries, gt, nprobes):
+  """`timed_curve` of an anchor's `search(nprobe, k=100) -> I`, plus qps_k1: its
+  timing for 1 result. Our fast settings return nshort results; the anchors are timed
+  for 1 result as well, and the equal-speed comparison uses the faster timing."""
   rows = timed_curve(search, queries, gt, nprobes)
-  # Our fast settings return nshort results; faiss is timed for 1 result as well, and
-  # the equal-speed comparison uses its faster timing.
   for r, r1 in zip(rows, timed_curve(lambda n: search(n, 1), queries, gt, nprobes)):
     r["qps_k1"] = r1["qps"]
   return rows
@@ -156,9 +161,7 @@ def scann_curves(K_ivf, train, db, queries, gt, nprobes) -> dict[str, list[dict]
     def search(nprobe, k=100, s=s):
       return s.search_batched_parallel(queries, final_num_neighbors=k,
                                        leaves_to_search=nprobe)[0].astype(np.int64)
-    rows = timed_curve(search, queries, gt, nprobes)
-    for r, r1 in zip(rows, timed_curve(lambda n: search(n, 1), queries, gt, nprobes)):
-      r["qps_k1"] = r1["qps"]
+    rows = anchor_curve(search, queries, gt, nprobes)
     out[f"ScaNN {importlib.metadata.version('scann')}, tree {K_ivf}, {name}"] = rows
   return out
 
